@@ -1,0 +1,275 @@
+//! The adapter contract: how herald speaks one partner platform.
+//!
+//! An adapter only translates and classifies. It turns one delivery (an
+//! event bound for one partner) into that partner's HTTP request, and it reads
+//! the partner's answer into a [`Verdict`]. It never sleeps, retries, counts
+//! attempts or touches the store: rate limits, retries and breakers belong to
+//! herald's lanes, which wrap every adapter the same way.
+//!
+//! This crate depends on nothing of herald's `src/`; adding a platform is one
+//! module here, its golden fixtures, and one line in [`REGISTRY`].
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+pub mod retry_after;
+pub mod webhook;
+
+/// How many bytes of a partner's answer herald keeps in an attempt record.
+pub const ANSWER_SNIPPET_BYTES: usize = 256;
+
+/// The event as an adapter sees it: borrowed from herald's stored record.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct EventView<'a> {
+    pub id: &'a str,
+    #[serde(rename = "type")]
+    pub event_type: &'a str,
+    pub device_id: &'a str,
+    pub priority: &'a str,
+    pub occurred_at: &'a str,
+    pub data: &'a RawValue,
+}
+
+/// One delivery attempt to build a request for.
+#[derive(Debug, Clone, Copy)]
+pub struct DeliveryContext<'a> {
+    /// Stable across every attempt of this delivery: partners drop duplicates by it.
+    pub delivery_id: &'a str,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// Unix seconds of this attempt, from herald's clock.
+    pub now_unix: u64,
+    pub event: EventView<'a>,
+}
+
+/// The HTTP request an adapter wants sent. herald's lane sends it with the
+/// shared client; the adapter never does I/O.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundRequest {
+    pub method: Method,
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Post,
+    Put,
+}
+
+/// What came back from the partner, or why nothing did.
+#[derive(Debug, Clone, Copy)]
+pub enum Answer<'a> {
+    Http {
+        status: u16,
+        headers: &'a [(String, String)],
+        /// At most the first few KiB of the body.
+        body: &'a [u8],
+    },
+    /// No answer within the partner's `timeout_ms`.
+    Timeout,
+    /// Connection refused or reset, DNS failure, TLS failure...
+    Network(&'a str),
+}
+
+/// The adapter's reading of an answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Delivered,
+    /// Try again; `after` is the partner's own minimum delay (Retry-After).
+    Retry {
+        after: Option<Duration>,
+        reason: String,
+    },
+    /// Never going to work as sent: dead-letter it now.
+    Permanent {
+        reason: String,
+    },
+}
+
+/// Why a request could not be built. Always permanent for that delivery.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BuildError(pub String);
+
+/// Why a partner's adapter could not be set up from its config.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct SetupError {
+    /// The config key at fault, relative to the partner's table (`url`, `secret_env`).
+    pub key: &'static str,
+    pub reason: String,
+}
+
+/// A partner's settings, resolved by herald from its config and environment.
+#[derive(Clone)]
+pub struct PartnerSettings {
+    pub name: String,
+    pub url: String,
+    /// The secret itself (not the variable's name), when the adapter needs one.
+    pub secret: Option<String>,
+}
+
+impl fmt::Debug for PartnerSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PartnerSettings")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// One partner platform's translation and classification.
+pub trait Adapter: Send + Sync + 'static {
+    /// The registry name (`webhook`, `smartthings`...).
+    fn kind(&self) -> &'static str;
+
+    /// The request for one attempt of one delivery.
+    fn build(&self, ctx: &DeliveryContext<'_>) -> Result<OutboundRequest, BuildError>;
+
+    /// What the answer means. `now` lets an HTTP-date Retry-After be read.
+    fn classify(&self, answer: &Answer<'_>, now: SystemTime) -> Verdict;
+}
+
+type Constructor = fn(&PartnerSettings) -> Result<Box<dyn Adapter>, SetupError>;
+
+/// Every adapter herald knows, by the name used in `adapter = "..."`.
+pub const REGISTRY: &[(&str, Constructor)] = &[("webhook", webhook::WebhookAdapter::boxed)];
+
+/// Builds the adapter named `kind` for one partner.
+pub fn build_adapter(
+    kind: &str,
+    settings: &PartnerSettings,
+) -> Result<Box<dyn Adapter>, SetupError> {
+    match REGISTRY.iter().find(|(name, _)| *name == kind) {
+        Some((_, construct)) => construct(settings),
+        None => Err(SetupError {
+            key: "adapter",
+            reason: format!(
+                "unknown adapter {kind:?}; known: {}",
+                REGISTRY
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
+    }
+}
+
+/// The classification most HTTP partners share: 2xx delivered; 408, 429 and
+/// 5xx retried (with the partner's Retry-After); 3xx and other 4xx permanent.
+/// Timeouts and network errors are retried.
+pub fn classify_http(answer: &Answer<'_>, now: SystemTime) -> Verdict {
+    match *answer {
+        Answer::Timeout => Verdict::Retry {
+            after: None,
+            reason: "timed out waiting for the partner".into(),
+        },
+        Answer::Network(err) => Verdict::Retry {
+            after: None,
+            reason: format!("network error: {err}"),
+        },
+        Answer::Http {
+            status,
+            headers,
+            body,
+        } => match status {
+            200..=299 => Verdict::Delivered,
+            408 | 429 | 500..=599 => Verdict::Retry {
+                after: retry_after::from_headers(headers, now),
+                reason: format!("HTTP {status}: {}", snippet(body)),
+            },
+            300..=399 => Verdict::Permanent {
+                reason: format!("HTTP {status}: redirects are not followed"),
+            },
+            _ => Verdict::Permanent {
+                reason: format!("HTTP {status}: {}", snippet(body)),
+            },
+        },
+    }
+}
+
+/// The first [`ANSWER_SNIPPET_BYTES`] of a body, as text, cut on a char boundary.
+pub fn snippet(body: &[u8]) -> String {
+    let cut = &body[..body.len().min(ANSWER_SNIPPET_BYTES)];
+    let text = String::from_utf8_lossy(cut);
+    let mut out = text.trim().to_string();
+    if body.len() > ANSWER_SNIPPET_BYTES {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http(status: u16, headers: &[(String, String)]) -> Verdict {
+        classify_http(
+            &Answer::Http {
+                status,
+                headers,
+                body: b"nope",
+            },
+            SystemTime::UNIX_EPOCH,
+        )
+    }
+
+    #[test]
+    fn classifies_statuses_like_the_contract_says() {
+        assert_eq!(http(200, &[]), Verdict::Delivered);
+        assert_eq!(http(204, &[]), Verdict::Delivered);
+        for retried in [408, 429, 500, 502, 503, 504] {
+            assert!(
+                matches!(http(retried, &[]), Verdict::Retry { .. }),
+                "{retried}"
+            );
+        }
+        for permanent in [301, 400, 401, 403, 404, 410, 422] {
+            assert!(
+                matches!(http(permanent, &[]), Verdict::Permanent { .. }),
+                "{permanent}"
+            );
+        }
+    }
+
+    #[test]
+    fn retry_keeps_the_partners_delay() {
+        let headers = [("Retry-After".to_string(), "2".to_string())];
+        assert_eq!(
+            http(429, &headers),
+            Verdict::Retry {
+                after: Some(Duration::from_secs(2)),
+                reason: "HTTP 429: nope".into()
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_adapter_names_the_known_ones() {
+        let settings = PartnerSettings {
+            name: "x".into(),
+            url: "http://127.0.0.1:1/".into(),
+            secret: None,
+        };
+        let err = build_adapter("carrier-pigeon", &settings)
+            .err()
+            .expect("must fail");
+        assert_eq!(err.key, "adapter");
+        assert!(err.reason.contains("webhook"), "{err}");
+    }
+
+    #[test]
+    fn snippet_is_bounded_and_safe_on_utf8() {
+        let long = "é".repeat(400);
+        let s = snippet(long.as_bytes());
+        assert!(s.len() <= ANSWER_SNIPPET_BYTES + '…'.len_utf8());
+        assert!(s.ends_with('…'));
+    }
+}

@@ -1,0 +1,315 @@
+//! What on-call reads: an event with each delivery's story, and dead letters.
+//!
+//! Views are built for people: times as RFC 3339, every attempt with its
+//! status, latency and a bounded snippet of the partner's answer.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use super::ingest::rfc3339;
+use super::problem::Problem;
+use super::AppState;
+use crate::config::Role;
+use crate::model::{
+    Attempt, AttemptLog, DeadLetter, DeliveryRecord, DeliveryState, EventRecord, Priority,
+};
+
+#[derive(Serialize)]
+struct EventView<'a> {
+    id: String,
+    device_id: &'a str,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    priority: Priority,
+    occurred_at: &'a str,
+    received_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idempotency_key: Option<&'a str>,
+    data: &'a RawValue,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    deliveries: Vec<DeliveryView>,
+}
+
+#[derive(Serialize)]
+struct DeliveryView {
+    id: String,
+    partner: String,
+    state: DeliveryState,
+    attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_attempt_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dead_letter: Option<String>,
+    history: Vec<AttemptView>,
+    #[serde(skip_serializing_if = "is_zero")]
+    history_omitted: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+#[derive(Serialize)]
+struct AttemptView {
+    number: u32,
+    at: String,
+    at_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<u16>,
+    latency_ms: u64,
+    outcome: crate::model::AttemptOutcome,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    detail: String,
+}
+
+impl From<&Attempt> for AttemptView {
+    fn from(a: &Attempt) -> Self {
+        AttemptView {
+            number: a.number,
+            at: rfc3339(a.at_ms),
+            at_ms: a.at_ms,
+            status: a.status,
+            latency_ms: a.latency_ms,
+            outcome: a.outcome,
+            detail: a.detail.clone(),
+        }
+    }
+}
+
+fn parse_id(text: &str, what: &str) -> Result<Uuid, Problem> {
+    Uuid::parse_str(text).map_err(|_| Problem::not_found(format!("{text:?} is not a {what} id")))
+}
+
+fn store_failed(e: crate::store::StoreError) -> Problem {
+    tracing::error!(error = %e, "an admin read failed");
+    Problem::internal(format!("the store could not be read: {e}"))
+}
+
+pub async fn get_event(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let view = async {
+        state.tokens.authorize(&headers, Role::Operator)?;
+        let id = parse_id(&id, "event")?;
+        let event = state
+            .store
+            .event(id)
+            .map_err(store_failed)?
+            .ok_or_else(|| {
+                Problem::not_found(format!(
+                    "no event {id} (never accepted, or past server.retention)"
+                ))
+            })?;
+        let mut deliveries = Vec::with_capacity(event.deliveries.len());
+        for d in &event.deliveries {
+            deliveries.push(delivery_view(&state, d)?);
+        }
+        Ok::<_, Problem>(Json(event_view(&event, deliveries)).into_response())
+    };
+    view.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+fn event_view(event: &EventRecord, deliveries: Vec<DeliveryView>) -> EventView<'_> {
+    EventView {
+        id: event.id.to_string(),
+        device_id: &event.device_id,
+        event_type: &event.event_type,
+        priority: event.priority,
+        occurred_at: &event.occurred_at,
+        received_at: rfc3339(event.received_ms),
+        idempotency_key: event.idempotency_key.as_deref(),
+        data: &event.data,
+        deliveries,
+    }
+}
+
+fn delivery_view(state: &AppState, d: &DeliveryRecord) -> Result<DeliveryView, Problem> {
+    // The full log lives with the dead letter, or under the delivery once it
+    // failed at least once; a first-try success has only its last attempt.
+    let log: Option<AttemptLog> = match d.dead_letter {
+        Some(dead) => state
+            .store
+            .dead_letter(dead)
+            .map_err(store_failed)?
+            .map(|l| l.attempts),
+        None if d.attempts > 1 || d.state == DeliveryState::Pending => {
+            state.store.attempt_log(d.id).map_err(store_failed)?
+        }
+        None => None,
+    };
+    let (history, omitted) = match log {
+        Some(log) => (
+            log.attempts.iter().map(AttemptView::from).collect(),
+            log.omitted,
+        ),
+        None => (d.last_attempt.iter().map(AttemptView::from).collect(), 0),
+    };
+    Ok(DeliveryView {
+        id: d.id.to_string(),
+        partner: d.partner.clone(),
+        state: d.state,
+        attempts: d.attempts,
+        next_attempt_at: d
+            .next_due_ms
+            .filter(|_| d.state == DeliveryState::Pending)
+            .map(rfc3339),
+        dead_letter: d.dead_letter.map(|u| u.to_string()),
+        history,
+        history_omitted: omitted,
+    })
+}
+
+#[derive(Deserialize)]
+pub struct DeadLetterQuery {
+    partner: Option<String>,
+    #[serde(rename = "type")]
+    event_type: Option<String>,
+    priority: Option<Priority>,
+    /// Only dead letters that died at or after this time (RFC 3339).
+    since: Option<String>,
+    /// The `next` cursor of the previous page.
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct DeadLetterSummary {
+    id: String,
+    partner: String,
+    event_id: String,
+    delivery_id: String,
+    device_id: String,
+    #[serde(rename = "type")]
+    event_type: String,
+    priority: Priority,
+    died_at: String,
+    attempts: u32,
+    reason: String,
+}
+
+#[derive(Serialize)]
+struct DeadLetterPage {
+    items: Vec<DeadLetterSummary>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
+}
+
+pub async fn list_dead_letters(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    query: Result<Query<DeadLetterQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let page = async {
+        state.tokens.authorize(&headers, Role::Operator)?;
+        let Query(q) =
+            query.map_err(|e| Problem::invalid("", format!("bad query: {}", e.body_text())))?;
+        let limit = q.limit.unwrap_or(100);
+        if limit == 0 || limit > 1000 {
+            return Err(Problem::invalid("/limit", "must be between 1 and 1000"));
+        }
+        let after = q
+            .after
+            .as_deref()
+            .map(|a| parse_id(a, "dead letter"))
+            .transpose()?;
+        let since_ms =
+            match &q.since {
+                None => 0,
+                Some(text) => time::OffsetDateTime::parse(
+                    text,
+                    &time::format_description::well_known::Rfc3339,
+                )
+                .map(|t| (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64)
+                .map_err(|e| {
+                    Problem::invalid("/since", format!("{text:?} is not an RFC 3339 time ({e})"))
+                })?,
+            };
+        let keep = |d: &DeadLetter| {
+            q.partner.as_ref().is_none_or(|p| &d.partner == p)
+                && q.event_type
+                    .as_ref()
+                    .is_none_or(|t| &d.event.event_type == t)
+                && q.priority.is_none_or(|p| d.event.priority == p)
+                && d.died_ms >= since_ms
+        };
+        let found = state
+            .store
+            .dead_letters(after, limit, &keep)
+            .map_err(store_failed)?;
+        let next = (found.len() == limit)
+            .then(|| found.last().map(|d| d.id.to_string()))
+            .flatten();
+        let items = found
+            .into_iter()
+            .map(|d| DeadLetterSummary {
+                id: d.id.to_string(),
+                event_id: d.event.id.to_string(),
+                delivery_id: d.delivery_id.to_string(),
+                device_id: d.event.device_id.clone(),
+                event_type: d.event.event_type.clone(),
+                priority: d.event.priority,
+                died_at: rfc3339(d.died_ms),
+                attempts: d.attempts.attempts.len() as u32 + d.attempts.omitted,
+                reason: d.reason,
+                partner: d.partner,
+            })
+            .collect();
+        Ok::<_, Problem>(Json(DeadLetterPage { items, next }).into_response())
+    };
+    page.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+#[derive(Serialize)]
+struct DeadLetterView<'a> {
+    id: String,
+    partner: &'a str,
+    delivery_id: String,
+    reason: &'a str,
+    died_at: String,
+    event: EventView<'a>,
+    attempts: Vec<AttemptView>,
+    #[serde(skip_serializing_if = "is_zero")]
+    attempts_omitted: u32,
+}
+
+pub async fn get_dead_letter(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let view = async {
+        state.tokens.authorize(&headers, Role::Operator)?;
+        let id = parse_id(&id, "dead letter")?;
+        let dead = state
+            .store
+            .dead_letter(id)
+            .map_err(store_failed)?
+            .ok_or_else(|| Problem::not_found(format!("no dead letter {id}")))?;
+        let view = DeadLetterView {
+            id: dead.id.to_string(),
+            partner: &dead.partner,
+            delivery_id: dead.delivery_id.to_string(),
+            reason: &dead.reason,
+            died_at: rfc3339(dead.died_ms),
+            event: event_view(&dead.event, Vec::new()),
+            attempts: dead
+                .attempts
+                .attempts
+                .iter()
+                .map(AttemptView::from)
+                .collect(),
+            attempts_omitted: dead.attempts.omitted,
+        };
+        Ok::<_, Problem>(Json(view).into_response())
+    };
+    view.await.unwrap_or_else(IntoResponse::into_response)
+}

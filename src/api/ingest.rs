@@ -1,0 +1,414 @@
+//! `POST /v1/events`: validate, resolve deliveries, make durable, answer.
+//!
+//! A request is all or nothing: one bad event in a batch rejects the batch
+//! with the pointer of the bad field, and nothing is stored. A 202 is sent
+//! only once the store's group commit holding the events is on disk.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::sync::Arc;
+
+use super::problem::Problem;
+use super::AppState;
+use crate::config::Role;
+use crate::model::{DeliveryRecord, DeliveryState, EventRecord, Priority};
+use crate::store::{Accepted, StoreError};
+
+/// The largest one event may be, as JSON: keeps every record far below
+/// sled's ~128 KiB blob threshold (blob files are never fsynced).
+pub const MAX_EVENT_BYTES: usize = 64 * 1024;
+const MAX_DEVICE_ID: usize = 256;
+const MAX_TYPE: usize = 128;
+const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IncomingEvent {
+    device_id: String,
+    #[serde(rename = "type")]
+    event_type: String,
+    #[serde(default)]
+    priority: Priority,
+    #[serde(default)]
+    occurred_at: Option<String>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+    #[serde(default)]
+    data: Option<Box<RawValue>>,
+    #[serde(default)]
+    partners: Option<Vec<String>>,
+}
+
+#[derive(Serialize)]
+pub struct AcceptedBody {
+    id: String,
+    deliveries: Vec<DeliveryRef>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    duplicate: bool,
+}
+
+#[derive(Serialize)]
+struct DeliveryRef {
+    partner: String,
+    id: String,
+}
+
+impl From<Accepted> for AcceptedBody {
+    fn from(a: Accepted) -> Self {
+        AcceptedBody {
+            id: a.id.to_string(),
+            deliveries: a
+                .deliveries
+                .into_iter()
+                .map(|(partner, id)| DeliveryRef {
+                    partner,
+                    id: id.to_string(),
+                })
+                .collect(),
+            duplicate: a.duplicate,
+        }
+    }
+}
+
+pub async fn post_events(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match accept(&state, &headers, body).await {
+        Ok(answer) => answer,
+        Err(problem) => problem.into_response(),
+    }
+}
+
+async fn accept(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    let caller = state.tokens.authorize(headers, Role::Ingest)?;
+    if state.is_draining() {
+        return Err(Problem::unavailable("herald is shutting down"));
+    }
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => Problem::too_large(format!(
+            "the body is over server.max_body_bytes ({} bytes)",
+            state.config.server.max_body_bytes
+        )),
+        _ => Problem::bad_json(format!("cannot read the body: {e}")),
+    })?;
+    let (events, batch) = split(&body, state.config.server.max_batch)?;
+    let now_ms = state.clock.now_ms();
+    let mut records = Vec::with_capacity(events.len());
+    for (index, raw) in events.iter().enumerate() {
+        let at = |field: &str| match batch {
+            true => format!("/{index}{field}"),
+            false => field.to_string(),
+        };
+        if raw.get().len() > MAX_EVENT_BYTES {
+            return Err(Problem::too_large(format!(
+                "the event is {} bytes; the limit is {MAX_EVENT_BYTES}",
+                raw.get().len()
+            ))
+            .with_field(at("")));
+        }
+        let incoming = parse_event(raw.get())
+            .map_err(|(field, detail)| Problem::invalid(at(&field), detail))?;
+        let record = validate(state, incoming, now_ms)
+            .map_err(|(field, detail)| Problem::invalid(at(&field), detail))?;
+        records.push(record);
+    }
+    let partners: Vec<String> = {
+        let mut names: Vec<String> = records
+            .iter()
+            .flat_map(|r| r.deliveries.iter().map(|d| d.partner.clone()))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    };
+    let count = records.len();
+    let accepted = state.store.enqueue(records).await.map_err(|e| match e {
+        StoreError::Busy => Problem::unavailable("the write queue is full; retry shortly"),
+        StoreError::Closed => Problem::unavailable("herald is shutting down"),
+        other => {
+            tracing::error!(error = %other, "an ingest write failed; answered 503");
+            Problem::unavailable(format!("the events could not be stored: {other}"))
+        }
+    })?;
+    for partner in &partners {
+        state.dispatcher.wake(partner);
+    }
+    let fresh = accepted.iter().filter(|a| !a.duplicate).count();
+    metrics::counter!("herald_events_accepted_total").increment(fresh as u64);
+    tracing::debug!(caller = %caller.name, events = count, "accepted");
+    let answer: Vec<AcceptedBody> = accepted.into_iter().map(AcceptedBody::from).collect();
+    Ok(if batch {
+        (StatusCode::ACCEPTED, Json(answer)).into_response()
+    } else {
+        let single = answer
+            .into_iter()
+            .next()
+            .ok_or_else(|| Problem::internal("no answer for the event"))?;
+        (StatusCode::ACCEPTED, Json(single)).into_response()
+    })
+}
+
+/// The body's events, as raw JSON, and whether it was a batch.
+fn split(body: &[u8], max_batch: usize) -> Result<(Vec<&RawValue>, bool), Problem> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    match first {
+        Some(b'[') => {
+            let events: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| {
+                Problem::bad_json(format!("the body is not a JSON array of events: {e}"))
+            })?;
+            if events.is_empty() {
+                return Err(Problem::invalid("", "the batch is empty"));
+            }
+            if events.len() > max_batch {
+                return Err(Problem::too_large(format!(
+                    "the batch has {} events; the limit is {max_batch} (server.max_batch)",
+                    events.len()
+                )));
+            }
+            Ok((events, true))
+        }
+        Some(b'{') => {
+            let event: &RawValue = serde_json::from_slice(body)
+                .map_err(|e| Problem::bad_json(format!("the body is not a JSON object: {e}")))?;
+            Ok((vec![event], false))
+        }
+        _ => Err(Problem::bad_json(
+            "the body must be a JSON object (one event) or an array of them",
+        )),
+    }
+}
+
+/// Parses one event; on failure, the field's JSON pointer and what is wrong.
+fn parse_event(json: &str) -> Result<IncomingEvent, (String, String)> {
+    let mut de = serde_json::Deserializer::from_str(json);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let mut pointer: String = e
+            .path()
+            .iter()
+            .map(|segment| match segment {
+                serde_path_to_error::Segment::Seq { index } => format!("/{index}"),
+                serde_path_to_error::Segment::Map { key } => format!("/{key}"),
+                serde_path_to_error::Segment::Enum { variant } => format!("/{variant}"),
+                serde_path_to_error::Segment::Unknown => "/?".to_string(),
+            })
+            .collect();
+        let message = e.inner().to_string();
+        // serde reports a missing field at its parent: name the field itself.
+        if let Some(missing) = message
+            .strip_prefix("missing field `")
+            .and_then(|m| m.split('`').next())
+        {
+            pointer.push('/');
+            pointer.push_str(missing);
+        }
+        (pointer, strip_position(&message))
+    })
+}
+
+/// serde_json's "at line 1 column 40" means nothing to a caller who sent one event.
+fn strip_position(message: &str) -> String {
+    match message.find(" at line ") {
+        Some(i) => message[..i].to_string(),
+        None => message.to_string(),
+    }
+}
+
+fn validate(
+    state: &AppState,
+    e: IncomingEvent,
+    now_ms: u64,
+) -> Result<EventRecord, (String, String)> {
+    let bad = |field: &str, detail: String| Err((field.to_string(), detail));
+    check_text("/device_id", &e.device_id, MAX_DEVICE_ID)?;
+    check_text("/type", &e.event_type, MAX_TYPE)?;
+    if let Some(key) = &e.idempotency_key {
+        check_text("/idempotency_key", key, MAX_IDEMPOTENCY_KEY)?;
+    }
+    let occurred_at = match e.occurred_at {
+        Some(text) => {
+            match time::OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339)
+            {
+                Ok(_) => text,
+                Err(err) => {
+                    return bad(
+                        "/occurred_at",
+                        format!(
+                            "{text:?} is not an RFC 3339 time like 2026-11-25T06:00:00Z ({err})"
+                        ),
+                    )
+                }
+            }
+        }
+        None => rfc3339(now_ms),
+    };
+    let data = match e.data {
+        Some(data) if data.get().trim_start().starts_with('{') => data,
+        Some(_) => return bad("/data", "must be a JSON object".into()),
+        None => RawValue::from_string("{}".into())
+            .map_err(|err| ("/data".to_string(), err.to_string()))?,
+    };
+    let partners = match e.partners {
+        Some(names) => {
+            if names.is_empty() {
+                return bad(
+                    "/partners",
+                    "is empty; leave it out to use the partners subscribed to this type".into(),
+                );
+            }
+            let mut chosen: Vec<String> = Vec::with_capacity(names.len());
+            for (i, name) in names.into_iter().enumerate() {
+                if state.config.partner(&name).is_none() {
+                    return bad(
+                        &format!("/partners/{i}"),
+                        format!("unknown partner {name:?}"),
+                    );
+                }
+                if !chosen.contains(&name) {
+                    chosen.push(name);
+                }
+            }
+            chosen
+        }
+        None => {
+            let subscribed: Vec<String> = state
+                .config
+                .partners
+                .iter()
+                .filter(|p| p.subscribes_to(&e.event_type))
+                .map(|p| p.name.clone())
+                .collect();
+            if subscribed.is_empty() {
+                return bad(
+                    "/partners",
+                    format!(
+                        "no partner subscribes to events of type {:?}; name the partners",
+                        e.event_type
+                    ),
+                );
+            }
+            subscribed
+        }
+    };
+    Ok(EventRecord {
+        id: state.clock.new_id(),
+        device_id: e.device_id,
+        event_type: e.event_type,
+        priority: e.priority,
+        occurred_at,
+        idempotency_key: e.idempotency_key,
+        data,
+        received_ms: now_ms,
+        deliveries: partners
+            .into_iter()
+            .map(|partner| DeliveryRecord {
+                id: state.clock.new_id(),
+                partner,
+                state: DeliveryState::Pending,
+                attempts: 0,
+                next_due_ms: Some(now_ms),
+                last_attempt: None,
+                dead_letter: None,
+            })
+            .collect(),
+    })
+}
+
+fn check_text(field: &str, value: &str, max: usize) -> Result<(), (String, String)> {
+    if value.trim().is_empty() {
+        return Err((field.to_string(), "must not be empty".into()));
+    }
+    if value.len() > max {
+        return Err((
+            field.to_string(),
+            format!("is {} bytes; the limit is {max}", value.len()),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err((
+            field.to_string(),
+            "must not contain control characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+pub fn rfc3339(unix_ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(unix_ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix_ms.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_errors_point_at_the_field() {
+        let cases = [
+            (r#"{"type":"x"}"#, "/device_id", "missing field"),
+            (
+                r#"{"device_id":"d","type":"x","priority":"urgent"}"#,
+                "/priority",
+                "unknown variant",
+            ),
+            (
+                r#"{"device_id":7,"type":"x"}"#,
+                "/device_id",
+                "invalid type",
+            ),
+            (
+                r#"{"device_id":"d","type":"x","partners":["a",3]}"#,
+                "/partners/1",
+                "invalid type",
+            ),
+            (
+                r#"{"device_id":"d","type":"x","colour":"red"}"#,
+                "/colour",
+                "unknown field",
+            ),
+        ];
+        for (json, pointer, words) in cases {
+            let Err((field, detail)) = parse_event(json) else {
+                panic!("{json} must fail");
+            };
+            assert_eq!(field, pointer, "{json}: {detail}");
+            assert!(detail.contains(words), "{json}: {detail}");
+            assert!(!detail.contains("line 1"), "{detail}");
+        }
+    }
+
+    #[test]
+    fn split_tells_batches_from_single_events() {
+        let (events, batch) = split(br#" [{"a":1},{"b":2}]"#, 10).expect("batch");
+        assert!(batch);
+        assert_eq!(events.len(), 2);
+        let (events, batch) = split(br#"{"a":1}"#, 10).expect("single");
+        assert!(!batch);
+        assert_eq!(events[0].get(), r#"{"a":1}"#);
+        assert_eq!(split(b"[]", 10).err().map(|p| p.status), Some(422));
+        assert_eq!(split(b"[1,2,3]", 2).err().map(|p| p.status), Some(413));
+        assert_eq!(split(b"hello", 10).err().map(|p| p.status), Some(400));
+        assert_eq!(split(b"{\"a\":", 10).err().map(|p| p.status), Some(400));
+    }
+
+    #[test]
+    fn formats_times_as_rfc3339() {
+        assert_eq!(rfc3339(1_764_050_400_000), "2025-11-25T06:00:00Z");
+    }
+}

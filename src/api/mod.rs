@@ -1,0 +1,95 @@
+//! herald's HTTP API: ingest for internal services, admin views for on-call,
+//! and the health and metrics endpoints for the platform.
+
+pub mod admin;
+pub mod auth;
+pub mod ingest;
+pub mod problem;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::dispatch::Dispatcher;
+use crate::store::Store;
+
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub dispatcher: Arc<Dispatcher>,
+    pub clock: Clock,
+    pub tokens: auth::Tokens,
+    pub metrics: Option<PrometheusHandle>,
+    draining: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(
+        config: Arc<Config>,
+        store: Store,
+        dispatcher: Arc<Dispatcher>,
+        clock: Clock,
+        metrics: Option<PrometheusHandle>,
+    ) -> AppState {
+        AppState {
+            tokens: auth::Tokens::new(&config.tokens),
+            config,
+            store,
+            dispatcher,
+            clock,
+            metrics,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// From now on, ingest answers 503: herald is shutting down.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let max_body = state.config.server.max_body_bytes;
+    Router::new()
+        .route("/v1/events", post(ingest::post_events))
+        .route("/v1/events/{id}", get(admin::get_event))
+        .route("/v1/dead-letters", get(admin::list_dead_letters))
+        .route("/v1/dead-letters/{id}", get(admin::get_dead_letter))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { problem::Problem::not_found("no such endpoint").into_response() })
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else {
+        "ready".into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    match &state.metrics {
+        Some(handle) => handle.render().into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            "metrics are not recorded in this process",
+        )
+            .into_response(),
+    }
+}

@@ -1,0 +1,679 @@
+//! The TOML contract (see DESIGN.md, *Configuration*) and its validation.
+//!
+//! Everything is checked at start, so a bad file fails there, naming the key
+//! and the reason, and never at 3 a.m. Secrets never sit in the file: the
+//! file names environment variables, and they are read here, once.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::dispatch::retry::RetryPolicy;
+
+/// herald's settings with no `--config`: loopback only, data in `./herald-data`.
+pub const EMBEDDED_DEFAULT: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+data_dir = "./herald-data"
+"#;
+
+/// What is wrong, and where: `key` is the dotted path in the file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub tokens: Vec<TokenConfig>,
+    pub partners: Vec<PartnerConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// sled's page cache; its own default is 1 GiB.
+    pub cache_bytes: u64,
+    /// Ingest requests waiting for the writer before herald answers 503.
+    pub ingest_queue: usize,
+    pub max_batch: usize,
+    pub max_body_bytes: usize,
+    /// How long finished events (and their idempotency keys) stay findable.
+    pub retention: Duration,
+    /// How long shutdown waits for requests in flight.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Clone)]
+pub struct TokenConfig {
+    pub name: String,
+    pub role: Role,
+    pub secret: String,
+}
+
+impl std::fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TokenConfig({}, {:?}, <redacted>)", self.name, self.role)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// May only `POST /v1/events`.
+    Ingest,
+    /// May do everything.
+    Operator,
+}
+
+#[derive(Debug, Clone)]
+pub struct PartnerConfig {
+    pub name: String,
+    pub adapter: adapters::PartnerSettings,
+    pub adapter_kind: String,
+    pub rate: Option<Rate>,
+    pub max_in_flight: usize,
+    pub timeout: Duration,
+    pub allow_private: bool,
+    pub retry: RetryPolicy,
+    /// Event types this partner receives when an event names no partners
+    /// (`"*"` for all, `"door.*"` for a prefix).
+    pub subscribe: Vec<String>,
+}
+
+impl PartnerConfig {
+    pub fn subscribes_to(&self, event_type: &str) -> bool {
+        self.subscribe
+            .iter()
+            .any(|pattern| match pattern.strip_suffix('*') {
+                Some(prefix) => event_type.starts_with(prefix),
+                None => pattern == event_type,
+            })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+// ---- the file as written -------------------------------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    server: FileServer,
+    #[serde(default)]
+    tokens: Vec<FileToken>,
+    #[serde(default)]
+    partners: BTreeMap<String, FilePartner>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileServer {
+    listen: String,
+    data_dir: PathBuf,
+    cache_mb: u64,
+    ingest_queue: usize,
+    max_batch: usize,
+    max_body_bytes: usize,
+    retention: String,
+    shutdown_grace: String,
+}
+
+impl Default for FileServer {
+    fn default() -> Self {
+        FileServer {
+            listen: "127.0.0.1:8080".into(),
+            data_dir: "./herald-data".into(),
+            cache_mb: 64,
+            ingest_queue: 4096,
+            max_batch: 1000,
+            max_body_bytes: 8 * 1024 * 1024,
+            retention: "24h".into(),
+            shutdown_grace: "10s".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileToken {
+    name: String,
+    role: Role,
+    token_env: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePartner {
+    adapter: String,
+    url: String,
+    #[serde(default)]
+    secret_env: Option<String>,
+    #[serde(default)]
+    rate: Option<FileRate>,
+    #[serde(default = "default_in_flight")]
+    max_in_flight: usize,
+    #[serde(default = "default_timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default)]
+    allow_private: bool,
+    #[serde(default)]
+    retry: FileRetry,
+    #[serde(default)]
+    subscribe: Vec<String>,
+}
+
+fn default_in_flight() -> usize {
+    32
+}
+fn default_timeout_ms() -> u64 {
+    5000
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRate {
+    per_second: u32,
+    #[serde(default)]
+    burst: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileRetry {
+    initial_ms: u64,
+    multiplier: f64,
+    max_interval_ms: u64,
+    max_age: String,
+    max_attempts: Option<u32>,
+}
+
+impl Default for FileRetry {
+    fn default() -> Self {
+        FileRetry {
+            initial_ms: 1000,
+            multiplier: 2.0,
+            max_interval_ms: 600_000,
+            max_age: "72h".into(),
+            max_attempts: None,
+        }
+    }
+}
+
+// ---- loading -------------------------------------------------------------
+
+impl Config {
+    /// Parses and validates a config file's text, reading secrets through `env`.
+    pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let file: FileConfig = parse_toml(text)?;
+        let server = server_config(file.server)?;
+        let mut tokens = Vec::new();
+        for (i, t) in file.tokens.into_iter().enumerate() {
+            let key = format!("tokens[{i}].token_env");
+            let secret = read_secret(env, &key, &t.token_env)?;
+            if secret.len() < 16 {
+                return Err(ConfigError::new(
+                    key,
+                    format!(
+                        "the token in ${} is shorter than 16 characters",
+                        t.token_env
+                    ),
+                ));
+            }
+            tokens.push(TokenConfig {
+                name: t.name,
+                role: t.role,
+                secret,
+            });
+        }
+        if tokens.is_empty() && !server.listen.ip().is_loopback() {
+            return Err(ConfigError::new(
+                "server.listen",
+                format!(
+                    "{} is not a loopback address and no [[tokens]] are configured: \
+                     herald refuses to serve an open API beyond this machine",
+                    server.listen
+                ),
+            ));
+        }
+        let mut partners = Vec::new();
+        for (name, p) in file.partners {
+            partners.push(partner_config(&name, p, env)?);
+        }
+        Ok(Config {
+            server,
+            tokens,
+            partners,
+        })
+    }
+
+    /// Reads a file, or the embedded default when `path` is `None`.
+    pub fn load(path: Option<&std::path::Path>) -> Result<Config, ConfigError> {
+        let env = |name: &str| std::env::var(name).ok();
+        match path {
+            None => Config::parse(EMBEDDED_DEFAULT, &env),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::new(path.display().to_string(), format!("cannot read: {e}"))
+                })?;
+                Config::parse(&text, &env)
+            }
+        }
+    }
+
+    pub fn partner(&self, name: &str) -> Option<&PartnerConfig> {
+        self.partners.iter().find(|p| p.name == name)
+    }
+}
+
+fn parse_toml(text: &str) -> Result<FileConfig, ConfigError> {
+    let line_of = |span: Option<std::ops::Range<usize>>| {
+        span.map(|s| {
+            format!(
+                " (line {})",
+                text[..s.start.min(text.len())].lines().count().max(1)
+            )
+        })
+        .unwrap_or_default()
+    };
+    let de = toml::Deserializer::parse(text)
+        .map_err(|e| ConfigError::new("(file)", format!("{}{}", e.message(), line_of(e.span()))))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        ConfigError::new(
+            if key == "." {
+                "(file)".to_string()
+            } else {
+                key
+            },
+            format!("{}{}", inner.message(), line_of(inner.span())),
+        )
+    })
+}
+
+fn server_config(s: FileServer) -> Result<ServerConfig, ConfigError> {
+    let listen = s.listen.parse::<SocketAddr>().map_err(|e| {
+        ConfigError::new(
+            "server.listen",
+            format!("{:?} is not an address like 127.0.0.1:8080 ({e})", s.listen),
+        )
+    })?;
+    if s.data_dir.as_os_str().is_empty() {
+        return Err(ConfigError::new("server.data_dir", "must not be empty"));
+    }
+    if s.cache_mb == 0 {
+        return Err(ConfigError::new("server.cache_mb", "must be at least 1"));
+    }
+    for (key, value) in [
+        ("server.ingest_queue", s.ingest_queue),
+        ("server.max_batch", s.max_batch),
+    ] {
+        if value == 0 {
+            return Err(ConfigError::new(key, "must be at least 1"));
+        }
+    }
+    if s.max_body_bytes < crate::api::ingest::MAX_EVENT_BYTES {
+        return Err(ConfigError::new(
+            "server.max_body_bytes",
+            format!(
+                "must be at least {} (one event)",
+                crate::api::ingest::MAX_EVENT_BYTES
+            ),
+        ));
+    }
+    Ok(ServerConfig {
+        listen,
+        data_dir: s.data_dir,
+        cache_bytes: s.cache_mb * 1024 * 1024,
+        ingest_queue: s.ingest_queue,
+        max_batch: s.max_batch,
+        max_body_bytes: s.max_body_bytes,
+        retention: parse_duration("server.retention", &s.retention)?,
+        shutdown_grace: parse_duration("server.shutdown_grace", &s.shutdown_grace)?,
+    })
+}
+
+fn partner_config(
+    name: &str,
+    p: FilePartner,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<PartnerConfig, ConfigError> {
+    let key = |k: &str| format!("partners.{name}.{k}");
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(ConfigError::new(
+            format!("partners.{name}"),
+            "a partner name is 1 to 64 letters, digits, '-' or '_'",
+        ));
+    }
+    let url = url::Url::parse(&p.url)
+        .map_err(|e| ConfigError::new(key("url"), format!("{:?} is not a URL ({e})", p.url)))?;
+    if url.scheme() != "https" && url.scheme() != "http" {
+        return Err(ConfigError::new(key("url"), "must be http:// or https://"));
+    }
+    if !p.allow_private {
+        if let Some(ip) = url_ip(&url) {
+            if !crate::dispatch::client::is_public(ip) {
+                return Err(ConfigError::new(
+                    key("url"),
+                    format!("{ip} is a loopback or private address; set allow_private = true to allow it"),
+                ));
+            }
+        }
+    }
+    let secret = match &p.secret_env {
+        Some(var) => Some(read_secret(env, &key("secret_env"), var)?),
+        None => None,
+    };
+    let rate = match p.rate {
+        None => None,
+        Some(r) => {
+            if r.per_second == 0 {
+                return Err(ConfigError::new(
+                    key("rate.per_second"),
+                    "must be at least 1",
+                ));
+            }
+            let burst = r.burst.unwrap_or(r.per_second.clamp(1, 50));
+            if burst == 0 {
+                return Err(ConfigError::new(key("rate.burst"), "must be at least 1"));
+            }
+            Some(Rate {
+                per_second: r.per_second,
+                burst,
+            })
+        }
+    };
+    if p.max_in_flight == 0 || p.max_in_flight > 10_000 {
+        return Err(ConfigError::new(
+            key("max_in_flight"),
+            "must be between 1 and 10000",
+        ));
+    }
+    if p.timeout_ms == 0 {
+        return Err(ConfigError::new(key("timeout_ms"), "must be at least 1"));
+    }
+    let r = p.retry;
+    if r.initial_ms == 0 {
+        return Err(ConfigError::new(
+            key("retry.initial_ms"),
+            "must be at least 1",
+        ));
+    }
+    if !(r.multiplier.is_finite() && r.multiplier >= 1.0) {
+        return Err(ConfigError::new(
+            key("retry.multiplier"),
+            "must be a number of at least 1.0",
+        ));
+    }
+    if r.max_interval_ms < r.initial_ms {
+        return Err(ConfigError::new(
+            key("retry.max_interval_ms"),
+            "must be at least retry.initial_ms",
+        ));
+    }
+    if r.max_attempts == Some(0) {
+        return Err(ConfigError::new(
+            key("retry.max_attempts"),
+            "must be at least 1",
+        ));
+    }
+    let retry = RetryPolicy {
+        initial_ms: r.initial_ms,
+        multiplier: r.multiplier,
+        max_interval_ms: r.max_interval_ms,
+        max_age_ms: parse_duration(&key("retry.max_age"), &r.max_age)?.as_millis() as u64,
+        max_attempts: r.max_attempts,
+    };
+    let settings = adapters::PartnerSettings {
+        name: name.to_string(),
+        url: p.url.clone(),
+        secret,
+    };
+    // Build it once now so a bad secret or unknown adapter fails at start.
+    adapters::build_adapter(&p.adapter, &settings)
+        .map_err(|e| ConfigError::new(key(e.key), e.reason))?;
+    Ok(PartnerConfig {
+        name: name.to_string(),
+        adapter: settings,
+        adapter_kind: p.adapter,
+        rate,
+        max_in_flight: p.max_in_flight,
+        timeout: Duration::from_millis(p.timeout_ms),
+        allow_private: p.allow_private,
+        retry,
+        subscribe: p.subscribe,
+    })
+}
+
+fn url_ip(url: &url::Url) -> Option<IpAddr> {
+    match url.host()? {
+        url::Host::Ipv4(ip) => Some(IpAddr::V4(ip)),
+        url::Host::Ipv6(ip) => Some(IpAddr::V6(ip)),
+        url::Host::Domain(d) if d.eq_ignore_ascii_case("localhost") => {
+            Some(IpAddr::from([127, 0, 0, 1]))
+        }
+        url::Host::Domain(_) => None,
+    }
+}
+
+fn read_secret(
+    env: &dyn Fn(&str) -> Option<String>,
+    key: &str,
+    var: &str,
+) -> Result<String, ConfigError> {
+    match env(var) {
+        Some(v) if !v.is_empty() => Ok(v),
+        Some(_) => Err(ConfigError::new(
+            key,
+            format!("the environment variable {var} is empty"),
+        )),
+        None => Err(ConfigError::new(
+            key,
+            format!("the environment variable {var} is not set"),
+        )),
+    }
+}
+
+fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(text).map_err(|e| {
+        ConfigError::new(
+            key,
+            format!("{text:?} is not a duration like \"72h\" or \"500ms\" ({e})"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "ACME_SECRET" => Some(SECRET.into()),
+            "DOOR_TOKEN" => Some("door-service-token-0123456789".into()),
+            "SHORT_TOKEN" => Some("short".into()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        }
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, &env)
+    }
+
+    const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "/tmp/x"
+
+[[tokens]]
+name = "door-service"
+role = "ingest"
+token_env = "DOOR_TOKEN"
+
+[partners.acme]
+adapter = "webhook"
+url = "https://hooks.acme.example/herald"
+secret_env = "ACME_SECRET"
+rate = { per_second = 200, burst = 50 }
+max_in_flight = 32
+timeout_ms = 5000
+retry = { initial_ms = 1000, multiplier = 2.0, max_interval_ms = 600000, max_age = "72h" }
+"#;
+
+    #[test]
+    fn the_contracts_example_parses() {
+        let config = parse(GOOD).expect("valid");
+        let acme = config.partner("acme").expect("acme");
+        assert_eq!(
+            acme.rate,
+            Some(Rate {
+                per_second: 200,
+                burst: 50
+            })
+        );
+        assert_eq!(acme.retry.max_age_ms, 72 * 3600 * 1000);
+        assert_eq!(config.tokens[0].role, Role::Ingest);
+    }
+
+    #[test]
+    fn the_embedded_default_parses() {
+        let config = parse(EMBEDDED_DEFAULT).expect("valid");
+        assert_eq!(config.server.listen.to_string(), "127.0.0.1:8080");
+        assert!(config.partners.is_empty());
+    }
+
+    fn error_for(from: &str, to: &str) -> ConfigError {
+        assert!(GOOD.contains(from), "{from}");
+        parse(&GOOD.replace(from, to)).expect_err("must be rejected")
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "per_second = 200",
+                "per_second = 0",
+                "partners.acme.rate.per_second",
+            ),
+            (
+                "per_second = 200",
+                "per_second = -3",
+                "partners.acme.rate.per_second",
+            ),
+            (
+                "per_second = 200",
+                "per_secnd = 200",
+                "partners.acme.rate.per_secnd",
+            ),
+            (
+                "adapter = \"webhook\"",
+                "adapter = \"pigeon\"",
+                "partners.acme.adapter",
+            ),
+            (
+                "https://hooks.acme.example/herald",
+                "not a url",
+                "partners.acme.url",
+            ),
+            (
+                "https://hooks.acme.example/herald",
+                "http://127.0.0.1:9/x",
+                "partners.acme.url",
+            ),
+            ("ACME_SECRET", "MISSING_VAR", "partners.acme.secret_env"),
+            ("ACME_SECRET", "EMPTY", "partners.acme.secret_env"),
+            ("DOOR_TOKEN", "SHORT_TOKEN", "tokens[0].token_env"),
+            ("role = \"ingest\"", "role = \"admin\"", "tokens[0].role"),
+            (
+                "max_age = \"72h\"",
+                "max_age = \"forever\"",
+                "partners.acme.retry.max_age",
+            ),
+            (
+                "multiplier = 2.0",
+                "multiplier = 0.5",
+                "partners.acme.retry.multiplier",
+            ),
+            (
+                "max_interval_ms = 600000",
+                "max_interval_ms = 10",
+                "partners.acme.retry.max_interval_ms",
+            ),
+            (
+                "max_in_flight = 32",
+                "max_in_flight = 0",
+                "partners.acme.max_in_flight",
+            ),
+            (
+                "timeout_ms = 5000",
+                "timeout_ms = \"soon\"",
+                "partners.acme.timeout_ms",
+            ),
+            (
+                "listen = \"127.0.0.1:0\"",
+                "listen = \"localhost\"",
+                "server.listen",
+            ),
+            ("[server]", "[sever]", "sever"),
+        ];
+        for (from, to, key) in cases {
+            let err = error_for(from, to);
+            assert_eq!(err.key, *key, "{to}: {err}");
+            assert!(!err.reason.is_empty());
+        }
+    }
+
+    #[test]
+    fn syntax_errors_give_the_line() {
+        let err = parse("[server]\nlisten = \n").expect_err("must fail");
+        assert!(err.reason.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn no_tokens_means_loopback_only() {
+        let err = parse("[server]\nlisten = \"0.0.0.0:8080\"\n").expect_err("must fail");
+        assert_eq!(err.key, "server.listen");
+        assert!(err.reason.contains("no [[tokens]]"), "{err}");
+    }
+
+    #[test]
+    fn subscriptions_match_exactly_or_by_prefix() {
+        let mut config = parse(GOOD).expect("valid");
+        let acme = &mut config.partners[0];
+        acme.subscribe = vec!["door.*".into(), "temp.high".into()];
+        assert!(acme.subscribes_to("door.forced_open"));
+        assert!(acme.subscribes_to("temp.high"));
+        assert!(!acme.subscribes_to("temp.highest"));
+        assert!(!acme.subscribes_to("motion"));
+    }
+}

@@ -1,0 +1,395 @@
+//! A lane: everything between one partner's due work and its HTTP endpoint.
+//!
+//! The lane owns the partner's limits so adapters don't have to: an in-flight
+//! cap (a semaphore), then the rate limiter (governor, on herald's clock),
+//! taken in that order so a token is spent only right before a real send.
+//! Each send runs as its own task; its outcome (delivered, retry at T, dead)
+//! goes back to the store, and only then is the delivery released from the
+//! window.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use adapters::{Adapter, Answer, DeliveryContext, EventView, OutboundRequest, Verdict};
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::retry;
+use super::scheduler::{Held, Window};
+use crate::clock::Clock;
+use crate::config::PartnerConfig;
+use crate::model::{Attempt, AttemptOutcome, EventRecord};
+use crate::store::{Due, Next, Outcome, Store};
+
+/// How much of an answer's body is read: enough for any adapter to classify.
+const ANSWER_READ_BYTES: usize = 4096;
+
+type Limiter = RateLimiter<NotKeyed, InMemoryState, Clock, NoOpMiddleware<governor::nanos::Nanos>>;
+
+/// What a lane shares with its send tasks and with the API.
+pub struct Lane {
+    pub partner: PartnerConfig,
+    adapter: Box<dyn Adapter>,
+    client: reqwest::Client,
+    store: Store,
+    clock: Clock,
+    limiter: Option<Limiter>,
+    in_flight: Arc<Semaphore>,
+    held: Held,
+    /// Rung by ingest (new work) and by finished sends (room in the window).
+    wake: Notify,
+    pub stats: LaneStats,
+}
+
+#[derive(Default)]
+pub struct LaneStats {
+    pub sent: AtomicU64,
+    pub delivered: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead: AtomicU64,
+}
+
+impl Lane {
+    pub fn new(
+        partner: PartnerConfig,
+        adapter: Box<dyn Adapter>,
+        client: reqwest::Client,
+        store: Store,
+        clock: Clock,
+    ) -> Lane {
+        let limiter = partner.rate.map(|rate| {
+            let quota =
+                Quota::per_second(nonzero(rate.per_second)).allow_burst(nonzero(rate.burst));
+            RateLimiter::direct_with_clock(quota, clock.clone())
+        });
+        Lane {
+            in_flight: Arc::new(Semaphore::new(partner.max_in_flight)),
+            partner,
+            adapter,
+            client,
+            store,
+            clock,
+            limiter,
+            held: Held::default(),
+            wake: Notify::new(),
+            stats: LaneStats::default(),
+        }
+    }
+
+    /// New work may be due now: look at the index again.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.partner.max_in_flight - self.in_flight.available_permits()
+    }
+
+    /// Takes due work and sends it until `stop`; sends run on `tracker` so
+    /// shutdown can wait for them.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken, tracker: TaskTracker) {
+        let capacity = (self.partner.max_in_flight * 4).max(64);
+        let mut window = Window::new(&self.partner.name, capacity, self.held.clone());
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            if window.is_low() {
+                if let Err(e) = window.refill(&self.store, self.clock.now_ms()) {
+                    tracing::error!(partner = %self.partner.name, error = %e, "cannot read the schedule; trying again in a second");
+                    tokio::select! {
+                        _ = self.clock.sleep(Duration::from_secs(1)) => continue,
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            }
+            let Some(due) = window.pop() else {
+                let next_due = window.next_due_ms();
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = self.clock.sleep_until_ms(next_due.unwrap_or(u64::MAX)), if next_due.is_some() => {}
+                    _ = stop.cancelled() => return,
+                }
+                continue;
+            };
+            let permit = tokio::select! {
+                permit = self.in_flight.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                _ = stop.cancelled() => {
+                    window.unhold(&due);
+                    return;
+                }
+            };
+            if !self.take_token(&stop).await {
+                window.unhold(&due);
+                return;
+            }
+            let lane = Arc::clone(&self);
+            tracker.spawn(async move { lane.deliver(due, permit).await });
+        }
+    }
+
+    /// Waits for a rate-limit token; false if stopped first.
+    async fn take_token(&self, stop: &CancellationToken) -> bool {
+        let Some(limiter) = &self.limiter else {
+            return true;
+        };
+        loop {
+            match limiter.check() {
+                Ok(()) => return true,
+                Err(not_until) => {
+                    let wait = not_until.wait_time_from(governor::clock::Clock::now(&self.clock));
+                    tokio::select! {
+                        _ = self.clock.sleep(wait) => {}
+                        _ = stop.cancelled() => return false,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn deliver(self: Arc<Self>, due: Due, permit: OwnedSemaphorePermit) {
+        let id = due.key.delivery;
+        let outcome = self.attempt(due).await;
+        drop(permit);
+        let next = outcome.next.clone();
+        match self.store.record(outcome).await {
+            Ok(()) => {
+                let counter = match next {
+                    Next::Delivered => &self.stats.delivered,
+                    Next::RetryAt(_) => &self.stats.retried,
+                    Next::Dead(_) => &self.stats.dead,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            // The entry stays in the index: it is sent again (at least once).
+            Err(e) => {
+                tracing::error!(partner = %self.partner.name, delivery = %id, error = %e, "cannot record an outcome")
+            }
+        }
+        self.held.release(id);
+        self.wake.notify_one();
+    }
+
+    /// One real send and its verdict, as an outcome for the store.
+    async fn attempt(&self, due: Due) -> Outcome {
+        let number = due.entry.attempts + 1;
+        let started_ms = self.clock.now_ms();
+        let event = match self.store.event(due.entry.event) {
+            Ok(Some(event)) => event,
+            Ok(None) => {
+                return self.settle(
+                    due,
+                    number,
+                    started_ms,
+                    None,
+                    reason_only("the event record is missing"),
+                )
+            }
+            Err(e) => {
+                return self.settle(due, number, started_ms, None, reason_only(&e.to_string()))
+            }
+        };
+        let request = match self.build(&event, &due, number) {
+            Ok(request) => request,
+            Err(reason) => return self.settle(due, number, started_ms, None, reason_only(&reason)),
+        };
+        self.stats.sent.fetch_add(1, Ordering::Relaxed);
+        let answer = tokio::select! {
+            answer = send(self.client.clone(), request) => answer,
+            _ = self.clock.sleep(self.partner.timeout) => Sent::Timeout,
+        };
+        let verdict = self
+            .adapter
+            .classify(&answer.as_answer(), self.clock.now_system_time());
+        self.settle(due, number, started_ms, answer.status(), verdict)
+    }
+
+    fn build(
+        &self,
+        event: &EventRecord,
+        due: &Due,
+        number: u32,
+    ) -> Result<OutboundRequest, String> {
+        let (event_id, delivery_id) = (event.id.to_string(), due.key.delivery.to_string());
+        let ctx = DeliveryContext {
+            delivery_id: &delivery_id,
+            attempt: number,
+            now_unix: self.clock.now_ms() / 1000,
+            event: EventView {
+                id: &event_id,
+                event_type: &event.event_type,
+                device_id: &event.device_id,
+                priority: event.priority.as_str(),
+                occurred_at: &event.occurred_at,
+                data: &event.data,
+            },
+        };
+        self.adapter
+            .build(&ctx)
+            .map_err(|e| format!("cannot build the request: {e}"))
+    }
+
+    /// Turns a verdict into the attempt record and the delivery's next step.
+    fn settle(
+        &self,
+        due: Due,
+        number: u32,
+        started_ms: u64,
+        status: Option<u16>,
+        verdict: Verdict,
+    ) -> Outcome {
+        let now_ms = self.clock.now_ms();
+        let (outcome, next, detail) = match verdict {
+            Verdict::Delivered => (AttemptOutcome::Delivered, Next::Delivered, String::new()),
+            Verdict::Permanent { reason } => {
+                (AttemptOutcome::Failed, Next::Dead(reason.clone()), reason)
+            }
+            Verdict::Retry { after, reason } => {
+                match self.partner.retry.next(
+                    due.key.delivery,
+                    number,
+                    due.entry.created_ms,
+                    now_ms,
+                    after,
+                ) {
+                    retry::Next::RetryAt(at) => (AttemptOutcome::Retry, Next::RetryAt(at), reason),
+                    retry::Next::GiveUp(why) => (
+                        AttemptOutcome::Failed,
+                        Next::Dead(format!("{why}; last: {reason}")),
+                        reason,
+                    ),
+                }
+            }
+        };
+        metrics::counter!("herald_attempts_total", "partner" => self.partner.name.clone(), "outcome" => outcome_label(outcome))
+            .increment(1);
+        if let Next::Dead(reason) = &next {
+            tracing::warn!(partner = %self.partner.name, delivery = %due.key.delivery, attempts = number, %reason, "dead letter");
+        }
+        Outcome {
+            attempt: Attempt {
+                number,
+                at_ms: started_ms,
+                status,
+                latency_ms: now_ms.saturating_sub(started_ms),
+                outcome,
+                detail,
+            },
+            key: due.key,
+            entry: due.entry,
+            next,
+        }
+    }
+}
+
+fn reason_only(reason: &str) -> Verdict {
+    Verdict::Permanent {
+        reason: reason.to_string(),
+    }
+}
+
+fn outcome_label(outcome: AttemptOutcome) -> &'static str {
+    match outcome {
+        AttemptOutcome::Delivered => "delivered",
+        AttemptOutcome::Retry => "retry",
+        AttemptOutcome::Failed => "failed",
+    }
+}
+
+fn nonzero(n: u32) -> std::num::NonZeroU32 {
+    std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN)
+}
+
+/// What came back, owned, so the adapter can borrow it.
+enum Sent {
+    Http {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+    Timeout,
+    Network(String),
+}
+
+impl Sent {
+    fn as_answer(&self) -> Answer<'_> {
+        match self {
+            Sent::Http {
+                status,
+                headers,
+                body,
+            } => Answer::Http {
+                status: *status,
+                headers,
+                body,
+            },
+            Sent::Timeout => Answer::Timeout,
+            Sent::Network(e) => Answer::Network(e),
+        }
+    }
+
+    fn status(&self) -> Option<u16> {
+        match self {
+            Sent::Http { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+async fn send(client: reqwest::Client, request: OutboundRequest) -> Sent {
+    let method = match request.method {
+        adapters::Method::Post => reqwest::Method::POST,
+        adapters::Method::Put => reqwest::Method::PUT,
+    };
+    let mut builder = client.request(method, &request.url).body(request.body);
+    for (name, value) in &request.headers {
+        builder = builder.header(name, value);
+    }
+    let mut response = match builder.send().await {
+        Ok(r) => r,
+        Err(e) => return Sent::Network(error_chain(&e)),
+    };
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect();
+    let mut body = Vec::new();
+    while body.len() < ANSWER_READ_BYTES {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            // The status already tells the verdict; a broken body only shortens the snippet.
+            Ok(None) | Err(_) => break,
+        }
+    }
+    body.truncate(ANSWER_READ_BYTES);
+    Sent::Http {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// "error sending request: ...: Connection refused": the whole cause, on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}

@@ -1,0 +1,91 @@
+//! Delivery: from the schedule index on disk to each partner's endpoint.
+//!
+//! One [`lane::Lane`] per partner pulls its due work through a bounded
+//! [`scheduler::Window`], applies the partner's limits and sends with the
+//! shared [`client::Clients`]; [`retry`] decides when a failure is tried
+//! again. Shutdown: stop taking work, let sends in flight finish within the
+//! grace period, and leave everything else in the index for the next start.
+
+pub mod client;
+pub mod lane;
+pub mod retry;
+pub mod scheduler;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::store::Store;
+use lane::Lane;
+
+pub struct Dispatcher {
+    lanes: HashMap<String, Arc<Lane>>,
+    stop: CancellationToken,
+    sends: TaskTracker,
+    loops: TaskTracker,
+}
+
+impl Dispatcher {
+    pub fn start(config: &Config, store: Store, clock: Clock) -> Result<Dispatcher, String> {
+        let clients =
+            client::Clients::new().map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let stop = CancellationToken::new();
+        let sends = TaskTracker::new();
+        let loops = TaskTracker::new();
+        let mut lanes = HashMap::new();
+        for partner in &config.partners {
+            let adapter = adapters::build_adapter(&partner.adapter_kind, &partner.adapter)
+                .map_err(|e| format!("partners.{}.{e}", partner.name))?;
+            let lane = Arc::new(Lane::new(
+                partner.clone(),
+                adapter,
+                clients.for_partner(partner.allow_private).clone(),
+                store.clone(),
+                clock.clone(),
+            ));
+            loops.spawn(Arc::clone(&lane).run(stop.clone(), sends.clone()));
+            lanes.insert(partner.name.clone(), lane);
+        }
+        loops.close();
+        Ok(Dispatcher {
+            lanes,
+            stop,
+            sends,
+            loops,
+        })
+    }
+
+    /// Tells `partner`'s lane that new work was written.
+    pub fn wake(&self, partner: &str) {
+        if let Some(lane) = self.lanes.get(partner) {
+            lane.wake();
+        }
+    }
+
+    pub fn lanes(&self) -> impl Iterator<Item = &Arc<Lane>> {
+        self.lanes.values()
+    }
+
+    /// Stops taking work and waits up to `grace` for sends in flight. Sends
+    /// still running after that are abandoned; their deliveries stay
+    /// scheduled and go out again after restart.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.stop.cancel();
+        self.loops.wait().await;
+        self.sends.close();
+        if tokio::time::timeout(grace, self.sends.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                abandoned = self.sends.len(),
+                "sends still in flight after the grace period; they will be retried after restart"
+            );
+        }
+    }
+}

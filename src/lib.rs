@@ -1,0 +1,150 @@
+//! herald: a durable multi-platform webhook dispatcher for device events.
+//!
+//! [`start`] wires the pieces together (store → dispatcher → API) and hands
+//! back a [`Herald`] whose [`Herald::shutdown`] takes them down in the safe
+//! order. The binary and the integration tests both go through here.
+
+pub mod api;
+pub mod clock;
+pub mod config;
+pub mod dispatch;
+pub mod model;
+pub mod retention;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use api::AppState;
+use clock::Clock;
+use config::Config;
+use dispatch::Dispatcher;
+use store::{Store, StoreError, StoreOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: SocketAddr, reason: String },
+    #[error("{0}")]
+    Dispatch(String),
+}
+
+/// A running herald.
+pub struct Herald {
+    addr: SocketAddr,
+    state: Arc<AppState>,
+    stop_http: CancellationToken,
+    server: JoinHandle<std::io::Result<()>>,
+    retention: JoinHandle<()>,
+}
+
+/// The process-wide Prometheus recorder (installed once, shared by every
+/// herald started in this process).
+pub fn metrics_handle() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
+        .clone()
+}
+
+/// Opens the store, starts a lane per partner and serves the API.
+pub async fn start(config: Config, clock: Clock) -> Result<Herald, StartError> {
+    let config = Arc::new(config);
+    let store = Store::open(
+        &config.server.data_dir,
+        StoreOptions {
+            cache_bytes: config.server.cache_bytes,
+            queue: config.server.ingest_queue,
+        },
+    )?;
+    let dispatcher = Arc::new(
+        Dispatcher::start(&config, store.clone(), clock.clone()).map_err(StartError::Dispatch)?,
+    );
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|e| StartError::Listen {
+            addr: config.server.listen,
+            reason: e.to_string(),
+        })?;
+    let addr = listener.local_addr().map_err(|e| StartError::Listen {
+        addr: config.server.listen,
+        reason: e.to_string(),
+    })?;
+    let state = Arc::new(AppState::new(
+        Arc::clone(&config),
+        store.clone(),
+        dispatcher,
+        clock.clone(),
+        metrics_handle(),
+    ));
+    let stop_http = CancellationToken::new();
+    let server = tokio::spawn({
+        let app = api::router(Arc::clone(&state));
+        let stop = stop_http.clone();
+        async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        }
+    });
+    let retention = tokio::spawn(retention::run(store, clock, config.server.retention));
+    tracing::info!(%addr, partners = config.partners.len(), data_dir = %config.server.data_dir.display(), "herald is serving");
+    Ok(Herald {
+        addr,
+        state,
+        stop_http,
+        server,
+        retention,
+    })
+}
+
+impl Herald {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.state.store
+    }
+
+    pub fn dispatcher(&self) -> &Dispatcher {
+        &self.state.dispatcher
+    }
+
+    /// Stops accepting events (503), lets requests and sends in flight finish
+    /// within `server.shutdown_grace`, then flushes the store and stops it.
+    pub async fn shutdown(self) -> Result<(), StoreError> {
+        let grace = self.state.config.server.shutdown_grace;
+        self.state.start_draining();
+        self.stop_http.cancel();
+        let http = async {
+            match tokio::time::timeout(grace, self.server).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::error!(error = %e, "the HTTP server failed"),
+                Ok(Err(e)) => tracing::error!(error = %e, "the HTTP server task failed"),
+                Err(_) => tracing::warn!("requests still open after the grace period were cut"),
+            }
+        };
+        tokio::join!(http, self.state.dispatcher.shutdown(grace));
+        self.retention.abort();
+        let result = self.state.store.shutdown().await;
+        tracing::info!("herald stopped");
+        result
+    }
+}
+
+/// How long a clean shutdown may take in all, for callers that wait on it.
+pub fn shutdown_budget(config: &Config) -> Duration {
+    config.server.shutdown_grace * 2 + Duration::from_secs(5)
+}

@@ -1,0 +1,115 @@
+//! The `herald` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use herald::clock::Clock;
+use herald::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "herald",
+    version,
+    about = "Delivers device events to every smart-home platform a device is linked to"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service (with no --config: 127.0.0.1:8080, data in ./herald-data).
+    Serve {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Check a config file and its secrets, then exit.
+    Check {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Check { config } => match Config::load(config.as_deref()) {
+            Ok(c) => {
+                println!(
+                    "config ok: {} partners, {} tokens",
+                    c.partners.len(),
+                    c.tokens.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("herald: config error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Serve { config } => {
+            let config = match Config::load(config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("herald: config error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("herald: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(serve(config))
+        }
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let herald = match herald::start(config, Clock::system()).await {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("herald: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    wait_for_signal().await;
+    tracing::info!("shutting down: no new events; finishing what is in flight");
+    match herald.shutdown().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald: the store did not shut down cleanly: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            // Without signal handlers, Ctrl-C is still honoured.
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

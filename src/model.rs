@@ -1,0 +1,200 @@
+//! herald's records: what an event, a delivery, an attempt and a dead letter
+//! are, on disk and in the API.
+//!
+//! Disk records are JSON (serde_json): readable with any tool at 3 a.m., and
+//! tolerant of fields added later (`#[serde(default)]`), so a data dir
+//! survives upgrades. Event payloads stay raw JSON from ingest to the wire.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// Safety alerts: overtake everything else for the same partner.
+    Critical,
+    #[default]
+    Normal,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 2] = [Priority::Critical, Priority::Normal];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Critical => "critical",
+            Priority::Normal => "normal",
+        }
+    }
+
+    /// Its byte in the schedule key: critical sorts first.
+    pub fn rank(self) -> u8 {
+        match self {
+            Priority::Critical => 0,
+            Priority::Normal => 1,
+        }
+    }
+
+    pub fn from_rank(rank: u8) -> Option<Priority> {
+        match rank {
+            0 => Some(Priority::Critical),
+            1 => Some(Priority::Normal),
+            _ => None,
+        }
+    }
+}
+
+/// An accepted event with the state of each of its deliveries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub id: Uuid,
+    pub device_id: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub priority: Priority,
+    pub occurred_at: String,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    pub data: Box<RawValue>,
+    pub received_ms: u64,
+    pub deliveries: Vec<DeliveryRecord>,
+}
+
+impl EventRecord {
+    pub fn is_finished(&self) -> bool {
+        self.deliveries
+            .iter()
+            .all(|d| d.state != DeliveryState::Pending)
+    }
+
+    pub fn delivery_mut(&mut self, id: Uuid) -> Option<&mut DeliveryRecord> {
+        self.deliveries.iter_mut().find(|d| d.id == id)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeliveryRecord {
+    pub id: Uuid,
+    pub partner: String,
+    pub state: DeliveryState,
+    /// Sends made so far (time held by a rate limiter does not count).
+    #[serde(default)]
+    pub attempts: u32,
+    /// When the next attempt is due, while pending.
+    #[serde(default)]
+    pub next_due_ms: Option<u64>,
+    #[serde(default)]
+    pub last_attempt: Option<Attempt>,
+    /// Set once the delivery died: the dead letter that keeps its story.
+    #[serde(default)]
+    pub dead_letter: Option<Uuid>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryState {
+    Pending,
+    Delivered,
+    Dead,
+}
+
+/// One real send to a partner and what came of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub number: u32,
+    pub at_ms: u64,
+    /// The HTTP status, when an answer came back at all.
+    pub status: Option<u16>,
+    pub latency_ms: u64,
+    pub outcome: AttemptOutcome,
+    /// Why, with a bounded snippet of the partner's answer.
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptOutcome {
+    Delivered,
+    Retry,
+    Failed,
+}
+
+/// Every attempt of one delivery, bounded so a record stays well under
+/// sled's blob threshold: the first [`AttemptLog::HEAD`] and the last
+/// [`AttemptLog::TAIL`] are kept, and the ones between are counted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptLog {
+    pub attempts: Vec<Attempt>,
+    #[serde(default)]
+    pub omitted: u32,
+}
+
+impl AttemptLog {
+    pub const HEAD: usize = 20;
+    pub const TAIL: usize = 100;
+
+    pub fn push(&mut self, attempt: Attempt) {
+        if self.attempts.len() == Self::HEAD + Self::TAIL {
+            self.attempts.remove(Self::HEAD);
+            self.omitted += 1;
+        }
+        self.attempts.push(attempt);
+    }
+}
+
+/// A delivery that will not be retried, with everything needed to judge and
+/// replay it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub id: Uuid,
+    pub delivery_id: Uuid,
+    pub partner: String,
+    pub reason: String,
+    pub died_ms: u64,
+    pub event: EventRecord,
+    pub attempts: AttemptLog,
+}
+
+/// The value of a schedule entry: what a lane needs to make the next attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduledDelivery {
+    pub delivery: Uuid,
+    pub event: Uuid,
+    /// Sends made before this one.
+    pub attempts: u32,
+    /// When the delivery was created: its age decides when it gives up.
+    pub created_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attempt(number: u32) -> Attempt {
+        Attempt {
+            number,
+            at_ms: number as u64,
+            status: Some(500),
+            latency_ms: 1,
+            outcome: AttemptOutcome::Retry,
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn attempt_log_keeps_head_and_tail() {
+        let mut log = AttemptLog::default();
+        for n in 1..=500 {
+            log.push(attempt(n));
+        }
+        assert_eq!(log.attempts.len(), AttemptLog::HEAD + AttemptLog::TAIL);
+        assert_eq!(log.omitted, 500 - 120);
+        assert_eq!(log.attempts[0].number, 1);
+        assert_eq!(log.attempts[AttemptLog::HEAD - 1].number, 20);
+        assert_eq!(log.attempts[AttemptLog::HEAD].number, 401);
+        assert_eq!(log.attempts.last().map(|a| a.number), Some(500));
+    }
+}

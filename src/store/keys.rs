@@ -1,0 +1,189 @@
+//! Every key herald writes to sled, and its byte layout.
+//!
+//! sled orders keys bytewise, so numbers are big-endian and each record kind
+//! has a one-byte prefix. The schedule index sorts one partner's deliveries
+//! by (priority, due time, delivery id): a lane reads the head of its
+//! critical range, then of its normal range, and finds what is due first.
+
+use uuid::Uuid;
+
+use crate::model::Priority;
+
+/// `e` + event id (UUIDv7, so events sort by arrival): the event and its deliveries.
+pub const EVENT: u8 = b'e';
+/// `i` + idempotency key: the event id it produced.
+pub const IDEMPOTENCY: u8 = b'i';
+/// `s` + partner + priority + due + delivery id: a delivery waiting for an attempt.
+pub const SCHEDULE: u8 = b's';
+/// `a` + delivery id: the attempt log of a delivery that failed at least once.
+pub const ATTEMPTS: u8 = b'a';
+/// `d` + dead letter id (UUIDv7): a delivery that will not be retried.
+pub const DEAD: u8 = b'd';
+
+pub fn event(id: Uuid) -> [u8; 17] {
+    prefixed_id(EVENT, id)
+}
+
+pub fn attempts(delivery: Uuid) -> [u8; 17] {
+    prefixed_id(ATTEMPTS, delivery)
+}
+
+pub fn dead_letter(id: Uuid) -> [u8; 17] {
+    prefixed_id(DEAD, id)
+}
+
+pub fn idempotency(key: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + key.len());
+    out.push(IDEMPOTENCY);
+    out.extend_from_slice(key.as_bytes());
+    out
+}
+
+fn prefixed_id(prefix: u8, id: Uuid) -> [u8; 17] {
+    let mut out = [0u8; 17];
+    out[0] = prefix;
+    out[1..].copy_from_slice(id.as_bytes());
+    out
+}
+
+/// The id in an `e`, `a` or `d` key.
+pub fn id_of(key: &[u8]) -> Option<Uuid> {
+    let bytes: [u8; 16] = key.get(1..17)?.try_into().ok()?;
+    (key.len() == 17).then(|| Uuid::from_bytes(bytes))
+}
+
+/// One entry of the schedule index.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ScheduleKey {
+    pub partner: String,
+    pub priority: Priority,
+    pub due_ms: u64,
+    pub delivery: Uuid,
+}
+
+impl ScheduleKey {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = partner_priority_prefix(&self.partner, self.priority);
+        out.extend_from_slice(&self.due_ms.to_be_bytes());
+        out.extend_from_slice(self.delivery.as_bytes());
+        out
+    }
+
+    pub fn decode(key: &[u8]) -> Option<ScheduleKey> {
+        let (&prefix, rest) = key.split_first()?;
+        if prefix != SCHEDULE {
+            return None;
+        }
+        let (&len, rest) = rest.split_first()?;
+        let len = len as usize;
+        if rest.len() != len + 1 + 8 + 16 {
+            return None;
+        }
+        let partner = std::str::from_utf8(&rest[..len]).ok()?.to_string();
+        let priority = Priority::from_rank(rest[len])?;
+        let due_ms = u64::from_be_bytes(rest[len + 1..len + 9].try_into().ok()?);
+        let delivery = Uuid::from_bytes(rest[len + 9..].try_into().ok()?);
+        Some(ScheduleKey {
+            partner,
+            priority,
+            due_ms,
+            delivery,
+        })
+    }
+}
+
+/// The prefix under which all of one partner's entries of one priority sort.
+/// The partner name is length-prefixed, so "ab" never falls inside "a"'s range.
+pub fn partner_priority_prefix(partner: &str, priority: Priority) -> Vec<u8> {
+    let name = partner.as_bytes();
+    debug_assert!(
+        name.len() <= u8::MAX as usize,
+        "config limits partner names to 64 bytes"
+    );
+    let mut out = Vec::with_capacity(2 + name.len() + 1 + 8 + 16);
+    out.push(SCHEDULE);
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
+    out.push(priority.rank());
+    out
+}
+
+/// Keys of one partner and priority that are due at or before `now_ms`:
+/// the range `[prefix, prefix + (now_ms + 1))`.
+pub fn due_range(partner: &str, priority: Priority, now_ms: u64) -> (Vec<u8>, Vec<u8>) {
+    let start = partner_priority_prefix(partner, priority);
+    let mut end = start.clone();
+    match now_ms.checked_add(1) {
+        Some(after) => end.extend_from_slice(&after.to_be_bytes()),
+        // Everything of this priority: the range ends where the next rank starts.
+        None => *end.last_mut().expect("prefix is never empty") += 1,
+    }
+    (start, end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn schedule_key() -> impl Strategy<Value = ScheduleKey> {
+        (
+            "[a-z0-9_-]{1,12}",
+            prop::bool::ANY,
+            any::<u64>(),
+            any::<u128>(),
+        )
+            .prop_map(|(partner, critical, due_ms, id)| ScheduleKey {
+                partner,
+                priority: if critical {
+                    Priority::Critical
+                } else {
+                    Priority::Normal
+                },
+                due_ms,
+                delivery: Uuid::from_u128(id),
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn schedule_keys_round_trip(k in schedule_key()) {
+            prop_assert_eq!(ScheduleKey::decode(&k.encode()), Some(k));
+        }
+
+        #[test]
+        fn one_partners_keys_sort_by_priority_then_due_then_id(a in schedule_key(), b in schedule_key()) {
+            let b = ScheduleKey { partner: a.partner.clone(), ..b };
+            let by_bytes = a.encode().cmp(&b.encode());
+            let by_fields = (a.priority, a.due_ms, a.delivery).cmp(&(b.priority, b.due_ms, b.delivery));
+            prop_assert_eq!(by_bytes, by_fields);
+        }
+
+        #[test]
+        fn due_range_holds_exactly_the_due_keys_of_that_partner_and_priority(k in schedule_key(), other in "[a-z0-9_-]{1,12}", now in any::<u64>()) {
+            let (start, end) = due_range(&k.partner, k.priority, now);
+            let key = k.encode();
+            let inside = key >= start && key < end;
+            prop_assert_eq!(inside, k.due_ms <= now);
+            if other != k.partner {
+                let (start, end) = due_range(&other, k.priority, u64::MAX);
+                prop_assert!(!(key >= start && key < end), "{} leaked into {}", k.partner, other);
+            }
+        }
+
+        #[test]
+        fn event_keys_sort_like_their_ids(a in any::<u128>(), b in any::<u128>()) {
+            let (ia, ib) = (Uuid::from_u128(a), Uuid::from_u128(b));
+            prop_assert_eq!(event(ia).cmp(&event(ib)), ia.cmp(&ib));
+            prop_assert_eq!(id_of(&event(ia)), Some(ia));
+        }
+    }
+
+    #[test]
+    fn garbage_does_not_decode() {
+        assert_eq!(ScheduleKey::decode(b""), None);
+        assert_eq!(ScheduleKey::decode(b"s\x05ab"), None);
+        assert_eq!(ScheduleKey::decode(b"e0123456789abcdef"), None);
+        assert_eq!(id_of(b"e123"), None);
+    }
+}

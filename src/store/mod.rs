@@ -1,0 +1,333 @@
+//! The store: herald's only state, and the only code that touches sled.
+//!
+//! Reads go straight to sled from any task. Every write goes through one
+//! writer thread ([`writer`]) that applies many requests as one atomic batch
+//! and makes it durable with one flush + fsync (group commit), so an accepted
+//! event costs a fraction of an fsync and no write is ever half-applied.
+//! The key layout lives in [`keys`]; nothing outside this module knows it.
+
+pub mod keys;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use backon::{BlockingRetryable, ConstantBuilder};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::model::{Attempt, AttemptLog, DeadLetter, EventRecord, Priority, ScheduledDelivery};
+use keys::ScheduleKey;
+use writer::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The writer's queue is full: answer 503 and let the caller retry.
+    #[error("the store's write queue is full")]
+    Busy,
+    #[error("the store is shut down")]
+    Closed,
+    #[error("data dir {path}: {reason}")]
+    Open { path: PathBuf, reason: String },
+    #[error("store I/O failed: {0}")]
+    Io(String),
+    #[error("corrupt record under key {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Io(e.to_string())
+    }
+}
+
+/// What ingest learns about one event it handed to the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub id: Uuid,
+    pub deliveries: Vec<(String, Uuid)>,
+    /// The idempotency key had been seen: this is the first event's answer.
+    pub duplicate: bool,
+}
+
+/// A lane's report of one attempt, and what should happen next.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub key: ScheduleKey,
+    pub entry: ScheduledDelivery,
+    pub attempt: Attempt,
+    pub next: Next,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    Delivered,
+    RetryAt(u64),
+    Dead(String),
+}
+
+/// One due schedule entry, as a lane takes it.
+#[derive(Debug, Clone)]
+pub struct Due {
+    pub key: ScheduleKey,
+    pub entry: ScheduledDelivery,
+}
+
+/// What one garbage-collection pass did.
+#[derive(Debug, Clone, Default)]
+pub struct Collected {
+    pub removed: usize,
+    /// Where the next pass should start; `None` when this one reached the cutoff.
+    pub resume_after: Option<Uuid>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    pub cache_bytes: u64,
+    pub queue: usize,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    commands: mpsc::Sender<Command>,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir` and starts its writer thread.
+    /// A lock still held by a dying process is waited for briefly; a corrupt
+    /// directory is an error naming it, never a panic.
+    pub fn open(dir: &Path, options: StoreOptions) -> Result<Store, StoreError> {
+        let open_err = |reason: String| StoreError::Open {
+            path: dir.to_path_buf(),
+            reason,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| open_err(format!("cannot create it: {e}")))?;
+        let config = sled::Config::new()
+            .path(dir)
+            .cache_capacity(options.cache_bytes)
+            .mode(sled::Mode::HighThroughput)
+            // herald flushes after each group itself; sled's timer would add fsyncs.
+            .flush_every_ms(None);
+        let open_once = || -> Result<sled::Db, StoreError> {
+            // sled 0.34 panics on some corruptions instead of returning an error.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open())) {
+                Ok(Ok(db)) => Ok(db),
+                Ok(Err(sled::Error::Io(e))) => Err(StoreError::Io(e.to_string())),
+                Ok(Err(e)) => Err(open_err(format!("sled cannot open it: {e}"))),
+                Err(_) => Err(open_err(
+                    "sled panicked reading it: the data is corrupt".into(),
+                )),
+            }
+        };
+        let db = open_once
+            .retry(
+                ConstantBuilder::default()
+                    .with_delay(Duration::from_millis(200))
+                    .with_max_times(10),
+            )
+            .when(|e| matches!(e, StoreError::Io(_)))
+            .call()
+            .map_err(|e| match e {
+                StoreError::Io(reason) => open_err(reason),
+                other => other,
+            })?;
+        let data_file = std::fs::File::open(dir.join("db"))
+            .map_err(|e| open_err(format!("cannot open its data file for fsync: {e}")))?;
+        let (commands, rx) = mpsc::channel(options.queue.max(1));
+        writer::spawn(db.clone(), data_file, rx)
+            .map_err(|e| open_err(format!("cannot start the writer: {e}")))?;
+        Ok(Store { db, commands })
+    }
+
+    // ---- writes: through the writer ----------------------------------------
+
+    /// Makes `events` durable with their deliveries scheduled now. Answers only
+    /// after the group holding them is on disk. `Busy` when the queue is full.
+    pub async fn enqueue(&self, events: Vec<EventRecord>) -> Result<Vec<Accepted>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .try_send(Command::Enqueue { events, reply })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => StoreError::Busy,
+                mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
+            })?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Records one attempt's outcome and moves the delivery on.
+    pub async fn record(&self, outcome: Outcome) -> Result<(), StoreError> {
+        self.call(|reply| Command::Record { outcome, reply }).await
+    }
+
+    /// Removes finished events received before `cutoff_ms`, looking at no more
+    /// than `budget` events, starting after `resume_after`.
+    pub async fn collect(
+        &self,
+        cutoff_ms: u64,
+        budget: usize,
+        resume_after: Option<Uuid>,
+    ) -> Result<Collected, StoreError> {
+        self.call(|reply| Command::Collect {
+            cutoff_ms,
+            budget,
+            resume_after,
+            reply,
+        })
+        .await
+    }
+
+    /// Flushes what is pending and stops the writer. Later writes get `Closed`.
+    pub async fn shutdown(&self) -> Result<(), StoreError> {
+        self.call(|reply| Command::Shutdown { reply }).await
+    }
+
+    async fn call<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Command,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(command(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    // ---- reads: straight from sled ------------------------------------------
+
+    pub fn event(&self, id: Uuid) -> Result<Option<EventRecord>, StoreError> {
+        get_json(&self.db, &keys::event(id))
+    }
+
+    pub fn attempt_log(&self, delivery: Uuid) -> Result<Option<AttemptLog>, StoreError> {
+        get_json(&self.db, &keys::attempts(delivery))
+    }
+
+    pub fn dead_letter(&self, id: Uuid) -> Result<Option<DeadLetter>, StoreError> {
+        get_json(&self.db, &keys::dead_letter(id))
+    }
+
+    /// Dead letters in the order they died, after `after`, at most `limit`
+    /// of those that `keep` accepts.
+    pub fn dead_letters(
+        &self,
+        after: Option<Uuid>,
+        limit: usize,
+        keep: &dyn Fn(&DeadLetter) -> bool,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let start = match after {
+            Some(id) => {
+                let mut k = keys::dead_letter(id).to_vec();
+                k.push(0);
+                k
+            }
+            None => vec![keys::DEAD],
+        };
+        let mut out = Vec::new();
+        for item in self.db.range(start..vec![keys::DEAD + 1]) {
+            let (k, v) = item?;
+            let dead: DeadLetter = decode(&k, &v)?;
+            if keep(&dead) {
+                out.push(dead);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` of `partner`'s entries due at `now_ms`, critical ones
+    /// first, skipping those `held` says are already taken; with them, the
+    /// earliest due time still in the future (when to look again).
+    pub fn due(
+        &self,
+        partner: &str,
+        priorities: &[Priority],
+        now_ms: u64,
+        limit: usize,
+        held: &dyn Fn(Uuid) -> bool,
+    ) -> Result<(Vec<Due>, Option<u64>), StoreError> {
+        let mut out = Vec::new();
+        let mut next_due: Option<u64> = None;
+        for &priority in priorities {
+            let (start, end) = keys::due_range(partner, priority, now_ms);
+            if out.len() < limit {
+                for item in self.db.range(start.clone()..end.clone()) {
+                    let (k, v) = item?;
+                    let Some(key) = ScheduleKey::decode(&k) else {
+                        tracing::error!(key = ?k, "skipping an undecodable schedule key");
+                        continue;
+                    };
+                    if held(key.delivery) {
+                        continue;
+                    }
+                    match decode::<ScheduledDelivery>(&k, &v) {
+                        Ok(entry) => out.push(Due { key, entry }),
+                        Err(e) => tracing::error!(error = %e, "skipping a corrupt schedule entry"),
+                    }
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+            let (_, all) = keys::due_range(partner, priority, u64::MAX);
+            if let Some(item) = self.db.range(end..all).next() {
+                let (k, _) = item?;
+                if let Some(key) = ScheduleKey::decode(&k) {
+                    next_due = Some(next_due.map_or(key.due_ms, |n| n.min(key.due_ms)));
+                }
+            }
+        }
+        Ok((out, next_due))
+    }
+
+    /// How many deliveries of `partner` wait in the schedule (a full scan of
+    /// its range: for tests and tooling, not for hot paths).
+    pub fn scheduled_count(&self, partner: &str) -> usize {
+        Priority::ALL
+            .iter()
+            .map(|&p| {
+                let (start, end) = keys::due_range(partner, p, u64::MAX);
+                self.db.range(start..end).count()
+            })
+            .sum()
+    }
+
+    /// How many records of each kind the store holds, by key prefix.
+    pub fn record_counts(&self) -> Vec<(char, usize)> {
+        [
+            keys::EVENT,
+            keys::IDEMPOTENCY,
+            keys::SCHEDULE,
+            keys::ATTEMPTS,
+            keys::DEAD,
+        ]
+        .iter()
+        .map(|&p| (p as char, self.db.scan_prefix([p]).count()))
+        .collect()
+    }
+}
+
+fn get_json<T: serde::de::DeserializeOwned>(
+    db: &sled::Db,
+    key: &[u8],
+) -> Result<Option<T>, StoreError> {
+    match db.get(key)? {
+        None => Ok(None),
+        Some(v) => decode(key, &v).map(Some),
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    // Our records are plain structs with string keys: serializing cannot fail.
+    serde_json::to_vec(value).expect("herald's records always serialize")
+}

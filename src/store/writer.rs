@@ -1,0 +1,396 @@
+//! The writer: one thread that owns every change to the store.
+//!
+//! It takes whatever requests are waiting (up to [`MAX_GROUP`]), applies them
+//! to one `sled::Batch` (atomic), flushes once, then `sync_all()`s the data
+//! file, because sled's flush ends in `sync_file_range`, which is not an
+//! fsync (sled issue #1452). Only then does it answer, so a 202 always means
+//! "on disk". Being the only writer, it can read-modify-write records
+//! without locks; an overlay makes writes earlier in the same group visible
+//! to later ones.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::keys::{self, ScheduleKey};
+use super::{decode, encode, Accepted, Collected, Next, Outcome, StoreError};
+use crate::model::{AttemptLog, DeadLetter, DeliveryState, EventRecord, ScheduledDelivery};
+
+/// Most requests applied in one group: bounds the latency of the group's
+/// first request and the size of one batch.
+const MAX_GROUP: usize = 2048;
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+pub(super) enum Command {
+    Enqueue {
+        events: Vec<EventRecord>,
+        reply: Reply<Vec<Accepted>>,
+    },
+    Record {
+        outcome: Outcome,
+        reply: Reply<()>,
+    },
+    Collect {
+        cutoff_ms: u64,
+        budget: usize,
+        resume_after: Option<Uuid>,
+        reply: Reply<Collected>,
+    },
+    Shutdown {
+        reply: Reply<()>,
+    },
+}
+
+pub(super) fn spawn(
+    db: sled::Db,
+    data_file: File,
+    rx: mpsc::Receiver<Command>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("herald-store-writer".into())
+        .spawn(move || run(db, data_file, rx))
+        .map(|_| ())
+}
+
+/// A reply to send once the group is durable (or failed).
+enum Answer {
+    Enqueue(Reply<Vec<Accepted>>, Result<Vec<Accepted>, StoreError>),
+    Record(Reply<()>, Result<(), StoreError>),
+    Collect(Reply<Collected>, Result<Collected, StoreError>),
+    Shutdown(Reply<()>),
+}
+
+fn run(db: sled::Db, data_file: File, mut rx: mpsc::Receiver<Command>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(c) => group.push(c),
+                Err(_) => break,
+            }
+        }
+        let started = Instant::now();
+        let mut pending = Pending::new(&db);
+        let mut answers = Vec::with_capacity(group.len());
+        let mut stop = false;
+        let size = group.len();
+        for command in group {
+            match command {
+                Command::Enqueue { events, reply } => {
+                    let result = enqueue(&mut pending, events);
+                    answers.push(Answer::Enqueue(reply, result));
+                }
+                Command::Record { outcome, reply } => {
+                    let result = record(&mut pending, outcome);
+                    answers.push(Answer::Record(reply, result));
+                }
+                Command::Collect {
+                    cutoff_ms,
+                    budget,
+                    resume_after,
+                    reply,
+                } => {
+                    let result = collect(&mut pending, cutoff_ms, budget, resume_after);
+                    answers.push(Answer::Collect(reply, result));
+                }
+                Command::Shutdown { reply } => {
+                    stop = true;
+                    answers.push(Answer::Shutdown(reply));
+                }
+            }
+        }
+        let durable = pending.commit(&db, &data_file);
+        metrics::histogram!("herald_store_group_size").record(size as f64);
+        metrics::histogram!("herald_store_group_seconds").record(started.elapsed().as_secs_f64());
+        for answer in answers {
+            let failed =
+                |e: &StoreError| StoreError::Io(format!("the write was not made durable: {e}"));
+            match (answer, &durable) {
+                (Answer::Enqueue(r, result), Ok(())) => drop(r.send(result)),
+                (Answer::Enqueue(r, _), Err(e)) => drop(r.send(Err(failed(e)))),
+                (Answer::Record(r, result), Ok(())) => drop(r.send(result)),
+                (Answer::Record(r, _), Err(e)) => drop(r.send(Err(failed(e)))),
+                (Answer::Collect(r, result), Ok(())) => drop(r.send(result)),
+                (Answer::Collect(r, _), Err(e)) => drop(r.send(Err(failed(e)))),
+                (Answer::Shutdown(r), Ok(())) => drop(r.send(Ok(()))),
+                (Answer::Shutdown(r), Err(e)) => drop(r.send(Err(failed(e)))),
+            }
+        }
+        if let Err(e) = durable {
+            tracing::error!(error = %e, "store group commit failed; its requests were answered with errors");
+        }
+        if stop {
+            rx.close();
+            // Whatever slipped in after the shutdown request is refused, not lost silently.
+            while let Ok(late) = rx.try_recv() {
+                refuse(late);
+            }
+            tracing::info!("store writer stopped");
+            return;
+        }
+    }
+}
+
+fn refuse(command: Command) {
+    match command {
+        Command::Enqueue { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
+        Command::Record { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
+        Command::Collect { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
+        Command::Shutdown { reply } => drop(reply.send(Ok(()))),
+    }
+}
+
+/// One group's writes: a sled batch plus an overlay to read them back.
+struct Pending<'a> {
+    db: &'a sled::Db,
+    batch: sled::Batch,
+    overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl<'a> Pending<'a> {
+    fn new(db: &'a sled::Db) -> Self {
+        Pending {
+            db,
+            batch: sled::Batch::default(),
+            overlay: HashMap::new(),
+        }
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(v) = self.overlay.get(key) {
+            return Ok(v.clone());
+        }
+        Ok(self.db.get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        match self.get(key)? {
+            None => Ok(None),
+            Some(v) => decode(key, &v).map(Some),
+        }
+    }
+
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.batch.insert(key.clone(), value.clone());
+        self.overlay.insert(key, Some(value));
+    }
+
+    fn remove(&mut self, key: Vec<u8>) {
+        self.batch.remove(key.clone());
+        self.overlay.insert(key, None);
+    }
+
+    fn commit(self, db: &sled::Db, data_file: &File) -> Result<(), StoreError> {
+        if self.overlay.is_empty() {
+            return Ok(());
+        }
+        db.apply_batch(self.batch)?;
+        db.flush()?;
+        data_file
+            .sync_all()
+            .map_err(|e| StoreError::Io(format!("fsync of the data file: {e}")))?;
+        metrics::counter!("herald_store_fsyncs_total").increment(1);
+        Ok(())
+    }
+}
+
+fn accepted(record: &EventRecord, duplicate: bool) -> Accepted {
+    Accepted {
+        id: record.id,
+        deliveries: record
+            .deliveries
+            .iter()
+            .map(|d| (d.partner.clone(), d.id))
+            .collect(),
+        duplicate,
+    }
+}
+
+fn enqueue(p: &mut Pending<'_>, events: Vec<EventRecord>) -> Result<Vec<Accepted>, StoreError> {
+    // Look everything up first, so a failed read leaves nothing half-staged.
+    let mut staged = Vec::with_capacity(events.len());
+    let mut seen_in_request: HashMap<String, Accepted> = HashMap::new();
+    for event in events {
+        if let Some(key) = &event.idempotency_key {
+            if let Some(first) = seen_in_request.get(key) {
+                staged.push(Err(Accepted {
+                    duplicate: true,
+                    ..first.clone()
+                }));
+                continue;
+            }
+            if let Some(id) = p.get(&keys::idempotency(key))? {
+                let id = Uuid::from_slice(&id).map_err(|e| StoreError::Corrupt {
+                    key: format!("idempotency key {key:?}"),
+                    reason: e.to_string(),
+                })?;
+                if let Some(first) = p.get_json::<EventRecord>(&keys::event(id))? {
+                    staged.push(Err(accepted(&first, true)));
+                    continue;
+                }
+            }
+            seen_in_request.insert(key.clone(), accepted(&event, true));
+        }
+        staged.push(Ok(event));
+    }
+    let mut out = Vec::with_capacity(staged.len());
+    for item in staged {
+        let event = match item {
+            Err(duplicate) => {
+                out.push(duplicate);
+                continue;
+            }
+            Ok(event) => event,
+        };
+        for d in &event.deliveries {
+            let key = ScheduleKey {
+                partner: d.partner.clone(),
+                priority: event.priority,
+                due_ms: d.next_due_ms.unwrap_or(event.received_ms),
+                delivery: d.id,
+            };
+            let entry = ScheduledDelivery {
+                delivery: d.id,
+                event: event.id,
+                attempts: 0,
+                created_ms: event.received_ms,
+            };
+            p.put(key.encode(), encode(&entry));
+        }
+        if let Some(key) = &event.idempotency_key {
+            p.put(keys::idempotency(key), event.id.as_bytes().to_vec());
+        }
+        p.put(keys::event(event.id).to_vec(), encode(&event));
+        out.push(accepted(&event, false));
+    }
+    Ok(out)
+}
+
+fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
+    let Outcome {
+        key,
+        entry,
+        attempt,
+        next,
+    } = outcome;
+    let schedule_key = key.encode();
+    if p.get(&schedule_key)?.is_none() {
+        // Already settled (a duplicate report): nothing to move.
+        return Ok(());
+    }
+    p.remove(schedule_key);
+    let event_key = keys::event(entry.event);
+    let Some(mut event) = p.get_json::<EventRecord>(&event_key)? else {
+        tracing::error!(delivery = %entry.delivery, event = %entry.event, "delivery without its event record; dropped from the schedule");
+        return Ok(());
+    };
+    let log_key = keys::attempts(entry.delivery);
+    let has_log = entry.attempts > 0;
+    let mut log: AttemptLog = if has_log {
+        p.get_json(&log_key)?.unwrap_or_default()
+    } else {
+        AttemptLog::default()
+    };
+    log.push(attempt.clone());
+    let Some(delivery) = event.delivery_mut(entry.delivery) else {
+        tracing::error!(delivery = %entry.delivery, "event record lacks this delivery; dropped from the schedule");
+        return Ok(());
+    };
+    delivery.attempts = attempt.number;
+    delivery.last_attempt = Some(attempt);
+    match next {
+        Next::Delivered => {
+            delivery.state = DeliveryState::Delivered;
+            delivery.next_due_ms = None;
+            // A first-try success keeps no log: the event record says it all.
+            if has_log {
+                p.put(log_key.to_vec(), encode(&log));
+            }
+        }
+        Next::RetryAt(due_ms) => {
+            delivery.next_due_ms = Some(due_ms);
+            let retry = ScheduleKey { due_ms, ..key };
+            let entry = ScheduledDelivery {
+                attempts: entry.attempts + 1,
+                ..entry
+            };
+            p.put(retry.encode(), encode(&entry));
+            p.put(log_key.to_vec(), encode(&log));
+        }
+        Next::Dead(reason) => {
+            let dead_id = Uuid::now_v7();
+            delivery.state = DeliveryState::Dead;
+            delivery.next_due_ms = None;
+            delivery.dead_letter = Some(dead_id);
+            let died_ms = delivery.last_attempt.as_ref().map_or(0, |a| a.at_ms);
+            let dead = DeadLetter {
+                id: dead_id,
+                delivery_id: entry.delivery,
+                partner: key.partner.clone(),
+                reason,
+                died_ms,
+                event: event.clone(),
+                attempts: log,
+            };
+            p.put(keys::dead_letter(dead_id).to_vec(), encode(&dead));
+            if has_log {
+                p.remove(log_key.to_vec());
+            }
+        }
+    }
+    p.put(event_key.to_vec(), encode(&event));
+    Ok(())
+}
+
+fn collect(
+    p: &mut Pending<'_>,
+    cutoff_ms: u64,
+    budget: usize,
+    resume_after: Option<Uuid>,
+) -> Result<Collected, StoreError> {
+    let start = match resume_after {
+        Some(id) => {
+            let mut k = keys::event(id).to_vec();
+            k.push(0);
+            k
+        }
+        None => vec![keys::EVENT],
+    };
+    let mut done = Collected::default();
+    let mut looked = 0;
+    for item in p.db.range(start..vec![keys::EVENT + 1]) {
+        let (k, v) = item?;
+        let event: EventRecord = decode(&k, &v)?;
+        if event.received_ms >= cutoff_ms {
+            return Ok(Collected {
+                resume_after: None,
+                ..done
+            });
+        }
+        if event.is_finished() {
+            p.remove(k.to_vec());
+            if let Some(key) = &event.idempotency_key {
+                p.remove(keys::idempotency(key));
+            }
+            for d in &event.deliveries {
+                if d.attempts > 1 && d.state == DeliveryState::Delivered {
+                    p.remove(keys::attempts(d.id).to_vec());
+                }
+            }
+            done.removed += 1;
+        }
+        looked += 1;
+        if looked >= budget {
+            done.resume_after = Some(event.id);
+            return Ok(done);
+        }
+    }
+    Ok(done)
+}
