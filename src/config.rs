@@ -566,6 +566,17 @@ retry = { initial_ms = 1000, multiplier = 2.0, max_interval_ms = 600000, max_age
     }
 
     #[test]
+    fn the_documented_example_file_parses() {
+        let env = |name: &str| match name {
+            "ACME_WEBHOOK_SECRET" => Some(SECRET.to_string()),
+            other => Some(format!("{other}-secret-value")),
+        };
+        let config = Config::parse(include_str!("../fixtures/config/herald.toml"), &env).expect("valid");
+        assert_eq!(config.tokens.len(), 2);
+        assert!(config.partner("acme").expect("acme").subscribes_to("door.forced_open"));
+    }
+
+    #[test]
     fn the_embedded_default_parses() {
         let config = parse(EMBEDDED_DEFAULT).expect("valid");
         assert_eq!(config.server.listen.to_string(), "127.0.0.1:8080");

@@ -138,6 +138,8 @@ impl Herald {
         };
         tokio::join!(http, self.state.dispatcher.shutdown(grace));
         self.retention.abort();
+        // Joined so its handle on the store is gone before the store stops.
+        let _ = self.retention.await;
         let result = self.state.store.shutdown().await;
         tracing::info!("herald stopped");
         result

@@ -91,8 +91,8 @@ impl Lane {
     }
 
     /// Takes due work and sends it until `stop`; sends run on `tracker` so
-    /// shutdown can wait for them.
-    pub async fn run(self: Arc<Self>, stop: CancellationToken, tracker: TaskTracker) {
+    /// shutdown can wait for them, and are dropped when `abandon` fires.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken, abandon: CancellationToken, tracker: TaskTracker) {
         let capacity = (self.partner.max_in_flight * 4).max(64);
         let mut window = Window::new(&self.partner.name, capacity, self.held.clone());
         loop {
@@ -132,7 +132,14 @@ impl Lane {
                 return;
             }
             let lane = Arc::clone(&self);
-            tracker.spawn(async move { lane.deliver(due, permit).await });
+            let abandon = abandon.clone();
+            tracker.spawn(async move {
+                // Dropped mid-send, the delivery simply stays scheduled.
+                tokio::select! {
+                    _ = lane.deliver(due, permit) => {}
+                    _ = abandon.cancelled() => {}
+                }
+            });
         }
     }
 

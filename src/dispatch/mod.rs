@@ -26,6 +26,7 @@ use lane::Lane;
 pub struct Dispatcher {
     lanes: HashMap<String, Arc<Lane>>,
     stop: CancellationToken,
+    abandon: CancellationToken,
     sends: TaskTracker,
     loops: TaskTracker,
 }
@@ -35,6 +36,7 @@ impl Dispatcher {
         let clients =
             client::Clients::new().map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         let stop = CancellationToken::new();
+        let abandon = CancellationToken::new();
         let sends = TaskTracker::new();
         let loops = TaskTracker::new();
         let mut lanes = HashMap::new();
@@ -48,13 +50,14 @@ impl Dispatcher {
                 store.clone(),
                 clock.clone(),
             ));
-            loops.spawn(Arc::clone(&lane).run(stop.clone(), sends.clone()));
+            loops.spawn(Arc::clone(&lane).run(stop.clone(), abandon.clone(), sends.clone()));
             lanes.insert(partner.name.clone(), lane);
         }
         loops.close();
         Ok(Dispatcher {
             lanes,
             stop,
+            abandon,
             sends,
             loops,
         })
@@ -72,7 +75,7 @@ impl Dispatcher {
     }
 
     /// Stops taking work and waits up to `grace` for sends in flight. Sends
-    /// still running after that are abandoned; their deliveries stay
+    /// still running after that are dropped; their deliveries stay
     /// scheduled and go out again after restart.
     pub async fn shutdown(&self, grace: Duration) {
         self.stop.cancel();
@@ -86,6 +89,8 @@ impl Dispatcher {
                 abandoned = self.sends.len(),
                 "sends still in flight after the grace period; they will be retried after restart"
             );
+            self.abandon.cancel();
+            self.sends.wait().await;
         }
     }
 }

@@ -1,0 +1,274 @@
+//! What the integration tests share: a real mock partner (an axum server on
+//! loopback that records every request and answers from a script) and a
+//! herald started in-process on a temp data dir with a driven clock.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use herald::clock::Clock;
+use herald::config::Config;
+use herald::Herald;
+use tokio::sync::Notify;
+
+pub const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+pub const INGEST_TOKEN: &str = "ingest-token-0123456789abcdef";
+pub const OPERATOR_TOKEN: &str = "operator-token-0123456789abcdef";
+/// 2026-11-25T06:00:00Z: where driven clocks start.
+pub const START_MS: u64 = 1_795_586_400_000;
+
+/// One request as the partner saw it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub webhook_id: String,
+    pub timestamp: String,
+    pub signature: String,
+    pub raw: Bytes,
+    pub body: serde_json::Value,
+    /// On the shared clock, when the request arrived.
+    pub at_ms: u64,
+}
+
+/// How the mock answers one request.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    Status(u16),
+    WithHeader(u16, &'static str, String),
+    /// Never answers (until the test ends).
+    Hang,
+}
+
+struct MockState {
+    clock: Clock,
+    recorded: Mutex<Vec<Recorded>>,
+    script: Mutex<VecDeque<Reply>>,
+    arrived: Notify,
+}
+
+pub struct MockPartner {
+    pub url: String,
+    state: Arc<MockState>,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+impl MockPartner {
+    /// Starts on a free loopback port; answers 200 unless scripted otherwise.
+    pub async fn start(clock: Clock) -> MockPartner {
+        let state = Arc::new(MockState {
+            clock,
+            recorded: Mutex::new(Vec::new()),
+            script: Mutex::new(VecDeque::new()),
+            arrived: Notify::new(),
+        });
+        let app = axum::Router::new()
+            .route("/hook", axum::routing::post(receive))
+            .with_state(Arc::clone(&state));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.expect("mock partner serves");
+        });
+        MockPartner {
+            url,
+            state,
+            _server: server,
+        }
+    }
+
+    /// The next requests get these answers, in order; then 200 again.
+    pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
+        self.state.script.lock().unwrap().extend(replies);
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.recorded.lock().unwrap().clone()
+    }
+
+    /// Waits (real time, bounded) until at least `n` requests arrived.
+    pub async fn wait_for(&self, n: usize) -> Vec<Recorded> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let notified = self.state.arrived.notified();
+            let seen = self.requests();
+            if seen.len() >= n {
+                return seen;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!("expected {n} requests at the mock partner, got {}", self.requests().len());
+            }
+        }
+    }
+}
+
+async fn receive(State(state): State<Arc<MockState>>, headers: HeaderMap, raw: Bytes) -> Response {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let recorded = Recorded {
+        webhook_id: header("webhook-id"),
+        timestamp: header("webhook-timestamp"),
+        signature: header("webhook-signature"),
+        body: serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null),
+        raw,
+        at_ms: state.clock.now_ms(),
+    };
+    state.recorded.lock().unwrap().push(recorded);
+    let reply = state.script.lock().unwrap().pop_front();
+    state.arrived.notify_waiters();
+    match reply {
+        None => StatusCode::OK.into_response(),
+        Some(Reply::Status(code)) => status(code).into_response(),
+        Some(Reply::WithHeader(code, name, value)) => (status(code), [(name, value)], "slow down").into_response(),
+        Some(Reply::Hang) => {
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+    }
+}
+
+fn status(code: u16) -> StatusCode {
+    StatusCode::from_u16(code).expect("valid status")
+}
+
+/// A partner's TOML table for a mock at `url`, with fast, small retries.
+pub fn partner_toml(name: &str, url: &str, extra: &str) -> String {
+    format!(
+        r#"
+[partners.{name}]
+adapter = "webhook"
+url = "{url}"
+secret_env = "TEST_WEBHOOK_SECRET"
+allow_private = true
+timeout_ms = 1000
+{extra}
+"#
+    )
+}
+
+pub fn config_toml(data_dir: &std::path::Path, partners: &str, server_extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "{}"
+shutdown_grace = "2s"
+{server_extra}
+
+[[tokens]]
+name = "door-service"
+role = "ingest"
+token_env = "TEST_INGEST_TOKEN"
+
+[[tokens]]
+name = "on-call"
+role = "operator"
+token_env = "TEST_OPERATOR_TOKEN"
+{partners}
+"#,
+        data_dir.display()
+    )
+}
+
+pub fn test_env(name: &str) -> Option<String> {
+    match name {
+        "TEST_WEBHOOK_SECRET" => Some(SECRET.to_string()),
+        "TEST_INGEST_TOKEN" => Some(INGEST_TOKEN.to_string()),
+        "TEST_OPERATOR_TOKEN" => Some(OPERATOR_TOKEN.to_string()),
+        _ => None,
+    }
+}
+
+/// A herald in this process, on a temp data dir.
+pub struct TestHerald {
+    pub herald: Herald,
+    pub clock: Clock,
+    pub config: Config,
+    pub http: reqwest::Client,
+}
+
+impl TestHerald {
+    pub async fn start(toml: &str, clock: Clock) -> TestHerald {
+        let config = Config::parse(toml, &test_env).expect("test config is valid");
+        let herald = herald::start(config.clone(), clock.clone()).await.expect("herald starts");
+        TestHerald {
+            herald,
+            clock,
+            config,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.herald.url())
+    }
+
+    /// POSTs a body to /v1/events with the ingest token: (status, JSON answer).
+    pub async fn post_events(&self, body: &str) -> (u16, serde_json::Value) {
+        let response = self
+            .http
+            .post(self.url("/v1/events"))
+            .bearer_auth(INGEST_TOKEN)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("herald answers");
+        read(response).await
+    }
+
+    /// GETs an admin path with the operator token.
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let response = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(OPERATOR_TOKEN)
+            .send()
+            .await
+            .expect("herald answers");
+        read(response).await
+    }
+
+    /// Posts one event to `partner` and returns (event id, delivery id).
+    pub async fn send_one(&self, partner: &str, priority: &str) -> (String, String) {
+        let (status, body) = self
+            .post_events(&format!(
+                r#"{{"device_id":"lock-7f3a","type":"door.forced_open","priority":"{priority}","data":{{"value":"forced_open"}},"partners":["{partner}"]}}"#
+            ))
+            .await;
+        assert_eq!(status, 202, "{body}");
+        (
+            body["id"].as_str().expect("id").to_string(),
+            body["deliveries"][0]["id"].as_str().expect("delivery id").to_string(),
+        )
+    }
+
+    /// Polls the store (real time, bounded) until `check` holds for the event.
+    pub async fn wait_event(&self, id: &str, what: &str, check: impl Fn(&herald::model::EventRecord) -> bool) -> herald::model::EventRecord {
+        let id = uuid::Uuid::parse_str(id).expect("uuid");
+        for _ in 0..2000 {
+            if let Some(event) = self.herald.store().event(id).expect("store reads") {
+                if check(&event) {
+                    return event;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("event {id} never reached: {what}");
+    }
+}
+
+pub async fn read(response: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await.expect("body");
+    let json = serde_json::from_slice(&bytes).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, json)
+}
