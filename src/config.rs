@@ -571,9 +571,13 @@ retry = { initial_ms = 1000, multiplier = 2.0, max_interval_ms = 600000, max_age
             "ACME_WEBHOOK_SECRET" => Some(SECRET.to_string()),
             other => Some(format!("{other}-secret-value")),
         };
-        let config = Config::parse(include_str!("../fixtures/config/herald.toml"), &env).expect("valid");
+        let config =
+            Config::parse(include_str!("../fixtures/config/herald.toml"), &env).expect("valid");
         assert_eq!(config.tokens.len(), 2);
-        assert!(config.partner("acme").expect("acme").subscribes_to("door.forced_open"));
+        assert!(config
+            .partner("acme")
+            .expect("acme")
+            .subscribes_to("door.forced_open"));
     }
 
     #[test]

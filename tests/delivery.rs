@@ -12,11 +12,18 @@ use herald::dispatch::retry::RetryPolicy;
 use herald::model::DeliveryState;
 use uuid::Uuid;
 
-async fn setup(partner_extra: &str, server_extra: &str) -> (TestHerald, MockPartner, tempfile::TempDir) {
+async fn setup(
+    partner_extra: &str,
+    server_extra: &str,
+) -> (TestHerald, MockPartner, tempfile::TempDir) {
     let clock = Clock::manual(START_MS);
     let mock = MockPartner::start(clock.clone()).await;
     let dir = tempfile::tempdir().expect("temp dir");
-    let toml = config_toml(dir.path(), &partner_toml("acme", &mock.url, partner_extra), server_extra);
+    let toml = config_toml(
+        dir.path(),
+        &partner_toml("acme", &mock.url, partner_extra),
+        server_extra,
+    );
     (TestHerald::start(&toml, clock).await, mock, dir)
 }
 
@@ -40,10 +47,15 @@ async fn delivered_first_try_signed_per_standard_webhooks() {
     assert_eq!(request.timestamp, (START_MS / 1000).to_string());
     let key = adapters::webhook::decode_secret(SECRET).expect("secret");
     let expected = adapters::webhook::sign(&key, &delivery_id, START_MS / 1000, &request.raw);
-    assert_eq!(request.signature, expected, "the signature verifies with the partner's secret");
+    assert_eq!(
+        request.signature, expected,
+        "the signature verifies with the partner's secret"
+    );
 
-    h.wait_event(&event_id, "delivered", |e| e.deliveries[0].state == DeliveryState::Delivered)
-        .await;
+    h.wait_event(&event_id, "delivered", |e| {
+        e.deliveries[0].state == DeliveryState::Delivered
+    })
+    .await;
     let (status, view) = h.get(&format!("/v1/events/{event_id}")).await;
     assert_eq!(status, 200);
     let delivery = &view["deliveries"][0];
@@ -55,7 +67,11 @@ async fn delivered_first_try_signed_per_standard_webhooks() {
 
 #[tokio::test]
 async fn server_errors_are_retried_with_the_same_id_on_the_policys_schedule() {
-    let (h, mock, _dir) = setup("retry = { initial_ms = 1000, multiplier = 2.0, max_interval_ms = 60000 }", "").await;
+    let (h, mock, _dir) = setup(
+        "retry = { initial_ms = 1000, multiplier = 2.0, max_interval_ms = 60000 }",
+        "",
+    )
+    .await;
     mock.script([Reply::Status(500), Reply::Status(500)]);
     let (event_id, delivery_id) = h.send_one("acme", "normal").await;
     let delivery = Uuid::parse_str(&delivery_id).unwrap();
@@ -64,27 +80,54 @@ async fn server_errors_are_retried_with_the_same_id_on_the_policys_schedule() {
     for failures in 1..=2u32 {
         let got = mock.wait_for(failures as usize).await;
         let event = h
-            .wait_event(&event_id, "retry scheduled", |e| e.deliveries[0].attempts == failures && e.deliveries[0].next_due_ms.is_some())
+            .wait_event(&event_id, "retry scheduled", |e| {
+                e.deliveries[0].attempts == failures && e.deliveries[0].next_due_ms.is_some()
+            })
             .await;
         let attempt_at = got[failures as usize - 1].at_ms;
         let due = event.deliveries[0].next_due_ms.unwrap();
-        assert_eq!(due - attempt_at, policy.delay_ms(delivery, failures), "delay after failure {failures}");
-        assert!(due - attempt_at >= policy.initial_ms && due - attempt_at <= policy.ceiling_ms(failures));
+        assert_eq!(
+            due - attempt_at,
+            policy.delay_ms(delivery, failures),
+            "delay after failure {failures}"
+        );
+        assert!(
+            due - attempt_at >= policy.initial_ms
+                && due - attempt_at <= policy.ceiling_ms(failures)
+        );
 
         // One millisecond early: nothing goes out.
-        h.clock.advance(Duration::from_millis(due - h.clock.now_ms() - 1));
+        h.clock
+            .advance(Duration::from_millis(due - h.clock.now_ms() - 1));
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(mock.requests().len(), failures as usize, "no retry before it is due");
+        assert_eq!(
+            mock.requests().len(),
+            failures as usize,
+            "no retry before it is due"
+        );
         h.clock.advance(Duration::from_millis(1));
     }
     let got = mock.wait_for(3).await;
-    assert!(got.iter().all(|r| r.webhook_id == delivery_id), "webhook-id is stable across retries");
-    let event = h.wait_event(&event_id, "delivered", |e| e.deliveries[0].state == DeliveryState::Delivered).await;
+    assert!(
+        got.iter().all(|r| r.webhook_id == delivery_id),
+        "webhook-id is stable across retries"
+    );
+    let event = h
+        .wait_event(&event_id, "delivered", |e| {
+            e.deliveries[0].state == DeliveryState::Delivered
+        })
+        .await;
     assert_eq!(event.deliveries[0].attempts, 3);
 
     let (_, view) = h.get(&format!("/v1/events/{event_id}")).await;
-    let history = view["deliveries"][0]["history"].as_array().expect("history").clone();
-    let statuses: Vec<u64> = history.iter().map(|a| a["status"].as_u64().unwrap()).collect();
+    let history = view["deliveries"][0]["history"]
+        .as_array()
+        .expect("history")
+        .clone();
+    let statuses: Vec<u64> = history
+        .iter()
+        .map(|a| a["status"].as_u64().unwrap())
+        .collect();
     assert_eq!(statuses, [500, 500, 200]);
     assert!(history[0]["detail"].as_str().unwrap().contains("HTTP 500"));
 }
@@ -96,8 +139,16 @@ async fn retry_after_is_honoured_as_a_minimum() {
     let (event_id, _) = h.send_one("acme", "normal").await;
 
     let first = mock.wait_for(1).await[0].at_ms;
-    let event = h.wait_event(&event_id, "retry scheduled", |e| e.deliveries[0].attempts == 1).await;
-    assert_eq!(event.deliveries[0].next_due_ms, Some(first + 2000), "the partner's 2 s, not the policy's 100 ms");
+    let event = h
+        .wait_event(&event_id, "retry scheduled", |e| {
+            e.deliveries[0].attempts == 1
+        })
+        .await;
+    assert_eq!(
+        event.deliveries[0].next_due_ms,
+        Some(first + 2000),
+        "the partner's 2 s, not the policy's 100 ms"
+    );
 
     h.clock.advance(Duration::from_millis(1999));
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -105,17 +156,25 @@ async fn retry_after_is_honoured_as_a_minimum() {
     h.clock.advance(Duration::from_millis(1));
     let got = mock.wait_for(2).await;
     assert_eq!(got[1].at_ms - got[0].at_ms, 2000);
-    h.wait_event(&event_id, "delivered", |e| e.deliveries[0].state == DeliveryState::Delivered).await;
+    h.wait_event(&event_id, "delivered", |e| {
+        e.deliveries[0].state == DeliveryState::Delivered
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn retry_after_as_http_date_is_read_on_herald_clock() {
     let (h, mock, _dir) = setup("retry = { initial_ms = 100, max_interval_ms = 60000 }", "").await;
-    let in_five_seconds = httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_millis(START_MS + 5000));
+    let in_five_seconds =
+        httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_millis(START_MS + 5000));
     mock.script([Reply::WithHeader(503, "retry-after", in_five_seconds)]);
     let (event_id, _) = h.send_one("acme", "normal").await;
     mock.wait_for(1).await;
-    let event = h.wait_event(&event_id, "retry scheduled", |e| e.deliveries[0].attempts == 1).await;
+    let event = h
+        .wait_event(&event_id, "retry scheduled", |e| {
+            e.deliveries[0].attempts == 1
+        })
+        .await;
     assert_eq!(event.deliveries[0].next_due_ms, Some(START_MS + 5000));
 }
 
@@ -125,14 +184,21 @@ async fn a_client_error_is_a_dead_letter_at_once() {
     mock.script([Reply::Status(400)]);
     let (event_id, delivery_id) = h.send_one("acme", "critical").await;
     mock.wait_for(1).await;
-    let event = h.wait_event(&event_id, "dead", |e| e.deliveries[0].state == DeliveryState::Dead).await;
+    let event = h
+        .wait_event(&event_id, "dead", |e| {
+            e.deliveries[0].state == DeliveryState::Dead
+        })
+        .await;
     let dead_id = event.deliveries[0].dead_letter.expect("dead letter id");
 
     let (status, dead) = h.get(&format!("/v1/dead-letters/{dead_id}")).await;
     assert_eq!(status, 200, "{dead}");
     assert_eq!(dead["delivery_id"], delivery_id.as_str());
     assert_eq!(dead["partner"], "acme");
-    assert!(dead["reason"].as_str().unwrap().contains("HTTP 400"), "{dead}");
+    assert!(
+        dead["reason"].as_str().unwrap().contains("HTTP 400"),
+        "{dead}"
+    );
     assert_eq!(dead["event"]["id"], event_id.as_str());
     assert_eq!(dead["event"]["data"]["value"], "forced_open");
     let attempts = dead["attempts"].as_array().unwrap();
@@ -140,7 +206,9 @@ async fn a_client_error_is_a_dead_letter_at_once() {
     assert_eq!(attempts[0]["status"], 400);
     assert!(attempts[0]["latency_ms"].is_u64());
 
-    let (status, page) = h.get("/v1/dead-letters?partner=acme&priority=critical").await;
+    let (status, page) = h
+        .get("/v1/dead-letters?partner=acme&priority=critical")
+        .await;
     assert_eq!(status, 200);
     assert_eq!(page["items"].as_array().unwrap().len(), 1);
     assert_eq!(page["items"][0]["id"], dead_id.to_string().as_str());
@@ -161,20 +229,34 @@ async fn a_partner_that_does_not_answer_times_out_on_herald_clock() {
     let (event_id, _) = h.send_one("acme", "normal").await;
     mock.wait_for(1).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let event = h.herald.store().event(Uuid::parse_str(&event_id).unwrap()).unwrap().unwrap();
-    assert_eq!(event.deliveries[0].attempts, 0, "still waiting for the answer");
+    let event = h
+        .herald
+        .store()
+        .event(Uuid::parse_str(&event_id).unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        event.deliveries[0].attempts, 0,
+        "still waiting for the answer"
+    );
 
     h.clock.advance(Duration::from_millis(1000)); // timeout_ms
-    let event = h.wait_event(&event_id, "timed out", |e| e.deliveries[0].attempts == 1).await;
+    let event = h
+        .wait_event(&event_id, "timed out", |e| e.deliveries[0].attempts == 1)
+        .await;
     let last = event.deliveries[0].last_attempt.clone().unwrap();
     assert_eq!(last.status, None);
     assert!(last.detail.contains("timed out"), "{}", last.detail);
     assert_eq!(last.latency_ms, 1000);
 
     let due = event.deliveries[0].next_due_ms.unwrap();
-    h.clock.advance(Duration::from_millis(due - h.clock.now_ms()));
+    h.clock
+        .advance(Duration::from_millis(due - h.clock.now_ms()));
     mock.wait_for(2).await;
-    h.wait_event(&event_id, "delivered", |e| e.deliveries[0].state == DeliveryState::Delivered).await;
+    h.wait_event(&event_id, "delivered", |e| {
+        e.deliveries[0].state == DeliveryState::Delivered
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -185,30 +267,54 @@ async fn unreachable_partner_is_retried_until_max_age_then_dead() {
     drop(closed);
     let clock = Clock::manual(START_MS);
     let dir = tempfile::tempdir().unwrap();
-    let partner = partner_toml("acme", &url, r#"retry = { initial_ms = 1000, max_interval_ms = 4000, max_age = "20s" }"#);
+    let partner = partner_toml(
+        "acme",
+        &url,
+        r#"retry = { initial_ms = 1000, max_interval_ms = 4000, max_age = "20s" }"#,
+    );
     let h = TestHerald::start(&config_toml(dir.path(), &partner, ""), clock).await;
     let (event_id, _) = h.send_one("acme", "critical").await;
 
     let mut failures = 0;
     loop {
         let event = h
-            .wait_event(&event_id, "next attempt recorded", |e| e.deliveries[0].attempts > failures)
+            .wait_event(&event_id, "next attempt recorded", |e| {
+                e.deliveries[0].attempts > failures
+            })
             .await;
         failures = event.deliveries[0].attempts;
         match event.deliveries[0].next_due_ms {
             Some(due) if event.deliveries[0].state == DeliveryState::Pending => {
-                h.clock.advance(Duration::from_millis(due.saturating_sub(h.clock.now_ms())));
+                h.clock
+                    .advance(Duration::from_millis(due.saturating_sub(h.clock.now_ms())));
             }
             _ => break,
         }
         assert!(failures < 50, "never gave up");
     }
-    let event = h.wait_event(&event_id, "dead", |e| e.deliveries[0].state == DeliveryState::Dead).await;
+    let event = h
+        .wait_event(&event_id, "dead", |e| {
+            e.deliveries[0].state == DeliveryState::Dead
+        })
+        .await;
     assert!(failures >= 5, "retried a few times first ({failures})");
-    let dead = h.herald.store().dead_letter(event.deliveries[0].dead_letter.unwrap()).unwrap().unwrap();
+    let dead = h
+        .herald
+        .store()
+        .dead_letter(event.deliveries[0].dead_letter.unwrap())
+        .unwrap()
+        .unwrap();
     assert!(dead.reason.contains("max_age"), "{}", dead.reason);
-    assert_eq!(dead.attempts.attempts.len() as u32, failures, "every attempt is kept");
-    assert!(dead.attempts.attempts.iter().all(|a| a.status.is_none() && a.detail.contains("network error")));
+    assert_eq!(
+        dead.attempts.attempts.len() as u32,
+        failures,
+        "every attempt is kept"
+    );
+    assert!(dead
+        .attempts
+        .attempts
+        .iter()
+        .all(|a| a.status.is_none() && a.detail.contains("network error")));
     assert!(h.clock.now_ms() - START_MS <= 20_000 + 4_000);
 }
 
@@ -231,12 +337,18 @@ async fn in_flight_work_survives_a_restart() {
     let toml = config_toml(dir.path(), &partner_toml("acme", &fresh.url, ""), "");
     let h = TestHerald::start(&toml, clock).await;
     let got = fresh.wait_for(3).await;
-    let mut delivered: Vec<String> = got.iter().map(|r| r.body["id"].as_str().unwrap().to_string()).collect();
+    let mut delivered: Vec<String> = got
+        .iter()
+        .map(|r| r.body["id"].as_str().unwrap().to_string())
+        .collect();
     delivered.sort();
     ids.sort();
     assert_eq!(delivered, ids);
     for id in &ids {
-        h.wait_event(id, "delivered", |e| e.deliveries[0].state == DeliveryState::Delivered).await;
+        h.wait_event(id, "delivered", |e| {
+            e.deliveries[0].state == DeliveryState::Delivered
+        })
+        .await;
     }
 }
 
@@ -279,7 +391,11 @@ async fn the_rate_limit_spaces_sends_on_herald_clock() {
     }
     mock.wait_for(1).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(mock.requests().len(), 1, "burst 1: one send, then wait for a token");
+    assert_eq!(
+        mock.requests().len(),
+        1,
+        "burst 1: one send, then wait for a token"
+    );
     for sent in 2..=5 {
         h.clock.advance(Duration::from_millis(100));
         mock.wait_for(sent).await;

@@ -17,7 +17,12 @@ async fn setup() -> (TestHerald, MockPartner, tempfile::TempDir) {
 }
 
 fn stored(h: &TestHerald) -> usize {
-    h.herald.store().record_counts().iter().map(|(_, n)| n).sum()
+    h.herald
+        .store()
+        .record_counts()
+        .iter()
+        .map(|(_, n)| n)
+        .sum()
 }
 
 #[tokio::test]
@@ -49,11 +54,17 @@ async fn bad_bodies_get_a_problem_naming_the_field_and_store_nothing() {
         let shown = &body[..body.len().min(80)];
         assert_eq!(got, status, "{shown}: {problem}");
         assert_eq!(problem["status"], status, "{shown}");
-        assert!(problem["type"].as_str().unwrap().starts_with("/problems/"), "{problem}");
+        assert!(
+            problem["type"].as_str().unwrap().starts_with("/problems/"),
+            "{problem}"
+        );
         if let Some(field) = field {
             assert_eq!(problem["field"], field, "{shown}: {problem}");
         }
-        assert!(problem["detail"].as_str().unwrap().contains(words), "{shown}: {problem}");
+        assert!(
+            problem["detail"].as_str().unwrap().contains(words),
+            "{shown}: {problem}"
+        );
         assert_eq!(stored(&h), 0, "{shown}: nothing is stored");
     }
 }
@@ -78,7 +89,11 @@ async fn tokens_are_required_and_roles_enforced() {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status().as_u16(), 403, "ingest tokens cannot read dead letters");
+    assert_eq!(
+        response.status().as_u16(),
+        403,
+        "ingest tokens cannot read dead letters"
+    );
 }
 
 #[tokio::test]
@@ -101,7 +116,14 @@ async fn an_idempotency_key_reused_creates_nothing_new() {
     assert_eq!(answers[1]["id"], first["id"]);
 
     mock.wait_for(1).await;
-    let events = h.herald.store().record_counts().into_iter().find(|(p, _)| *p == 'e').unwrap().1;
+    let events = h
+        .herald
+        .store()
+        .record_counts()
+        .into_iter()
+        .find(|(p, _)| *p == 'e')
+        .unwrap()
+        .1;
     assert_eq!(events, 1);
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     assert_eq!(mock.requests().len(), 1, "delivered once");
@@ -130,7 +152,10 @@ async fn a_batch_answers_one_entry_per_event_in_order_and_routes_by_subscription
     assert_eq!(partners(1), ["globex"]);
     assert_eq!(partners(2), ["acme", "globex"], "duplicates collapse");
     let got = mock.wait_for(4).await;
-    let mut devices: Vec<&str> = got.iter().map(|r| r.body["device_id"].as_str().unwrap()).collect();
+    let mut devices: Vec<&str> = got
+        .iter()
+        .map(|r| r.body["device_id"].as_str().unwrap())
+        .collect();
     devices.sort();
     assert_eq!(devices, ["a", "b", "c", "c"]);
     for (i, device) in ["a", "b", "c"].iter().enumerate() {

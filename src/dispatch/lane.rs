@@ -92,7 +92,12 @@ impl Lane {
 
     /// Takes due work and sends it until `stop`; sends run on `tracker` so
     /// shutdown can wait for them, and are dropped when `abandon` fires.
-    pub async fn run(self: Arc<Self>, stop: CancellationToken, abandon: CancellationToken, tracker: TaskTracker) {
+    pub async fn run(
+        self: Arc<Self>,
+        stop: CancellationToken,
+        abandon: CancellationToken,
+        tracker: TaskTracker,
+    ) {
         let capacity = (self.partner.max_in_flight * 4).max(64);
         let mut window = Window::new(&self.partner.name, capacity, self.held.clone());
         loop {

@@ -68,10 +68,14 @@ impl MockPartner {
         let app = axum::Router::new()
             .route("/hook", axum::routing::post(receive))
             .with_state(Arc::clone(&state));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
         let server = tokio::spawn(async move {
-            axum::serve(listener, app).await.expect("mock partner serves");
+            axum::serve(listener, app)
+                .await
+                .expect("mock partner serves");
         });
         MockPartner {
             url,
@@ -99,7 +103,10 @@ impl MockPartner {
                 return seen;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                panic!("expected {n} requests at the mock partner, got {}", self.requests().len());
+                panic!(
+                    "expected {n} requests at the mock partner, got {}",
+                    self.requests().len()
+                );
             }
         }
     }
@@ -127,7 +134,9 @@ async fn receive(State(state): State<Arc<MockState>>, headers: HeaderMap, raw: B
     match reply {
         None => StatusCode::OK.into_response(),
         Some(Reply::Status(code)) => status(code).into_response(),
-        Some(Reply::WithHeader(code, name, value)) => (status(code), [(name, value)], "slow down").into_response(),
+        Some(Reply::WithHeader(code, name, value)) => {
+            (status(code), [(name, value)], "slow down").into_response()
+        }
         Some(Reply::Hang) => {
             std::future::pending::<()>().await;
             unreachable!()
@@ -198,7 +207,9 @@ pub struct TestHerald {
 impl TestHerald {
     pub async fn start(toml: &str, clock: Clock) -> TestHerald {
         let config = Config::parse(toml, &test_env).expect("test config is valid");
-        let herald = herald::start(config.clone(), clock.clone()).await.expect("herald starts");
+        let herald = herald::start(config.clone(), clock.clone())
+            .await
+            .expect("herald starts");
         TestHerald {
             herald,
             clock,
@@ -247,12 +258,20 @@ impl TestHerald {
         assert_eq!(status, 202, "{body}");
         (
             body["id"].as_str().expect("id").to_string(),
-            body["deliveries"][0]["id"].as_str().expect("delivery id").to_string(),
+            body["deliveries"][0]["id"]
+                .as_str()
+                .expect("delivery id")
+                .to_string(),
         )
     }
 
     /// Polls the store (real time, bounded) until `check` holds for the event.
-    pub async fn wait_event(&self, id: &str, what: &str, check: impl Fn(&herald::model::EventRecord) -> bool) -> herald::model::EventRecord {
+    pub async fn wait_event(
+        &self,
+        id: &str,
+        what: &str,
+        check: impl Fn(&herald::model::EventRecord) -> bool,
+    ) -> herald::model::EventRecord {
         let id = uuid::Uuid::parse_str(id).expect("uuid");
         for _ in 0..2000 {
             if let Some(event) = self.herald.store().event(id).expect("store reads") {
@@ -269,6 +288,8 @@ impl TestHerald {
 pub async fn read(response: reqwest::Response) -> (u16, serde_json::Value) {
     let status = response.status().as_u16();
     let bytes = response.bytes().await.expect("body");
-    let json = serde_json::from_slice(&bytes).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    let json = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+        serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
+    });
     (status, json)
 }
