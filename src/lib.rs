@@ -5,6 +5,7 @@
 //! order. The binary and the integration tests both go through here.
 
 pub mod api;
+pub mod bench;
 pub mod clock;
 pub mod config;
 pub mod dispatch;

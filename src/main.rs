@@ -26,6 +26,24 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Measure herald against same-run references (loopback only).
+    Bench {
+        /// Events per end-to-end scenario.
+        #[arg(long, default_value_t = 200_000)]
+        events: u64,
+        /// A small run (under a minute) that checks every accepted event is delivered.
+        #[arg(long)]
+        quick: bool,
+        /// Events accepted while the partner is down (outage scenario).
+        #[arg(long, default_value_t = 1_000_000)]
+        outage_events: u64,
+        /// Concurrent ingest clients for the batched scenario.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a config file and its secrets, then exit.
     Check {
         #[arg(long, value_name = "FILE")]
@@ -58,6 +76,13 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Bench {
+            events,
+            quick,
+            outage_events,
+            clients,
+            json,
+        } => bench(events, quick, outage_events, clients, json),
         Command::Serve { config } => {
             let config = match Config::load(config.as_deref()) {
                 Ok(c) => c,
@@ -74,6 +99,55 @@ fn main() -> ExitCode {
                 }
             };
             runtime.block_on(serve(config))
+        }
+    }
+}
+
+fn bench(events: u64, quick: bool, outage_events: u64, clients: usize, json: bool) -> ExitCode {
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("herald: cannot find my own binary: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if events == 0 || clients == 0 || outage_events == 0 {
+        eprintln!("herald: --events, --outage-events and --clients must be at least 1");
+        return ExitCode::from(2);
+    }
+    let options = herald::bench::BenchOptions {
+        events: if quick { events.min(5_000) } else { events },
+        outage_events: if quick {
+            outage_events.min(10_000)
+        } else {
+            outage_events
+        },
+        quick,
+        clients,
+        exe,
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("herald: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(herald::bench::run(&options)) {
+        Ok(report) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{}", herald::bench::render(&report));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("herald bench failed: {e}");
+            ExitCode::FAILURE
         }
     }
 }

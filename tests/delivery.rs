@@ -403,3 +403,36 @@ async fn the_rate_limit_spaces_sends_on_herald_clock() {
     let at: Vec<u64> = mock.requests().iter().map(|r| r.at_ms).collect();
     assert!(at.windows(2).all(|w| w[1] - w[0] == 100), "{at:?}");
 }
+
+#[tokio::test]
+async fn a_critical_event_overtakes_a_queued_backlog() {
+    let (h, mock, _dir) = setup(
+        "rate = { per_second = 10, burst = 1 }\nmax_in_flight = 1",
+        "",
+    )
+    .await;
+    for _ in 0..30 {
+        h.send_one("acme", "normal").await;
+    }
+    mock.wait_for(1).await;
+    let (critical_id, _) = h.send_one("acme", "critical").await;
+    // One token interval at a time: the alert goes within the next two sends
+    // (the normal send already holding the next token may go first).
+    for sent in 2..=3 {
+        h.clock.advance(Duration::from_millis(100));
+        mock.wait_for(sent).await;
+    }
+    let priorities: Vec<String> = mock
+        .requests()
+        .iter()
+        .map(|r| r.body["priority"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        priorities[1..3].iter().any(|p| p == "critical"),
+        "sent in order {priorities:?}"
+    );
+    h.wait_event(&critical_id, "delivered", |e| {
+        e.deliveries[0].state == DeliveryState::Delivered
+    })
+    .await;
+}

@@ -124,10 +124,10 @@ async fn accept(
             .map_err(|(field, detail)| Problem::invalid(at(&field), detail))?;
         records.push(record);
     }
-    let partners: Vec<String> = {
-        let mut names: Vec<String> = records
+    let wake: Vec<(String, Priority)> = {
+        let mut names: Vec<(String, Priority)> = records
             .iter()
-            .flat_map(|r| r.deliveries.iter().map(|d| d.partner.clone()))
+            .flat_map(|r| r.deliveries.iter().map(|d| (d.partner.clone(), r.priority)))
             .collect();
         names.sort();
         names.dedup();
@@ -142,8 +142,8 @@ async fn accept(
             Problem::unavailable(format!("the events could not be stored: {other}"))
         }
     })?;
-    for partner in &partners {
-        state.dispatcher.wake(partner);
+    for (partner, priority) in &wake {
+        state.dispatcher.wake(partner, *priority);
     }
     let fresh = accepted.iter().filter(|a| !a.duplicate).count();
     metrics::counter!("herald_events_accepted_total").increment(fresh as u64);

@@ -20,8 +20,7 @@ pub struct Clients {
 
 impl Clients {
     pub fn new() -> Result<Clients, reqwest::Error> {
-        // A second install (tests start several herald instances) is harmless.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        install_crypto_provider();
         let builder = || {
             reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
@@ -45,6 +44,12 @@ impl Clients {
             &self.public_only
         }
     }
+}
+
+/// rustls needs one process-wide crypto provider before any client is
+/// built; herald uses ring. Calling it again is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// Whether `ip` is a routable public address (not loopback, private,

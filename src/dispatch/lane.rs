@@ -7,7 +7,7 @@
 //! goes back to the store, and only then is the delivery released from the
 //! window.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use super::retry;
 use super::scheduler::{Held, Window};
 use crate::clock::Clock;
 use crate::config::PartnerConfig;
-use crate::model::{Attempt, AttemptOutcome, EventRecord};
+use crate::model::{Attempt, AttemptOutcome, EventRecord, Priority};
 use crate::store::{Due, Next, Outcome, Store};
 
 /// How much of an answer's body is read: enough for any adapter to classify.
@@ -43,6 +43,9 @@ pub struct Lane {
     held: Held,
     /// Rung by ingest (new work) and by finished sends (room in the window).
     wake: Notify,
+    /// Set by ingest when critical work was written: the lane looks at its
+    /// critical range before its next send, however full its window is.
+    critical_waiting: AtomicBool,
     pub stats: LaneStats,
 }
 
@@ -77,12 +80,16 @@ impl Lane {
             limiter,
             held: Held::default(),
             wake: Notify::new(),
+            critical_waiting: AtomicBool::new(false),
             stats: LaneStats::default(),
         }
     }
 
     /// New work may be due now: look at the index again.
-    pub fn wake(&self) {
+    pub fn wake(&self, priority: Priority) {
+        if priority == Priority::Critical {
+            self.critical_waiting.store(true, Ordering::Release);
+        }
         self.wake.notify_one();
     }
 
@@ -104,8 +111,16 @@ impl Lane {
             if stop.is_cancelled() {
                 return;
             }
-            if window.is_low() {
-                if let Err(e) = window.refill(&self.store, self.clock.now_ms()) {
+            let critical = self.critical_waiting.swap(false, Ordering::AcqRel);
+            let refill: &[Priority] = if window.is_low() {
+                &Priority::ALL
+            } else if critical {
+                &[Priority::Critical]
+            } else {
+                &[]
+            };
+            if !refill.is_empty() {
+                if let Err(e) = window.refill(&self.store, self.clock.now_ms(), refill) {
                     tracing::error!(partner = %self.partner.name, error = %e, "cannot read the schedule; trying again in a second");
                     tokio::select! {
                         _ = self.clock.sleep(Duration::from_secs(1)) => continue,

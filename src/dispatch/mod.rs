@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::model::Priority;
 use crate::store::Store;
 use lane::Lane;
 
@@ -63,10 +64,10 @@ impl Dispatcher {
         })
     }
 
-    /// Tells `partner`'s lane that new work was written.
-    pub fn wake(&self, partner: &str) {
+    /// Tells `partner`'s lane that new work of `priority` was written.
+    pub fn wake(&self, partner: &str, priority: Priority) {
         if let Some(lane) = self.lanes.get(partner) {
-            lane.wake();
+            lane.wake(priority);
         }
     }
 

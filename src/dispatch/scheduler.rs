@@ -79,9 +79,20 @@ impl Window {
         self.next_due_ms
     }
 
-    /// Tops the window up with entries due at `now_ms`, critical first.
-    pub fn refill(&mut self, store: &Store, now_ms: u64) -> Result<usize, StoreError> {
-        let room = self.capacity.saturating_sub(self.queued());
+    /// Tops the window up with entries of `priorities` due at `now_ms`, in
+    /// that order. Critical work may overfill the window by one capacity:
+    /// it must never wait for normal work to drain first.
+    pub fn refill(
+        &mut self,
+        store: &Store,
+        now_ms: u64,
+        priorities: &[Priority],
+    ) -> Result<usize, StoreError> {
+        let limit = match priorities {
+            [Priority::Critical] => 2 * self.capacity,
+            _ => self.capacity,
+        };
+        let room = limit.saturating_sub(self.queued());
         if room == 0 {
             return Ok(0);
         }

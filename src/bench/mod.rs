@@ -1,0 +1,446 @@
+//! `herald bench`: herald's speed, measured against references taken in the
+//! same run on the same machine, on loopback only and bounded in time.
+//!
+//! Every scenario starts herald as a real process on a fresh temp data dir
+//! and drives it like production would: services posting events, a partner
+//! taking deliveries. The references (a bare HTTP loop, raw fsyncs) say what
+//! the machine can do at all, so herald's figures read as a share of that.
+
+mod load;
+mod process;
+mod reference;
+mod sink;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use load::LoadSpec;
+use process::HeraldProcess;
+use sink::Sink;
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Events per end-to-end scenario.
+    pub events: u64,
+    pub quick: bool,
+    /// Concurrent ingest clients.
+    pub clients: usize,
+    /// Events accepted while the partner is down in the outage scenario.
+    pub outage_events: u64,
+    /// The herald binary to start (normally this one).
+    pub exe: PathBuf,
+}
+
+/// One figure of the table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Figure {
+    pub scenario: String,
+    pub figure: String,
+    pub value: f64,
+    pub unit: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub machine: String,
+    pub figures: Vec<Figure>,
+}
+
+struct Table {
+    scenario: String,
+    figures: Vec<Figure>,
+}
+
+impl Table {
+    fn add(&mut self, figure: &str, value: f64, unit: &'static str) {
+        self.figures.push(Figure {
+            scenario: self.scenario.clone(),
+            figure: figure.to_string(),
+            value,
+            unit,
+        });
+    }
+}
+
+pub async fn run(options: &BenchOptions) -> Result<BenchReport, String> {
+    crate::dispatch::client::install_crypto_provider();
+    let mut figures = Vec::new();
+    let epoch = Instant::now();
+    let body = load::event_json(0, 0, "normal").into_bytes();
+
+    let mut t = table("ceiling: reqwest loop → loopback sink");
+    let requests = if options.quick {
+        5_000
+    } else {
+        options.events.min(200_000)
+    };
+    let ceiling = reference::http_ceiling(requests, 64, body.clone()).await?;
+    t.add("requests/s", ceiling, "req/s");
+    figures.extend(t.figures);
+
+    let mut t = table("fsync: appends of 64-byte records");
+    let scratch = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let budget = Duration::from_millis(if options.quick { 300 } else { 2000 });
+    t.add(
+        "one fsync each",
+        reference::fsync_rate(scratch.path(), 64, 1, budget)?,
+        "records/s",
+    );
+    t.add(
+        "fsync per 256",
+        reference::fsync_rate(scratch.path(), 64, 256, budget)?,
+        "records/s",
+    );
+    figures.extend(t.figures);
+
+    let batched = LoadSpec {
+        events: options.events,
+        batch: 100,
+        clients: options.clients,
+        priority: "normal",
+        rate: None,
+    };
+    figures.extend(
+        healthy(
+            options,
+            "end to end, batches of 100",
+            &batched,
+            epoch,
+            Some(ceiling),
+        )
+        .await?,
+    );
+    let single = LoadSpec {
+        events: if options.quick {
+            options.events
+        } else {
+            options.events / 4
+        },
+        batch: 1,
+        clients: 16,
+        ..batched
+    };
+    figures.extend(
+        healthy(
+            options,
+            "end to end, single events",
+            &single,
+            epoch,
+            Some(ceiling),
+        )
+        .await?,
+    );
+    figures.extend(throttled(options, epoch).await?);
+    figures.extend(outage(options, epoch).await?);
+
+    Ok(BenchReport {
+        machine: machine(),
+        figures,
+    })
+}
+
+fn table(scenario: &str) -> Table {
+    eprintln!("bench: {scenario}...");
+    Table {
+        scenario: scenario.to_string(),
+        figures: Vec::new(),
+    }
+}
+
+/// A healthy partner answering 200 as fast as it can.
+async fn healthy(
+    options: &BenchOptions,
+    scenario: &str,
+    spec: &LoadSpec,
+    epoch: Instant,
+    ceiling: Option<f64>,
+) -> Result<Vec<Figure>, String> {
+    let mut t = table(scenario);
+    let sink = Sink::start(epoch, true).await.map_err(|e| e.to_string())?;
+    let mut herald = HeraldProcess::start(&options.exe, &sink.url(), "").await?;
+    let cpu_before = herald.cpu_seconds();
+    let started_ns = epoch.elapsed().as_nanos() as u64;
+    let load = load::run(&herald.url, process::TOKEN, spec, epoch).await;
+    wait_delivered(
+        &sink,
+        load.accepted,
+        Duration::from_secs(60 + spec.events / 2_000),
+    )
+    .await?;
+    let report = sink.report();
+    let metrics = herald.metrics().await;
+    let (_, peak_rss) = herald.rss_mib();
+    let cpu = herald.cpu_seconds() - cpu_before;
+    herald.stop()?;
+
+    let delivered_seconds = (report.last_ns.saturating_sub(started_ns)) as f64 / 1e9;
+    let delivered_rate = report.unique as f64 / delivered_seconds.max(1e-9);
+    t.add("events", load.accepted as f64, "events");
+    t.add(
+        "accepted/s",
+        load.accepted as f64 / load.seconds.max(1e-9),
+        "events/s",
+    );
+    t.add("delivered/s", delivered_rate, "events/s");
+    if let Some(ceiling) = ceiling {
+        t.add(
+            "delivered/s ÷ ceiling",
+            delivered_rate / ceiling * 100.0,
+            "%",
+        );
+    }
+    let mut ingest = load.ingest_latencies_ns;
+    let mut e2e = report.latencies_ns;
+    for (name, q) in [("p50", 0.50), ("p99", 0.99), ("p999", 0.999)] {
+        t.add(
+            &format!("ingest latency {name}"),
+            percentile_ms(&mut ingest, q),
+            "ms",
+        );
+    }
+    for (name, q) in [("p50", 0.50), ("p99", 0.99), ("p999", 0.999)] {
+        t.add(
+            &format!("end-to-end latency {name}"),
+            percentile_ms(&mut e2e, q),
+            "ms",
+        );
+    }
+    let fsyncs = metrics
+        .get("herald_store_fsyncs_total")
+        .copied()
+        .unwrap_or(0.0);
+    let accepted = metrics
+        .get("herald_events_accepted_total")
+        .copied()
+        .unwrap_or(0.0);
+    t.add(
+        "fsyncs per accepted event",
+        fsyncs / accepted.max(1.0),
+        "fsyncs",
+    );
+    t.add("503s answered", load.refused as f64, "requests");
+    t.add("ingest errors", load.errors as f64, "requests");
+    t.add("herald peak RSS", peak_rss, "MiB");
+    t.add("herald CPU", cpu, "s");
+    t.add(
+        "duplicates at partner",
+        (report.received - report.unique) as f64,
+        "requests",
+    );
+    Ok(t.figures)
+}
+
+/// A partner limited to 1,000/s with a deep backlog of normal events, and
+/// critical events arriving at a low rate: how long do the critical ones wait?
+async fn throttled(options: &BenchOptions, epoch: Instant) -> Result<Vec<Figure>, String> {
+    const LIMIT: f64 = 1000.0;
+    const BURST: f64 = 10.0;
+    let mut t = table("throttled partner (1,000/s) with a critical lane");
+    let (backlog, critical) = if options.quick {
+        (3_000, 20)
+    } else {
+        (20_000, 100)
+    };
+    let sink = Sink::start(epoch, true).await.map_err(|e| e.to_string())?;
+    let herald = HeraldProcess::start(
+        &options.exe,
+        &sink.url(),
+        "rate = { per_second = 1000, burst = 10 }",
+    )
+    .await?;
+    let normal = LoadSpec {
+        events: backlog,
+        batch: 100,
+        clients: 4,
+        priority: "normal",
+        rate: None,
+    };
+    let normal = load::run(&herald.url, process::TOKEN, &normal, epoch).await;
+    let alerts = LoadSpec {
+        events: critical,
+        batch: 1,
+        clients: 2,
+        priority: "critical",
+        rate: Some(20.0),
+    };
+    let alerts = load::run(&herald.url, process::TOKEN, &alerts, epoch).await;
+    let waiting = sink.report().latencies_ns.len() as u64;
+    let total = normal.accepted + alerts.accepted;
+    wait_delivered(&sink, total, Duration::from_secs(60 + backlog / 500)).await?;
+    let mut herald = herald;
+    herald.stop()?;
+    let report = sink.report();
+    let mut latencies = report.critical_latencies_ns.clone();
+    let busiest = report.per_second.iter().copied().max().unwrap_or(0);
+    let over = report
+        .per_second
+        .iter()
+        .filter(|&&n| n as f64 > LIMIT + BURST)
+        .count();
+    t.add("normal backlog", normal.accepted as f64, "events");
+    t.add(
+        "normal still queued when alerts began",
+        (normal.accepted.saturating_sub(waiting)) as f64,
+        "events",
+    );
+    t.add("critical events", alerts.accepted as f64, "events");
+    t.add(
+        "critical end-to-end p50",
+        percentile_ms(&mut latencies, 0.50),
+        "ms",
+    );
+    t.add(
+        "critical end-to-end p99",
+        percentile_ms(&mut latencies, 0.99),
+        "ms",
+    );
+    t.add("busiest second at the partner", busiest as f64, "requests");
+    t.add("seconds over the limit + burst", over as f64, "seconds");
+    Ok(t.figures)
+}
+
+/// The partner down (connection refused, then 503) while events pile up on
+/// disk; then it comes back: memory during the backlog, restart with the
+/// backlog on disk, and the drain.
+async fn outage(options: &BenchOptions, epoch: Instant) -> Result<Vec<Figure>, String> {
+    const LIMIT: f64 = 10_000.0;
+    let mut t = table("outage and recovery (partner limit 10,000/s)");
+    let events = options.outage_events;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    let url = format!("http://127.0.0.1:{port}/hook");
+    let extra = "rate = { per_second = 10000, burst = 100 }\nretry = { initial_ms = 1000, max_interval_ms = 5000, max_age = \"72h\" }";
+    let mut herald = HeraldProcess::start(&options.exe, &url, extra).await?;
+    let mut rss = Vec::new();
+    let mut sink = None;
+    let quarter = (events / 4).max(1);
+    let mut accepted = 0;
+    let mut seconds = 0.0;
+    for part in 0..4u64 {
+        if part == 2 {
+            // Half way: the partner's host is back, but answers 503.
+            let down = Sink::start_on(epoch, true, &format!("127.0.0.1:{port}"))
+                .await
+                .map_err(|e| e.to_string())?;
+            down.set_mode(sink::Mode::Unavailable);
+            sink = Some(down);
+        }
+        let spec = LoadSpec {
+            events: quarter,
+            batch: 100,
+            clients: options.clients,
+            priority: "normal",
+            rate: None,
+        };
+        let load = load::run(&herald.url, process::TOKEN, &spec, epoch).await;
+        accepted += load.accepted;
+        seconds += load.seconds;
+        rss.push(herald.rss_mib().0);
+    }
+    let sink = sink.ok_or("the sink never started")?;
+    let (_, peak) = herald.rss_mib();
+    t.add("events accepted while down", accepted as f64, "events");
+    t.add(
+        "accepted/s while down",
+        accepted as f64 / seconds.max(1e-9),
+        "events/s",
+    );
+    for (i, mib) in rss.iter().enumerate() {
+        t.add(
+            &format!("RSS at {}% of the backlog", (i + 1) * 25),
+            *mib,
+            "MiB",
+        );
+    }
+    t.add("peak RSS", peak, "MiB");
+
+    // Restart with the backlog on disk and the partner healthy again.
+    herald.stop()?;
+    sink.set_mode(sink::Mode::Accept);
+    let restarted_ns = epoch.elapsed().as_nanos() as u64;
+    herald.restart_stopped()?;
+    let ready = herald.wait_ready(Duration::from_secs(120)).await?;
+    wait_delivered(&sink, accepted, Duration::from_secs(120 + events / 2_000)).await?;
+    let report = sink.report();
+    herald.stop()?;
+    let first = report.first_ns.saturating_sub(restarted_ns) as f64 / 1e9;
+    let drain = report.last_ns.saturating_sub(report.first_ns) as f64 / 1e9;
+    t.add("restart to ready", ready.as_secs_f64(), "s");
+    t.add("restart to first delivery", first, "s");
+    t.add("time to drain", drain, "s");
+    let rate = report.unique as f64 / drain.max(1e-9);
+    t.add("drain rate", rate, "events/s");
+    t.add("drain rate ÷ partner limit", rate / LIMIT * 100.0, "%");
+    t.add(
+        "duplicates at partner",
+        (report.received - report.unique) as f64,
+        "requests",
+    );
+    Ok(t.figures)
+}
+
+async fn wait_delivered(sink: &Sink, accepted: u64, limit: Duration) -> Result<(), String> {
+    let started = Instant::now();
+    while sink.unique() < accepted {
+        if started.elapsed() > limit {
+            return Err(format!(
+                "only {} of {accepted} accepted events reached the partner within {limit:?}",
+                sink.unique()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+fn percentile_ms(samples: &mut [u64], q: f64) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    samples.sort_unstable();
+    let index = ((samples.len() as f64 - 1.0) * q).round() as usize;
+    samples[index.min(samples.len() - 1)] as f64 / 1e6
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!("{cpus} cores, {model}")
+}
+
+/// The report as a text table.
+pub fn render(report: &BenchReport) -> String {
+    let mut out = format!("herald bench on {}\n\n", report.machine);
+    let width = report
+        .figures
+        .iter()
+        .map(|f| f.figure.chars().count())
+        .max()
+        .unwrap_or(10);
+    let mut scenario = "";
+    for f in &report.figures {
+        if f.scenario != scenario {
+            scenario = &f.scenario;
+            out.push_str(&format!("{scenario}\n"));
+        }
+        let value = if f.value >= 100.0 {
+            format!("{:.0}", f.value)
+        } else {
+            format!("{:.3}", f.value)
+        };
+        out.push_str(&format!("  {:<width$}  {value:>12} {}\n", f.figure, f.unit));
+    }
+    out
+}
