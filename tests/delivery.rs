@@ -411,9 +411,12 @@ async fn a_critical_event_overtakes_a_queued_backlog() {
         "",
     )
     .await;
-    for _ in 0..30 {
-        h.send_one("acme", "normal").await;
-    }
+    // More than the lane's window holds (64), so the window is full.
+    let backlog: Vec<String> = (0..100)
+        .map(|i| format!(r#"{{"device_id":"t-{i}","type":"temp","partners":["acme"]}}"#))
+        .collect();
+    let (status, _) = h.post_events(&format!("[{}]", backlog.join(","))).await;
+    assert_eq!(status, 202);
     mock.wait_for(1).await;
     let (critical_id, _) = h.send_one("acme", "critical").await;
     // One token interval at a time: the alert goes within the next two sends
