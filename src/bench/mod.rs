@@ -7,7 +7,7 @@
 //! the machine can do at all, so herald's figures read as a share of that.
 
 mod load;
-mod process;
+pub mod process;
 mod reference;
 mod sink;
 

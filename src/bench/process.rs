@@ -25,6 +25,8 @@ impl HeraldProcess {
         sink_url: &str,
         partner_extra: &str,
     ) -> Result<HeraldProcess, String> {
+        // Its own HTTP clients (readiness, metrics) need rustls's provider.
+        crate::dispatch::client::install_crypto_provider();
         let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
         let port = free_port()?;
         let config = dir.path().join("herald.toml");
@@ -88,10 +90,29 @@ timeout_ms = 5000
         Err("herald did not become ready".into())
     }
 
-    /// Starts it again on the same data dir after [`HeraldProcess::stop`].
+    /// Starts it again on the same data dir after [`HeraldProcess::stop`]
+    /// or [`HeraldProcess::kill`].
     pub fn restart_stopped(&mut self) -> Result<(), String> {
         self.child = spawn(&self.exe, &self.config, &self.dir)?;
         Ok(())
+    }
+
+    /// SIGKILL: no shutdown, no flush; what the store made durable is all
+    /// that survives. Returns once the process is gone.
+    pub fn kill(&mut self) -> Result<(), String> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Err(format!(
+                "herald had already exited with {status}; see {}",
+                self.log_path().display()
+            ));
+        }
+        self.child
+            .kill()
+            .map_err(|e| format!("cannot kill herald: {e}"))?;
+        self.child
+            .wait()
+            .map(|_| ())
+            .map_err(|e| format!("waiting for herald: {e}"))
     }
 
     pub fn log_path(&self) -> PathBuf {

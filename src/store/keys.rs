@@ -19,6 +19,8 @@ pub const SCHEDULE: u8 = b's';
 pub const ATTEMPTS: u8 = b'a';
 /// `d` + dead letter id (UUIDv7): a delivery that will not be retried.
 pub const DEAD: u8 = b'd';
+/// The sequence number of the last group commit (see [`super::watermark`]).
+pub const COMMITS: &[u8] = b"mcommits";
 
 pub fn event(id: Uuid) -> [u8; 17] {
     prefixed_id(EVENT, id)

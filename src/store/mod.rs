@@ -7,6 +7,7 @@
 //! The key layout lives in [`keys`]; nothing outside this module knows it.
 
 pub mod keys;
+mod watermark;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -102,6 +103,9 @@ impl Store {
             path: dir.to_path_buf(),
             reason,
         };
+        if dir.exists() && !dir.is_dir() {
+            return Err(open_err("it exists but is not a directory".into()));
+        }
         std::fs::create_dir_all(dir).map_err(|e| open_err(format!("cannot create it: {e}")))?;
         let config = sled::Config::new()
             .path(dir)
@@ -134,8 +138,9 @@ impl Store {
             })?;
         let data_file = std::fs::File::open(dir.join("db"))
             .map_err(|e| open_err(format!("cannot open its data file for fsync: {e}")))?;
+        let watermark = watermark::Watermark::open(dir, &db).map_err(open_err)?;
         let (commands, rx) = mpsc::channel(options.queue.max(1));
-        writer::spawn(db.clone(), data_file, rx)
+        writer::spawn(db.clone(), data_file, watermark, rx)
             .map_err(|e| open_err(format!("cannot start the writer: {e}")))?;
         Ok(Store { db, commands })
     }

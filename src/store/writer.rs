@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::keys::{self, ScheduleKey};
+use super::watermark::{self, Watermark};
 use super::{decode, encode, Accepted, Collected, Next, Outcome, StoreError};
 use crate::model::{AttemptLog, DeadLetter, DeliveryState, EventRecord, ScheduledDelivery};
 
@@ -48,11 +49,12 @@ pub(super) enum Command {
 pub(super) fn spawn(
     db: sled::Db,
     data_file: File,
+    watermark: Watermark,
     rx: mpsc::Receiver<Command>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("herald-store-writer".into())
-        .spawn(move || run(db, data_file, rx))
+        .spawn(move || run(db, data_file, watermark, rx))
         .map(|_| ())
 }
 
@@ -64,7 +66,7 @@ enum Answer {
     Shutdown(Reply<()>),
 }
 
-fn run(db: sled::Db, data_file: File, mut rx: mpsc::Receiver<Command>) {
+fn run(db: sled::Db, data_file: File, mut watermark: Watermark, mut rx: mpsc::Receiver<Command>) {
     while let Some(first) = rx.blocking_recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -103,7 +105,7 @@ fn run(db: sled::Db, data_file: File, mut rx: mpsc::Receiver<Command>) {
                 }
             }
         }
-        let durable = pending.commit(&db, &data_file);
+        let durable = pending.commit(&db, &data_file, &mut watermark);
         metrics::histogram!("herald_store_group_size").record(size as f64);
         metrics::histogram!("herald_store_group_seconds").record(started.elapsed().as_secs_f64());
         for answer in answers {
@@ -187,16 +189,27 @@ impl<'a> Pending<'a> {
         self.overlay.insert(key, None);
     }
 
-    fn commit(self, db: &sled::Db, data_file: &File) -> Result<(), StoreError> {
+    fn commit(
+        mut self,
+        db: &sled::Db,
+        data_file: &File,
+        watermark: &mut Watermark,
+    ) -> Result<(), StoreError> {
         if self.overlay.is_empty() {
             return Ok(());
         }
+        self.batch
+            .insert(keys::COMMITS, &watermark::encode(watermark.next()));
         db.apply_batch(self.batch)?;
         db.flush()?;
         data_file
             .sync_all()
             .map_err(|e| StoreError::Io(format!("fsync of the data file: {e}")))?;
         metrics::counter!("herald_store_fsyncs_total").increment(1);
+        // The commit stands either way; a stale watermark only weakens the check.
+        if let Err(e) = watermark.advance() {
+            tracing::warn!(error = %e, "cannot record the commit watermark");
+        }
         Ok(())
     }
 }

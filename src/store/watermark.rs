@@ -1,0 +1,104 @@
+//! The commit watermark: how herald notices that sled lost committed writes.
+//!
+//! sled recovers a damaged log by keeping what precedes the first bad
+//! record, and a truncated or replaced `db` file simply opens as an empty
+//! store: either way accepted events would vanish without a word. So every
+//! group commit also writes its sequence number into the batch (key
+//! [`keys::COMMITS`]), and after the fsync the writer copies that number
+//! into a small file beside sled's. The file is written only once sled holds
+//! the number durably, so in a healthy directory sled's number is never
+//! below the file's; if it is, sled lost commits and herald refuses to
+//! start rather than run on silently shortened data.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::keys;
+
+/// The file beside sled's own, in the data dir.
+pub const FILE_NAME: &str = "herald-commits";
+
+pub struct Watermark {
+    file: File,
+    path: PathBuf,
+    /// The sequence number of the last durable commit.
+    last: u64,
+}
+
+impl Watermark {
+    /// Checks sled's commit number against the file's, and opens the file
+    /// for the writer. The error says what is wrong, for the operator.
+    pub fn open(dir: &Path, db: &sled::Db) -> Result<Watermark, String> {
+        let path = dir.join(FILE_NAME);
+        let in_sled = match db
+            .get(keys::COMMITS)
+            .map_err(|e| format!("cannot read the commit number: {e}"))?
+        {
+            None => 0,
+            Some(v) => decode(&v).ok_or_else(|| {
+                format!(
+                    "the commit number in the store is {} bytes, not 8: the store is corrupt",
+                    v.len()
+                )
+            })?,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let in_file = match bytes.len() {
+            // New directory, or the process died before the first commit's copy.
+            0 => 0,
+            _ => decode(&bytes).ok_or_else(|| {
+                format!(
+                    "{} holds {} bytes, not 8: it is damaged (it only guards against data loss; \
+                     delete it to start without that check)",
+                    path.display(),
+                    bytes.len()
+                )
+            })?,
+        };
+        if in_sled < in_file {
+            return Err(format!(
+                "the store is damaged: it recovered to commit {in_sled} but commit {in_file} \
+                 had been made durable, so accepted events would be missing. herald will not \
+                 run on it; restore the directory from a backup, or move it aside to start empty"
+            ));
+        }
+        Ok(Watermark {
+            file,
+            path,
+            last: in_sled,
+        })
+    }
+
+    /// The number the next commit writes into its batch.
+    pub fn next(&self) -> u64 {
+        self.last + 1
+    }
+
+    /// Called after the commit numbered [`Watermark::next`] is durable in sled.
+    /// No fsync: the file may lag behind sled, never run ahead of it.
+    pub fn advance(&mut self) -> Result<(), String> {
+        self.last += 1;
+        self.file
+            .write_all_at(&self.last.to_be_bytes(), 0)
+            .map_err(|e| format!("cannot write {}: {e}", self.path.display()))
+    }
+}
+
+pub fn encode(n: u64) -> [u8; 8] {
+    n.to_be_bytes()
+}
+
+fn decode(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}

@@ -1,0 +1,345 @@
+//! The `herald` binary as an operator meets it: bad configs and unusable
+//! data dirs are refused with a message naming what is wrong (never a panic
+//! or a hang), and SIGTERM finishes cleanly without losing what was queued.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use herald::bench::process::{HeraldProcess, TOKEN};
+
+const HERALD: &str = env!("CARGO_BIN_EXE_herald");
+const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+
+/// Runs herald to its end (at most 30 s): exit code and stderr.
+fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut child = Command::new(HERALD)
+        .args(args)
+        .envs(env.iter().copied())
+        .env("HERALD_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("herald starts");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("herald {args:?} did not exit within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut out = String::new();
+    let mut err = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!err.contains("panicked"), "herald panicked: {err}");
+    (status.code(), format!("{out}{err}"))
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// Environment variables a case sets.
+type Env = &'static [(&'static str, &'static str)];
+
+#[test]
+fn bad_configs_exit_2_and_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let partner = |extra: &str| {
+        format!(
+            "[partners.acme]\nadapter = \"webhook\"\nurl = \"https://hooks.example/h\"\nsecret_env = \"ACME_SECRET\"\n{extra}\n"
+        )
+    };
+    let cases: Vec<(String, Env, &str)> = vec![
+        ("[server]\ncolour = \"red\"\n".into(), &[], "server.colour"),
+        ("[server]\nlisten = \"nowhere\"\n".into(), &[], "server.listen"),
+        ("this is = = not toml".into(), &[], "expected"),
+        (
+            partner("rate = { per_second = 0, burst = 1 }"),
+            &[("ACME_SECRET", SECRET)],
+            "partners.acme.rate.per_second: must be at least 1",
+        ),
+        (
+            partner(""),
+            &[],
+            "partners.acme.secret_env: the environment variable ACME_SECRET is not set",
+        ),
+        (
+            partner(""),
+            &[("ACME_SECRET", "hunter2")],
+            "partners.acme.secret_env: the secret is not whsec_",
+        ),
+        (
+            partner("retry = { max_age = \"forever\" }"),
+            &[("ACME_SECRET", SECRET)],
+            "partners.acme.retry.max_age",
+        ),
+        (
+            partner("max_in_flight = -1"),
+            &[("ACME_SECRET", SECRET)],
+            "partners.acme.max_in_flight",
+        ),
+        (
+            "[partners.acme]\nadapter = \"smoke-signals\"\nurl = \"https://x.example\"\nsecret_env = \"S\"\n".into(),
+            &[("S", SECRET)],
+            "partners.acme.adapter: unknown adapter \"smoke-signals\"",
+        ),
+        (
+            "[[tokens]]\nname = \"a\"\nrole = \"admin\"\ntoken_env = \"T\"\n".into(),
+            &[("T", "0123456789abcdef")],
+            "tokens[0].role",
+        ),
+    ];
+    for (i, (text, env, expected)) in cases.iter().enumerate() {
+        let path = write(dir.path(), &format!("bad-{i}.toml"), text);
+        for command in ["check", "serve"] {
+            let (code, output) = run(&[command, "--config", &path], env);
+            assert_eq!(code, Some(2), "{command} {text:?}: {output}");
+            assert!(
+                output.contains(expected),
+                "{command} {text:?}: expected {expected:?} in {output:?}"
+            );
+        }
+    }
+    let (code, output) = run(&["check", "--config", "/no/such/herald.toml"], &[]);
+    assert_eq!(code, Some(2));
+    assert!(
+        output.contains("/no/such/herald.toml: cannot read"),
+        "{output}"
+    );
+    let (code, output) = run(&["serve", "--listen-everywhere"], &[]);
+    assert_eq!(code, Some(2), "clap refuses unknown flags: {output}");
+    assert!(output.contains("--listen-everywhere"), "{output}");
+}
+
+#[test]
+fn check_accepts_the_shipped_config() {
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/config/herald.toml");
+    let (code, output) = run(
+        &["check", "--config", fixture],
+        &[
+            ("HERALD_TOKEN_DOOR", "door-token-0123456789"),
+            ("HERALD_TOKEN_ONCALL", "oncall-token-0123456789"),
+            ("ACME_WEBHOOK_SECRET", SECRET),
+        ],
+    );
+    assert_eq!(code, Some(0), "{output}");
+    assert!(
+        output.contains("config ok: 1 partners, 2 tokens"),
+        "{output}"
+    );
+}
+
+/// A config whose data dir is `data`, under `dir`.
+fn serve_config(dir: &Path, data: &Path) -> String {
+    write(
+        dir,
+        "herald.toml",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
+            data.display()
+        ),
+    )
+}
+
+#[test]
+fn unusable_data_dirs_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = serve_config(dir.path(), &data);
+
+    // A file where the directory should be.
+    std::fs::write(&data, "not a directory").unwrap();
+    let (code, output) = run(&["serve", "--config", &config], &[]);
+    assert_eq!(code, Some(1), "{output}");
+    assert!(
+        output.contains(&format!(
+            "data dir {}: it exists but is not a directory",
+            data.display()
+        )),
+        "{output}"
+    );
+
+    // sled's files replaced by noise.
+    std::fs::remove_file(&data).unwrap();
+    std::fs::create_dir(&data).unwrap();
+    let noise: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(data.join("db"), &noise).unwrap();
+    std::fs::write(data.join("conf"), &noise[..300]).unwrap();
+    let (code, output) = run(&["serve", "--config", &config], &[]);
+    assert_eq!(code, Some(1), "{output}");
+    assert!(
+        output.contains(&format!("data dir {}:", data.display())),
+        "{output}"
+    );
+}
+
+/// A partner that answers 200 and counts, on a port chosen by the caller.
+async fn partner_on(addr: std::net::SocketAddr) -> (Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
+    let count = Arc::new(AtomicU64::new(0));
+    let seen = Arc::clone(&count);
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let seen = Arc::clone(&seen);
+            async move {
+                seen.fetch_add(1, Ordering::Relaxed);
+                StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (count, server)
+}
+
+async fn post(herald: &HeraldProcess, body: serde_json::Value) -> serde_json::Value {
+    let answer = reqwest::Client::new()
+        .post(format!("{}/v1/events", herald.url))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 202);
+    serde_json::from_slice(&answer.bytes().await.unwrap()).unwrap()
+}
+
+async fn get(herald: &HeraldProcess, path: &str) -> serde_json::Value {
+    let answer = reqwest::Client::new()
+        .get(format!("{}{path}", herald.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200, "{path}");
+    serde_json::from_slice(&answer.bytes().await.unwrap()).unwrap()
+}
+
+/// Queued while the partner is down, SIGTERM (exit 0), then a restart once
+/// it is back: everything arrives, and the API shows it delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_keeps_the_backlog_for_the_next_start() {
+    // A port with nobody listening: connection refused until the partner starts.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut herald = HeraldProcess::start(
+        Path::new(HERALD),
+        &format!("http://{addr}/hook"),
+        "retry = { initial_ms = 100, max_interval_ms = 300 }",
+    )
+    .await
+    .expect("herald starts");
+    let events: Vec<serde_json::Value> = (0..40)
+        .map(|i| {
+            serde_json::json!({
+                "device_id": format!("door-{i}"),
+                "type": "door.opened",
+                "priority": if i % 4 == 0 { "critical" } else { "normal" },
+                "partners": ["sink"],
+            })
+        })
+        .collect();
+    let accepted = post(&herald, serde_json::Value::Array(events)).await;
+    let ids: Vec<String> = accepted
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 40);
+    // Let it fail a few times against the closed port.
+    let first = loop {
+        let view = get(&herald, &format!("/v1/events/{}", ids[0])).await;
+        if view["deliveries"][0]["attempts"].as_u64() >= Some(2) {
+            break view;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(first["deliveries"][0]["state"], "pending");
+
+    herald.stop().expect("SIGTERM: exit 0");
+    let (count, _server) = partner_on(addr).await;
+    herald.restart_stopped().unwrap();
+    herald
+        .wait_ready(Duration::from_secs(30))
+        .await
+        .expect("herald restarts on its data dir");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for id in &ids {
+        loop {
+            let view = get(&herald, &format!("/v1/events/{id}")).await;
+            let delivery = &view["deliveries"][0];
+            if delivery["state"] == "delivered" {
+                let history = delivery["history"].as_array().unwrap();
+                assert_eq!(history.last().unwrap()["status"], 200, "{view}");
+                assert!(history.len() >= 2, "the failures are kept too: {view}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{id} never delivered: {view}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(count.load(Ordering::Relaxed), 40, "each event once");
+
+    // Damaged after a clean stop: refused, naming the dir, never run on.
+    herald.stop().expect("SIGTERM: exit 0");
+    let data = herald.dir.path().join("data");
+    std::fs::write(data.join("db"), b"").unwrap();
+    herald.restart_stopped().unwrap();
+    assert!(herald.wait_ready(Duration::from_secs(30)).await.is_err());
+    let log = std::fs::read_to_string(herald.log_path()).unwrap();
+    assert!(
+        log.contains(&format!(
+            "herald: cannot start: data dir {}:",
+            data.display()
+        )),
+        "{log}"
+    );
+    // sled's log and snapshots gone: sled alone would start empty.
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name == "db" || name.starts_with("snap.") {
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+    herald.restart_stopped().unwrap();
+    assert!(herald.wait_ready(Duration::from_secs(30)).await.is_err());
+    let log = std::fs::read_to_string(herald.log_path()).unwrap();
+    assert!(
+        log.contains(&format!(
+            "data dir {}: the store is damaged: it recovered to commit 0",
+            data.display()
+        )),
+        "{log}"
+    );
+}
