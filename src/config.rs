@@ -145,7 +145,7 @@ impl Default for FileServer {
         FileServer {
             listen: "127.0.0.1:8080".into(),
             data_dir: "./herald-data".into(),
-            cache_mb: 64,
+            cache_mb: 32,
             ingest_queue: 4096,
             max_batch: 1000,
             max_body_bytes: 8 * 1024 * 1024,

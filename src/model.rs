@@ -93,6 +93,16 @@ pub struct DeliveryRecord {
     pub dead_letter: Option<Uuid>,
 }
 
+impl DeliveryRecord {
+    /// `attempt` delivered it.
+    pub fn mark_delivered(&mut self, attempt: Attempt) {
+        self.state = DeliveryState::Delivered;
+        self.next_due_ms = None;
+        self.attempts = attempt.number;
+        self.last_attempt = Some(attempt);
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeliveryState {

@@ -373,12 +373,14 @@ async fn finished_events_leave_the_store_after_retention() {
     };
     assert_eq!(count('e'), 20);
     assert_eq!(count('s'), 0, "delivered deliveries leave the schedule");
+    assert_eq!(count('o'), 20, "each success is one small marker");
 
     h.clock.advance(Duration::from_secs(11));
     herald::retention::collect_once(h.herald.store(), &h.clock, Duration::from_secs(10))
         .await
         .unwrap();
     assert_eq!(count('e'), 0, "finished events are collected");
+    assert_eq!(count('o'), 0, "with their delivered markers");
     let (status, _) = h.get(&format!("/v1/events/{}", ids[0])).await;
     assert_eq!(status, 404);
 }

@@ -31,6 +31,19 @@ pub struct BenchOptions {
     pub outage_events: u64,
     /// The herald binary to start (normally this one).
     pub exe: PathBuf,
+    /// Run only these scenarios (all when empty).
+    pub only: Vec<Scenario>,
+}
+
+/// The scenarios, for `--only`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    Ceiling,
+    Fsync,
+    Batched,
+    Single,
+    Throttled,
+    Outage,
 }
 
 /// One figure of the table.
@@ -66,34 +79,46 @@ impl Table {
 
 pub async fn run(options: &BenchOptions) -> Result<BenchReport, String> {
     crate::dispatch::client::install_crypto_provider();
+    let wanted = |s: Scenario| options.only.is_empty() || options.only.contains(&s);
     let mut figures = Vec::new();
+    // Each table goes to stderr as it finishes, so a long run shows progress.
+    let mut done = |part: Vec<Figure>| {
+        eprint!("{}", render_figures(&part));
+        figures.extend(part);
+    };
     let epoch = Instant::now();
     let body = load::event_json(0, 0, "normal").into_bytes();
 
-    let mut t = table("ceiling: reqwest loop → loopback sink");
-    let requests = if options.quick {
-        5_000
-    } else {
-        options.events.min(200_000)
-    };
-    let ceiling = reference::http_ceiling(requests, 64, body.clone()).await?;
-    t.add("requests/s", ceiling, "req/s");
-    figures.extend(t.figures);
+    let mut ceiling = None;
+    if wanted(Scenario::Ceiling) || wanted(Scenario::Batched) || wanted(Scenario::Single) {
+        let mut t = table("ceiling: reqwest loop → loopback sink");
+        let requests = if options.quick {
+            5_000
+        } else {
+            options.events.min(200_000)
+        };
+        let rate = reference::http_ceiling(requests, 64, body.clone()).await?;
+        t.add("requests/s", rate, "req/s");
+        ceiling = Some(rate);
+        done(t.figures);
+    }
 
-    let mut t = table("fsync: appends of 64-byte records");
-    let scratch = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let budget = Duration::from_millis(if options.quick { 300 } else { 2000 });
-    t.add(
-        "one fsync each",
-        reference::fsync_rate(scratch.path(), 64, 1, budget)?,
-        "records/s",
-    );
-    t.add(
-        "fsync per 256",
-        reference::fsync_rate(scratch.path(), 64, 256, budget)?,
-        "records/s",
-    );
-    figures.extend(t.figures);
+    if wanted(Scenario::Fsync) {
+        let mut t = table("fsync: appends of 64-byte records");
+        let scratch = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let budget = Duration::from_millis(if options.quick { 300 } else { 2000 });
+        t.add(
+            "one fsync each",
+            reference::fsync_rate(scratch.path(), 64, 1, budget)?,
+            "records/s",
+        );
+        t.add(
+            "fsync per 256",
+            reference::fsync_rate(scratch.path(), 64, 256, budget)?,
+            "records/s",
+        );
+        done(t.figures);
+    }
 
     let batched = LoadSpec {
         events: options.events,
@@ -102,38 +127,30 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, String> {
         priority: "normal",
         rate: None,
     };
-    figures.extend(
-        healthy(
-            options,
-            "end to end, batches of 100",
-            &batched,
-            epoch,
-            Some(ceiling),
-        )
-        .await?,
-    );
-    let single = LoadSpec {
-        events: if options.quick {
-            options.events
-        } else {
-            options.events / 4
-        },
-        batch: 1,
-        clients: 16,
-        ..batched
-    };
-    figures.extend(
-        healthy(
-            options,
-            "end to end, single events",
-            &single,
-            epoch,
-            Some(ceiling),
-        )
-        .await?,
-    );
-    figures.extend(throttled(options, epoch).await?);
-    figures.extend(outage(options, epoch).await?);
+    if wanted(Scenario::Batched) {
+        let scenario = "end to end, batches of 100";
+        done(healthy(options, scenario, &batched, epoch, ceiling).await?);
+    }
+    if wanted(Scenario::Single) {
+        let single = LoadSpec {
+            events: if options.quick {
+                options.events
+            } else {
+                options.events / 4
+            },
+            batch: 1,
+            clients: 16,
+            ..batched
+        };
+        let scenario = "end to end, single events";
+        done(healthy(options, scenario, &single, epoch, ceiling).await?);
+    }
+    if wanted(Scenario::Throttled) {
+        done(throttled(options, epoch).await?);
+    }
+    if wanted(Scenario::Outage) {
+        done(outage(options, epoch).await?);
+    }
 
     Ok(BenchReport {
         machine: machine(),
@@ -422,15 +439,19 @@ fn machine() -> String {
 
 /// The report as a text table.
 pub fn render(report: &BenchReport) -> String {
-    let mut out = format!("herald bench on {}\n\n", report.machine);
-    let width = report
-        .figures
-        .iter()
-        .map(|f| f.figure.chars().count())
-        .max()
-        .unwrap_or(10);
+    format!(
+        "herald bench on {}\n\n{}",
+        report.machine,
+        render_figures(&report.figures)
+    )
+}
+
+fn render_figures(figures: &[Figure]) -> String {
+    let mut out = String::new();
+    // One width for every figure name, so tables printed apart still line up.
+    let width = 40;
     let mut scenario = "";
-    for f in &report.figures {
+    for f in figures {
         if f.scenario != scenario {
             scenario = &f.scenario;
             out.push_str(&format!("{scenario}\n"));

@@ -209,7 +209,7 @@ impl Lane {
     async fn attempt(&self, due: Due) -> Outcome {
         let number = due.entry.attempts + 1;
         let started_ms = self.clock.now_ms();
-        let event = match self.store.event(due.entry.event) {
+        let event = match self.store.event_payload(due.entry.event) {
             Ok(Some(event)) => event,
             Ok(None) => {
                 return self.settle(

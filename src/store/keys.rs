@@ -19,6 +19,9 @@ pub const SCHEDULE: u8 = b's';
 pub const ATTEMPTS: u8 = b'a';
 /// `d` + dead letter id (UUIDv7): a delivery that will not be retried.
 pub const DEAD: u8 = b'd';
+/// `o` + delivery id: the attempt that delivered it. Written instead of
+/// rewriting the whole event record, the one write a success costs.
+pub const DELIVERED: u8 = b'o';
 /// The sequence number of the last group commit (see [`super::watermark`]).
 pub const COMMITS: &[u8] = b"mcommits";
 
@@ -28,6 +31,10 @@ pub fn event(id: Uuid) -> [u8; 17] {
 
 pub fn attempts(delivery: Uuid) -> [u8; 17] {
     prefixed_id(ATTEMPTS, delivery)
+}
+
+pub fn delivered(delivery: Uuid) -> [u8; 17] {
+    prefixed_id(DELIVERED, delivery)
 }
 
 pub fn dead_letter(id: Uuid) -> [u8; 17] {

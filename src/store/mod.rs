@@ -17,7 +17,9 @@ use backon::{BlockingRetryable, ConstantBuilder};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::model::{Attempt, AttemptLog, DeadLetter, EventRecord, Priority, ScheduledDelivery};
+use crate::model::{
+    Attempt, AttemptLog, DeadLetter, DeliveryState, EventRecord, Priority, ScheduledDelivery,
+};
 use keys::ScheduleKey;
 use writer::Command;
 
@@ -201,7 +203,18 @@ impl Store {
 
     // ---- reads: straight from sled ------------------------------------------
 
+    /// The event with every delivery's current state.
     pub fn event(&self, id: Uuid) -> Result<Option<EventRecord>, StoreError> {
+        let Some(mut event) = self.event_payload(id)? else {
+            return Ok(None);
+        };
+        settle_delivered(&mut event, |key| get_json(&self.db, key))?;
+        Ok(Some(event))
+    }
+
+    /// The event as accepted, for building a request: delivery states may be
+    /// stale (a success is kept apart, see [`keys::DELIVERED`]).
+    pub fn event_payload(&self, id: Uuid) -> Result<Option<EventRecord>, StoreError> {
         get_json(&self.db, &keys::event(id))
     }
 
@@ -307,12 +320,30 @@ impl Store {
             keys::IDEMPOTENCY,
             keys::SCHEDULE,
             keys::ATTEMPTS,
+            keys::DELIVERED,
             keys::DEAD,
         ]
         .iter()
         .map(|&p| (p as char, self.db.scan_prefix([p]).count()))
         .collect()
     }
+}
+
+/// Applies the delivered markers of `event`'s pending deliveries to it;
+/// `marker` reads one (from sled, or through the writer's pending group).
+fn settle_delivered(
+    event: &mut EventRecord,
+    marker: impl Fn(&[u8]) -> Result<Option<Attempt>, StoreError>,
+) -> Result<(), StoreError> {
+    for d in &mut event.deliveries {
+        if d.state != DeliveryState::Pending {
+            continue;
+        }
+        if let Some(attempt) = marker(&keys::delivered(d.id))? {
+            d.mark_delivered(attempt);
+        }
+    }
+    Ok(())
 }
 
 fn get_json<T: serde::de::DeserializeOwned>(

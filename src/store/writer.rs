@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::keys::{self, ScheduleKey};
 use super::watermark::{self, Watermark};
-use super::{decode, encode, Accepted, Collected, Next, Outcome, StoreError};
+use super::{decode, encode, settle_delivered, Accepted, Collected, Next, Outcome, StoreError};
 use crate::model::{AttemptLog, DeadLetter, DeliveryState, EventRecord, ScheduledDelivery};
 
 /// Most requests applied in one group: bounds the latency of the group's
@@ -299,13 +299,25 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
         return Ok(());
     }
     p.remove(schedule_key);
+    let log_key = keys::attempts(entry.delivery);
+    let has_log = entry.attempts > 0;
+    if next == Next::Delivered {
+        // The event record stays as accepted: a small marker says delivered.
+        if has_log {
+            let mut log: AttemptLog = p.get_json(&log_key)?.unwrap_or_default();
+            log.push(attempt.clone());
+            p.put(log_key.to_vec(), encode(&log));
+        }
+        p.put(keys::delivered(entry.delivery).to_vec(), encode(&attempt));
+        return Ok(());
+    }
     let event_key = keys::event(entry.event);
     let Some(mut event) = p.get_json::<EventRecord>(&event_key)? else {
         tracing::error!(delivery = %entry.delivery, event = %entry.event, "delivery without its event record; dropped from the schedule");
         return Ok(());
     };
-    let log_key = keys::attempts(entry.delivery);
-    let has_log = entry.attempts > 0;
+    // The record is rewritten below: let it carry its siblings' successes.
+    settle_delivered(&mut event, |key| p.get_json(key))?;
     let mut log: AttemptLog = if has_log {
         p.get_json(&log_key)?.unwrap_or_default()
     } else {
@@ -319,14 +331,8 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
     delivery.attempts = attempt.number;
     delivery.last_attempt = Some(attempt);
     match next {
-        Next::Delivered => {
-            delivery.state = DeliveryState::Delivered;
-            delivery.next_due_ms = None;
-            // A first-try success keeps no log: the event record says it all.
-            if has_log {
-                p.put(log_key.to_vec(), encode(&log));
-            }
-        }
+        // Handled above, without touching the event record.
+        Next::Delivered => {}
         Next::RetryAt(due_ms) => {
             delivery.next_due_ms = Some(due_ms);
             let retry = ScheduleKey { due_ms, ..key };
@@ -380,21 +386,25 @@ fn collect(
     let mut looked = 0;
     for item in p.db.range(start..vec![keys::EVENT + 1]) {
         let (k, v) = item?;
-        let event: EventRecord = decode(&k, &v)?;
+        let mut event: EventRecord = decode(&k, &v)?;
         if event.received_ms >= cutoff_ms {
             return Ok(Collected {
                 resume_after: None,
                 ..done
             });
         }
+        settle_delivered(&mut event, |key| p.get_json(key))?;
         if event.is_finished() {
             p.remove(k.to_vec());
             if let Some(key) = &event.idempotency_key {
                 p.remove(keys::idempotency(key));
             }
             for d in &event.deliveries {
-                if d.attempts > 1 && d.state == DeliveryState::Delivered {
-                    p.remove(keys::attempts(d.id).to_vec());
+                if d.state == DeliveryState::Delivered {
+                    p.remove(keys::delivered(d.id).to_vec());
+                    if d.attempts > 1 {
+                        p.remove(keys::attempts(d.id).to_vec());
+                    }
                 }
             }
             done.removed += 1;
