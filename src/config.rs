@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::dispatch::breaker::BreakerPolicy;
 use crate::dispatch::retry::RetryPolicy;
 
 /// herald's settings with no `--config`: loopback only, data in `./herald-data`.
@@ -92,6 +93,7 @@ pub struct PartnerConfig {
     pub timeout: Duration,
     pub allow_private: bool,
     pub retry: RetryPolicy,
+    pub breaker: BreakerPolicy,
     /// Event types this partner receives when an event names no partners
     /// (`"*"` for all, `"door.*"` for a prefix).
     pub subscribe: Vec<String>,
@@ -181,7 +183,28 @@ struct FilePartner {
     #[serde(default)]
     retry: FileRetry,
     #[serde(default)]
+    breaker: FileBreaker,
+    #[serde(default)]
     subscribe: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileBreaker {
+    /// 0 turns the breaker off.
+    failures: u32,
+    cool_down: String,
+    max_cool_down: String,
+}
+
+impl Default for FileBreaker {
+    fn default() -> Self {
+        FileBreaker {
+            failures: 5,
+            cool_down: "10s".into(),
+            max_cool_down: "5m".into(),
+        }
+    }
 }
 
 fn default_in_flight() -> usize {
@@ -451,6 +474,24 @@ fn partner_config(
         max_age_ms: parse_duration(&key("retry.max_age"), &r.max_age)?.as_millis() as u64,
         max_attempts: r.max_attempts,
     };
+    let b = p.breaker;
+    let breaker = BreakerPolicy {
+        failures: b.failures,
+        cool_down: parse_duration(&key("breaker.cool_down"), &b.cool_down)?,
+        max_cool_down: parse_duration(&key("breaker.max_cool_down"), &b.max_cool_down)?,
+    };
+    if breaker.cool_down.is_zero() {
+        return Err(ConfigError::new(
+            key("breaker.cool_down"),
+            "must be longer than zero",
+        ));
+    }
+    if breaker.max_cool_down < breaker.cool_down {
+        return Err(ConfigError::new(
+            key("breaker.max_cool_down"),
+            "must be at least breaker.cool_down",
+        ));
+    }
     let settings = adapters::PartnerSettings {
         name: name.to_string(),
         url: p.url.clone(),
@@ -468,6 +509,7 @@ fn partner_config(
         timeout: Duration::from_millis(p.timeout_ms),
         allow_private: p.allow_private,
         retry,
+        breaker,
         subscribe: p.subscribe,
     })
 }

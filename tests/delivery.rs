@@ -270,7 +270,9 @@ async fn unreachable_partner_is_retried_until_max_age_then_dead() {
     let partner = partner_toml(
         "acme",
         &url,
-        r#"retry = { initial_ms = 1000, max_interval_ms = 4000, max_age = "20s" }"#,
+        // The breaker off: this is about the retry schedule alone.
+        r#"retry = { initial_ms = 1000, max_interval_ms = 4000, max_age = "20s" }
+breaker = { failures = 0 }"#,
     );
     let h = TestHerald::start(&config_toml(dir.path(), &partner, ""), clock).await;
     let (event_id, _) = h.send_one("acme", "critical").await;
@@ -440,4 +442,76 @@ async fn a_critical_event_overtakes_a_queued_backlog() {
         e.deliveries[0].state == DeliveryState::Delivered
     })
     .await;
+}
+
+/// Real time for the lane to act on a clock step it could act on.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(150)).await;
+}
+
+#[tokio::test]
+async fn a_down_partner_opens_the_breaker_and_held_deliveries_keep_their_attempts() {
+    let (h, mock, _dir) = setup(
+        r#"max_in_flight = 1
+retry = { initial_ms = 1000, max_interval_ms = 1000, max_attempts = 3 }
+breaker = { failures = 3, cool_down = "10s", max_cool_down = "60s" }"#,
+        "",
+    )
+    .await;
+    // Three failures open it; the first probe fails too; the second is answered.
+    mock.script([
+        Reply::Status(503),
+        Reply::Status(503),
+        Reply::Status(503),
+        Reply::Status(503),
+    ]);
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(h.send_one("acme", "critical").await.0);
+    }
+    mock.wait_for(3).await;
+    let breaker = |view: serde_json::Value| view["partners"][0]["breaker"].clone();
+    let (_, partners) = h.get("/v1/partners").await;
+    assert_eq!(breaker(partners), "open");
+
+    // Held: nothing goes out before the cool-down ends, however long the retries' due times passed.
+    h.clock.advance(Duration::from_millis(9_999));
+    settle().await;
+    assert_eq!(mock.requests().len(), 3, "an open breaker sends nothing");
+    h.clock.advance(Duration::from_millis(1));
+    mock.wait_for(4).await;
+    settle().await;
+    assert_eq!(mock.requests().len(), 4, "exactly one probe");
+    // That probe failed: the next cool-down is twice as long.
+    h.clock.advance(Duration::from_millis(19_999));
+    settle().await;
+    assert_eq!(mock.requests().len(), 4);
+    h.clock.advance(Duration::from_millis(1));
+    mock.wait_for(24).await;
+    settle().await;
+    assert_eq!(
+        mock.requests().len(),
+        24,
+        "4 failures, then each event once"
+    );
+
+    let (_, partners) = h.get("/v1/partners").await;
+    assert_eq!(breaker(partners.clone()), "closed");
+    assert_eq!(partners["partners"][0]["delivered"], 20);
+    assert_eq!(partners["partners"][0]["dead"], 0);
+    for id in &ids {
+        let event = h
+            .wait_event(id, "delivered", |e| {
+                e.deliveries[0].state == DeliveryState::Delivered
+            })
+            .await;
+        // max_attempts = 3 was never reached: waiting behind the breaker is not an attempt.
+        assert!(
+            event.deliveries[0].attempts <= 3,
+            "{:?}",
+            event.deliveries[0]
+        );
+    }
+    let (_, dead) = h.get("/v1/dead-letters").await;
+    assert_eq!(dead["items"].as_array().map_or(0, Vec::len), 0, "{dead}");
 }

@@ -313,3 +313,45 @@ pub async fn get_dead_letter(
     };
     view.await.unwrap_or_else(IntoResponse::into_response)
 }
+
+/// One partner as on-call sees it: its limits, its breaker, what it did.
+#[derive(Serialize)]
+struct PartnerView {
+    name: String,
+    adapter: String,
+    breaker: crate::dispatch::breaker::State,
+    in_flight: usize,
+    max_in_flight: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_per_second: Option<u32>,
+    /// Since this process started.
+    sent: u64,
+    delivered: u64,
+    retried: u64,
+    dead: u64,
+}
+
+pub async fn list_partners(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(problem) = state.tokens.authorize(&headers, Role::Operator) {
+        return problem.into_response();
+    }
+    let count = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+    let mut partners: Vec<PartnerView> = state
+        .dispatcher
+        .lanes()
+        .map(|lane| PartnerView {
+            name: lane.partner.name.clone(),
+            adapter: lane.partner.adapter_kind.clone(),
+            breaker: lane.breaker.state(),
+            in_flight: lane.in_flight(),
+            max_in_flight: lane.partner.max_in_flight,
+            rate_per_second: lane.partner.rate.map(|r| r.per_second),
+            sent: count(&lane.stats.sent),
+            delivered: count(&lane.stats.delivered),
+            retried: count(&lane.stats.retried),
+            dead: count(&lane.stats.dead),
+        })
+        .collect();
+    partners.sort_by(|a, b| a.name.cmp(&b.name));
+    Json(serde_json::json!({ "partners": partners })).into_response()
+}

@@ -67,6 +67,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/events/{id}", get(admin::get_event))
         .route("/v1/dead-letters", get(admin::list_dead_letters))
         .route("/v1/dead-letters/{id}", get(admin::get_dead_letter))
+        .route("/v1/partners", get(admin::list_partners))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

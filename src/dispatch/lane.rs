@@ -19,6 +19,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::breaker::{Admit, Breaker, Health, State, Transition};
 use super::retry;
 use super::scheduler::{Held, Window};
 use crate::clock::Clock;
@@ -46,6 +47,7 @@ pub struct Lane {
     /// Set by ingest when critical work was written: the lane looks at its
     /// critical range before its next send, however full its window is.
     critical_waiting: AtomicBool,
+    pub breaker: Breaker,
     pub stats: LaneStats,
 }
 
@@ -70,6 +72,8 @@ impl Lane {
                 Quota::per_second(nonzero(rate.per_second)).allow_burst(nonzero(rate.burst));
             RateLimiter::direct_with_clock(quota, clock.clone())
         });
+        metrics::gauge!("herald_partner_breaker_state", "partner" => partner.name.clone()).set(0.0);
+        let breaker = Breaker::new(partner.breaker);
         Lane {
             in_flight: Arc::new(Semaphore::new(partner.max_in_flight)),
             partner,
@@ -81,6 +85,7 @@ impl Lane {
             held: Held::default(),
             wake: Notify::new(),
             critical_waiting: AtomicBool::new(false),
+            breaker,
             stats: LaneStats::default(),
         }
     }
@@ -137,6 +142,22 @@ impl Lane {
                 }
                 continue;
             };
+            let (admit, transition) = self.breaker.admit(self.clock.now_ms());
+            self.note(transition);
+            let probe = match admit {
+                Admit::Send => false,
+                Admit::Probe => true,
+                Admit::Wait(until) => {
+                    // Held by the breaker: nothing is sent, no attempt is used.
+                    window.put_back(due);
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = self.clock.sleep_until_ms(until.unwrap_or(u64::MAX)), if until.is_some() => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    continue;
+                }
+            };
             let permit = tokio::select! {
                 permit = self.in_flight.clone().acquire_owned() => match permit {
                     Ok(p) => p,
@@ -144,11 +165,13 @@ impl Lane {
                 },
                 _ = stop.cancelled() => {
                     window.unhold(&due);
+                    self.breaker.probe_abandoned();
                     return;
                 }
             };
             if !self.take_token(&stop).await {
                 window.unhold(&due);
+                self.breaker.probe_abandoned();
                 return;
             }
             let lane = Arc::clone(&self);
@@ -156,7 +179,7 @@ impl Lane {
             tracker.spawn(async move {
                 // Dropped mid-send, the delivery simply stays scheduled.
                 tokio::select! {
-                    _ = lane.deliver(due, permit) => {}
+                    _ = lane.deliver(due, permit, probe) => {}
                     _ = abandon.cancelled() => {}
                 }
             });
@@ -182,10 +205,12 @@ impl Lane {
         }
     }
 
-    async fn deliver(self: Arc<Self>, due: Due, permit: OwnedSemaphorePermit) {
+    async fn deliver(self: Arc<Self>, due: Due, permit: OwnedSemaphorePermit, probe: bool) {
         let id = due.key.delivery;
-        let outcome = self.attempt(due).await;
+        let (outcome, health) = self.attempt(due).await;
         drop(permit);
+        let transition = self.breaker.record(health, self.clock.now_ms(), probe);
+        self.note(transition);
         let next = outcome.next.clone();
         match self.store.record(outcome).await {
             Ok(()) => {
@@ -205,28 +230,48 @@ impl Lane {
         self.wake.notify_one();
     }
 
-    /// One real send and its verdict, as an outcome for the store.
-    async fn attempt(&self, due: Due) -> Outcome {
+    /// Logs and counts a change of the breaker's state.
+    fn note(&self, transition: Option<Transition>) {
+        let Some(t) = transition else { return };
+        let partner = &self.partner.name;
+        let value = match t.to {
+            State::Closed => 0.0,
+            State::Open => 1.0,
+            State::HalfOpen => 2.0,
+        };
+        metrics::gauge!("herald_partner_breaker_state", "partner" => partner.clone()).set(value);
+        match (t.to, t.cool_down) {
+            (State::Open, Some(wait)) => tracing::warn!(
+                %partner, from = t.from.as_str(), next_probe_in = ?wait,
+                "breaker opened: the partner looks down; its deliveries wait without using attempts"
+            ),
+            (State::HalfOpen, _) => {
+                tracing::info!(%partner, "breaker half-open: sending one probe")
+            }
+            (State::Closed, _) => {
+                tracing::info!(%partner, "breaker closed: the partner answers again")
+            }
+            (State::Open, None) => {}
+        }
+    }
+
+    /// One real send and its verdict, as an outcome for the store, with
+    /// what the send said about the partner's health.
+    async fn attempt(&self, due: Due) -> (Outcome, Health) {
         let number = due.entry.attempts + 1;
         let started_ms = self.clock.now_ms();
+        let unsent = |lane: &Self, due, reason: &str| {
+            let outcome = lane.settle(due, number, started_ms, None, reason_only(reason));
+            (outcome, Health::Unknown)
+        };
         let event = match self.store.event_payload(due.entry.event) {
             Ok(Some(event)) => event,
-            Ok(None) => {
-                return self.settle(
-                    due,
-                    number,
-                    started_ms,
-                    None,
-                    reason_only("the event record is missing"),
-                )
-            }
-            Err(e) => {
-                return self.settle(due, number, started_ms, None, reason_only(&e.to_string()))
-            }
+            Ok(None) => return unsent(self, due, "the event record is missing"),
+            Err(e) => return unsent(self, due, &e.to_string()),
         };
         let request = match self.build(&event, &due, number) {
             Ok(request) => request,
-            Err(reason) => return self.settle(due, number, started_ms, None, reason_only(&reason)),
+            Err(reason) => return unsent(self, due, &reason),
         };
         self.stats.sent.fetch_add(1, Ordering::Relaxed);
         let answer = tokio::select! {
@@ -236,7 +281,11 @@ impl Lane {
         let verdict = self
             .adapter
             .classify(&answer.as_answer(), self.clock.now_system_time());
-        self.settle(due, number, started_ms, answer.status(), verdict)
+        let health = Health::of(answer.status());
+        (
+            self.settle(due, number, started_ms, answer.status(), verdict),
+            health,
+        )
     }
 
     fn build(

@@ -125,6 +125,15 @@ impl Window {
             .or_else(|| self.normal.pop_front())
     }
 
+    /// Puts a popped entry back at the head of its queue, still held (the
+    /// breaker said wait).
+    pub fn put_back(&mut self, due: Due) {
+        match due.key.priority {
+            Priority::Critical => self.critical.push_front(due),
+            Priority::Normal => self.normal.push_front(due),
+        }
+    }
+
     /// Gives an entry back unsent (shutdown): it stays on disk for next time.
     pub fn unhold(&mut self, due: &Due) {
         self.held.release(due.key.delivery);
