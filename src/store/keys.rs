@@ -78,6 +78,13 @@ impl ScheduleKey {
         out
     }
 
+    /// Just the delivery id of an encoded key (its last 16 bytes): enough
+    /// to skip entries already taken without decoding the rest.
+    pub fn delivery_of(key: &[u8]) -> Option<Uuid> {
+        let tail = key.len().checked_sub(16)?;
+        Some(Uuid::from_bytes(key.get(tail..)?.try_into().ok()?))
+    }
+
     pub fn decode(key: &[u8]) -> Option<ScheduleKey> {
         let (&prefix, rest) = key.split_first()?;
         if prefix != SCHEDULE {
@@ -166,6 +173,11 @@ mod tests {
             let by_bytes = a.encode().cmp(&b.encode());
             let by_fields = (a.priority, a.due_ms, a.delivery).cmp(&(b.priority, b.due_ms, b.delivery));
             prop_assert_eq!(by_bytes, by_fields);
+        }
+
+        #[test]
+        fn delivery_of_reads_the_id_of_any_encoded_key(k in schedule_key()) {
+            prop_assert_eq!(ScheduleKey::delivery_of(&k.encode()), Some(k.delivery));
         }
 
         #[test]

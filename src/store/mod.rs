@@ -257,8 +257,9 @@ impl Store {
     }
 
     /// Up to `limit` of `partner`'s entries due at `now_ms`, critical ones
-    /// first, skipping those `held` says are already taken; with them, the
-    /// earliest due time still in the future (when to look again).
+    /// first, skipping those `held` says are already taken; when there are
+    /// none, also the earliest due time still in the future (when to look
+    /// again).
     pub fn due(
         &self,
         partner: &str,
@@ -274,13 +275,14 @@ impl Store {
             if out.len() < limit {
                 for item in self.db.range(start.clone()..end.clone()) {
                     let (k, v) = item?;
+                    // Most of what a refill walks past is in flight: skip it cheaply.
+                    if ScheduleKey::delivery_of(&k).is_some_and(held) {
+                        continue;
+                    }
                     let Some(key) = ScheduleKey::decode(&k) else {
                         tracing::error!(key = ?k, "skipping an undecodable schedule key");
                         continue;
                     };
-                    if held(key.delivery) {
-                        continue;
-                    }
                     match decode::<ScheduledDelivery>(&k, &v) {
                         Ok(entry) => out.push(Due { key, entry }),
                         Err(e) => tracing::error!(error = %e, "skipping a corrupt schedule entry"),
@@ -289,6 +291,11 @@ impl Store {
                         break;
                     }
                 }
+            }
+            // Only a lane with nothing to send sleeps until the next due
+            // time; one that found work refills again before that matters.
+            if !out.is_empty() {
+                continue;
             }
             let (_, all) = keys::due_range(partner, priority, u64::MAX);
             if let Some(item) = self.db.range(end..all).next() {
