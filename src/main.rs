@@ -35,16 +35,16 @@ enum Command {
     /// Measure herald against same-run references (loopback only).
     Bench {
         /// Events per end-to-end scenario.
-        #[arg(long, default_value_t = 200_000)]
+        #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
         events: u64,
         /// A small run (under a minute) that checks every accepted event is delivered.
         #[arg(long)]
         quick: bool,
         /// Events accepted while the partner is down (outage scenario).
-        #[arg(long, default_value_t = 1_000_000)]
+        #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
         outage_events: u64,
         /// Concurrent ingest clients for the batched scenario.
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         clients: usize,
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -104,12 +104,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("herald: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(runtime) = runtime() else {
+                return ExitCode::FAILURE;
             };
             runtime.block_on(serve(config))
         }
@@ -131,10 +127,6 @@ fn bench(
             return ExitCode::FAILURE;
         }
     };
-    if events == 0 || clients == 0 || outage_events == 0 {
-        eprintln!("herald: --events, --outage-events and --clients must be at least 1");
-        return ExitCode::from(2);
-    }
     let options = herald::bench::BenchOptions {
         events: if quick { events.min(5_000) } else { events },
         outage_events: if quick {
@@ -147,12 +139,8 @@ fn bench(
         exe,
         only,
     };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("herald: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     match runtime.block_on(herald::bench::run(&options)) {
         Ok(report) => {
@@ -171,6 +159,13 @@ fn bench(
             ExitCode::FAILURE
         }
     }
+}
+
+/// The multi-threaded runtime, or `None` once the reason is printed.
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new()
+        .map_err(|e| eprintln!("herald: cannot start the runtime: {e}"))
+        .ok()
 }
 
 async fn serve(config: Config) -> ExitCode {

@@ -134,6 +134,9 @@ fn bad_configs_exit_2_and_name_the_key() {
         output.contains("/no/such/herald.toml: cannot read"),
         "{output}"
     );
+    let (code, output) = run(&["bench", "--events", "0"], &[]);
+    assert_eq!(code, Some(2), "{output}");
+    assert!(output.contains("'0' for '--events"), "{output}");
     let (code, output) = run(&["serve", "--listen-everywhere"], &[]);
     assert_eq!(code, Some(2), "clap refuses unknown flags: {output}");
     assert!(output.contains("--listen-everywhere"), "{output}");
@@ -246,6 +249,17 @@ async fn get(herald: &HeraldProcess, path: &str) -> serde_json::Value {
     serde_json::from_slice(&answer.bytes().await.unwrap()).unwrap()
 }
 
+/// Starts herald again on its data dir, expects it to exit instead of
+/// becoming ready, and returns its log.
+async fn refused_start(herald: &mut HeraldProcess) -> String {
+    herald.restart_stopped().unwrap();
+    assert!(
+        herald.wait_ready(Duration::from_secs(30)).await.is_err(),
+        "herald ran on a damaged store"
+    );
+    std::fs::read_to_string(herald.log_path()).unwrap()
+}
+
 /// Queued while the partner is down, SIGTERM (exit 0), then a restart once
 /// it is back: everything arrives, and the API shows it delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -331,9 +345,7 @@ async fn sigterm_keeps_the_backlog_for_the_next_start() {
     herald.stop().expect("SIGTERM: exit 0");
     let data = herald.dir.path().join("data");
     std::fs::write(data.join("db"), b"").unwrap();
-    herald.restart_stopped().unwrap();
-    assert!(herald.wait_ready(Duration::from_secs(30)).await.is_err());
-    let log = std::fs::read_to_string(herald.log_path()).unwrap();
+    let log = refused_start(&mut herald).await;
     assert!(
         log.contains(&format!(
             "herald: cannot start: data dir {}:",
@@ -349,9 +361,7 @@ async fn sigterm_keeps_the_backlog_for_the_next_start() {
             std::fs::remove_file(&path).unwrap();
         }
     }
-    herald.restart_stopped().unwrap();
-    assert!(herald.wait_ready(Duration::from_secs(30)).await.is_err());
-    let log = std::fs::read_to_string(herald.log_path()).unwrap();
+    let log = refused_start(&mut herald).await;
     assert!(
         log.contains(&format!(
             "data dir {}: the store is damaged: it recovered to commit 0",

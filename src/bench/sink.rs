@@ -30,12 +30,18 @@ pub struct SinkState {
     epoch: Instant,
     mode: AtomicU8,
     pub received: AtomicU64,
-    unique: Mutex<HashSet<String>>,
-    latencies_ns: Mutex<Vec<u64>>,
-    critical_latencies_ns: Mutex<Vec<u64>>,
-    per_second: Mutex<Vec<u64>>,
+    /// One lock per request: the sink shares the CPUs it measures herald on.
+    tracked: Mutex<Tracked>,
     first_ns: AtomicU64,
     last_ns: AtomicU64,
+}
+
+#[derive(Default)]
+struct Tracked {
+    unique: HashSet<String>,
+    latencies_ns: Vec<u64>,
+    critical_latencies_ns: Vec<u64>,
+    per_second: Vec<u64>,
 }
 
 pub struct Sink {
@@ -68,10 +74,7 @@ impl Sink {
             epoch,
             mode: AtomicU8::new(Mode::Accept as u8),
             received: AtomicU64::new(0),
-            unique: Mutex::new(HashSet::new()),
-            latencies_ns: Mutex::new(Vec::new()),
-            critical_latencies_ns: Mutex::new(Vec::new()),
-            per_second: Mutex::new(Vec::new()),
+            tracked: Mutex::new(Tracked::default()),
             first_ns: AtomicU64::new(u64::MAX),
             last_ns: AtomicU64::new(0),
         });
@@ -104,17 +107,18 @@ impl Sink {
     }
 
     pub fn unique(&self) -> u64 {
-        lock(&self.state.unique).len() as u64
+        lock(&self.state.tracked).unique.len() as u64
     }
 
     pub fn report(&self) -> SinkReport {
         let s = &self.state;
+        let tracked = lock(&s.tracked);
         SinkReport {
             received: s.received.load(Ordering::Relaxed),
-            unique: lock(&s.unique).len() as u64,
-            latencies_ns: lock(&s.latencies_ns).clone(),
-            critical_latencies_ns: lock(&s.critical_latencies_ns).clone(),
-            per_second: lock(&s.per_second).clone(),
+            unique: tracked.unique.len() as u64,
+            latencies_ns: tracked.latencies_ns.clone(),
+            critical_latencies_ns: tracked.critical_latencies_ns.clone(),
+            per_second: tracked.per_second.clone(),
             first_ns: s.first_ns.load(Ordering::Relaxed),
             last_ns: s.last_ns.load(Ordering::Relaxed),
         }
@@ -149,26 +153,25 @@ async fn receive_tracked(
     state.first_ns.fetch_min(now, Ordering::Relaxed);
     state.last_ns.fetch_max(now, Ordering::Relaxed);
     let second = (now / 1_000_000_000) as usize;
-    {
-        let mut per_second = lock(&state.per_second);
-        if per_second.len() <= second {
-            per_second.resize(second + 1, 0);
-        }
-        per_second[second] += 1;
-    }
     let id = headers
         .get("webhook-id")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    let fresh = lock(&state.unique).insert(id);
-    if fresh {
-        if let Some((sent, critical)) = sent_at(&body) {
+    // Parsed outside the lock; only a first arrival's latency is kept.
+    let sent = sent_at(&body);
+    let mut tracked = lock(&state.tracked);
+    if tracked.per_second.len() <= second {
+        tracked.per_second.resize(second + 1, 0);
+    }
+    tracked.per_second[second] += 1;
+    if tracked.unique.insert(id) {
+        if let Some((sent, critical)) = sent {
             let latency = now.saturating_sub(sent);
             if critical {
-                lock(&state.critical_latencies_ns).push(latency);
+                tracked.critical_latencies_ns.push(latency);
             } else {
-                lock(&state.latencies_ns).push(latency);
+                tracked.latencies_ns.push(latency);
             }
         }
     }

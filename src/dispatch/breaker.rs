@@ -22,16 +22,6 @@ pub struct BreakerPolicy {
     pub max_cool_down: Duration,
 }
 
-impl Default for BreakerPolicy {
-    fn default() -> Self {
-        BreakerPolicy {
-            failures: 5,
-            cool_down: Duration::from_secs(10),
-            max_cool_down: Duration::from_secs(300),
-        }
-    }
-}
-
 /// What one send said about the partner's health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Health {
@@ -59,16 +49,6 @@ pub enum State {
     Closed,
     Open,
     HalfOpen,
-}
-
-impl State {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Closed => "closed",
-            State::Open => "open",
-            State::HalfOpen => "half_open",
-        }
-    }
 }
 
 /// Whether the lane may send now.

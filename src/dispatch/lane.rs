@@ -242,7 +242,7 @@ impl Lane {
         metrics::gauge!("herald_partner_breaker_state", "partner" => partner.clone()).set(value);
         match (t.to, t.cool_down) {
             (State::Open, Some(wait)) => tracing::warn!(
-                %partner, from = t.from.as_str(), next_probe_in = ?wait,
+                %partner, from = ?t.from, next_probe_in = ?wait,
                 "breaker opened: the partner looks down; its deliveries wait without using attempts"
             ),
             (State::HalfOpen, _) => {

@@ -99,7 +99,7 @@ impl Window {
         let held = self.held.clone();
         let (found, next_due) = {
             let set = held.lock();
-            store.due(&self.partner, &Priority::ALL, now_ms, room, &|id| {
+            store.due(&self.partner, priorities, now_ms, room, &|id| {
                 set.contains(&id)
             })?
         };
