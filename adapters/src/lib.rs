@@ -33,6 +33,37 @@ pub struct EventView<'a> {
     pub data: &'a RawValue,
 }
 
+/// The device's link into the partner platform (`PUT /v1/links/...`), as an
+/// adapter sees it. Secrets are in clear here and must never be logged.
+#[derive(Clone, Copy)]
+pub struct LinkView<'a> {
+    /// The device's id on the platform (SmartThings `externalDeviceId`,
+    /// Alexa `endpointId`, Google device id).
+    pub external_id: &'a str,
+    /// The platform-side user (Google `agentUserId`), when it needs one.
+    pub account: Option<&'a str>,
+    pub region: Option<&'a str>,
+    /// Per-link endpoints, for platforms that hand them out per user.
+    pub callback_url: Option<&'a str>,
+    pub token_url: Option<&'a str>,
+    pub access_token: Option<&'a str>,
+    /// Anything adapter-specific, as given in the link's `options`.
+    pub options: Option<&'a RawValue>,
+}
+
+impl fmt::Debug for LinkView<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LinkView")
+            .field("external_id", &self.external_id)
+            .field("account", &self.account)
+            .field("region", &self.region)
+            .field("callback_url", &self.callback_url)
+            .field("token_url", &self.token_url)
+            .field("access_token", &self.access_token.map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
 /// One delivery attempt to build a request for.
 #[derive(Debug, Clone, Copy)]
 pub struct DeliveryContext<'a> {
@@ -43,6 +74,9 @@ pub struct DeliveryContext<'a> {
     /// Unix seconds of this attempt, from herald's clock.
     pub now_unix: u64,
     pub event: EventView<'a>,
+    /// The link the delivery goes through; `None` for partners addressed
+    /// by their configured `url` alone (plain webhooks).
+    pub link: Option<LinkView<'a>>,
 }
 
 /// The HTTP request an adapter wants sent. herald's lane sends it with the
@@ -87,6 +121,17 @@ pub enum Verdict {
     },
     /// Never going to work as sent: dead-letter it now.
     Permanent {
+        reason: String,
+    },
+    /// The link's credentials are expired or revoked: refresh them, then
+    /// send again once.
+    Refresh {
+        reason: String,
+    },
+    /// The route itself is gone (HTTP 410, the platform's "integration
+    /// deleted"): park the link; this delivery and every later one to it
+    /// become dead letters with this reason until the link is put again.
+    Park {
         reason: String,
     },
 }
@@ -163,8 +208,8 @@ pub fn build_adapter(
 }
 
 /// The classification most HTTP partners share: 2xx delivered; 408, 429 and
-/// 5xx retried (with the partner's Retry-After); 3xx and other 4xx permanent.
-/// Timeouts and network errors are retried.
+/// 5xx retried (with the partner's Retry-After); 410 Gone parks the link;
+/// 3xx and other 4xx permanent. Timeouts and network errors are retried.
 pub fn classify_http(answer: &Answer<'_>, now: SystemTime) -> Verdict {
     match *answer {
         Answer::Timeout => Verdict::Retry {
@@ -187,6 +232,9 @@ pub fn classify_http(answer: &Answer<'_>, now: SystemTime) -> Verdict {
             },
             300..=399 => Verdict::Permanent {
                 reason: format!("HTTP {status}: redirects are not followed"),
+            },
+            410 => Verdict::Park {
+                reason: format!("HTTP 410 Gone: {}", snippet(body)),
             },
             _ => Verdict::Permanent {
                 reason: format!("HTTP {status}: {}", snippet(body)),
@@ -231,7 +279,8 @@ mod tests {
                 "{retried}"
             );
         }
-        for permanent in [301, 400, 401, 403, 404, 410, 422] {
+        assert!(matches!(http(410, &[]), Verdict::Park { .. }));
+        for permanent in [301, 400, 401, 403, 404, 422] {
             assert!(
                 matches!(http(permanent, &[]), Verdict::Permanent { .. }),
                 "{permanent}"

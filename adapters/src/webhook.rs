@@ -147,6 +147,7 @@ mod tests {
                 occurred_at: "2026-11-25T06:00:00Z",
                 data: &data,
             },
+            link: None,
         };
         let req = adapter.build(&ctx).unwrap();
         assert_eq!(

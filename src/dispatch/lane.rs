@@ -307,6 +307,7 @@ impl Lane {
                 occurred_at: &event.occurred_at,
                 data: &event.data,
             },
+            link: None,
         };
         self.adapter
             .build(&ctx)
@@ -328,21 +329,15 @@ impl Lane {
             Verdict::Permanent { reason } => {
                 (AttemptOutcome::Failed, Next::Dead(reason.clone()), reason)
             }
+            // Until links carry credentials a refresh is a plain retry.
+            Verdict::Refresh { reason } => {
+                self.retry_or_give_up(&due, number, now_ms, None, reason)
+            }
+            Verdict::Park { reason } => {
+                (AttemptOutcome::Failed, Next::Dead(reason.clone()), reason)
+            }
             Verdict::Retry { after, reason } => {
-                match self.partner.retry.next(
-                    due.key.delivery,
-                    number,
-                    due.entry.created_ms,
-                    now_ms,
-                    after,
-                ) {
-                    retry::Next::RetryAt(at) => (AttemptOutcome::Retry, Next::RetryAt(at), reason),
-                    retry::Next::GiveUp(why) => (
-                        AttemptOutcome::Failed,
-                        Next::Dead(format!("{why}; last: {reason}")),
-                        reason,
-                    ),
-                }
+                self.retry_or_give_up(&due, number, now_ms, after, reason)
             }
         };
         metrics::counter!("herald_attempts_total", "partner" => self.partner.name.clone(), "outcome" => outcome_label(outcome))
@@ -362,6 +357,33 @@ impl Lane {
             key: due.key,
             entry: due.entry,
             next,
+        }
+    }
+}
+
+impl Lane {
+    fn retry_or_give_up(
+        &self,
+        due: &Due,
+        number: u32,
+        now_ms: u64,
+        after: Option<Duration>,
+        reason: String,
+    ) -> (AttemptOutcome, Next, String) {
+        let policy = &self.partner.retry;
+        match policy.next(
+            due.key.delivery,
+            number,
+            due.entry.created_ms,
+            now_ms,
+            after,
+        ) {
+            retry::Next::RetryAt(at) => (AttemptOutcome::Retry, Next::RetryAt(at), reason),
+            retry::Next::GiveUp(why) => (
+                AttemptOutcome::Failed,
+                Next::Dead(format!("{why}; last: {reason}")),
+                reason,
+            ),
         }
     }
 }
