@@ -47,6 +47,9 @@ pub struct Lane {
     /// Set by ingest when critical work was written: the lane looks at its
     /// critical range before its next send, however full its window is.
     critical_waiting: AtomicBool,
+    /// Rung with `critical_waiting`: interrupts a normal send's wait for a
+    /// rate-limit token, so the critical one takes that token instead.
+    critical_arrived: Notify,
     pub breaker: Breaker,
     pub stats: LaneStats,
 }
@@ -85,6 +88,7 @@ impl Lane {
             held: Held::default(),
             wake: Notify::new(),
             critical_waiting: AtomicBool::new(false),
+            critical_arrived: Notify::new(),
             breaker,
             stats: LaneStats::default(),
         }
@@ -94,6 +98,7 @@ impl Lane {
     pub fn wake(&self, priority: Priority) {
         if priority == Priority::Critical {
             self.critical_waiting.store(true, Ordering::Release);
+            self.critical_arrived.notify_one();
         }
         self.wake.notify_one();
     }
@@ -165,14 +170,30 @@ impl Lane {
                 },
                 _ = stop.cancelled() => {
                     window.unhold(&due);
-                    self.breaker.probe_abandoned();
+                    if probe {
+                        self.breaker.probe_abandoned();
+                    }
                     return;
                 }
             };
-            if !self.take_token(&stop).await {
-                window.unhold(&due);
-                self.breaker.probe_abandoned();
-                return;
+            match self.take_token(&stop, due.key.priority).await {
+                Token::Taken => {}
+                Token::Preempted => {
+                    // A critical delivery arrived: it takes this token.
+                    drop(permit);
+                    window.put_back(due);
+                    if probe {
+                        self.breaker.probe_abandoned();
+                    }
+                    continue;
+                }
+                Token::Stopped => {
+                    window.unhold(&due);
+                    if probe {
+                        self.breaker.probe_abandoned();
+                    }
+                    return;
+                }
             }
             let lane = Arc::clone(&self);
             let abandon = abandon.clone();
@@ -186,19 +207,22 @@ impl Lane {
         }
     }
 
-    /// Waits for a rate-limit token; false if stopped first.
-    async fn take_token(&self, stop: &CancellationToken) -> bool {
+    /// Waits for a rate-limit token for a send of `priority`. A normal
+    /// send gives up its wait when critical work arrives.
+    async fn take_token(&self, stop: &CancellationToken, priority: Priority) -> Token {
         let Some(limiter) = &self.limiter else {
-            return true;
+            return Token::Taken;
         };
+        let yields = priority == Priority::Normal;
         loop {
             match limiter.check() {
-                Ok(()) => return true,
+                Ok(()) => return Token::Taken,
                 Err(not_until) => {
                     let wait = not_until.wait_time_from(governor::clock::Clock::now(&self.clock));
                     tokio::select! {
                         _ = self.clock.sleep(wait) => {}
-                        _ = stop.cancelled() => return false,
+                        _ = self.critical_arrived.notified(), if yields => return Token::Preempted,
+                        _ = stop.cancelled() => return Token::Stopped,
                     }
                 }
             }
@@ -314,6 +338,32 @@ impl Lane {
             .map_err(|e| format!("cannot build the request: {e}"))
     }
 
+    /// The next step after a failed send, by the partner's retry policy.
+    fn retry_or_give_up(
+        &self,
+        due: &Due,
+        number: u32,
+        now_ms: u64,
+        after: Option<Duration>,
+        reason: String,
+    ) -> (AttemptOutcome, Next, String) {
+        let policy = &self.partner.retry;
+        match policy.next(
+            due.key.delivery,
+            number,
+            due.entry.created_ms,
+            now_ms,
+            after,
+        ) {
+            retry::Next::RetryAt(at) => (AttemptOutcome::Retry, Next::RetryAt(at), reason),
+            retry::Next::GiveUp(why) => (
+                AttemptOutcome::Failed,
+                Next::Dead(format!("{why}; last: {reason}")),
+                reason,
+            ),
+        }
+    }
+
     /// Turns a verdict into the attempt record and the delivery's next step.
     fn settle(
         &self,
@@ -361,33 +411,6 @@ impl Lane {
     }
 }
 
-impl Lane {
-    fn retry_or_give_up(
-        &self,
-        due: &Due,
-        number: u32,
-        now_ms: u64,
-        after: Option<Duration>,
-        reason: String,
-    ) -> (AttemptOutcome, Next, String) {
-        let policy = &self.partner.retry;
-        match policy.next(
-            due.key.delivery,
-            number,
-            due.entry.created_ms,
-            now_ms,
-            after,
-        ) {
-            retry::Next::RetryAt(at) => (AttemptOutcome::Retry, Next::RetryAt(at), reason),
-            retry::Next::GiveUp(why) => (
-                AttemptOutcome::Failed,
-                Next::Dead(format!("{why}; last: {reason}")),
-                reason,
-            ),
-        }
-    }
-}
-
 fn reason_only(reason: &str) -> Verdict {
     Verdict::Permanent {
         reason: reason.to_string(),
@@ -404,6 +427,13 @@ fn outcome_label(outcome: AttemptOutcome) -> &'static str {
 
 fn nonzero(n: u32) -> std::num::NonZeroU32 {
     std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN)
+}
+
+enum Token {
+    Taken,
+    /// Critical work arrived while a normal send waited.
+    Preempted,
+    Stopped,
 }
 
 /// What came back, owned, so the adapter can borrow it.

@@ -285,6 +285,27 @@ impl TestHerald {
     }
 }
 
+/// A herald on a driven clock with one webhook partner `acme` at a fresh mock.
+pub async fn setup(
+    partner_extra: &str,
+    server_extra: &str,
+) -> (TestHerald, MockPartner, tempfile::TempDir) {
+    let clock = Clock::manual(START_MS);
+    let mock = MockPartner::start(clock.clone()).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let toml = config_toml(
+        dir.path(),
+        &partner_toml("acme", &mock.url, partner_extra),
+        server_extra,
+    );
+    (TestHerald::start(&toml, clock).await, mock, dir)
+}
+
+/// Real time for the lane to act on a clock step it could act on.
+pub async fn settle() {
+    tokio::time::sleep(Duration::from_millis(150)).await;
+}
+
 pub async fn read(response: reqwest::Response) -> (u16, serde_json::Value) {
     let status = response.status().as_u16();
     let bytes = response.bytes().await.expect("body");
