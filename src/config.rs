@@ -229,6 +229,7 @@ struct FileRetry {
     multiplier: f64,
     max_interval_ms: u64,
     max_age: String,
+    critical_max_age: String,
     max_attempts: Option<u32>,
 }
 
@@ -239,6 +240,7 @@ impl Default for FileRetry {
             multiplier: 2.0,
             max_interval_ms: 600_000,
             max_age: "72h".into(),
+            critical_max_age: "72h".into(),
             max_attempts: None,
         }
     }
@@ -472,6 +474,8 @@ fn partner_config(
         multiplier: r.multiplier,
         max_interval_ms: r.max_interval_ms,
         max_age_ms: parse_duration(&key("retry.max_age"), &r.max_age)?.as_millis() as u64,
+        critical_max_age_ms: parse_duration(&key("retry.critical_max_age"), &r.critical_max_age)?
+            .as_millis() as u64,
         max_attempts: r.max_attempts,
     };
     let b = p.breaker;
@@ -675,6 +679,11 @@ retry = { initial_ms = 1000, multiplier = 2.0, max_interval_ms = 600000, max_age
                 "max_age = \"72h\"",
                 "max_age = \"forever\"",
                 "partners.acme.retry.max_age",
+            ),
+            (
+                "max_age = \"72h\"",
+                "max_age = \"72h\", critical_max_age = \"a while\"",
+                "partners.acme.retry.critical_max_age",
             ),
             (
                 "multiplier = 2.0",

@@ -171,3 +171,195 @@ breaker = { failures = 3, cool_down = "10s", max_cool_down = "60s" }"#,
     let (_, dead) = h.get("/v1/dead-letters").await;
     assert_eq!(dead["items"].as_array().map_or(0, Vec::len), 0, "{dead}");
 }
+
+#[tokio::test]
+async fn a_critical_retry_is_not_hidden_behind_a_full_window_of_normal_work() {
+    let (h, mock, _dir) = setup(
+        r#"rate = { per_second = 10, burst = 1 }
+max_in_flight = 1
+retry = { initial_ms = 1000, max_interval_ms = 1000 }"#,
+        "",
+    )
+    .await;
+    queue_normal(&h, 200).await;
+    mock.wait_for(1).await;
+    // The alert's first send fails; its retry is due one second later.
+    mock.script([Reply::Status(503)]);
+    let (critical_id, _) = h.send_one("acme", "critical").await;
+    settle().await;
+    h.clock.advance(Duration::from_millis(100));
+    let failed = mock.wait_for(2).await[1].clone();
+    assert_eq!(failed.body["priority"], "critical");
+    // Its outcome recorded before the clock moves on: the retry is due at +1 s exactly.
+    h.wait_event(&critical_id, "retry scheduled", |e| {
+        e.deliveries[0].attempts == 1
+    })
+    .await;
+    let retry_due = failed.at_ms + 1000;
+    let mut seen = 2;
+    while h.clock.now_ms() < retry_due + 100 {
+        h.clock.advance(Duration::from_millis(100));
+        seen = mock.wait_for(seen + 1).await.len();
+    }
+    let again = mock
+        .requests()
+        .into_iter()
+        .skip(2)
+        .find(|r| r.webhook_id == failed.webhook_id)
+        .unwrap_or_else(|| {
+            panic!(
+                "the retry, due at {retry_due}, did not go: {:?}",
+                mock.requests()
+                    .iter()
+                    .map(|r| (r.at_ms, r.body["priority"].clone()))
+                    .collect::<Vec<_>>()
+            )
+        });
+    assert!(
+        again.at_ms <= retry_due + 100,
+        "retried {} ms late",
+        again.at_ms - retry_due
+    );
+}
+
+/// Polls /v1/partners (real time, bounded) until `acme` shows `check`.
+async fn wait_partner(
+    h: &common::TestHerald,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    for _ in 0..2000 {
+        let (_, view) = h.get("/v1/partners").await;
+        if check(&view["partners"][0]) {
+            return view["partners"][0].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    panic!("acme never showed {what}");
+}
+
+#[tokio::test]
+async fn a_partner_down_for_a_day_is_probed_not_hammered_and_then_drained_at_its_limit() {
+    const PER_SECOND: u64 = 50;
+    let (h, mock, _dir) = setup(
+        r#"rate = { per_second = 50, burst = 5 }
+retry = { initial_ms = 1000, max_interval_ms = 600000, max_age = "72h", critical_max_age = "72h" }
+breaker = { failures = 5, cool_down = "10s", max_cool_down = "5m" }"#,
+        // Kept past the simulated day, so the events can be looked at after it.
+        r#"retention = "7d""#,
+    )
+    .await;
+    mock.answer_by_default(Reply::Status(503));
+    queue_normal(&h, 500).await;
+    let mut critical = Vec::new();
+    for _ in 0..20 {
+        critical.push(h.send_one("acme", "critical").await.0);
+    }
+    // The burst's five sends fail: the breaker opens and nothing else goes.
+    mock.wait_for(5).await;
+    wait_partner(&h, "an open breaker", |p| p["breaker"] == "open").await;
+    settle().await;
+    assert_eq!(mock.requests().len(), 5);
+
+    // 24 hours down. Probes come at the configured cadence (10 s doubling to
+    // 5 min) and are the only sends.
+    let day_ends = common::START_MS + 24 * 3_600_000;
+    let mut cool_down = 10_000;
+    let mut probes = 0;
+    loop {
+        let last_failure = mock.requests().last().map_or(0, |r| r.at_ms);
+        let probe_at = last_failure + cool_down;
+        if probe_at > day_ends {
+            break;
+        }
+        let partner = wait_partner(&h, "the next probe time", |p| {
+            p["breaker"] == "open"
+                && p["next_probe_at"] == herald::api::ingest::rfc3339(probe_at).as_str()
+        })
+        .await;
+        assert_eq!(partner["dead"], 0);
+        if probes < 3 {
+            advance_to(&h, probe_at - 1);
+            settle().await;
+            assert_eq!(
+                mock.requests().len(),
+                5 + probes,
+                "nothing before the probe is due"
+            );
+        }
+        advance_to(&h, probe_at);
+        probes += 1;
+        mock.wait_for(5 + probes).await;
+        cool_down = (cool_down * 2).min(300_000);
+    }
+    assert!(probes > 280, "{probes} probes in a day");
+    assert_eq!(
+        mock.requests().len(),
+        5 + probes,
+        "only the probes were sent"
+    );
+    let (_, dead) = h.get("/v1/dead-letters").await;
+    assert_eq!(dead["items"].as_array().map_or(0, Vec::len), 0, "{dead}");
+
+    // The partner is back: the next probe is answered and the backlog
+    // drains at the partner's limit, one token every 20 ms of herald's clock.
+    mock.answer_by_default(Reply::Status(200));
+    let before = mock.requests().len();
+    let probe_at = mock.requests()[before - 1].at_ms + 300_000;
+    wait_partner(&h, "the last probe time", |p| p["breaker"] == "open").await;
+    advance_to(&h, probe_at);
+    mock.wait_for(before + 1).await;
+    wait_partner(&h, "a closed breaker", |p| p["breaker"] == "closed").await;
+    let mut seen = before + 1;
+    loop {
+        h.clock.advance(Duration::from_millis(1000 / PER_SECOND));
+        match mock.wait_within(seen + 1, Duration::from_secs(1)).await {
+            Some(now) => seen = now.len(),
+            None => break,
+        }
+    }
+    let drained = &mock.requests()[before..];
+    let mut per_second = std::collections::BTreeMap::<u64, u64>::new();
+    for r in drained {
+        *per_second.entry((r.at_ms - probe_at) / 1000).or_default() += 1;
+    }
+    let full_seconds: Vec<u64> = per_second
+        .range(..per_second.len() as u64 - 1)
+        .map(|(_, n)| *n)
+        .collect();
+    assert!(full_seconds.len() >= 8, "{per_second:?}");
+    assert!(
+        full_seconds
+            .iter()
+            .all(|n| (PER_SECOND - 1..=PER_SECOND + 5).contains(n)),
+        "sends per second while draining: {per_second:?}"
+    );
+
+    // What the probes tried again is due within the retry cap: all of it arrives.
+    h.clock.advance(Duration::from_secs(11 * 60));
+    for _ in 0..200 {
+        h.clock.advance(Duration::from_millis(1000 / PER_SECOND));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let partner = wait_partner(&h, "every event delivered", |p| p["delivered"] == 520).await;
+    assert_eq!(partner["dead"], 0);
+    for id in &critical {
+        h.wait_event(id, "delivered", |e| {
+            e.deliveries[0].state == DeliveryState::Delivered
+        })
+        .await;
+    }
+    let ids: std::collections::HashSet<String> = mock
+        .requests()
+        .iter()
+        .filter(|r| r.at_ms >= probe_at)
+        .map(|r| r.webhook_id.clone())
+        .collect();
+    assert_eq!(ids.len(), 520, "each event delivered once after the outage");
+}
+
+/// Moves the driven clock forward to `ms`.
+fn advance_to(h: &common::TestHerald, ms: u64) {
+    h.clock
+        .advance(Duration::from_millis(ms.saturating_sub(h.clock.now_ms())));
+}

@@ -320,6 +320,9 @@ struct PartnerView {
     name: String,
     adapter: String,
     breaker: crate::dispatch::breaker::State,
+    /// While the breaker is open: when it lets one probe through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_probe_at: Option<String>,
     in_flight: usize,
     max_in_flight: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -343,6 +346,7 @@ pub async fn list_partners(State(state): State<Arc<AppState>>, headers: HeaderMa
             name: lane.partner.name.clone(),
             adapter: lane.partner.adapter_kind.clone(),
             breaker: lane.breaker.state(),
+            next_probe_at: lane.breaker.next_probe_ms().map(rfc3339),
             in_flight: lane.in_flight(),
             max_in_flight: lane.partner.max_in_flight,
             rate_per_second: lane.partner.rate.map(|r| r.per_second),

@@ -101,6 +101,12 @@ impl Breaker {
         self.lock().state
     }
 
+    /// While open: when the next probe may go (ms).
+    pub fn next_probe_ms(&self) -> Option<u64> {
+        let inner = self.lock();
+        (inner.state == State::Open).then_some(inner.open_until_ms)
+    }
+
     /// Asked before each send.
     pub fn admit(&self, now_ms: u64) -> (Admit, Option<Transition>) {
         let mut inner = self.lock();

@@ -50,6 +50,9 @@ pub struct Lane {
     /// Rung with `critical_waiting`: interrupts a normal send's wait for a
     /// rate-limit token, so the critical one takes that token instead.
     critical_arrived: Notify,
+    /// The earliest retry time of a critical delivery this lane sent
+    /// (u64::MAX: none): a full window of normal work must not hide it.
+    critical_retry_at: AtomicU64,
     pub breaker: Breaker,
     pub stats: LaneStats,
 }
@@ -89,6 +92,7 @@ impl Lane {
             wake: Notify::new(),
             critical_waiting: AtomicBool::new(false),
             critical_arrived: Notify::new(),
+            critical_retry_at: AtomicU64::new(u64::MAX),
             breaker,
             stats: LaneStats::default(),
         }
@@ -121,7 +125,8 @@ impl Lane {
             if stop.is_cancelled() {
                 return;
             }
-            let critical = self.critical_waiting.swap(false, Ordering::AcqRel);
+            let critical = self.critical_waiting.swap(false, Ordering::AcqRel)
+                || self.critical_retry_came_due();
             let refill: &[Priority] = if window.is_low() {
                 &Priority::ALL
             } else if critical {
@@ -195,6 +200,13 @@ impl Lane {
                     return;
                 }
             }
+            if !probe && self.breaker.state() != State::Closed {
+                // The breaker opened while this send waited for its turn:
+                // it waits with the rest instead of going out anyway.
+                drop(permit);
+                window.put_back(due);
+                continue;
+            }
             let lane = Arc::clone(&self);
             let abandon = abandon.clone();
             tracker.spawn(async move {
@@ -207,8 +219,18 @@ impl Lane {
         }
     }
 
+    /// Whether a critical retry is due now; if so, it is looked for once.
+    fn critical_retry_came_due(&self) -> bool {
+        let now = self.clock.now_ms();
+        self.critical_retry_at
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |at| {
+                (at <= now).then_some(u64::MAX)
+            })
+            .is_ok()
+    }
+
     /// Waits for a rate-limit token for a send of `priority`. A normal
-    /// send gives up its wait when critical work arrives.
+    /// send gives up its wait when critical work arrives or comes due.
     async fn take_token(&self, stop: &CancellationToken, priority: Priority) -> Token {
         let Some(limiter) = &self.limiter else {
             return Token::Taken;
@@ -219,9 +241,13 @@ impl Lane {
                 Ok(()) => return Token::Taken,
                 Err(not_until) => {
                     let wait = not_until.wait_time_from(governor::clock::Clock::now(&self.clock));
+                    let retry_at = self.critical_retry_at.load(Ordering::Acquire);
                     tokio::select! {
                         _ = self.clock.sleep(wait) => {}
                         _ = self.critical_arrived.notified(), if yields => return Token::Preempted,
+                        _ = self.clock.sleep_until_ms(retry_at), if yields && retry_at != u64::MAX => {
+                            return Token::Preempted
+                        }
                         _ = stop.cancelled() => return Token::Stopped,
                     }
                 }
@@ -230,7 +256,7 @@ impl Lane {
     }
 
     async fn deliver(self: Arc<Self>, due: Due, permit: OwnedSemaphorePermit, probe: bool) {
-        let id = due.key.delivery;
+        let (id, priority) = (due.key.delivery, due.key.priority);
         let (outcome, health) = self.attempt(due).await;
         drop(permit);
         let transition = self.breaker.record(health, self.clock.now_ms(), probe);
@@ -240,7 +266,12 @@ impl Lane {
             Ok(()) => {
                 let counter = match next {
                     Next::Delivered => &self.stats.delivered,
-                    Next::RetryAt(_) => &self.stats.retried,
+                    Next::RetryAt(at) => {
+                        if priority == Priority::Critical {
+                            self.critical_retry_at.fetch_min(at, Ordering::AcqRel);
+                        }
+                        &self.stats.retried
+                    }
                     Next::Dead(_) => &self.stats.dead,
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
@@ -354,6 +385,7 @@ impl Lane {
             due.entry.created_ms,
             now_ms,
             after,
+            due.key.priority,
         ) {
             retry::Next::RetryAt(at) => (AttemptOutcome::Retry, Next::RetryAt(at), reason),
             retry::Next::GiveUp(why) => (

@@ -12,14 +12,18 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
+use crate::model::Priority;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryPolicy {
     pub initial_ms: u64,
     pub multiplier: f64,
     pub max_interval_ms: u64,
-    /// A delivery older than this is dead-lettered instead of retried.
+    /// A normal delivery older than this is dead-lettered instead of retried.
     pub max_age_ms: u64,
-    /// Optional cap on real sends.
+    /// The same for a critical delivery, whose only limit it is.
+    pub critical_max_age_ms: u64,
+    /// Optional cap on real sends of a normal delivery.
     pub max_attempts: Option<u32>,
 }
 
@@ -30,6 +34,7 @@ impl Default for RetryPolicy {
             multiplier: 2.0,
             max_interval_ms: 600_000,
             max_age_ms: 72 * 3600 * 1000,
+            critical_max_age_ms: 72 * 3600 * 1000,
             max_attempts: None,
         }
     }
@@ -62,7 +67,9 @@ impl RetryPolicy {
         self.initial_ms.min(ceiling) + (span as f64 * unit) as u64
     }
 
-    /// Decides the next step after a failed send made at `now_ms`.
+    /// Decides the next step after a failed send made at `now_ms`. A
+    /// critical delivery ends only by its own max age: a safety alert is
+    /// never given up on for having been tried often.
     pub fn next(
         &self,
         id: Uuid,
@@ -70,8 +77,10 @@ impl RetryPolicy {
         created_ms: u64,
         now_ms: u64,
         retry_after: Option<Duration>,
+        priority: Priority,
     ) -> Next {
-        if let Some(max) = self.max_attempts {
+        let critical = priority == Priority::Critical;
+        if let (Some(max), false) = (self.max_attempts, critical) {
             if failures >= max {
                 return Next::GiveUp(format!(
                     "gave up after {failures} attempts (retry.max_attempts)"
@@ -82,10 +91,14 @@ impl RetryPolicy {
             .map(|d| (d.as_millis() as u64).min(self.max_interval_ms))
             .unwrap_or(0);
         let due = now_ms.saturating_add(self.delay_ms(id, failures).max(asked));
-        if due.saturating_sub(created_ms) > self.max_age_ms {
+        let (max_age_ms, key) = match critical {
+            true => (self.critical_max_age_ms, "retry.critical_max_age"),
+            false => (self.max_age_ms, "retry.max_age"),
+        };
+        if due.saturating_sub(created_ms) > max_age_ms {
             return Next::GiveUp(format!(
-                "gave up after {failures} attempts: the next one would be past retry.max_age ({})",
-                humantime::format_duration(Duration::from_millis(self.max_age_ms))
+                "gave up after {failures} attempts: the next one would be past {key} ({})",
+                humantime::format_duration(Duration::from_millis(max_age_ms))
             ));
         }
         Next::RetryAt(due)
@@ -126,6 +139,7 @@ mod tests {
                 multiplier,
                 max_interval_ms: initial_ms + extra,
                 max_age_ms,
+                critical_max_age_ms: max_age_ms,
                 max_attempts: None,
             })
     }
@@ -159,7 +173,7 @@ mod tests {
         fn retry_after_is_a_clamped_minimum(p in policy(), id in uuid(), failures in 1u32..50, asked in 0u64..100_000_000) {
             let now = 1_000_000u64;
             let policy = RetryPolicy { max_age_ms: u64::MAX / 4, ..p };
-            let Next::RetryAt(due) = policy.next(id, failures, now, now, Some(Duration::from_millis(asked))) else {
+            let Next::RetryAt(due) = policy.next(id, failures, now, now, Some(Duration::from_millis(asked)), Priority::Normal) else {
                 return Err(TestCaseError::fail("must retry"));
             };
             prop_assert!(due - now >= asked.min(policy.max_interval_ms));
@@ -170,7 +184,7 @@ mod tests {
         #[test]
         fn nothing_is_scheduled_past_max_age(p in policy(), id in uuid(), failures in 1u32..50, age in 0u64..2_000_000_000) {
             let created = 10u64;
-            match p.next(id, failures, created, created + age, None) {
+            match p.next(id, failures, created, created + age, None, Priority::Normal) {
                 Next::RetryAt(due) => prop_assert!(due - created <= p.max_age_ms),
                 Next::GiveUp(reason) => prop_assert!(reason.contains("max_age")),
             }
@@ -209,12 +223,34 @@ mod tests {
             ..RetryPolicy::default()
         };
         assert!(matches!(
-            p.next(Uuid::nil(), 2, 0, 0, None),
+            p.next(Uuid::nil(), 2, 0, 0, None, Priority::Normal),
             Next::RetryAt(_)
         ));
         assert!(matches!(
-            p.next(Uuid::nil(), 3, 0, 0, None),
+            p.next(Uuid::nil(), 3, 0, 0, None, Priority::Normal),
             Next::GiveUp(_)
         ));
+    }
+
+    #[test]
+    fn critical_ends_only_by_its_own_max_age() {
+        let hour = 3_600_000;
+        let p = RetryPolicy {
+            max_attempts: Some(3),
+            max_age_ms: hour,
+            critical_max_age_ms: 72 * hour,
+            ..RetryPolicy::default()
+        };
+        let critical =
+            |failures, age| p.next(Uuid::nil(), failures, 0, age, None, Priority::Critical);
+        assert!(matches!(critical(500, 24 * hour), Next::RetryAt(_)));
+        assert!(matches!(
+            p.next(Uuid::nil(), 1, 0, 2 * hour, None, Priority::Normal),
+            Next::GiveUp(_)
+        ));
+        match critical(500, 72 * hour) {
+            Next::GiveUp(why) => assert!(why.contains("retry.critical_max_age (3days)"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -47,6 +47,8 @@ struct MockState {
     clock: Clock,
     recorded: Mutex<Vec<Recorded>>,
     script: Mutex<VecDeque<Reply>>,
+    /// The answer when the script is empty.
+    default: Mutex<Reply>,
     arrived: Notify,
 }
 
@@ -63,6 +65,7 @@ impl MockPartner {
             clock,
             recorded: Mutex::new(Vec::new()),
             script: Mutex::new(VecDeque::new()),
+            default: Mutex::new(Reply::Status(200)),
             arrived: Notify::new(),
         });
         let app = axum::Router::new()
@@ -89,24 +92,37 @@ impl MockPartner {
         self.state.script.lock().unwrap().extend(replies);
     }
 
+    /// Every request after the script gets this answer (a partner down, or back).
+    pub fn answer_by_default(&self, reply: Reply) {
+        *self.state.default.lock().unwrap() = reply;
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
         self.state.recorded.lock().unwrap().clone()
     }
 
     /// Waits (real time, bounded) until at least `n` requests arrived.
     pub async fn wait_for(&self, n: usize) -> Vec<Recorded> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        match self.wait_within(n, Duration::from_secs(20)).await {
+            Some(seen) => seen,
+            None => panic!(
+                "expected {n} requests at the mock partner, got {}",
+                self.requests().len()
+            ),
+        }
+    }
+
+    /// Waits up to `limit` (real time) for at least `n` requests; `None` if they never came.
+    pub async fn wait_within(&self, n: usize, limit: Duration) -> Option<Vec<Recorded>> {
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
             let notified = self.state.arrived.notified();
             let seen = self.requests();
             if seen.len() >= n {
-                return seen;
+                return Some(seen);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                panic!(
-                    "expected {n} requests at the mock partner, got {}",
-                    self.requests().len()
-                );
+                return None;
             }
         }
     }
@@ -129,15 +145,15 @@ async fn receive(State(state): State<Arc<MockState>>, headers: HeaderMap, raw: B
         at_ms: state.clock.now_ms(),
     };
     state.recorded.lock().unwrap().push(recorded);
-    let reply = state.script.lock().unwrap().pop_front();
+    let scripted = state.script.lock().unwrap().pop_front();
+    let reply = scripted.unwrap_or_else(|| state.default.lock().unwrap().clone());
     state.arrived.notify_waiters();
     match reply {
-        None => StatusCode::OK.into_response(),
-        Some(Reply::Status(code)) => status(code).into_response(),
-        Some(Reply::WithHeader(code, name, value)) => {
+        Reply::Status(code) => status(code).into_response(),
+        Reply::WithHeader(code, name, value) => {
             (status(code), [(name, value)], "slow down").into_response()
         }
-        Some(Reply::Hang) => {
+        Reply::Hang => {
             std::future::pending::<()>().await;
             unreachable!()
         }
