@@ -137,9 +137,25 @@ impl governor::clock::Clock for Clock {
     }
 }
 
+/// Unix milliseconds as an RFC 3339 UTC timestamp, as the API shows times.
+pub fn rfc3339(unix_ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(unix_ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix_ms.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formats_times_as_rfc3339() {
+        assert_eq!(rfc3339(1_764_050_400_000), "2025-11-25T06:00:00Z");
+    }
 
     #[tokio::test]
     async fn manual_sleepers_wake_only_when_advanced_far_enough() {

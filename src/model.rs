@@ -168,6 +168,21 @@ pub struct DeadLetter {
     pub attempts: AttemptLog,
 }
 
+/// A device's route to a partner that answered that it is gone for good
+/// (HTTP 410, the platform's "integration deleted"). Until on-call clears
+/// it (or the link is put again), deliveries on it become dead letters
+/// with this reason instead of being sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParkedRoute {
+    pub partner: String,
+    pub device_id: String,
+    pub reason: String,
+    pub parked_ms: u64,
+    /// The delivery whose answer parked it.
+    pub delivery_id: Uuid,
+    pub event_id: Uuid,
+}
+
 /// The value of a schedule entry: what a lane needs to make the next attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScheduledDelivery {

@@ -260,7 +260,7 @@ async fn unreachable_partner_is_retried_until_max_age_then_dead() {
 breaker = { failures = 0 }"#,
     );
     let h = TestHerald::start(&config_toml(dir.path(), &partner, ""), clock).await;
-    let (event_id, _) = h.send_one("acme", "critical").await;
+    let (event_id, _) = h.send_one("acme", "normal").await;
 
     let mut failures = 0;
     loop {

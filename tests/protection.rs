@@ -7,7 +7,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{settle, setup, Reply};
+use common::{config_toml, partner_toml, settle, setup, Reply};
+use herald::clock::Clock;
 use herald::model::DeliveryState;
 
 /// Posts `n` normal events to `acme`, 100 per request.
@@ -222,6 +223,79 @@ retry = { initial_ms = 1000, max_interval_ms = 1000 }"#,
     );
 }
 
+/// Posts one normal event of `device` to `acme`: its event id.
+async fn send_for(h: &common::TestHerald, device: &str) -> String {
+    let (status, body) = h
+        .post_events(&format!(
+            r#"{{"device_id":"{device}","type":"lock.state","data":{{"value":"locked"}},"partners":["acme"]}}"#
+        ))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    body["id"].as_str().expect("id").to_string()
+}
+
+#[tokio::test]
+async fn a_gone_route_is_parked_and_later_events_to_it_are_dead_letters_with_the_reason() {
+    let clock = Clock::manual(common::START_MS);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mock = common::MockPartner::start(clock.clone()).await;
+    let toml = config_toml(dir.path(), &partner_toml("acme", &mock.url, ""), "");
+    let h = common::TestHerald::start(&toml, clock.clone()).await;
+    mock.script([Reply::Status(410)]);
+    let first = send_for(&h, "lock-gone").await;
+    mock.wait_for(1).await;
+    let dead = |e: &herald::model::EventRecord| e.deliveries[0].state == DeliveryState::Dead;
+    h.wait_event(&first, "dead", dead).await;
+    let (status, parked) = h.get("/v1/partners/acme/parked").await;
+    assert_eq!(status, 200);
+    assert_eq!(parked["parked"][0]["device_id"], "lock-gone", "{parked}");
+    assert!(
+        parked["parked"][0]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("410"),
+        "{parked}"
+    );
+
+    // Parked across a restart: later events to that device are not sent,
+    // they are dead letters naming why; other devices flow.
+    h.herald.shutdown().await.expect("clean shutdown");
+    let h = common::TestHerald::start(&toml, clock.clone()).await;
+    let later = send_for(&h, "lock-gone").await;
+    let other = send_for(&h, "lock-fine").await;
+    h.wait_event(&other, "delivered", |e| {
+        e.deliveries[0].state == DeliveryState::Delivered
+    })
+    .await;
+    let event = h.wait_event(&later, "dead", dead).await;
+    assert_eq!(mock.requests().len(), 2, "nothing sent to the parked route");
+    let dead_id = event.deliveries[0].dead_letter.expect("dead letter id");
+    let (_, letter) = h.get(&format!("/v1/dead-letters/{dead_id}")).await;
+    let reason = letter["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("parked") && reason.contains("410"),
+        "an on-call engineer reads why: {letter}"
+    );
+
+    // On-call clears it once the integration is back: sent again.
+    let clear = |device: &str| {
+        h.http
+            .delete(h.url(&format!("/v1/partners/acme/parked/{device}")))
+            .bearer_auth(common::OPERATOR_TOKEN)
+            .send()
+    };
+    assert_eq!(clear("lock-gone").await.expect("answer").status(), 204);
+    assert_eq!(clear("lock-gone").await.expect("answer").status(), 404);
+    let (status, _) = h.get("/v1/partners/nobody/parked").await;
+    assert_eq!(status, 404);
+    let again = send_for(&h, "lock-gone").await;
+    h.wait_event(&again, "delivered", |e| {
+        e.deliveries[0].state == DeliveryState::Delivered
+    })
+    .await;
+    assert_eq!(mock.requests().len(), 3);
+}
+
 /// Polls /v1/partners (real time, bounded) until `acme` shows `check`.
 async fn wait_partner(
     h: &common::TestHerald,
@@ -274,7 +348,7 @@ breaker = { failures = 5, cool_down = "10s", max_cool_down = "5m" }"#,
         }
         let partner = wait_partner(&h, "the next probe time", |p| {
             p["breaker"] == "open"
-                && p["next_probe_at"] == herald::api::ingest::rfc3339(probe_at).as_str()
+                && p["next_probe_at"] == herald::clock::rfc3339(probe_at).as_str()
         })
         .await;
         assert_eq!(partner["dead"], 0);

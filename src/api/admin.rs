@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
-use super::ingest::rfc3339;
 use super::problem::Problem;
 use super::AppState;
+use crate::clock::rfc3339;
 use crate::config::Role;
 use crate::model::{
     Attempt, AttemptLog, DeadLetter, DeliveryRecord, DeliveryState, EventRecord, Priority,
@@ -87,7 +87,7 @@ fn parse_id(text: &str, what: &str) -> Result<Uuid, Problem> {
     Uuid::parse_str(text).map_err(|_| Problem::not_found(format!("{text:?} is not a {what} id")))
 }
 
-fn store_failed(e: crate::store::StoreError) -> Problem {
+pub(super) fn store_failed(e: crate::store::StoreError) -> Problem {
     tracing::error!(error = %e, "an admin read failed");
     Problem::internal(format!("the store could not be read: {e}"))
 }
@@ -312,50 +312,4 @@ pub async fn get_dead_letter(
         Ok::<_, Problem>(Json(view).into_response())
     };
     view.await.unwrap_or_else(IntoResponse::into_response)
-}
-
-/// One partner as on-call sees it: its limits, its breaker, what it did.
-#[derive(Serialize)]
-struct PartnerView {
-    name: String,
-    adapter: String,
-    breaker: crate::dispatch::breaker::State,
-    /// While the breaker is open: when it lets one probe through.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    next_probe_at: Option<String>,
-    in_flight: usize,
-    max_in_flight: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    rate_per_second: Option<u32>,
-    /// Since this process started.
-    sent: u64,
-    delivered: u64,
-    retried: u64,
-    dead: u64,
-}
-
-pub async fn list_partners(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(problem) = state.tokens.authorize(&headers, Role::Operator) {
-        return problem.into_response();
-    }
-    let count = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
-    let mut partners: Vec<PartnerView> = state
-        .dispatcher
-        .lanes()
-        .map(|lane| PartnerView {
-            name: lane.partner.name.clone(),
-            adapter: lane.partner.adapter_kind.clone(),
-            breaker: lane.breaker.state(),
-            next_probe_at: lane.breaker.next_probe_ms().map(rfc3339),
-            in_flight: lane.in_flight(),
-            max_in_flight: lane.partner.max_in_flight,
-            rate_per_second: lane.partner.rate.map(|r| r.per_second),
-            sent: count(&lane.stats.sent),
-            delivered: count(&lane.stats.delivered),
-            retried: count(&lane.stats.retried),
-            dead: count(&lane.stats.dead),
-        })
-        .collect();
-    partners.sort_by(|a, b| a.name.cmp(&b.name));
-    Json(serde_json::json!({ "partners": partners })).into_response()
 }

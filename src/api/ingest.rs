@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use super::problem::Problem;
 use super::AppState;
+use crate::clock::rfc3339;
 use crate::config::Role;
 use crate::model::{DeliveryRecord, DeliveryState, EventRecord, Priority};
 use crate::store::{Accepted, StoreError};
@@ -344,16 +345,6 @@ fn check_text(field: &str, value: &str, max: usize) -> Result<(), (String, Strin
     Ok(())
 }
 
-pub fn rfc3339(unix_ms: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(unix_ms as i128 * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| unix_ms.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,10 +396,5 @@ mod tests {
         assert_eq!(split(b"[1,2,3]", 2).err().map(|p| p.status), Some(413));
         assert_eq!(split(b"hello", 10).err().map(|p| p.status), Some(400));
         assert_eq!(split(b"{\"a\":", 10).err().map(|p| p.status), Some(400));
-    }
-
-    #[test]
-    fn formats_times_as_rfc3339() {
-        assert_eq!(rfc3339(1_764_050_400_000), "2025-11-25T06:00:00Z");
     }
 }

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod auth;
 pub mod ingest;
+pub mod partners;
 pub mod problem;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -67,7 +68,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/events/{id}", get(admin::get_event))
         .route("/v1/dead-letters", get(admin::list_dead_letters))
         .route("/v1/dead-letters/{id}", get(admin::get_dead_letter))
-        .route("/v1/partners", get(admin::list_partners))
+        .route("/v1/partners", get(partners::list_partners))
+        .route("/v1/partners/{name}/parked", get(partners::list_parked))
+        .route(
+            "/v1/partners/{name}/parked/{device_id}",
+            axum::routing::delete(partners::clear_parked),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

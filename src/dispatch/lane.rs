@@ -20,11 +20,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::breaker::{Admit, Breaker, Health, State, Transition};
+use super::parked::Parked;
 use super::retry;
 use super::scheduler::{Held, Window};
-use crate::clock::Clock;
+use crate::clock::{rfc3339, Clock};
 use crate::config::PartnerConfig;
-use crate::model::{Attempt, AttemptOutcome, EventRecord, Priority};
+use crate::model::{Attempt, AttemptOutcome, EventRecord, ParkedRoute, Priority};
 use crate::store::{Due, Next, Outcome, Store};
 
 /// How much of an answer's body is read: enough for any adapter to classify.
@@ -54,6 +55,8 @@ pub struct Lane {
     /// (u64::MAX: none): a full window of normal work must not hide it.
     critical_retry_at: AtomicU64,
     pub breaker: Breaker,
+    /// Devices whose route to this partner is gone (410): not sent to.
+    pub parked: Parked,
     pub stats: LaneStats,
 }
 
@@ -72,6 +75,7 @@ impl Lane {
         client: reqwest::Client,
         store: Store,
         clock: Clock,
+        parked: Parked,
     ) -> Lane {
         let limiter = partner.rate.map(|rate| {
             let quota =
@@ -94,6 +98,7 @@ impl Lane {
             critical_arrived: Notify::new(),
             critical_retry_at: AtomicU64::new(u64::MAX),
             breaker,
+            parked,
             stats: LaneStats::default(),
         }
     }
@@ -105,6 +110,16 @@ impl Lane {
             self.critical_arrived.notify_one();
         }
         self.wake.notify_one();
+    }
+
+    /// Clears a parked route: deliveries to the device are sent again.
+    /// False if it was not parked.
+    pub async fn unpark(&self, device_id: &str) -> Result<bool, crate::store::StoreError> {
+        let found = self.store.unpark(&self.partner.name, device_id).await?;
+        self.parked.remove(device_id);
+        metrics::gauge!("herald_parked_routes", "partner" => self.partner.name.clone())
+            .set(self.parked.len() as f64);
+        Ok(found)
     }
 
     pub fn in_flight(&self) -> usize {
@@ -262,8 +277,16 @@ impl Lane {
         let transition = self.breaker.record(health, self.clock.now_ms(), probe);
         self.note(transition);
         let next = outcome.next.clone();
+        let park = outcome.park.clone();
         match self.store.record(outcome).await {
             Ok(()) => {
+                if let Some(route) = park {
+                    tracing::warn!(partner = %route.partner, device = %route.device_id, reason = %route.reason,
+                        "route parked: later deliveries to this device become dead letters until it is cleared");
+                    self.parked.insert(*route);
+                    metrics::gauge!("herald_parked_routes", "partner" => self.partner.name.clone())
+                        .set(self.parked.len() as f64);
+                }
                 let counter = match next {
                     Next::Delivered => &self.stats.delivered,
                     Next::RetryAt(at) => {
@@ -324,6 +347,14 @@ impl Lane {
             Ok(None) => return unsent(self, due, "the event record is missing"),
             Err(e) => return unsent(self, due, &e.to_string()),
         };
+        if let Some(route) = self.parked.get(&event.device_id) {
+            let reason = format!(
+                "not sent: the route was parked at {} ({})",
+                rfc3339(route.parked_ms),
+                route.reason
+            );
+            return unsent(self, due, &reason);
+        }
         let request = match self.build(&event, &due, number) {
             Ok(request) => request,
             Err(reason) => return unsent(self, due, &reason),
@@ -337,10 +368,19 @@ impl Lane {
             .adapter
             .classify(&answer.as_answer(), self.clock.now_system_time());
         let health = Health::of(answer.status());
-        (
-            self.settle(due, number, started_ms, answer.status(), verdict),
-            health,
-        )
+        let parks = matches!(verdict, Verdict::Park { .. });
+        let mut outcome = self.settle(due, number, started_ms, answer.status(), verdict);
+        if let (true, Next::Dead(reason)) = (parks, &outcome.next) {
+            outcome.park = Some(Box::new(ParkedRoute {
+                partner: self.partner.name.clone(),
+                device_id: event.device_id.clone(),
+                reason: reason.clone(),
+                parked_ms: outcome.attempt.at_ms,
+                delivery_id: outcome.key.delivery,
+                event_id: event.id,
+            }));
+        }
+        (outcome, health)
     }
 
     fn build(
@@ -439,6 +479,7 @@ impl Lane {
             key: due.key,
             entry: due.entry,
             next,
+            park: None,
         }
     }
 }

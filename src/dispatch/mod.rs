@@ -9,6 +9,7 @@
 pub mod breaker;
 pub mod client;
 pub mod lane;
+pub mod parked;
 pub mod retry;
 pub mod scheduler;
 
@@ -45,12 +46,15 @@ impl Dispatcher {
         for partner in &config.partners {
             let adapter = adapters::build_adapter(&partner.adapter_kind, &partner.adapter)
                 .map_err(|e| format!("partners.{}.{e}", partner.name))?;
+            let parked = parked::Parked::load(&store, &partner.name)
+                .map_err(|e| format!("cannot read the parked routes of {}: {e}", partner.name))?;
             let lane = Arc::new(Lane::new(
                 partner.clone(),
                 adapter,
                 clients.for_partner(partner.allow_private).clone(),
                 store.clone(),
                 clock.clone(),
+                parked,
             ));
             loops.spawn(Arc::clone(&lane).run(stop.clone(), abandon.clone(), sends.clone()));
             lanes.insert(partner.name.clone(), lane);
@@ -70,6 +74,10 @@ impl Dispatcher {
         if let Some(lane) = self.lanes.get(partner) {
             lane.wake(priority);
         }
+    }
+
+    pub fn lane(&self, partner: &str) -> Option<&Arc<Lane>> {
+        self.lanes.get(partner)
     }
 
     pub fn lanes(&self) -> impl Iterator<Item = &Arc<Lane>> {

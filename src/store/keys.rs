@@ -22,6 +22,9 @@ pub const DEAD: u8 = b'd';
 /// `o` + delivery id: the attempt that delivered it. Written instead of
 /// rewriting the whole event record, the one write a success costs.
 pub const DELIVERED: u8 = b'o';
+/// `p` + partner + device id: a route to a partner that answered "gone"
+/// (410, integration deleted); deliveries on it become dead letters.
+pub const PARKED: u8 = b'p';
 /// The sequence number of the last group commit (see [`super::watermark`]).
 pub const COMMITS: &[u8] = b"mcommits";
 
@@ -45,6 +48,21 @@ pub fn idempotency(key: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + key.len());
     out.push(IDEMPOTENCY);
     out.extend_from_slice(key.as_bytes());
+    out
+}
+
+/// Every parked route of `partner`: the prefix of their keys.
+pub fn parked_prefix(partner: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + partner.len());
+    out.push(PARKED);
+    out.push(partner.len() as u8);
+    out.extend_from_slice(partner.as_bytes());
+    out
+}
+
+pub fn parked(partner: &str, device_id: &str) -> Vec<u8> {
+    let mut out = parked_prefix(partner);
+    out.extend_from_slice(device_id.as_bytes());
     out
 }
 

@@ -18,7 +18,8 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::model::{
-    Attempt, AttemptLog, DeadLetter, DeliveryState, EventRecord, Priority, ScheduledDelivery,
+    Attempt, AttemptLog, DeadLetter, DeliveryState, EventRecord, ParkedRoute, Priority,
+    ScheduledDelivery,
 };
 use keys::ScheduleKey;
 use writer::Command;
@@ -60,6 +61,8 @@ pub struct Outcome {
     pub entry: ScheduledDelivery,
     pub attempt: Attempt,
     pub next: Next,
+    /// The answer said the route is gone: park it in the same write.
+    pub park: Option<Box<ParkedRoute>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,6 +168,22 @@ impl Store {
     /// Records one attempt's outcome and moves the delivery on.
     pub async fn record(&self, outcome: Outcome) -> Result<(), StoreError> {
         self.call(|reply| Command::Record { outcome, reply }).await
+    }
+
+    /// Clears a parked route; false if it was not parked.
+    pub async fn unpark(&self, partner: &str, device_id: &str) -> Result<bool, StoreError> {
+        let key = keys::parked(partner, device_id);
+        self.call(|reply| Command::Unpark { key, reply }).await
+    }
+
+    /// Every parked route of `partner`.
+    pub fn parked(&self, partner: &str) -> Result<Vec<ParkedRoute>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(keys::parked_prefix(partner)) {
+            let (k, v) = item?;
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
     }
 
     /// Removes finished events received before `cutoff_ms`, looking at no more

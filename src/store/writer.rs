@@ -41,6 +41,10 @@ pub(super) enum Command {
         resume_after: Option<Uuid>,
         reply: Reply<Collected>,
     },
+    Unpark {
+        key: Vec<u8>,
+        reply: Reply<bool>,
+    },
     Shutdown {
         reply: Reply<()>,
     },
@@ -63,6 +67,7 @@ enum Answer {
     Enqueue(Reply<Vec<Accepted>>, Result<Vec<Accepted>, StoreError>),
     Record(Reply<()>, Result<(), StoreError>),
     Collect(Reply<Collected>, Result<Collected, StoreError>),
+    Unpark(Reply<bool>, Result<bool, StoreError>),
     Shutdown(Reply<()>),
 }
 
@@ -99,6 +104,13 @@ fn run(db: sled::Db, data_file: File, mut watermark: Watermark, mut rx: mpsc::Re
                     let result = collect(&mut pending, cutoff_ms, budget, resume_after);
                     answers.push(Answer::Collect(reply, result));
                 }
+                Command::Unpark { key, reply } => {
+                    let result = pending.get(&key).map(|found| {
+                        pending.remove(key);
+                        found.is_some()
+                    });
+                    answers.push(Answer::Unpark(reply, result));
+                }
                 Command::Shutdown { reply } => {
                     stop = true;
                     answers.push(Answer::Shutdown(reply));
@@ -118,6 +130,8 @@ fn run(db: sled::Db, data_file: File, mut watermark: Watermark, mut rx: mpsc::Re
                 (Answer::Record(r, _), Err(e)) => drop(r.send(Err(failed(e)))),
                 (Answer::Collect(r, result), Ok(())) => drop(r.send(result)),
                 (Answer::Collect(r, _), Err(e)) => drop(r.send(Err(failed(e)))),
+                (Answer::Unpark(r, result), Ok(())) => drop(r.send(result)),
+                (Answer::Unpark(r, _), Err(e)) => drop(r.send(Err(failed(e)))),
                 (Answer::Shutdown(r), Ok(())) => drop(r.send(Ok(()))),
                 (Answer::Shutdown(r), Err(e)) => drop(r.send(Err(failed(e)))),
             }
@@ -142,6 +156,7 @@ fn refuse(command: Command) {
         Command::Enqueue { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
         Command::Record { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
         Command::Collect { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
+        Command::Unpark { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
         Command::Shutdown { reply } => drop(reply.send(Ok(()))),
     }
 }
@@ -292,6 +307,7 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
         entry,
         attempt,
         next,
+        park,
     } = outcome;
     let schedule_key = key.encode();
     if p.get(&schedule_key)?.is_none() {
@@ -299,6 +315,12 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
         return Ok(());
     }
     p.remove(schedule_key);
+    if let Some(route) = park {
+        p.put(
+            keys::parked(&route.partner, &route.device_id),
+            encode(&route),
+        );
+    }
     let log_key = keys::attempts(entry.delivery);
     let has_log = entry.attempts > 0;
     if next == Next::Delivered {

@@ -1,0 +1,132 @@
+//! Partners as on-call sees them: limits, breaker, counts, parked routes.
+//!
+//! `GET /v1/partners` answers "is this partner OK right now?";
+//! `GET /v1/partners/{name}/parked` lists the devices whose route the
+//! partner said is gone, and `DELETE .../parked/{device_id}` clears one once
+//! the integration is back, so deliveries to it are sent again.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+use super::admin::store_failed;
+use super::problem::Problem;
+use super::AppState;
+use crate::clock::rfc3339;
+use crate::config::Role;
+use crate::dispatch::lane::Lane;
+use crate::model::ParkedRoute;
+
+/// One partner as on-call sees it: its limits, its breaker, what it did.
+#[derive(Serialize)]
+struct PartnerView {
+    name: String,
+    adapter: String,
+    breaker: crate::dispatch::breaker::State,
+    /// While the breaker is open: when it lets one probe through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_probe_at: Option<String>,
+    in_flight: usize,
+    max_in_flight: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_per_second: Option<u32>,
+    /// Since this process started.
+    sent: u64,
+    delivered: u64,
+    retried: u64,
+    dead: u64,
+}
+
+pub async fn list_partners(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(problem) = state.tokens.authorize(&headers, Role::Operator) {
+        return problem.into_response();
+    }
+    let count = |n: &AtomicU64| n.load(Ordering::Relaxed);
+    let mut partners: Vec<PartnerView> = state
+        .dispatcher
+        .lanes()
+        .map(|lane| PartnerView {
+            name: lane.partner.name.clone(),
+            adapter: lane.partner.adapter_kind.clone(),
+            breaker: lane.breaker.state(),
+            next_probe_at: lane.breaker.next_probe_ms().map(rfc3339),
+            in_flight: lane.in_flight(),
+            max_in_flight: lane.partner.max_in_flight,
+            rate_per_second: lane.partner.rate.map(|r| r.per_second),
+            sent: count(&lane.stats.sent),
+            delivered: count(&lane.stats.delivered),
+            retried: count(&lane.stats.retried),
+            dead: count(&lane.stats.dead),
+        })
+        .collect();
+    partners.sort_by(|a, b| a.name.cmp(&b.name));
+    Json(serde_json::json!({ "partners": partners })).into_response()
+}
+
+#[derive(Serialize)]
+struct ParkedView<'a> {
+    device_id: &'a str,
+    reason: &'a str,
+    parked_at: String,
+    delivery_id: String,
+    event_id: String,
+}
+
+impl<'a> From<&'a ParkedRoute> for ParkedView<'a> {
+    fn from(r: &'a ParkedRoute) -> Self {
+        ParkedView {
+            device_id: &r.device_id,
+            reason: &r.reason,
+            parked_at: rfc3339(r.parked_ms),
+            delivery_id: r.delivery_id.to_string(),
+            event_id: r.event_id.to_string(),
+        }
+    }
+}
+
+fn lane<'a>(state: &'a AppState, name: &str) -> Result<&'a Arc<Lane>, Problem> {
+    state
+        .dispatcher
+        .lane(name)
+        .ok_or_else(|| Problem::not_found(format!("no partner {name:?} in the config")))
+}
+
+pub async fn list_parked(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    let view = || {
+        state.tokens.authorize(&headers, Role::Operator)?;
+        let routes = lane(&state, &name)?.parked.list();
+        let items: Vec<ParkedView> = routes.iter().map(ParkedView::from).collect();
+        Ok::<_, Problem>(
+            Json(serde_json::json!({ "partner": name, "parked": items })).into_response(),
+        )
+    };
+    view().unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn clear_parked(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((name, device_id)): Path<(String, String)>,
+) -> Response {
+    let cleared = async {
+        state.tokens.authorize(&headers, Role::Operator)?;
+        let lane = lane(&state, &name)?;
+        if !lane.unpark(&device_id).await.map_err(store_failed)? {
+            return Err(Problem::not_found(format!(
+                "{device_id:?} is not parked at {name:?}"
+            )));
+        }
+        tracing::info!(partner = %name, device = %device_id, "parked route cleared by an operator");
+        Ok(StatusCode::NO_CONTENT.into_response())
+    };
+    cleared.await.unwrap_or_else(IntoResponse::into_response)
+}
