@@ -90,6 +90,9 @@ pub struct PartnerConfig {
     pub adapter_kind: String,
     pub rate: Option<Rate>,
     pub max_in_flight: usize,
+    /// Learn the in-flight limit (AIMD, between 1 and `max_in_flight`)
+    /// instead of always allowing `max_in_flight`.
+    pub adaptive_concurrency: bool,
     pub timeout: Duration,
     pub allow_private: bool,
     pub retry: RetryPolicy,
@@ -176,6 +179,8 @@ struct FilePartner {
     rate: Option<FileRate>,
     #[serde(default = "default_in_flight")]
     max_in_flight: usize,
+    #[serde(default)]
+    concurrency: Concurrency,
     #[serde(default = "default_timeout_ms")]
     timeout_ms: u64,
     #[serde(default)]
@@ -186,6 +191,15 @@ struct FilePartner {
     breaker: FileBreaker,
     #[serde(default)]
     subscribe: Vec<String>,
+}
+
+/// `concurrency = "fixed"` (always up to `max_in_flight`) or `"adaptive"`.
+#[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Concurrency {
+    #[default]
+    Fixed,
+    Adaptive,
 }
 
 #[derive(Deserialize)]
@@ -510,6 +524,7 @@ fn partner_config(
         adapter_kind: p.adapter,
         rate,
         max_in_flight: p.max_in_flight,
+        adaptive_concurrency: p.concurrency == Concurrency::Adaptive,
         timeout: Duration::from_millis(p.timeout_ms),
         allow_private: p.allow_private,
         retry,
@@ -699,6 +714,11 @@ retry = { initial_ms = 1000, multiplier = 2.0, max_interval_ms = 600000, max_age
                 "max_in_flight = 32",
                 "max_in_flight = 0",
                 "partners.acme.max_in_flight",
+            ),
+            (
+                "max_in_flight = 32",
+                "max_in_flight = 32\nconcurrency = \"elastic\"",
+                "partners.acme.concurrency",
             ),
             (
                 "timeout_ms = 5000",

@@ -33,6 +33,8 @@ struct PartnerView {
     next_probe_at: Option<String>,
     in_flight: usize,
     max_in_flight: usize,
+    /// What may be in flight now: learned with `concurrency = "adaptive"`.
+    concurrency_limit: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     rate_per_second: Option<u32>,
     /// Since this process started.
@@ -57,6 +59,7 @@ pub async fn list_partners(State(state): State<Arc<AppState>>, headers: HeaderMa
             next_probe_at: lane.breaker.next_probe_ms().map(rfc3339),
             in_flight: lane.in_flight(),
             max_in_flight: lane.partner.max_in_flight,
+            concurrency_limit: lane.concurrency_limit(),
             rate_per_second: lane.partner.rate.map(|r| r.per_second),
             sent: count(&lane.stats.sent),
             delivered: count(&lane.stats.delivered),

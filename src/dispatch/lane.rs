@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::breaker::{Admit, Breaker, Health, State, Transition};
+use super::concurrency::{Aimd, AimdPolicy};
 use super::parked::Parked;
 use super::retry;
 use super::scheduler::{Held, Window};
@@ -42,6 +43,10 @@ pub struct Lane {
     clock: Clock,
     limiter: Option<Limiter>,
     in_flight: Arc<Semaphore>,
+    /// With `concurrency = "adaptive"`: the learned limit under `max_in_flight`.
+    adaptive: Option<std::sync::Mutex<Aimd>>,
+    /// Rung when a send finishes: room under the adaptive limit.
+    freed: Notify,
     held: Held,
     /// Rung by ingest (new work) and by finished sends (room in the window).
     wake: Notify,
@@ -84,7 +89,16 @@ impl Lane {
         });
         metrics::gauge!("herald_partner_breaker_state", "partner" => partner.name.clone()).set(0.0);
         let breaker = Breaker::new(partner.breaker);
+        let adaptive = partner.adaptive_concurrency.then(|| {
+            let policy = AimdPolicy {
+                min: 1,
+                max: partner.max_in_flight,
+            };
+            std::sync::Mutex::new(Aimd::new(policy, clock.now_ms()))
+        });
         Lane {
+            adaptive,
+            freed: Notify::new(),
             in_flight: Arc::new(Semaphore::new(partner.max_in_flight)),
             partner,
             adapter,
@@ -124,6 +138,45 @@ impl Lane {
 
     pub fn in_flight(&self) -> usize {
         self.partner.max_in_flight - self.in_flight.available_permits()
+    }
+
+    /// How many sends may be in flight now: learned, or `max_in_flight`.
+    pub fn concurrency_limit(&self) -> usize {
+        match &self.adaptive {
+            Some(aimd) => lock(aimd).limit(),
+            None => self.partner.max_in_flight,
+        }
+    }
+
+    /// Waits until a send fits under the adaptive limit; false if stopped.
+    async fn room_under_limit(&self, stop: &CancellationToken) -> bool {
+        if self.adaptive.is_none() {
+            return true;
+        }
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.in_flight() < self.concurrency_limit() {
+                return true;
+            }
+            tokio::select! {
+                _ = freed => {}
+                _ = stop.cancelled() => return false,
+            }
+        }
+    }
+
+    /// Tells the adaptive controller about one real send's answer.
+    fn learn(&self, started_ms: u64, status: Option<u16>) {
+        let Some(aimd) = &self.adaptive else { return };
+        let back_pressure = matches!(status, None | Some(429) | Some(503));
+        let changed = lock(aimd).answered(started_ms, back_pressure, self.clock.now_ms());
+        if let Some(limit) = changed {
+            metrics::gauge!("herald_partner_concurrency_limit", "partner" => self.partner.name.clone())
+                .set(limit as f64);
+            tracing::debug!(partner = %self.partner.name, limit, "adaptive concurrency limit changed");
+        }
     }
 
     /// Takes due work and sends it until `stop`; sends run on `tracker` so
@@ -183,6 +236,13 @@ impl Lane {
                     continue;
                 }
             };
+            if !self.room_under_limit(&stop).await {
+                window.unhold(&due);
+                if probe {
+                    self.breaker.probe_abandoned();
+                }
+                return;
+            }
             let permit = tokio::select! {
                 permit = self.in_flight.clone().acquire_owned() => match permit {
                     Ok(p) => p,
@@ -221,6 +281,9 @@ impl Lane {
                 drop(permit);
                 window.put_back(due);
                 continue;
+            }
+            if let Some(aimd) = &self.adaptive {
+                lock(aimd).sent(self.in_flight());
             }
             let lane = Arc::clone(&self);
             let abandon = abandon.clone();
@@ -272,8 +335,12 @@ impl Lane {
 
     async fn deliver(self: Arc<Self>, due: Due, permit: OwnedSemaphorePermit, probe: bool) {
         let (id, priority) = (due.key.delivery, due.key.priority);
-        let (outcome, health) = self.attempt(due).await;
+        let (outcome, health, sent) = self.attempt(due).await;
         drop(permit);
+        self.freed.notify_one();
+        if sent {
+            self.learn(outcome.attempt.at_ms, outcome.attempt.status);
+        }
         let transition = self.breaker.record(health, self.clock.now_ms(), probe);
         self.note(transition);
         let next = outcome.next.clone();
@@ -334,13 +401,14 @@ impl Lane {
     }
 
     /// One real send and its verdict, as an outcome for the store, with
-    /// what the send said about the partner's health.
-    async fn attempt(&self, due: Due) -> (Outcome, Health) {
+    /// what the send said about the partner's health and whether anything
+    /// was sent at all.
+    async fn attempt(&self, due: Due) -> (Outcome, Health, bool) {
         let number = due.entry.attempts + 1;
         let started_ms = self.clock.now_ms();
         let unsent = |lane: &Self, due, reason: &str| {
             let outcome = lane.settle(due, number, started_ms, None, reason_only(reason));
-            (outcome, Health::Unknown)
+            (outcome, Health::Unknown, false)
         };
         let event = match self.store.event_payload(due.entry.event) {
             Ok(Some(event)) => event,
@@ -380,7 +448,7 @@ impl Lane {
                 event_id: event.id,
             }));
         }
-        (outcome, health)
+        (outcome, health, true)
     }
 
     fn build(
@@ -482,6 +550,11 @@ impl Lane {
             park: None,
         }
     }
+}
+
+fn lock(aimd: &std::sync::Mutex<Aimd>) -> std::sync::MutexGuard<'_, Aimd> {
+    // The controller is plain numbers: a panic elsewhere cannot tear it.
+    aimd.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn reason_only(reason: &str) -> Verdict {

@@ -8,6 +8,7 @@
 
 pub mod breaker;
 pub mod client;
+pub mod concurrency;
 pub mod lane;
 pub mod parked;
 pub mod retry;
