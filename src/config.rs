@@ -93,6 +93,9 @@ pub struct PartnerConfig {
     /// Learn the in-flight limit (AIMD, between 1 and `max_in_flight`)
     /// instead of always allowing `max_in_flight`.
     pub adaptive_concurrency: bool,
+    /// `ordering = "per_device"`: a device's events go out one at a time,
+    /// each after the previous one settled.
+    pub ordered_per_device: bool,
     pub timeout: Duration,
     pub allow_private: bool,
     pub retry: RetryPolicy,
@@ -181,6 +184,8 @@ struct FilePartner {
     max_in_flight: usize,
     #[serde(default)]
     concurrency: Concurrency,
+    #[serde(default)]
+    ordering: DeviceOrdering,
     #[serde(default = "default_timeout_ms")]
     timeout_ms: u64,
     #[serde(default)]
@@ -200,6 +205,15 @@ enum Concurrency {
     #[default]
     Fixed,
     Adaptive,
+}
+
+/// `ordering = "none"` (default) or `"per_device"`.
+#[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum DeviceOrdering {
+    #[default]
+    None,
+    PerDevice,
 }
 
 #[derive(Deserialize)]
@@ -525,6 +539,7 @@ fn partner_config(
         rate,
         max_in_flight: p.max_in_flight,
         adaptive_concurrency: p.concurrency == Concurrency::Adaptive,
+        ordered_per_device: p.ordering == DeviceOrdering::PerDevice,
         timeout: Duration::from_millis(p.timeout_ms),
         allow_private: p.allow_private,
         retry,
@@ -719,6 +734,11 @@ retry = { initial_ms = 1000, multiplier = 2.0, max_interval_ms = 600000, max_age
                 "max_in_flight = 32",
                 "max_in_flight = 32\nconcurrency = \"elastic\"",
                 "partners.acme.concurrency",
+            ),
+            (
+                "max_in_flight = 32",
+                "max_in_flight = 32\nordering = \"per_user\"",
+                "partners.acme.ordering",
             ),
             (
                 "timeout_ms = 5000",

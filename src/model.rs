@@ -91,6 +91,10 @@ pub struct DeliveryRecord {
     /// Set once the delivery died: the dead letter that keeps its story.
     #[serde(default)]
     pub dead_letter: Option<Uuid>,
+    /// The partner wants this device's events in order (`ordering =
+    /// "per_device"`): sent only once the device's earlier ones settled.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ordered: bool,
 }
 
 impl DeliveryRecord {
@@ -192,6 +196,17 @@ pub struct ScheduledDelivery {
     pub attempts: u32,
     /// When the delivery was created: its age decides when it gives up.
     pub created_ms: u64,
+    /// Its place in its device's queue, when the partner wants order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<DeviceOrder>,
+}
+
+/// A delivery's place in the queue of one device at one partner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceOrder {
+    pub device: String,
+    /// Rises with every delivery the store accepts: the order of arrival.
+    pub seq: u64,
 }
 
 #[cfg(test)]

@@ -437,3 +437,72 @@ fn advance_to(h: &common::TestHerald, ms: u64) {
     h.clock
         .advance(Duration::from_millis(ms.saturating_sub(h.clock.now_ms())));
 }
+
+#[tokio::test]
+async fn per_device_order_holds_under_retries_while_other_devices_flow() {
+    let (h, mock, _dir) = setup(
+        r#"ordering = "per_device"
+retry = { initial_ms = 1000, max_interval_ms = 1000 }"#,
+        "",
+    )
+    .await;
+    let post = |device: &'static str, n: u32| {
+        let h = &h;
+        async move {
+            let (status, body) = h
+                .post_events(&format!(
+                    r#"{{"device_id":"{device}","type":"temp","data":{{"n":{n}}},"partners":["acme"]}}"#
+                ))
+                .await;
+            assert_eq!(status, 202, "{body}");
+        }
+    };
+    // The first event of the door lock fails; it must still arrive before
+    // the lock's later events, while the thermostat's flow meanwhile.
+    mock.script([Reply::Status(503)]);
+    post("lock", 1).await;
+    mock.wait_for(1).await;
+    for n in 2..=4 {
+        post("lock", n).await;
+        post("thermostat", n).await;
+    }
+    mock.wait_for(4).await;
+    settle().await;
+    let sent = |mock: &common::MockPartner| -> Vec<(String, u64)> {
+        mock.requests()
+            .iter()
+            .map(|r| {
+                (
+                    r.body["device_id"].as_str().unwrap_or("?").to_string(),
+                    r.body["data"]["n"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    };
+    let so_far = sent(&mock);
+    assert_eq!(
+        so_far.len(),
+        4,
+        "the lock waits, the thermostat's three went: {so_far:?}"
+    );
+    assert!(
+        so_far[1..].iter().all(|(d, _)| d == "thermostat"),
+        "{so_far:?}"
+    );
+
+    // Its retry is taken; then the lock's others, in order.
+    h.clock.advance(Duration::from_millis(1000));
+    mock.wait_for(8).await;
+    let lock: Vec<u64> = sent(&mock)
+        .into_iter()
+        .filter(|(d, _)| d == "lock")
+        .map(|(_, n)| n)
+        .collect();
+    assert_eq!(lock, vec![1, 1, 2, 3, 4], "the lock's events in order");
+    let thermostat: Vec<u64> = sent(&mock)
+        .into_iter()
+        .filter(|(d, _)| d == "thermostat")
+        .map(|(_, n)| n)
+        .collect();
+    assert_eq!(thermostat, vec![2, 3, 4]);
+}

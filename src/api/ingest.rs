@@ -315,6 +315,10 @@ fn validate(
             .into_iter()
             .map(|partner| DeliveryRecord {
                 id: state.clock.new_id(),
+                ordered: state
+                    .config
+                    .partner(&partner)
+                    .is_some_and(|p| p.ordered_per_device),
                 partner,
                 state: DeliveryState::Pending,
                 attempts: 0,

@@ -25,6 +25,10 @@ pub const DELIVERED: u8 = b'o';
 /// `p` + partner + device id: a route to a partner that answered "gone"
 /// (410, integration deleted); deliveries on it become dead letters.
 pub const PARKED: u8 = b'p';
+/// `q` + partner + device + seq + delivery id: an unsettled delivery of a
+/// partner that wants each device's events in order. Only the first of a
+/// device's keys may be sent.
+pub const DEVICE_QUEUE: u8 = b'q';
 /// The sequence number of the last group commit (see [`super::watermark`]).
 pub const COMMITS: &[u8] = b"mcommits";
 
@@ -63,6 +67,25 @@ pub fn parked_prefix(partner: &str) -> Vec<u8> {
 pub fn parked(partner: &str, device_id: &str) -> Vec<u8> {
     let mut out = parked_prefix(partner);
     out.extend_from_slice(device_id.as_bytes());
+    out
+}
+
+/// The prefix of one device's queue at one partner.
+pub fn device_queue_prefix(partner: &str, device: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + partner.len() + device.len() + 24);
+    out.push(DEVICE_QUEUE);
+    out.push(partner.len() as u8);
+    out.extend_from_slice(partner.as_bytes());
+    // Device ids are capped at ingest far below 64 KiB.
+    out.extend_from_slice(&(device.len() as u16).to_be_bytes());
+    out.extend_from_slice(device.as_bytes());
+    out
+}
+
+pub fn device_queue(partner: &str, device: &str, seq: u64, delivery: Uuid) -> Vec<u8> {
+    let mut out = device_queue_prefix(partner, device);
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(delivery.as_bytes());
     out
 }
 

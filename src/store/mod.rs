@@ -303,6 +303,7 @@ impl Store {
                         continue;
                     };
                     match decode::<ScheduledDelivery>(&k, &v) {
+                        Ok(entry) if !self.is_first_of_device(partner, &entry)? => {}
                         Ok(entry) => out.push(Due { key, entry }),
                         Err(e) => tracing::error!(error = %e, "skipping a corrupt schedule entry"),
                     }
@@ -325,6 +326,24 @@ impl Store {
             }
         }
         Ok((out, next_due))
+    }
+
+    /// Whether nothing of the same device is ahead of this delivery (always,
+    /// for a partner that does not ask for order).
+    fn is_first_of_device(
+        &self,
+        partner: &str,
+        entry: &ScheduledDelivery,
+    ) -> Result<bool, StoreError> {
+        let Some(order) = &entry.order else {
+            return Ok(true);
+        };
+        let first = self
+            .db
+            .scan_prefix(keys::device_queue_prefix(partner, &order.device))
+            .next()
+            .transpose()?;
+        Ok(first.is_none_or(|(k, _)| k.ends_with(entry.delivery.as_bytes())))
     }
 
     /// How many deliveries of `partner` wait in the schedule (a full scan of

@@ -18,7 +18,9 @@ use uuid::Uuid;
 use super::keys::{self, ScheduleKey};
 use super::watermark::{self, Watermark};
 use super::{decode, encode, settle_delivered, Accepted, Collected, Next, Outcome, StoreError};
-use crate::model::{AttemptLog, DeadLetter, DeliveryState, EventRecord, ScheduledDelivery};
+use crate::model::{
+    AttemptLog, DeadLetter, DeliveryState, DeviceOrder, EventRecord, ScheduledDelivery,
+};
 
 /// Most requests applied in one group: bounds the latency of the group's
 /// first request and the size of one batch.
@@ -81,7 +83,7 @@ fn run(db: sled::Db, data_file: File, mut watermark: Watermark, mut rx: mpsc::Re
             }
         }
         let started = Instant::now();
-        let mut pending = Pending::new(&db);
+        let mut pending = Pending::new(&db, watermark.next());
         let mut answers = Vec::with_capacity(group.len());
         let mut stop = false;
         let size = group.len();
@@ -166,15 +168,24 @@ struct Pending<'a> {
     db: &'a sled::Db,
     batch: sled::Batch,
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// The next device-queue sequence number: the commit number in the
+    /// high bits, so it keeps rising across groups and restarts.
+    next_seq: u64,
 }
 
 impl<'a> Pending<'a> {
-    fn new(db: &'a sled::Db) -> Self {
+    fn new(db: &'a sled::Db, commit: u64) -> Self {
         Pending {
             db,
             batch: sled::Batch::default(),
             overlay: HashMap::new(),
+            next_seq: commit << 24,
         }
+    }
+
+    fn seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -284,11 +295,22 @@ fn enqueue(p: &mut Pending<'_>, events: Vec<EventRecord>) -> Result<Vec<Accepted
                 due_ms: d.next_due_ms.unwrap_or(event.received_ms),
                 delivery: d.id,
             };
+            let order = d.ordered.then(|| DeviceOrder {
+                device: event.device_id.clone(),
+                seq: p.seq(),
+            });
+            if let Some(o) = &order {
+                p.put(
+                    keys::device_queue(&d.partner, &o.device, o.seq, d.id),
+                    Vec::new(),
+                );
+            }
             let entry = ScheduledDelivery {
                 delivery: d.id,
                 event: event.id,
                 attempts: 0,
                 created_ms: event.received_ms,
+                order,
             };
             p.put(key.encode(), encode(&entry));
         }
@@ -315,6 +337,15 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
         return Ok(());
     }
     p.remove(schedule_key);
+    if let (Some(o), Next::Delivered | Next::Dead(_)) = (&entry.order, &next) {
+        // Settled: the device's next delivery may go.
+        p.remove(keys::device_queue(
+            &key.partner,
+            &o.device,
+            o.seq,
+            entry.delivery,
+        ));
+    }
     if let Some(route) = park {
         p.put(
             keys::parked(&route.partner, &route.device_id),
