@@ -3,7 +3,9 @@
 //!
 //! `{"method", "url", "headers": [[name, value]...], "body"}`, indented. A
 //! JSON body is embedded as its exact bytes (only indented); any other body
-//! (form-encoded) is a JSON string. Header order is kept: it is what goes out.
+//! (form-encoded) is a JSON string, and a form body is also shown decoded
+//! under `form` for the reader (the string stays the bytes that go out).
+//! Header order is kept: it is what goes out.
 
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -16,6 +18,8 @@ struct Golden<'a> {
     url: &'a str,
     headers: &'a [(String, String)],
     body: Body<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    form: Option<Vec<(String, String)>>,
 }
 
 #[derive(Serialize)]
@@ -42,6 +46,14 @@ pub fn render(request: &OutboundRequest) -> String {
         Some(raw) => Body::Json(raw),
         None => Body::Text(text.into_owned()),
     };
+    let is_form = request.headers.iter().any(|(n, v)| {
+        n.eq_ignore_ascii_case("content-type") && v.starts_with("application/x-www-form-urlencoded")
+    });
+    let form = is_form.then(|| {
+        form_urlencoded::parse(&request.body)
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect()
+    });
     let golden = Golden {
         method: match request.method {
             Method::Post => "POST",
@@ -50,6 +62,7 @@ pub fn render(request: &OutboundRequest) -> String {
         url: &request.url,
         headers: &request.headers,
         body,
+        form,
     };
     // Serializing strings and a RawValue cannot fail.
     let compact = serde_json::to_string(&golden).unwrap_or_default();

@@ -33,6 +33,16 @@ pub fn indent(compact: &str) -> String {
                 i = end;
                 continue;
             }
+            b'[' if scalar_array_end(bytes, i).is_some() => {
+                // Arrays of scalars (header pairs) stay on one line.
+                let end = scalar_array_end(bytes, i).unwrap_or(i);
+                let inner = indent(&compact[i + 1..end]);
+                out.push('[');
+                out.push_str(&inner.replace(",\n", ", ").replace('\n', ""));
+                out.push(']');
+                i = end + 1;
+                continue;
+            }
             b'{' | b'[' => {
                 let close = if c == b'{' { b'}' } else { b']' };
                 let next = bytes[i + 1..].iter().position(|b| !b.is_ascii_whitespace());
@@ -72,6 +82,35 @@ pub fn indent(compact: &str) -> String {
     out
 }
 
+/// The index of the `]` closing the array at `open` when it holds only
+/// scalars; `None` when it nests a container or is empty.
+fn scalar_array_end(bytes: &[u8], open: usize) -> Option<usize> {
+    let (mut i, mut in_string, mut seen) = (open + 1, false, false);
+    while i < bytes.len() {
+        let b = bytes[i];
+        if in_string {
+            match b {
+                b'\\' => i += 1,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else {
+            match b {
+                b'"' => {
+                    in_string = true;
+                    seen = true;
+                }
+                b'{' | b'[' => return None,
+                b']' => return seen.then_some(i),
+                c if !c.is_ascii_whitespace() => seen = true,
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
 /// `s` without whitespace outside strings: `compact(indent(x)) == x` for
 /// compact `x`, which is what makes a golden file exact.
 pub fn compact(s: &str) -> String {
@@ -106,6 +145,9 @@ mod tests {
             pretty,
             "{\n  \"b\": 1,\n  \"a\": [\n    true,\n    null,\n    {}\n  ],\n  \"s\": \"x,\\\"y\\\":{[\",\n  \"e\": [],\n  \"n\": -1.5e3\n}"
         );
+        let pairs = r#"[["a","b,\"]"],[1,2]]"#;
+        assert_eq!(indent(pairs), "[\n  [\"a\", \"b,\\\"]\"],\n  [1, 2]\n]");
+        assert_eq!(super::compact(&indent(pairs)), pairs);
         let back: serde_json::Value = serde_json::from_str(&pretty).unwrap();
         assert_eq!(
             back,
