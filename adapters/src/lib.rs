@@ -26,6 +26,8 @@ pub mod ids;
 pub mod json;
 pub mod kakao;
 pub mod mapping;
+#[cfg(feature = "mock")]
+pub mod mock;
 pub mod oauth;
 pub mod retry_after;
 pub mod smartthings;
