@@ -100,12 +100,41 @@ pub struct DeliveryContext<'a> {
 
 /// The HTTP request an adapter wants sent. herald's lane sends it with the
 /// shared client; the adapter never does I/O.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// It carries credentials (a bearer header, SmartThings' token in the body,
+/// a refresh token in a form): its `Debug` shows neither header values that
+/// authenticate nor the body.
+#[derive(Clone, PartialEq, Eq)]
 pub struct OutboundRequest {
     pub method: Method,
     pub url: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+}
+
+/// Headers whose values are credentials.
+const SECRET_HEADERS: &[&str] = &["authorization", "x-api-key", "cookie", "webhook-signature"];
+
+impl fmt::Debug for OutboundRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let headers: Vec<(&str, &str)> = self
+            .headers
+            .iter()
+            .map(|(name, value)| {
+                let secret = SECRET_HEADERS.iter().any(|s| name.eq_ignore_ascii_case(s));
+                (
+                    name.as_str(),
+                    if secret { "<redacted>" } else { value.as_str() },
+                )
+            })
+            .collect();
+        f.debug_struct("OutboundRequest")
+            .field("method", &self.method)
+            .field("url", &self.url)
+            .field("headers", &headers)
+            .field("body", &format_args!("<{} bytes>", self.body.len()))
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -419,6 +448,41 @@ mod tests {
             .expect("must fail");
         assert_eq!(err.key, "adapter");
         assert!(err.reason.contains("webhook"), "{err}");
+    }
+
+    #[test]
+    fn debug_forms_never_show_secrets() {
+        let settings = PartnerSettings {
+            name: "p".into(),
+            secret: Some("whsec-SECRET".into()),
+            client_id: Some("client".into()),
+            client_secret: Some("client-SECRET".into()),
+            service_account_key: Some("-----BEGIN PRIVATE KEY----- SECRET".into()),
+            ..PartnerSettings::default()
+        };
+        let request = OutboundRequest {
+            method: Method::Post,
+            url: "https://x/y".into(),
+            headers: vec![
+                ("Authorization".into(), "Bearer SECRET".into()),
+                ("x-api-key".into(), "SECRET".into()),
+                ("content-type".into(), "application/json".into()),
+            ],
+            body: br#"{"authentication":{"token":"SECRET"}}"#.to_vec(),
+        };
+        let creds = Credentials {
+            access_token: "SECRET".into(),
+            refresh_token: Some("SECRET".into()),
+            expires_at_unix: Some(1),
+        };
+        for shown in [
+            format!("{settings:?}"),
+            format!("{request:?}"),
+            format!("{creds:?}"),
+        ] {
+            assert!(!shown.contains("SECRET"), "{shown}");
+        }
+        assert!(format!("{request:?}").contains("application/json"));
     }
 
     #[test]

@@ -150,3 +150,39 @@ fn golden_files_read_back_to_the_exact_body() {
         serde_json::from_slice::<serde_json::Value>(&request.body).unwrap()
     );
 }
+
+#[test]
+fn platforms_refuse_what_they_cannot_carry() {
+    let alert_only = Sample {
+        data: serde_json::value::RawValue::from_string(r#"{"kind":"tamper"}"#.into()).unwrap(),
+        ..Sample::lock_alert()
+    };
+    for platform in PLATFORMS {
+        let adapter = build_adapter(platform, &settings(platform, None)).unwrap();
+        let (lock, lock_link) = (Sample::lock_alert(), link(platform, "lock-42", None));
+        let no_link = adapters::DeliveryContext {
+            link: None,
+            ..context(DELIVERY_ID, 1, &lock, &lock_link)
+        };
+        let err = adapter.build(&no_link).unwrap_err();
+        assert!(err.0.contains("link"), "{platform}: {err}");
+
+        let mut tokenless = link(platform, "lock-42", None);
+        tokenless.access_token.clear();
+        let err = adapter
+            .build(&context(DELIVERY_ID, 1, &lock, &tokenless))
+            .unwrap_err();
+        assert!(err.0.contains("token"), "{platform}: {err}");
+
+        // A bare alert goes where the platform has an alert channel.
+        let link = link(platform, "lock-42", None);
+        let built = adapter.build(&context(DELIVERY_ID, 1, &alert_only, &link));
+        match *platform {
+            "kakao" | "thinq" => assert!(built.is_ok(), "{platform}: {built:?}"),
+            _ => assert!(
+                built.unwrap_err().0.contains("alert"),
+                "{platform} has no alert channel"
+            ),
+        }
+    }
+}
