@@ -484,6 +484,12 @@ async fn named_scenarios_and_unknown_platforms() {
         assert!(Scenario::named(name).is_some(), "{name}");
     }
     assert!(Scenario::named("chaos-monkey").is_none());
+    for platform in PLATFORMS {
+        assert!(
+            !adapters::mock::endpoints(platform, "http://h").is_empty(),
+            "{platform}"
+        );
+    }
     let err = MockPartner::start("carrier-pigeon", Scenario::default())
         .await
         .err()

@@ -166,6 +166,40 @@ impl MockPartner {
     }
 }
 
+/// Where a mock at `base` (`http://127.0.0.1:9101`) takes each kind of
+/// request, as (what to configure, value): for `herald mock-partner` to print
+/// and for demo configs. Token endpoints are any path ending in `/token`.
+pub fn endpoints(platform: &str, base: &str) -> Vec<(&'static str, String)> {
+    let at = |path: &str| format!("{base}{path}");
+    match platform {
+        "smartthings" => vec![
+            ("link callback_url", at("/device/events")),
+            ("link token_url", at("/oauth/token")),
+        ],
+        "alexa" => vec![
+            ("partner url", at("/v3/events")),
+            ("link token_url", at("/auth/o2/token")),
+        ],
+        "google" => vec![
+            ("partner url", at("/v1/devices:reportStateAndNotification")),
+            ("service-account token_uri", at("/token")),
+        ],
+        "thinq" => vec![
+            ("partner url", base.to_string()),
+            ("partner token_url", at("/oauth2/token")),
+        ],
+        "kakao" => vec![
+            ("partner url", base.to_string()),
+            ("link token_url", at("/oauth/token")),
+        ],
+        "clova" | "genie" => vec![
+            ("partner url", base.to_string()),
+            ("link token_url", at("/oauth/token")),
+        ],
+        _ => Vec::new(),
+    }
+}
+
 fn dialect_for(platform: &str) -> Option<Box<dyn Dialect>> {
     Some(match platform {
         "smartthings" => Box::new(smartthings::SmartThings),
