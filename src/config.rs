@@ -528,6 +528,8 @@ fn partner_config(
         name: name.to_string(),
         url: p.url.clone(),
         secret,
+        // The OAuth client and service-account key come with links (issue 5).
+        ..Default::default()
     };
     // Build it once now so a bad secret or unknown adapter fails at start.
     adapters::build_adapter(&p.adapter, &settings)

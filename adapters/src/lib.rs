@@ -15,8 +15,27 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+pub mod alexa;
+pub mod clova;
+pub mod credentials;
+pub mod event_time;
+pub mod genie;
+pub mod golden;
+pub mod google;
+pub mod ids;
+pub mod json;
+pub mod kakao;
+pub mod mapping;
+#[cfg(feature = "mock")]
+pub mod mock;
+pub mod oauth;
 pub mod retry_after;
+pub mod smartthings;
+pub mod state;
+pub mod thinq;
 pub mod webhook;
+
+pub use credentials::{Credentials, RefreshVerdict, TokenScope};
 
 /// How many bytes of a partner's answer herald keeps in an attempt record.
 pub const ANSWER_SNIPPET_BYTES: usize = 256;
@@ -81,12 +100,41 @@ pub struct DeliveryContext<'a> {
 
 /// The HTTP request an adapter wants sent. herald's lane sends it with the
 /// shared client; the adapter never does I/O.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// It carries credentials (a bearer header, SmartThings' token in the body,
+/// a refresh token in a form): its `Debug` shows neither header values that
+/// authenticate nor the body.
+#[derive(Clone, PartialEq, Eq)]
 pub struct OutboundRequest {
     pub method: Method,
     pub url: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+}
+
+/// Headers whose values are credentials.
+const SECRET_HEADERS: &[&str] = &["authorization", "x-api-key", "cookie", "webhook-signature"];
+
+impl fmt::Debug for OutboundRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let headers: Vec<(&str, &str)> = self
+            .headers
+            .iter()
+            .map(|(name, value)| {
+                let secret = SECRET_HEADERS.iter().any(|s| name.eq_ignore_ascii_case(s));
+                (
+                    name.as_str(),
+                    if secret { "<redacted>" } else { value.as_str() },
+                )
+            })
+            .collect();
+        f.debug_struct("OutboundRequest")
+            .field("method", &self.method)
+            .field("url", &self.url)
+            .field("headers", &headers)
+            .field("body", &format_args!("<{} bytes>", self.body.len()))
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,20 +199,37 @@ pub struct SetupError {
 }
 
 /// A partner's settings, resolved by herald from its config and environment.
-#[derive(Clone)]
+/// Every secret here is the value itself (not the variable's name).
+#[derive(Clone, Default)]
 pub struct PartnerSettings {
     pub name: String,
+    /// The partner's endpoint. Platform adapters treat it as an override of
+    /// the platform's public endpoint (tests, proxies); empty means "the
+    /// platform's own", for platforms that publish one.
     pub url: String,
-    /// The secret itself (not the variable's name), when the adapter needs one.
+    /// The signing secret, when the adapter needs one (webhook).
     pub secret: Option<String>,
+    /// The platform OAuth client (`client_id_env` / `client_secret_env`).
+    pub client_id: Option<String>,
+    pub client_secret: Option<String>,
+    /// A partner-level token endpoint (client-credentials flows), when it
+    /// differs from the adapter's default.
+    pub token_url: Option<String>,
+    /// A service-account key file's JSON (Google Home Graph).
+    pub service_account_key: Option<String>,
 }
 
 impl fmt::Debug for PartnerSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redacted = |v: &Option<String>| v.as_ref().map(|_| "<redacted>");
         f.debug_struct("PartnerSettings")
             .field("name", &self.name)
             .field("url", &self.url)
-            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("secret", &redacted(&self.secret))
+            .field("client_id", &self.client_id)
+            .field("client_secret", &redacted(&self.client_secret))
+            .field("token_url", &self.token_url)
+            .field("service_account_key", &redacted(&self.service_account_key))
             .finish()
     }
 }
@@ -179,12 +244,83 @@ pub trait Adapter: Send + Sync + 'static {
 
     /// What the answer means. `now` lets an HTTP-date Retry-After be read.
     fn classify(&self, answer: &Answer<'_>, now: SystemTime) -> Verdict;
+
+    /// [`Adapter::classify`] for the `attempt`-th attempt (1-based), for
+    /// platforms whose answer means something else on a later attempt
+    /// (Google's 404 right after a SYNC). herald's lanes call this one.
+    fn classify_attempt(&self, _attempt: u32, answer: &Answer<'_>, now: SystemTime) -> Verdict {
+        self.classify(answer, now)
+    }
+
+    /// Whose token [`LinkView::access_token`] carries: the link's own user
+    /// token (refreshed per link) or one partner-wide token (minted with
+    /// [`Adapter::partner_token_request`] and handed to every link).
+    fn token_scope(&self) -> TokenScope {
+        TokenScope::Link
+    }
+
+    /// The request that trades a link's refresh token for new credentials.
+    /// `None`: this adapter has no per-link refresh.
+    ///
+    /// herald sends at most one of these per link at a time; deliveries that
+    /// got [`Verdict::Refresh`] meanwhile wait for its outcome.
+    fn refresh_request(
+        &self,
+        _link: &LinkView<'_>,
+        _refresh_token: &str,
+        _now_unix: u64,
+    ) -> Result<Option<OutboundRequest>, BuildError> {
+        Ok(None)
+    }
+
+    /// What the answer to [`Adapter::refresh_request`] means.
+    fn read_refresh(&self, answer: &Answer<'_>, now: SystemTime) -> RefreshVerdict {
+        oauth::read_token_answer(answer, now)
+    }
+
+    /// The request that mints a partner-wide token (client credentials,
+    /// service-account JWT). `None`: this adapter uses per-link tokens only.
+    fn partner_token_request(&self, _now_unix: u64) -> Result<Option<OutboundRequest>, BuildError> {
+        Ok(None)
+    }
+
+    /// What the answer to [`Adapter::partner_token_request`] means.
+    fn read_partner_token(&self, answer: &Answer<'_>, now: SystemTime) -> RefreshVerdict {
+        oauth::read_token_answer(answer, now)
+    }
+
+    /// How many deliveries for one link [`Adapter::build_batch`] takes at
+    /// once; 1 means "not batchable".
+    fn max_batch(&self) -> usize {
+        1
+    }
+
+    /// One request carrying several deliveries for the same link (all of
+    /// `ctxs` share one link). The answer's verdict applies to every one.
+    fn build_batch(&self, ctxs: &[DeliveryContext<'_>]) -> Result<OutboundRequest, BuildError> {
+        match ctxs {
+            [one] => self.build(one),
+            _ => Err(BuildError(format!(
+                "the {} adapter does not batch deliveries",
+                self.kind()
+            ))),
+        }
+    }
 }
 
 type Constructor = fn(&PartnerSettings) -> Result<Box<dyn Adapter>, SetupError>;
 
 /// Every adapter herald knows, by the name used in `adapter = "..."`.
-pub const REGISTRY: &[(&str, Constructor)] = &[("webhook", webhook::WebhookAdapter::boxed)];
+pub const REGISTRY: &[(&str, Constructor)] = &[
+    ("webhook", webhook::WebhookAdapter::boxed),
+    ("smartthings", smartthings::SmartThings::boxed),
+    ("alexa", alexa::Alexa::boxed),
+    ("google", google::Google::boxed),
+    ("thinq", thinq::ThinQ::boxed),
+    ("kakao", kakao::Kakao::boxed),
+    ("clova", clova::Clova::boxed),
+    ("genie", genie::Genie::boxed),
+];
 
 /// Builds the adapter named `kind` for one partner.
 pub fn build_adapter(
@@ -305,13 +441,48 @@ mod tests {
         let settings = PartnerSettings {
             name: "x".into(),
             url: "http://127.0.0.1:1/".into(),
-            secret: None,
+            ..PartnerSettings::default()
         };
         let err = build_adapter("carrier-pigeon", &settings)
             .err()
             .expect("must fail");
         assert_eq!(err.key, "adapter");
         assert!(err.reason.contains("webhook"), "{err}");
+    }
+
+    #[test]
+    fn debug_forms_never_show_secrets() {
+        let settings = PartnerSettings {
+            name: "p".into(),
+            secret: Some("whsec-SECRET".into()),
+            client_id: Some("client".into()),
+            client_secret: Some("client-SECRET".into()),
+            service_account_key: Some("-----BEGIN PRIVATE KEY----- SECRET".into()),
+            ..PartnerSettings::default()
+        };
+        let request = OutboundRequest {
+            method: Method::Post,
+            url: "https://x/y".into(),
+            headers: vec![
+                ("Authorization".into(), "Bearer SECRET".into()),
+                ("x-api-key".into(), "SECRET".into()),
+                ("content-type".into(), "application/json".into()),
+            ],
+            body: br#"{"authentication":{"token":"SECRET"}}"#.to_vec(),
+        };
+        let creds = Credentials {
+            access_token: "SECRET".into(),
+            refresh_token: Some("SECRET".into()),
+            expires_at_unix: Some(1),
+        };
+        for shown in [
+            format!("{settings:?}"),
+            format!("{request:?}"),
+            format!("{creds:?}"),
+        ] {
+            assert!(!shown.contains("SECRET"), "{shown}");
+        }
+        assert!(format!("{request:?}").contains("application/json"));
     }
 
     #[test]

@@ -1,0 +1,253 @@
+//! Amazon Alexa: `ChangeReport` to the Alexa event gateway (documented
+//! publicly).
+//!
+//! - `POST /v3/events` on the link's region: `na` → api.amazonalexa.com,
+//!   `eu`/`in` → api.eu.amazonalexa.com, `fe`/`au`/`jp` →
+//!   api.fe.amazonalexa.com. A non-empty partner `url` replaces the gateway
+//!   (tests, proxies).
+//! - The LWA access token goes both in `Authorization: Bearer` and in
+//!   `event.endpoint.scope.token`. `messageId` is the delivery id.
+//! - `cause` is `PERIODIC_POLL` for numeric readings and
+//!   `PHYSICAL_INTERACTION` otherwise (a person or the device changed it).
+//! - Refresh: `grant_type=refresh_token` at LWA's token URL with the skill's
+//!   client id and secret; a rotated refresh token comes back in the answer.
+//!
+//! Assumed: nothing beyond the choice of `cause`.
+
+use std::time::{Duration, SystemTime};
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::oauth::{refresh_form, required};
+use crate::state::DeviceData;
+use crate::{
+    event_time, mapping, retry_after, snippet, Adapter, Answer, BuildError, DeliveryContext,
+    LinkView, Method, OutboundRequest, PartnerSettings, SetupError, Verdict,
+};
+
+pub const PLATFORM: &str = "alexa";
+/// Login with Amazon's token endpoint.
+pub const LWA_TOKEN_URL: &str = "https://api.amazon.com/auth/o2/token";
+/// Alexa asks for at least a second between retries of throttled calls.
+const MIN_RETRY: Duration = Duration::from_secs(1);
+
+pub struct Alexa {
+    url: Option<String>,
+    token_url: String,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+}
+
+impl Alexa {
+    pub fn boxed(settings: &PartnerSettings) -> Result<Box<dyn Adapter>, SetupError> {
+        Ok(Box::new(Alexa {
+            url: Some(settings.url.clone()).filter(|u| !u.is_empty()),
+            token_url: settings
+                .token_url
+                .clone()
+                .unwrap_or_else(|| LWA_TOKEN_URL.to_string()),
+            client_id: settings.client_id.clone(),
+            client_secret: settings.client_secret.clone(),
+        }))
+    }
+
+    fn gateway(&self, link: &LinkView<'_>) -> Result<String, BuildError> {
+        if let Some(url) = &self.url {
+            return Ok(url.clone());
+        }
+        let region = required(link.region, "region (na, eu, fe)", PLATFORM)?;
+        let host = match region.to_ascii_lowercase().as_str() {
+            "na" | "us" => "api.amazonalexa.com",
+            "eu" | "in" => "api.eu.amazonalexa.com",
+            "fe" | "au" | "jp" => "api.fe.amazonalexa.com",
+            other => {
+                return Err(BuildError(format!(
+                    "alexa region {other:?} is none of na, eu, in, fe, au, jp"
+                )))
+            }
+        };
+        Ok(format!("https://{host}/v3/events"))
+    }
+}
+
+impl Adapter for Alexa {
+    fn kind(&self) -> &'static str {
+        PLATFORM
+    }
+
+    fn build(&self, ctx: &DeliveryContext<'_>) -> Result<OutboundRequest, BuildError> {
+        let link = ctx
+            .link
+            .ok_or_else(|| BuildError("alexa deliveries need a device link".into()))?;
+        let token = required(link.access_token, "access token", PLATFORM)?;
+        let data = DeviceData::of(&ctx.event)?;
+        let change = data.require_state(PLATFORM)?;
+        let mapped = mapping::translate(PLATFORM, change)?;
+        let name = mapped.property.ok_or_else(|| {
+            BuildError(format!(
+                "the alexa mapping of {:?} has no property",
+                change.capability
+            ))
+        })?;
+        let cause = if change.value.is_number() {
+            "PERIODIC_POLL"
+        } else {
+            "PHYSICAL_INTERACTION"
+        };
+        let body = json!({
+            "event": {
+                "header": {
+                    "namespace": "Alexa",
+                    "name": "ChangeReport",
+                    "messageId": ctx.delivery_id,
+                    "payloadVersion": "3",
+                },
+                "endpoint": {
+                    "scope": {"type": "BearerToken", "token": token},
+                    "endpointId": link.external_id,
+                },
+                "payload": {
+                    "change": {
+                        "cause": {"type": cause},
+                        "properties": [{
+                            "namespace": mapped.name,
+                            "name": name,
+                            "value": mapped.value,
+                            "timeOfSample": event_time::utc(ctx.event.occurred_at)?,
+                            "uncertaintyInMilliseconds": 0,
+                        }],
+                    },
+                },
+            },
+            "context": {"properties": []},
+        });
+        Ok(OutboundRequest {
+            method: Method::Post,
+            url: self.gateway(&link)?,
+            headers: vec![
+                ("authorization".into(), format!("Bearer {token}")),
+                ("content-type".into(), "application/json".into()),
+            ],
+            body: serde_json::to_vec(&body)
+                .map_err(|e| BuildError(format!("cannot encode the ChangeReport: {e}")))?,
+        })
+    }
+
+    fn classify(&self, answer: &Answer<'_>, now: SystemTime) -> Verdict {
+        let Answer::Http {
+            status,
+            headers,
+            body,
+        } = *answer
+        else {
+            return crate::classify_http(answer, now);
+        };
+        let code = serde_json::from_slice::<AlexaError>(body)
+            .ok()
+            .and_then(|e| e.payload.code)
+            .unwrap_or_default();
+        let reason = format!("HTTP {status} {code}: {}", snippet(body));
+        match status {
+            200..=299 => Verdict::Delivered,
+            401 => Verdict::Refresh { reason },
+            // The user disabled the skill, never enabled it in this region,
+            // or revoked the permission: nothing we send will get through.
+            403 | 404 => Verdict::Park { reason },
+            429 | 500..=599 => Verdict::Retry {
+                after: Some(
+                    retry_after::from_headers(headers, now)
+                        .unwrap_or(MIN_RETRY)
+                        .max(MIN_RETRY),
+                ),
+                reason,
+            },
+            _ => Verdict::Permanent { reason },
+        }
+    }
+
+    fn refresh_request(
+        &self,
+        link: &LinkView<'_>,
+        refresh_token: &str,
+        _now_unix: u64,
+    ) -> Result<Option<OutboundRequest>, BuildError> {
+        let client_id = self.client_id.as_deref().ok_or_else(|| {
+            BuildError("the alexa partner has no LWA client (client_id_env)".into())
+        })?;
+        let url = link.token_url.unwrap_or(&self.token_url);
+        Ok(Some(refresh_form(
+            url,
+            refresh_token,
+            client_id,
+            self.client_secret.as_deref(),
+        )))
+    }
+}
+
+#[derive(Deserialize)]
+struct AlexaError {
+    payload: AlexaErrorPayload,
+}
+
+#[derive(Deserialize)]
+struct AlexaErrorPayload {
+    code: Option<String>,
+}
+
+/// An Alexa error body, as the gateway sends it (the mock uses it too).
+pub fn error_body(code: &str, description: &str) -> Value {
+    json!({
+        "header": {"namespace": "System", "name": "Exception", "messageId": "0", "payloadVersion": "3"},
+        "payload": {"code": code, "description": description},
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classify(status: u16, code: &str) -> Verdict {
+        let adapter = Alexa::boxed(&PartnerSettings::default()).unwrap();
+        let body = serde_json::to_vec(&error_body(code, "x")).unwrap();
+        adapter.classify(
+            &Answer::Http {
+                status,
+                headers: &[],
+                body: &body,
+            },
+            SystemTime::UNIX_EPOCH,
+        )
+    }
+
+    #[test]
+    fn reads_the_gateway_answers() {
+        assert_eq!(classify(202, ""), Verdict::Delivered);
+        assert!(matches!(
+            classify(401, "INVALID_ACCESS_TOKEN_EXCEPTION"),
+            Verdict::Refresh { .. }
+        ));
+        assert!(matches!(
+            classify(403, "SKILL_DISABLED_EXCEPTION"),
+            Verdict::Park { .. }
+        ));
+        assert!(matches!(
+            classify(404, "ACCOUNT_NOT_FOUND_EXCEPTION"),
+            Verdict::Park { .. }
+        ));
+        assert!(matches!(
+            classify(400, "INVALID_REQUEST_EXCEPTION"),
+            Verdict::Permanent { .. }
+        ));
+        assert_eq!(
+            classify(429, "THROTTLING_EXCEPTION"),
+            Verdict::Retry {
+                after: Some(MIN_RETRY),
+                reason: format!(
+                    "HTTP 429 THROTTLING_EXCEPTION: {}",
+                    serde_json::to_string(&error_body("THROTTLING_EXCEPTION", "x")).unwrap()
+                )
+            }
+        );
+    }
+}

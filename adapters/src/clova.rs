@@ -1,0 +1,121 @@
+//! Naver Clova. **Assumed shape**: the public Clova Home Extension API is
+//! pull-only (Clova asks the partner) and closed to new registrations; this
+//! push shape is an assumption to swap when a partner agreement brings one.
+//!
+//! Assumed:
+//! - `POST {base}/events` (base: the link's `callback_url`, else the partner
+//!   `url`) with a per-link OAuth2 user token in `Authorization: Bearer`,
+//!   `x-request-id` = the delivery id (stable: the receiver dedupes on it),
+//!   and `{"ts": <unix ms>, "payload": {"user_id": <account>, "devices":
+//!   [{"id": <externalId>, "capabilities": [{"name", "property", "value"}]}]}}`
+//!   with the Home Extension's capability names (see the mapping table), plus
+//!   `"alert": <kind>` on alerts;
+//! - refresh: RFC 6749 `refresh_token` grant at the link's `token_url` (else
+//!   the partner's), client id and secret in the form;
+//! - answers: 2xx delivered, 401 refresh, 403 park, 429/5xx retry.
+
+use std::time::SystemTime;
+
+use serde_json::{json, Map, Value};
+
+use crate::oauth::{classify_bearer, refresh_form, required};
+use crate::state::DeviceData;
+use crate::{
+    event_time, mapping, Adapter, Answer, BuildError, DeliveryContext, LinkView, Method,
+    OutboundRequest, PartnerSettings, SetupError, Verdict,
+};
+
+pub const PLATFORM: &str = "clova";
+
+pub struct Clova {
+    url: String,
+    token_url: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+}
+
+impl Clova {
+    pub fn boxed(settings: &PartnerSettings) -> Result<Box<dyn Adapter>, SetupError> {
+        Ok(Box::new(Clova {
+            url: settings.url.trim_end_matches('/').to_string(),
+            token_url: settings.token_url.clone(),
+            client_id: settings.client_id.clone(),
+            client_secret: settings.client_secret.clone(),
+        }))
+    }
+}
+
+impl Adapter for Clova {
+    fn kind(&self) -> &'static str {
+        PLATFORM
+    }
+
+    fn build(&self, ctx: &DeliveryContext<'_>) -> Result<OutboundRequest, BuildError> {
+        let link = ctx
+            .link
+            .ok_or_else(|| BuildError("clova deliveries need a device link".into()))?;
+        let token = required(link.access_token, "access token", PLATFORM)?;
+        let user = required(link.account, "account (user_id)", PLATFORM)?;
+        let base = link
+            .callback_url
+            .map(|u| u.trim_end_matches('/'))
+            .unwrap_or(&self.url);
+        if base.is_empty() {
+            return Err(BuildError(
+                "the clova link has no callback_url and the partner no url".into(),
+            ));
+        }
+        let data = DeviceData::of(&ctx.event)?;
+        let change = data.require_state(PLATFORM)?;
+        let mapped = mapping::translate(PLATFORM, change)?;
+        let mut device = Map::new();
+        device.insert("id".into(), link.external_id.into());
+        device.insert(
+            "capabilities".into(),
+            json!([{"name": mapped.name, "property": mapped.property, "value": mapped.value}]),
+        );
+        let mut body = json!({
+            "ts": event_time::unix_ms(ctx.event.occurred_at)?,
+            "payload": {"user_id": user, "devices": [Value::Object(device)]},
+        });
+        if let Some(kind) = &data.kind {
+            body["alert"] = kind.clone().into();
+        }
+        Ok(OutboundRequest {
+            method: Method::Post,
+            url: format!("{base}/events"),
+            headers: vec![
+                ("authorization".into(), format!("Bearer {token}")),
+                ("content-type".into(), "application/json".into()),
+                ("x-request-id".into(), ctx.delivery_id.into()),
+            ],
+            body: serde_json::to_vec(&body)
+                .map_err(|e| BuildError(format!("cannot encode the event: {e}")))?,
+        })
+    }
+
+    fn classify(&self, answer: &Answer<'_>, now: SystemTime) -> Verdict {
+        classify_bearer(answer, now)
+    }
+
+    fn refresh_request(
+        &self,
+        link: &LinkView<'_>,
+        refresh_token: &str,
+        _now_unix: u64,
+    ) -> Result<Option<OutboundRequest>, BuildError> {
+        let url = link
+            .token_url
+            .or(self.token_url.as_deref())
+            .ok_or_else(|| BuildError("the clova link has no token_url".into()))?;
+        let client_id = self.client_id.as_deref().ok_or_else(|| {
+            BuildError("the clova partner has no OAuth client (client_id_env)".into())
+        })?;
+        Ok(Some(refresh_form(
+            url,
+            refresh_token,
+            client_id,
+            self.client_secret.as_deref(),
+        )))
+    }
+}

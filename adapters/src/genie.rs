@@ -1,0 +1,118 @@
+//! KT GiGA Genie. **Assumed shape**: "Home Skills" connects third-party IoT
+//! servers over OAuth 2.0 with a Capability / Resource / Value model, but no
+//! public push API was found; this is an assumption to swap when a partner
+//! agreement brings the spec.
+//!
+//! Assumed:
+//! - `POST {base}/events` (base: the link's `callback_url`, else the partner
+//!   `url`) with a per-link OAuth2 user token in `Authorization: Bearer`,
+//!   `x-request-id` = the delivery id (the receiver dedupes on it), and
+//!   `{"deviceId", "capability", "resource", "value", "eventTime", "alert"?}`
+//!   (`eventTime` in RFC 3339 UTC; capability/resource from the mapping);
+//! - refresh: RFC 6749 `refresh_token` grant at the link's `token_url` (else
+//!   the partner's), client id and secret in the form;
+//! - answers: 2xx delivered, 401 refresh, 403 park, 429/5xx retry.
+
+use std::time::SystemTime;
+
+use serde_json::{Map, Value};
+
+use crate::oauth::{classify_bearer, refresh_form, required};
+use crate::state::DeviceData;
+use crate::{
+    event_time, mapping, Adapter, Answer, BuildError, DeliveryContext, LinkView, Method,
+    OutboundRequest, PartnerSettings, SetupError, Verdict,
+};
+
+pub const PLATFORM: &str = "genie";
+
+pub struct Genie {
+    url: String,
+    token_url: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+}
+
+impl Genie {
+    pub fn boxed(settings: &PartnerSettings) -> Result<Box<dyn Adapter>, SetupError> {
+        Ok(Box::new(Genie {
+            url: settings.url.trim_end_matches('/').to_string(),
+            token_url: settings.token_url.clone(),
+            client_id: settings.client_id.clone(),
+            client_secret: settings.client_secret.clone(),
+        }))
+    }
+}
+
+impl Adapter for Genie {
+    fn kind(&self) -> &'static str {
+        PLATFORM
+    }
+
+    fn build(&self, ctx: &DeliveryContext<'_>) -> Result<OutboundRequest, BuildError> {
+        let link = ctx
+            .link
+            .ok_or_else(|| BuildError("genie deliveries need a device link".into()))?;
+        let token = required(link.access_token, "access token", PLATFORM)?;
+        let base = link
+            .callback_url
+            .map(|u| u.trim_end_matches('/'))
+            .unwrap_or(&self.url);
+        if base.is_empty() {
+            return Err(BuildError(
+                "the genie link has no callback_url and the partner no url".into(),
+            ));
+        }
+        let data = DeviceData::of(&ctx.event)?;
+        let change = data.require_state(PLATFORM)?;
+        let mapped = mapping::translate(PLATFORM, change)?;
+        let mut body = Map::new();
+        body.insert("deviceId".into(), link.external_id.into());
+        body.insert("capability".into(), mapped.name.into());
+        body.insert("resource".into(), mapped.property.into());
+        body.insert("value".into(), mapped.value);
+        body.insert(
+            "eventTime".into(),
+            event_time::utc(ctx.event.occurred_at)?.into(),
+        );
+        if let Some(kind) = &data.kind {
+            body.insert("alert".into(), kind.clone().into());
+        }
+        Ok(OutboundRequest {
+            method: Method::Post,
+            url: format!("{base}/events"),
+            headers: vec![
+                ("authorization".into(), format!("Bearer {token}")),
+                ("content-type".into(), "application/json".into()),
+                ("x-request-id".into(), ctx.delivery_id.into()),
+            ],
+            body: serde_json::to_vec(&Value::Object(body))
+                .map_err(|e| BuildError(format!("cannot encode the event: {e}")))?,
+        })
+    }
+
+    fn classify(&self, answer: &Answer<'_>, now: SystemTime) -> Verdict {
+        classify_bearer(answer, now)
+    }
+
+    fn refresh_request(
+        &self,
+        link: &LinkView<'_>,
+        refresh_token: &str,
+        _now_unix: u64,
+    ) -> Result<Option<OutboundRequest>, BuildError> {
+        let url = link
+            .token_url
+            .or(self.token_url.as_deref())
+            .ok_or_else(|| BuildError("the genie link has no token_url".into()))?;
+        let client_id = self.client_id.as_deref().ok_or_else(|| {
+            BuildError("the genie partner has no OAuth client (client_id_env)".into())
+        })?;
+        Ok(Some(refresh_form(
+            url,
+            refresh_token,
+            client_id,
+            self.client_secret.as_deref(),
+        )))
+    }
+}

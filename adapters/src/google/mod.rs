@@ -1,0 +1,245 @@
+//! Google Home: Home Graph Report State (documented publicly).
+//!
+//! - `POST https://homegraph.googleapis.com/v1/devices:reportStateAndNotification`
+//!   (a non-empty partner `url` replaces it: tests, proxies).
+//! - Auth is partner-wide ([`TokenScope::Partner`]): a service-account JWT
+//!   (RS256, scope `homegraph`) traded at the key's `token_uri` for a
+//!   one-hour bearer token. There is no refresh token: herald mints again.
+//! - Body: `requestId` (the delivery id), `eventId` (the event id: Home Graph
+//!   dedupes on it), `agentUserId` (the link's `account`), and the device's
+//!   full trait state under `payload.devices.states.<external_id>` with
+//!   `online: true` (Home Graph overwrites a trait whole, so every field of
+//!   the trait is sent: the mapping table holds them).
+//! - 404 can be transient for a few seconds after a SYNC: it is retried for
+//!   the first [`NOT_FOUND_ATTEMPTS`] attempts, then the link is parked
+//!   ([`Adapter::classify_attempt`]).
+//!
+//! Assumed: nothing; alerts travel as state (Home Graph notifications exist
+//! only for a few traits and need a `notificationSupportedByAgent` device).
+
+pub mod service_account;
+
+use std::time::{Duration, SystemTime};
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::oauth::required;
+use crate::state::DeviceData;
+use crate::{
+    mapping, retry_after, snippet, Adapter, Answer, BuildError, DeliveryContext, Method,
+    OutboundRequest, PartnerSettings, SetupError, TokenScope, Verdict,
+};
+use service_account::{ServiceAccount, HOMEGRAPH_SCOPE};
+
+pub const PLATFORM: &str = "google";
+pub const REPORT_STATE_URL: &str =
+    "https://homegraph.googleapis.com/v1/devices:reportStateAndNotification";
+/// Attempts on which a 404 is still taken for SYNC lag rather than a gone user.
+pub const NOT_FOUND_ATTEMPTS: u32 = 3;
+const NOT_FOUND_DELAY: Duration = Duration::from_secs(5);
+
+pub struct Google {
+    url: String,
+    account: ServiceAccount,
+}
+
+impl Google {
+    pub fn boxed(settings: &PartnerSettings) -> Result<Box<dyn Adapter>, SetupError> {
+        let key = settings.service_account_key.as_deref().ok_or(SetupError {
+            key: "service_account_key_env",
+            reason: "a google partner needs a service-account key (JSON)".into(),
+        })?;
+        let account = ServiceAccount::from_json(key).map_err(|reason| SetupError {
+            key: "service_account_key_env",
+            reason,
+        })?;
+        Ok(Box::new(Google {
+            url: if settings.url.is_empty() {
+                REPORT_STATE_URL.to_string()
+            } else {
+                settings.url.clone()
+            },
+            account,
+        }))
+    }
+}
+
+impl Adapter for Google {
+    fn kind(&self) -> &'static str {
+        PLATFORM
+    }
+
+    fn token_scope(&self) -> TokenScope {
+        TokenScope::Partner
+    }
+
+    fn build(&self, ctx: &DeliveryContext<'_>) -> Result<OutboundRequest, BuildError> {
+        let link = ctx
+            .link
+            .ok_or_else(|| BuildError("google deliveries need a device link".into()))?;
+        let token = required(link.access_token, "partner token", PLATFORM)?;
+        let agent_user_id = required(link.account, "account (agentUserId)", PLATFORM)?;
+        let data = DeviceData::of(&ctx.event)?;
+        let change = data.require_state(PLATFORM)?;
+        let mapped = mapping::translate(PLATFORM, change)?;
+        let mut state = Map::new();
+        state.insert("online".into(), true.into());
+        match (mapped.property, mapped.value) {
+            (Some(field), value) => {
+                state.insert(field, value);
+            }
+            (None, Value::Object(fields)) => state.extend(fields),
+            (None, _) => {
+                return Err(BuildError(format!(
+                    "the google mapping of {:?} has neither a property nor an object of fields",
+                    change.capability
+                )))
+            }
+        }
+        let mut states = Map::new();
+        states.insert(link.external_id.to_string(), Value::Object(state));
+        let body = json!({
+            "requestId": ctx.delivery_id,
+            "eventId": ctx.event.id,
+            "agentUserId": agent_user_id,
+            "payload": {"devices": {"states": states}},
+        });
+        Ok(OutboundRequest {
+            method: Method::Post,
+            url: self.url.clone(),
+            headers: vec![
+                ("authorization".into(), format!("Bearer {token}")),
+                ("content-type".into(), "application/json".into()),
+            ],
+            body: serde_json::to_vec(&body)
+                .map_err(|e| BuildError(format!("cannot encode the report: {e}")))?,
+        })
+    }
+
+    fn classify(&self, answer: &Answer<'_>, now: SystemTime) -> Verdict {
+        self.classify_attempt(1, answer, now)
+    }
+
+    fn classify_attempt(&self, attempt: u32, answer: &Answer<'_>, now: SystemTime) -> Verdict {
+        let Answer::Http {
+            status,
+            headers,
+            body,
+        } = *answer
+        else {
+            return crate::classify_http(answer, now);
+        };
+        let code = serde_json::from_slice::<GoogleError>(body)
+            .ok()
+            .and_then(|e| e.error.status)
+            .unwrap_or_default();
+        let reason = format!("HTTP {status} {code}: {}", snippet(body));
+        match status {
+            200..=299 => Verdict::Delivered,
+            401 => Verdict::Refresh { reason },
+            403 => Verdict::Park { reason },
+            404 if attempt < NOT_FOUND_ATTEMPTS => Verdict::Retry {
+                after: Some(NOT_FOUND_DELAY),
+                reason,
+            },
+            404 => Verdict::Park { reason },
+            429 | 500..=599 => Verdict::Retry {
+                after: retry_after::from_headers(headers, now),
+                reason,
+            },
+            _ => Verdict::Permanent { reason },
+        }
+    }
+
+    fn partner_token_request(&self, now_unix: u64) -> Result<Option<OutboundRequest>, BuildError> {
+        self.account
+            .token_request(HOMEGRAPH_SCOPE, now_unix)
+            .map(Some)
+    }
+}
+
+#[derive(Deserialize)]
+struct GoogleError {
+    error: GoogleErrorBody,
+}
+
+#[derive(Deserialize)]
+struct GoogleErrorBody {
+    status: Option<String>,
+}
+
+/// A Google API error body (the mock answers with it too).
+pub fn error_body(code: u16, status: &str, message: &str) -> Value {
+    json!({"error": {"code": code, "message": message, "status": status}})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = include_str!("../../../fixtures/google/service-account.test.json");
+
+    fn adapter() -> Box<dyn Adapter> {
+        Google::boxed(&PartnerSettings {
+            service_account_key: Some(KEY.into()),
+            ..PartnerSettings::default()
+        })
+        .unwrap()
+    }
+
+    fn classify(attempt: u32, status: u16) -> Verdict {
+        let body = serde_json::to_vec(&error_body(status, "X", "x")).unwrap();
+        adapter().classify_attempt(
+            attempt,
+            &Answer::Http {
+                status,
+                headers: &[],
+                body: &body,
+            },
+            SystemTime::UNIX_EPOCH,
+        )
+    }
+
+    #[test]
+    fn not_found_is_retried_briefly_then_parks() {
+        assert!(matches!(classify(1, 404), Verdict::Retry { .. }));
+        assert!(matches!(
+            classify(NOT_FOUND_ATTEMPTS - 1, 404),
+            Verdict::Retry { .. }
+        ));
+        assert!(matches!(
+            classify(NOT_FOUND_ATTEMPTS, 404),
+            Verdict::Park { .. }
+        ));
+        assert!(matches!(classify(1, 401), Verdict::Refresh { .. }));
+        assert!(matches!(classify(1, 403), Verdict::Park { .. }));
+        assert!(matches!(classify(1, 400), Verdict::Permanent { .. }));
+        assert!(matches!(classify(1, 429), Verdict::Retry { .. }));
+    }
+
+    #[test]
+    fn the_assertion_verifies_with_the_public_key() {
+        let account = ServiceAccount::from_json(KEY).unwrap();
+        let jwt = account.assertion(HOMEGRAPH_SCOPE, 1_700_000_000).unwrap();
+        let claims = service_account::verify(&jwt, &account.public_key_der()).unwrap();
+        assert_eq!(claims["scope"], HOMEGRAPH_SCOPE);
+        assert_eq!(claims["exp"], 1_700_003_600u64);
+        assert_eq!(claims["aud"], "https://oauth2.googleapis.com/token");
+        let mut tampered = jwt.clone();
+        tampered.insert(10, 'x');
+        assert!(service_account::verify(&tampered, &account.public_key_der()).is_err());
+    }
+
+    #[test]
+    fn a_bad_key_names_the_setting() {
+        let err = Google::boxed(&PartnerSettings {
+            service_account_key: Some(r#"{"client_email":"a","private_key":"nope"}"#.into()),
+            ..PartnerSettings::default()
+        })
+        .err()
+        .unwrap();
+        assert_eq!(err.key, "service_account_key_env");
+        assert!(!format!("{err}").contains("nope"));
+    }
+}

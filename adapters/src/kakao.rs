@@ -1,0 +1,265 @@
+//! Kakao: alerts as a KakaoTalk "send to me" message (documented publicly),
+//! device state to Kakao Home (**assumed shape**: no public C2C push API).
+//!
+//! Documented:
+//! - an event with an alert `kind` becomes
+//!   `POST https://kapi.kakao.com/v2/api/talk/memo/default/send` with the form
+//!   field `template_object` (a text template), under the user's access token
+//!   (consent `talk_message`);
+//! - refresh: `grant_type=refresh_token` at `https://kauth.kakao.com/oauth/token`
+//!   with the app's REST API key as `client_id` (and `client_secret` when the
+//!   app enables it); a new refresh token comes back only when less than a
+//!   month is left: herald persists it when it does;
+//! - `KOE322` / `invalid_grant` on refresh: the user must log in again (park);
+//!   401 (code -401) on an expired access token; -402 missing consent.
+//!
+//! Assumed:
+//! - state events: `POST {base}/v1/home/devices/{externalId}/events` (or the
+//!   link's `callback_url`) with the same user token and
+//!   `{"eventId", "deviceId", "timestamp", "states": [{"capability", "property", "value"}]}`;
+//! - a non-empty partner `url` replaces `https://kapi.kakao.com` (tests);
+//! - the message's link is the link option `web_url` (Kakao requires a link
+//!   object; an empty one opens nothing). Text templates hold 200 chars.
+//! - KakaoTalk messages carry no request id: a retried alert after a lost
+//!   answer can arrive twice (there is nothing to dedupe on).
+
+use std::time::SystemTime;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::oauth::{refresh_form, required};
+use crate::state::DeviceData;
+use crate::{
+    event_time, mapping, retry_after, snippet, Adapter, Answer, BuildError, DeliveryContext,
+    LinkView, Method, OutboundRequest, PartnerSettings, SetupError, Verdict,
+};
+
+pub const PLATFORM: &str = "kakao";
+pub const API_BASE: &str = "https://kapi.kakao.com";
+pub const TOKEN_URL: &str = "https://kauth.kakao.com/oauth/token";
+pub const MEMO_PATH: &str = "/v2/api/talk/memo/default/send";
+/// Characters a text template holds.
+const TEXT_MAX: usize = 200;
+
+pub struct Kakao {
+    base: String,
+    token_url: String,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+}
+
+impl Kakao {
+    pub fn boxed(settings: &PartnerSettings) -> Result<Box<dyn Adapter>, SetupError> {
+        Ok(Box::new(Kakao {
+            base: if settings.url.is_empty() {
+                API_BASE.into()
+            } else {
+                settings.url.trim_end_matches('/').into()
+            },
+            token_url: settings
+                .token_url
+                .clone()
+                .unwrap_or_else(|| TOKEN_URL.into()),
+            client_id: settings.client_id.clone(),
+            client_secret: settings.client_secret.clone(),
+        }))
+    }
+
+    fn memo(
+        &self,
+        ctx: &DeliveryContext<'_>,
+        link: &LinkView<'_>,
+        data: &DeviceData,
+        kind: &str,
+    ) -> Result<(String, String, Vec<u8>), BuildError> {
+        let text = match &data.message {
+            Some(message) => message.clone(),
+            None => format!(
+                "[{}] {kind}: {} ({}) at {}",
+                ctx.event.priority, link.external_id, ctx.event.event_type, ctx.event.occurred_at
+            ),
+        };
+        let text: String = text.chars().take(TEXT_MAX).collect();
+        let web_url = link
+            .options
+            .and_then(|o| serde_json::from_str::<LinkOptions>(o.get()).ok())
+            .and_then(|o| o.web_url);
+        let link_object = match web_url {
+            Some(url) => json!({"web_url": url, "mobile_web_url": url}),
+            None => json!({}),
+        };
+        let template = json!({"object_type": "text", "text": text, "link": link_object});
+        let body = form_urlencoded::Serializer::new(String::new())
+            .append_pair("template_object", &template.to_string())
+            .finish();
+        Ok((
+            format!("{}{MEMO_PATH}", self.base),
+            "application/x-www-form-urlencoded;charset=utf-8".into(),
+            body.into_bytes(),
+        ))
+    }
+
+    fn home_state(
+        &self,
+        ctx: &DeliveryContext<'_>,
+        link: &LinkView<'_>,
+        data: &DeviceData,
+    ) -> Result<(String, String, Vec<u8>), BuildError> {
+        let change = data.require_state(PLATFORM)?;
+        let mapped = mapping::translate(PLATFORM, change)?;
+        let body = json!({
+            "eventId": ctx.delivery_id,
+            "deviceId": link.external_id,
+            "timestamp": event_time::unix_ms(ctx.event.occurred_at)?,
+            "states": [{
+                "capability": mapped.name,
+                "property": mapped.property,
+                "value": mapped.value,
+            }],
+        });
+        let url = match link.callback_url {
+            Some(url) => url.to_string(),
+            None => format!("{}/v1/home/devices/{}/events", self.base, link.external_id),
+        };
+        Ok((
+            url,
+            "application/json".into(),
+            serde_json::to_vec(&body)
+                .map_err(|e| BuildError(format!("cannot encode the event: {e}")))?,
+        ))
+    }
+}
+
+#[derive(Deserialize)]
+struct LinkOptions {
+    web_url: Option<String>,
+}
+
+impl Adapter for Kakao {
+    fn kind(&self) -> &'static str {
+        PLATFORM
+    }
+
+    fn build(&self, ctx: &DeliveryContext<'_>) -> Result<OutboundRequest, BuildError> {
+        let link = ctx
+            .link
+            .ok_or_else(|| BuildError("kakao deliveries need a device link".into()))?;
+        let token = required(link.access_token, "access token", PLATFORM)?;
+        let data = DeviceData::of(&ctx.event)?;
+        let (url, content_type, body) = match &data.kind {
+            Some(kind) => self.memo(ctx, &link, &data, kind)?,
+            None => self.home_state(ctx, &link, &data)?,
+        };
+        Ok(OutboundRequest {
+            method: Method::Post,
+            url,
+            headers: vec![
+                ("authorization".into(), format!("Bearer {token}")),
+                ("content-type".into(), content_type),
+            ],
+            body,
+        })
+    }
+
+    fn classify(&self, answer: &Answer<'_>, now: SystemTime) -> Verdict {
+        let Answer::Http {
+            status,
+            headers,
+            body,
+        } = *answer
+        else {
+            return crate::classify_http(answer, now);
+        };
+        let code = serde_json::from_slice::<KakaoError>(body)
+            .ok()
+            .and_then(|e| e.code);
+        let reason = format!("HTTP {status}: {}", snippet(body));
+        match (status, code) {
+            (200..=299, _) => Verdict::Delivered,
+            (401, _) | (_, Some(-401)) => Verdict::Refresh { reason },
+            // -402: the user withdrew the talk_message consent; 403: app or user blocked.
+            (403, _) | (_, Some(-402)) => Verdict::Park { reason },
+            // -10: the app's quota is spent for now.
+            (_, Some(-10)) | (429, _) | (500..=599, _) => Verdict::Retry {
+                after: retry_after::from_headers(headers, now),
+                reason,
+            },
+            _ => Verdict::Permanent { reason },
+        }
+    }
+
+    fn refresh_request(
+        &self,
+        link: &LinkView<'_>,
+        refresh_token: &str,
+        _now_unix: u64,
+    ) -> Result<Option<OutboundRequest>, BuildError> {
+        let client_id = self.client_id.as_deref().ok_or_else(|| {
+            BuildError("the kakao partner has no REST API key (client_id_env)".into())
+        })?;
+        Ok(Some(refresh_form(
+            link.token_url.unwrap_or(&self.token_url),
+            refresh_token,
+            client_id,
+            self.client_secret.as_deref(),
+        )))
+    }
+}
+
+#[derive(Deserialize)]
+struct KakaoError {
+    code: Option<i64>,
+}
+
+/// A Kakao API error body (the mock answers with it too).
+pub fn error_body(code: i64, msg: &str) -> Value {
+    json!({"msg": msg, "code": code})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::RefreshVerdict;
+
+    fn adapter() -> Box<dyn Adapter> {
+        Kakao::boxed(&PartnerSettings::default()).unwrap()
+    }
+
+    fn classify(status: u16, code: i64) -> Verdict {
+        let body = serde_json::to_vec(&error_body(code, "x")).unwrap();
+        adapter().classify(
+            &Answer::Http {
+                status,
+                headers: &[],
+                body: &body,
+            },
+            SystemTime::UNIX_EPOCH,
+        )
+    }
+
+    #[test]
+    fn reads_kakao_codes() {
+        assert!(matches!(classify(401, -401), Verdict::Refresh { .. }));
+        assert!(matches!(classify(403, -402), Verdict::Park { .. }));
+        assert!(matches!(classify(400, -10), Verdict::Retry { .. }));
+        assert!(matches!(classify(400, -2), Verdict::Permanent { .. }));
+    }
+
+    #[test]
+    fn koe322_parks_the_link() {
+        let body = br#"{"error":"invalid_grant","error_description":"refresh token not found","error_code":"KOE322"}"#;
+        let verdict = adapter().read_refresh(
+            &Answer::Http {
+                status: 400,
+                headers: &[],
+                body,
+            },
+            SystemTime::UNIX_EPOCH,
+        );
+        match verdict {
+            RefreshVerdict::Park { reason } => assert!(reason.contains("KOE322"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! What a mock partner does wrong, and when.
+
+use std::time::Duration;
+
+/// How a throttled answer says when to come back (RFC 9110 allows both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryAfter {
+    Seconds(u64),
+    /// An HTTP-date this many seconds from now.
+    Date(u64),
+}
+
+/// The faults a mock partner injects. Faults apply in this order to each
+/// delivery: latency, 5xx burst, throttling, rate limit, terminal code,
+/// token check, duplicate check.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// The access token the partner accepts at start (per-link user token,
+    /// or the partner-wide token for Google and ThinQ).
+    pub access_token: String,
+    /// The refresh token the partner accepts at start.
+    pub refresh_token: String,
+    /// Deliveries accepted with one access token before it expires; `Some(0)`
+    /// means expired from the start. After a refresh the count starts again.
+    pub expire_after: Option<u32>,
+    /// Whether a refresh also hands out a new refresh token (the old one dies).
+    pub rotate_refresh: bool,
+    /// The first this-many deliveries get 5xx.
+    pub server_errors: u32,
+    /// The next this-many deliveries get 429 with `retry_after`.
+    pub throttle: u32,
+    pub retry_after: RetryAfter,
+    /// Requests per second one token may make; beyond it, 429.
+    pub rate_per_second: Option<u32>,
+    /// Every answer waits this long.
+    pub latency: Duration,
+    /// Every delivery gets the platform's terminal code (integration deleted,
+    /// skill disabled, ...).
+    pub terminal: bool,
+    /// Every refresh gets the platform's dead-grant code (KOE322, invalid_grant).
+    pub refresh_terminal: bool,
+    /// Google only: the DER `RSAPublicKey` assertions must verify against.
+    pub public_key_der: Option<Vec<u8>>,
+}
+
+impl Default for Scenario {
+    fn default() -> Self {
+        Scenario {
+            access_token: "at-0".into(),
+            refresh_token: "rt-0".into(),
+            expire_after: None,
+            rotate_refresh: true,
+            server_errors: 0,
+            throttle: 0,
+            retry_after: RetryAfter::Seconds(1),
+            rate_per_second: None,
+            latency: Duration::ZERO,
+            terminal: false,
+            refresh_terminal: false,
+            public_key_der: None,
+        }
+    }
+}
+
+/// The names `herald mock-partner --scenario` takes.
+pub const NAMES: &[&str] = &[
+    "ok",
+    "flaky",
+    "expiring",
+    "throttled",
+    "rate-limited",
+    "slow",
+    "terminal",
+    "revoked",
+];
+
+impl Scenario {
+    /// A named scenario, for running a mock by hand.
+    pub fn named(name: &str) -> Option<Scenario> {
+        let base = Scenario::default();
+        Some(match name {
+            "ok" => base,
+            // A 5xx burst, then a throttle, then fine.
+            "flaky" => Scenario {
+                server_errors: 3,
+                throttle: 2,
+                retry_after: RetryAfter::Seconds(2),
+                ..base
+            },
+            // Tokens die every 5 deliveries; refreshes rotate.
+            "expiring" => Scenario {
+                expire_after: Some(5),
+                ..base
+            },
+            "throttled" => Scenario {
+                throttle: 10,
+                retry_after: RetryAfter::Date(5),
+                ..base
+            },
+            "rate-limited" => Scenario {
+                rate_per_second: Some(5),
+                ..base
+            },
+            "slow" => Scenario {
+                latency: Duration::from_secs(3),
+                ..base
+            },
+            "terminal" => Scenario {
+                terminal: true,
+                ..base
+            },
+            // The token is expired and the user revoked the grant.
+            "revoked" => Scenario {
+                expire_after: Some(0),
+                refresh_terminal: true,
+                ..base
+            },
+            _ => return None,
+        })
+    }
+}

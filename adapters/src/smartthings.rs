@@ -1,0 +1,350 @@
+//! Samsung SmartThings, through st-schema (documented publicly).
+//!
+//! - Device state goes as a `stateCallback` to the link's
+//!   `callbackUrls.stateCallback` (`LinkView::callback_url`), which
+//!   SmartThings hands out per user in `grantCallbackAccess`.
+//! - The bearer token travels in the body (`authentication.token`), not in a
+//!   header. `headers.requestId` is the delivery id (stable across retries);
+//!   a batch's is derived from all its delivery ids.
+//! - `refreshAccessTokens` goes to the link's `callbackUrls.oauthToken`
+//!   (`LinkView::token_url`) with the partner's client id and secret; the
+//!   answer may rotate the refresh token.
+//! - At most [`MAX_STATES`] states per callback (SmartThings' guidance).
+//!
+//! Assumed: the HTTP status of error answers (SmartThings documents the
+//! `globalError` / `deviceError` enums, not statuses), so both are read.
+
+use std::time::SystemTime;
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::credentials::RefreshVerdict;
+use crate::oauth::{required, unix};
+use crate::state::DeviceData;
+use crate::{
+    event_time, ids, mapping, retry_after, snippet, Adapter, Answer, BuildError, Credentials,
+    DeliveryContext, LinkView, Method, OutboundRequest, PartnerSettings, SetupError, Verdict,
+};
+
+pub const PLATFORM: &str = "smartthings";
+/// States per callback, at most.
+pub const MAX_STATES: usize = 50;
+
+pub struct SmartThings {
+    client_id: Option<String>,
+    client_secret: Option<String>,
+}
+
+impl SmartThings {
+    pub fn boxed(settings: &PartnerSettings) -> Result<Box<dyn Adapter>, SetupError> {
+        Ok(Box::new(SmartThings {
+            client_id: settings.client_id.clone(),
+            client_secret: settings.client_secret.clone(),
+        }))
+    }
+
+    fn state(ctx: &DeliveryContext<'_>) -> Result<Value, BuildError> {
+        let data = DeviceData::of(&ctx.event)?;
+        let change = data.require_state(PLATFORM)?;
+        let mapped = mapping::translate(PLATFORM, change)?;
+        let mut state = Map::new();
+        state.insert("component".into(), change.component.clone().into());
+        state.insert("capability".into(), mapped.name.into());
+        let attribute = mapped.property.ok_or_else(|| {
+            BuildError(format!(
+                "the {PLATFORM} mapping of {:?} has no property",
+                change.capability
+            ))
+        })?;
+        state.insert("attribute".into(), attribute.into());
+        state.insert("value".into(), mapped.value);
+        if let Some(unit) = mapped.unit {
+            state.insert("unit".into(), unit.into());
+        }
+        state.insert(
+            "timestamp".into(),
+            event_time::unix_ms(ctx.event.occurred_at)?.into(),
+        );
+        Ok(Value::Object(state))
+    }
+
+    fn callback(
+        request_id: &str,
+        link: &LinkView<'_>,
+        states: Vec<Value>,
+    ) -> Result<OutboundRequest, BuildError> {
+        let url = required(link.callback_url, "callback_url (stateCallback)", PLATFORM)?;
+        let token = required(link.access_token, "access token", PLATFORM)?;
+        let body = json!({
+            "headers": {
+                "schema": "st-schema",
+                "version": "1.0",
+                "interactionType": "stateCallback",
+                "requestId": request_id,
+            },
+            "authentication": {"tokenType": "Bearer", "token": token},
+            "deviceState": [{"externalDeviceId": link.external_id, "states": states}],
+        });
+        Ok(OutboundRequest {
+            method: Method::Post,
+            url: url.to_string(),
+            headers: vec![(
+                "content-type".into(),
+                "application/json; charset=utf-8".into(),
+            )],
+            body: serde_json::to_vec(&body)
+                .map_err(|e| BuildError(format!("cannot encode the callback: {e}")))?,
+        })
+    }
+}
+
+fn link<'a>(ctx: &DeliveryContext<'a>) -> Result<LinkView<'a>, BuildError> {
+    ctx.link
+        .ok_or_else(|| BuildError(format!("{PLATFORM} deliveries need a device link")))
+}
+
+impl Adapter for SmartThings {
+    fn kind(&self) -> &'static str {
+        PLATFORM
+    }
+
+    fn build(&self, ctx: &DeliveryContext<'_>) -> Result<OutboundRequest, BuildError> {
+        let link = link(ctx)?;
+        SmartThings::callback(ctx.delivery_id, &link, vec![SmartThings::state(ctx)?])
+    }
+
+    fn max_batch(&self) -> usize {
+        MAX_STATES
+    }
+
+    fn build_batch(&self, ctxs: &[DeliveryContext<'_>]) -> Result<OutboundRequest, BuildError> {
+        let first = ctxs
+            .first()
+            .ok_or_else(|| BuildError("an empty batch".into()))?;
+        if ctxs.len() > MAX_STATES {
+            return Err(BuildError(format!(
+                "{} states in one callback; {PLATFORM} takes at most {MAX_STATES}",
+                ctxs.len()
+            )));
+        }
+        let link = link(first)?;
+        let mut states = Vec::with_capacity(ctxs.len());
+        for ctx in ctxs {
+            let other = self::link(ctx)?;
+            if other.external_id != link.external_id || other.callback_url != link.callback_url {
+                return Err(BuildError("a batch must go through one link".into()));
+            }
+            states.push(SmartThings::state(ctx)?);
+        }
+        let request_id = match ctxs {
+            [one] => one.delivery_id.to_string(),
+            _ => ids::uuid(&ctxs.iter().map(|c| c.delivery_id).collect::<Vec<_>>()),
+        };
+        SmartThings::callback(&request_id, &link, states)
+    }
+
+    fn classify(&self, answer: &Answer<'_>, now: SystemTime) -> Verdict {
+        let (status, headers, body) = match *answer {
+            Answer::Http {
+                status,
+                headers,
+                body,
+            } => (status, headers, body),
+            _ => return crate::classify_http(answer, now),
+        };
+        let parsed: StAnswer = serde_json::from_slice(body).unwrap_or_default();
+        if let Some(error) = parsed.global_error {
+            return by_enum(&error, status, headers, now);
+        }
+        let device_error = parsed
+            .device_state
+            .into_iter()
+            .flat_map(|d| d.device_error)
+            .next();
+        if let Some(error) = device_error {
+            return by_enum(&error, status, headers, now);
+        }
+        match status {
+            401 => Verdict::Refresh {
+                reason: format!("HTTP 401: {}", snippet(body)),
+            },
+            _ => crate::classify_http(answer, now),
+        }
+    }
+
+    fn refresh_request(
+        &self,
+        link: &LinkView<'_>,
+        refresh_token: &str,
+        now_unix: u64,
+    ) -> Result<Option<OutboundRequest>, BuildError> {
+        let url = required(link.token_url, "token_url (oauthToken)", PLATFORM)?;
+        let (Some(client_id), Some(client_secret)) = (&self.client_id, &self.client_secret) else {
+            return Err(BuildError(format!(
+                "the {PLATFORM} partner has no OAuth client (client_id_env, client_secret_env)"
+            )));
+        };
+        let body = json!({
+            "headers": {
+                "schema": "st-schema",
+                "version": "1.0",
+                "interactionType": "refreshAccessTokens",
+                "requestId": ids::uuid(&[link.external_id, &now_unix.to_string(), "refresh"]),
+            },
+            "callbackAuthentication": {
+                "grantType": "refresh_token",
+                "refreshToken": refresh_token,
+                "clientId": client_id,
+                "clientSecret": client_secret,
+            },
+        });
+        Ok(Some(OutboundRequest {
+            method: Method::Post,
+            url: url.to_string(),
+            headers: vec![(
+                "content-type".into(),
+                "application/json; charset=utf-8".into(),
+            )],
+            body: serde_json::to_vec(&body)
+                .map_err(|e| BuildError(format!("cannot encode the refresh: {e}")))?,
+        }))
+    }
+
+    fn read_refresh(&self, answer: &Answer<'_>, now: SystemTime) -> RefreshVerdict {
+        let (status, headers, body) = match *answer {
+            Answer::Http {
+                status,
+                headers,
+                body,
+            } => (status, headers, body),
+            _ => return crate::oauth::read_token_answer(answer, now),
+        };
+        if status == 429 || status >= 500 {
+            return RefreshVerdict::Retry {
+                after: retry_after::from_headers(headers, now),
+                reason: format!("oauthToken HTTP {status}: {}", snippet(body)),
+            };
+        }
+        let parsed: StAnswer = serde_json::from_slice(body).unwrap_or_default();
+        match parsed.callback_authentication {
+            Some(StTokens {
+                access_token: Some(access_token),
+                refresh_token,
+                expires_in,
+            }) if (200..300).contains(&status) => RefreshVerdict::Renewed(Credentials {
+                access_token,
+                refresh_token,
+                expires_at_unix: expires_in.map(|s| unix(now) + s),
+            }),
+            _ => RefreshVerdict::Park {
+                reason: match parsed.global_error {
+                    Some(e) => format!("oauthToken {}: {}", e.error_enum, e.detail),
+                    None => format!("oauthToken HTTP {status}: {}", snippet(body)),
+                },
+            },
+        }
+    }
+}
+
+/// Reads st-schema's error enums; the HTTP status only breaks ties.
+fn by_enum(error: &StError, status: u16, headers: &[(String, String)], now: SystemTime) -> Verdict {
+    let reason = format!("{}: {}", error.error_enum, error.detail);
+    match error.error_enum.as_str() {
+        "TOKEN-EXPIRED" | "INVALID-TOKEN" => Verdict::Refresh { reason },
+        "INTEGRATION-DELETED" | "DEVICE-DELETED" => Verdict::Park { reason },
+        "DEVICE-UNAVAILABLE" | "DEVICE-OFFLINE" => Verdict::Retry {
+            after: retry_after::from_headers(headers, now),
+            reason,
+        },
+        // Our bug or our config (request shape, client, capability): no retry fixes it.
+        "BAD-REQUEST"
+        | "INVALID-CLIENT"
+        | "INVALID-CLIENT-SECRET"
+        | "CAPABILITY-NOT-SUPPORTED"
+        | "RESOURCE-CONSTRAINT-VIOLATION" => Verdict::Permanent { reason },
+        _ if status == 429 || status >= 500 => Verdict::Retry {
+            after: retry_after::from_headers(headers, now),
+            reason,
+        },
+        _ => Verdict::Permanent { reason },
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct StAnswer {
+    global_error: Option<StError>,
+    #[serde(default)]
+    device_state: Vec<StDeviceState>,
+    callback_authentication: Option<StTokens>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StError {
+    error_enum: String,
+    #[serde(default)]
+    detail: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StDeviceState {
+    #[serde(default)]
+    device_error: Vec<StError>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StTokens {
+    access_token: Option<String>,
+    refresh_token: Option<String>,
+    expires_in: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classify(status: u16, body: &str) -> Verdict {
+        let adapter = SmartThings {
+            client_id: None,
+            client_secret: None,
+        };
+        adapter.classify(
+            &Answer::Http {
+                status,
+                headers: &[],
+                body: body.as_bytes(),
+            },
+            SystemTime::UNIX_EPOCH,
+        )
+    }
+
+    #[test]
+    fn reads_global_and_device_errors() {
+        let global = |e: &str| format!(r#"{{"globalError":{{"errorEnum":"{e}","detail":"x"}}}}"#);
+        assert!(matches!(
+            classify(401, &global("TOKEN-EXPIRED")),
+            Verdict::Refresh { .. }
+        ));
+        assert!(matches!(
+            classify(200, &global("INTEGRATION-DELETED")),
+            Verdict::Park { .. }
+        ));
+        assert!(matches!(
+            classify(400, &global("BAD-REQUEST")),
+            Verdict::Permanent { .. }
+        ));
+        assert!(matches!(
+            classify(503, &global("SOMETHING-NEW")),
+            Verdict::Retry { .. }
+        ));
+        let device = r#"{"deviceState":[{"externalDeviceId":"x","deviceError":[{"errorEnum":"DEVICE-DELETED"}]}]}"#;
+        assert!(matches!(classify(200, device), Verdict::Park { .. }));
+        assert!(matches!(classify(401, ""), Verdict::Refresh { .. }));
+        assert!(matches!(classify(429, ""), Verdict::Retry { .. }));
+        assert_eq!(classify(200, "{}"), Verdict::Delivered);
+    }
+}
