@@ -96,6 +96,9 @@ pub struct PartnerConfig {
     /// `ordering = "per_device"`: a device's events go out one at a time,
     /// each after the previous one settled.
     pub ordered_per_device: bool,
+    /// `coalesce_state = true`: a newer normal state event for the same
+    /// device and attribute replaces an older one not yet sent.
+    pub coalesce_state: bool,
     pub timeout: Duration,
     pub allow_private: bool,
     pub retry: RetryPolicy,
@@ -186,6 +189,8 @@ struct FilePartner {
     concurrency: Concurrency,
     #[serde(default)]
     ordering: DeviceOrdering,
+    #[serde(default)]
+    coalesce_state: bool,
     #[serde(default = "default_timeout_ms")]
     timeout_ms: u64,
     #[serde(default)]
@@ -542,6 +547,7 @@ fn partner_config(
         max_in_flight: p.max_in_flight,
         adaptive_concurrency: p.concurrency == Concurrency::Adaptive,
         ordered_per_device: p.ordering == DeviceOrdering::PerDevice,
+        coalesce_state: p.coalesce_state,
         timeout: Duration::from_millis(p.timeout_ms),
         allow_private: p.allow_private,
         retry,

@@ -95,6 +95,13 @@ pub struct DeliveryRecord {
     /// "per_device"`): sent only once the device's earlier ones settled.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ordered: bool,
+    /// `component/capability/attribute` of a normal state event, for a
+    /// partner with `coalesce_state = true`: a newer one replaces it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coalesce: Option<String>,
+    /// The delivery that superseded this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_by: Option<Uuid>,
 }
 
 impl DeliveryRecord {
@@ -113,6 +120,9 @@ pub enum DeliveryState {
     Pending,
     Delivered,
     Dead,
+    /// A newer state event for the same device and attribute took its
+    /// place before it was sent (`coalesce_state = true`).
+    Superseded,
 }
 
 /// One real send to a partner and what came of it.

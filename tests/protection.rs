@@ -506,3 +506,74 @@ retry = { initial_ms = 1000, max_interval_ms = 1000 }"#,
         .collect();
     assert_eq!(thermostat, vec![2, 3, 4]);
 }
+
+#[tokio::test]
+async fn a_newer_state_supersedes_an_older_one_still_waiting_and_says_so() {
+    let (h, mock, _dir) = setup(
+        "coalesce_state = true\nrate = { per_second = 10, burst = 1 }",
+        "",
+    )
+    .await;
+    let post = |body: String| {
+        let h = &h;
+        async move {
+            let (status, answer) = h.post_events(&body).await;
+            assert_eq!(status, 202, "{answer}");
+            (
+                answer["id"].as_str().unwrap_or_default().to_string(),
+                answer["deliveries"][0]["id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        }
+    };
+    let reading = |attribute: &str, value: u32, priority: &str| {
+        format!(
+            r#"{{"device_id":"thermo-1","type":"state","priority":"{priority}","partners":["acme"],
+               "data":{{"capability":"temperatureMeasurement","attribute":"{attribute}","value":{value}}}}}"#
+        )
+    };
+    // The first goes out at once (burst 1); the others wait for tokens.
+    post(reading("temperature", 20, "normal")).await;
+    mock.wait_for(1).await;
+    let (older, _) = post(reading("temperature", 21, "normal")).await;
+    let (_, newer_delivery) = post(reading("temperature", 22, "normal")).await;
+    post(reading("humidity", 40, "normal")).await;
+    post(reading("temperature", 99, "critical")).await;
+    for _ in 0..6 {
+        h.clock.advance(Duration::from_millis(100));
+        settle().await;
+    }
+    let values: Vec<(String, u64)> = mock
+        .requests()
+        .iter()
+        .map(|r| {
+            (
+                r.body["data"]["attribute"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_string(),
+                r.body["data"]["value"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(values.len(), 4, "21 was never sent: {values:?}");
+    assert!(!values.iter().any(|(_, v)| *v == 21), "{values:?}");
+    for expected in [20, 22, 40, 99] {
+        assert!(
+            values.iter().any(|(_, v)| *v == expected),
+            "{expected} missing: {values:?}"
+        );
+    }
+    // Recorded, not dropped: on-call sees what replaced it.
+    let (_, event) = h.get(&format!("/v1/events/{older}")).await;
+    assert_eq!(event["deliveries"][0]["state"], "superseded", "{event}");
+    assert_eq!(
+        event["deliveries"][0]["superseded_by"],
+        newer_delivery.as_str()
+    );
+    let (_, partners) = h.get("/v1/partners").await;
+    assert_eq!(partners["partners"][0]["superseded"], 1);
+    assert_eq!(partners["partners"][0]["delivered"], 4);
+}

@@ -47,6 +47,9 @@ struct DeliveryView {
     next_attempt_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     dead_letter: Option<String>,
+    /// The newer delivery that carried this one's state instead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    superseded_by: Option<String>,
     history: Vec<AttemptView>,
     #[serde(skip_serializing_if = "is_zero")]
     history_omitted: u32,
@@ -163,6 +166,7 @@ fn delivery_view(state: &AppState, d: &DeliveryRecord) -> Result<DeliveryView, P
             .filter(|_| d.state == DeliveryState::Pending)
             .map(rfc3339),
         dead_letter: d.dead_letter.map(|u| u.to_string()),
+        superseded_by: d.superseded_by.map(|u| u.to_string()),
         history,
         history_omitted: omitted,
     })

@@ -302,6 +302,11 @@ fn validate(
             subscribed
         }
     };
+    let state_key = match e.priority {
+        Priority::Normal => state_key(&data),
+        // A safety alert is never folded into another event.
+        Priority::Critical => None,
+    };
     Ok(EventRecord {
         id: state.clock.new_id(),
         device_id: e.device_id,
@@ -319,6 +324,13 @@ fn validate(
                     .config
                     .partner(&partner)
                     .is_some_and(|p| p.ordered_per_device),
+                coalesce: state_key.clone().filter(|_| {
+                    state
+                        .config
+                        .partner(&partner)
+                        .is_some_and(|p| p.coalesce_state)
+                }),
+                superseded_by: None,
                 partner,
                 state: DeliveryState::Pending,
                 attempts: 0,
@@ -328,6 +340,27 @@ fn validate(
             })
             .collect(),
     })
+}
+
+/// `component/capability/attribute` of a device-state event (`data` with
+/// string `capability` and `attribute`; `component` defaults to `main`).
+fn state_key(data: &RawValue) -> Option<String> {
+    #[derive(Deserialize)]
+    struct State<'a> {
+        #[serde(borrow)]
+        capability: Option<&'a str>,
+        #[serde(borrow)]
+        attribute: Option<&'a str>,
+        #[serde(borrow)]
+        component: Option<&'a str>,
+    }
+    let s: State = serde_json::from_str(data.get()).ok()?;
+    Some(format!(
+        "{}/{}/{}",
+        s.component.unwrap_or("main"),
+        s.capability?,
+        s.attribute?
+    ))
 }
 
 fn check_text(field: &str, value: &str, max: usize) -> Result<(), (String, String)> {

@@ -42,6 +42,8 @@ struct PartnerView {
     delivered: u64,
     retried: u64,
     dead: u64,
+    /// Replaced by a newer state before being sent (`coalesce_state`).
+    superseded: u64,
 }
 
 pub async fn list_partners(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
@@ -65,6 +67,7 @@ pub async fn list_partners(State(state): State<Arc<AppState>>, headers: HeaderMa
             delivered: count(&lane.stats.delivered),
             retried: count(&lane.stats.retried),
             dead: count(&lane.stats.dead),
+            superseded: count(&lane.stats.superseded),
         })
         .collect();
     partners.sort_by(|a, b| a.name.cmp(&b.name));

@@ -68,6 +68,7 @@ pub struct Lane {
 #[derive(Default)]
 pub struct LaneStats {
     pub sent: AtomicU64,
+    pub superseded: AtomicU64,
     pub delivered: AtomicU64,
     pub retried: AtomicU64,
     pub dead: AtomicU64,
@@ -363,6 +364,7 @@ impl Lane {
                         &self.stats.retried
                     }
                     Next::Dead(_) => &self.stats.dead,
+                    Next::Superseded(_) => &self.stats.superseded,
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
             }
@@ -415,6 +417,26 @@ impl Lane {
             Ok(None) => return unsent(self, due, "the event record is missing"),
             Err(e) => return unsent(self, due, &e.to_string()),
         };
+        if let Some(newer) = self.superseded_by(&event, due.key.delivery) {
+            metrics::counter!("herald_superseded_total", "partner" => self.partner.name.clone())
+                .increment(1);
+            let outcome = Outcome {
+                // Not kept: nothing was sent.
+                attempt: Attempt {
+                    number,
+                    at_ms: started_ms,
+                    status: None,
+                    latency_ms: 0,
+                    outcome: AttemptOutcome::Failed,
+                    detail: format!("superseded by {newer}"),
+                },
+                key: due.key,
+                entry: due.entry,
+                next: Next::Superseded(newer),
+                park: None,
+            };
+            return (outcome, Health::Unknown, false);
+        }
         if let Some(route) = self.parked.get(&event.device_id) {
             let reason = format!(
                 "not sent: the route was parked at {} ({})",
@@ -449,6 +471,25 @@ impl Lane {
             }));
         }
         (outcome, health, true)
+    }
+
+    /// The newer delivery of the same device and attribute, if this one
+    /// carries a state that one replaced before it was sent.
+    fn superseded_by(&self, event: &EventRecord, delivery: uuid::Uuid) -> Option<uuid::Uuid> {
+        let d = event.deliveries.iter().find(|d| d.id == delivery)?;
+        let state = d.coalesce.as_deref()?;
+        match self
+            .store
+            .latest_state(&self.partner.name, &event.device_id, state)
+        {
+            Ok(Some(latest)) if latest != delivery => Some(latest),
+            Ok(_) => None,
+            Err(e) => {
+                // Sending a stale state is better than dropping a fresh one.
+                tracing::warn!(partner = %self.partner.name, error = %e, "cannot read the latest state; sending");
+                None
+            }
+        }
     }
 
     fn build(

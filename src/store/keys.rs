@@ -29,6 +29,9 @@ pub const PARKED: u8 = b'p';
 /// partner that wants each device's events in order. Only the first of a
 /// device's keys may be sent.
 pub const DEVICE_QUEUE: u8 = b'q';
+/// `c` + partner + device + state key: the delivery id of the latest state
+/// event for that attribute; an older one still waiting is superseded.
+pub const LATEST_STATE: u8 = b'c';
 /// The sequence number of the last group commit (see [`super::watermark`]).
 pub const COMMITS: &[u8] = b"mcommits";
 
@@ -79,6 +82,13 @@ pub fn device_queue_prefix(partner: &str, device: &str) -> Vec<u8> {
     // Device ids are capped at ingest far below 64 KiB.
     out.extend_from_slice(&(device.len() as u16).to_be_bytes());
     out.extend_from_slice(device.as_bytes());
+    out
+}
+
+pub fn latest_state(partner: &str, device: &str, state: &str) -> Vec<u8> {
+    let mut out = device_queue_prefix(partner, device);
+    out[0] = LATEST_STATE;
+    out.extend_from_slice(state.as_bytes());
     out
 }
 

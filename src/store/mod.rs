@@ -70,6 +70,8 @@ pub enum Next {
     Delivered,
     RetryAt(u64),
     Dead(String),
+    /// Not sent: this newer delivery carries the same attribute's state.
+    Superseded(Uuid),
 }
 
 /// One due schedule entry, as a lane takes it.
@@ -326,6 +328,17 @@ impl Store {
             }
         }
         Ok((out, next_due))
+    }
+
+    /// The latest state delivery of `device`'s `state` attribute at `partner`.
+    pub fn latest_state(
+        &self,
+        partner: &str,
+        device: &str,
+        state: &str,
+    ) -> Result<Option<Uuid>, StoreError> {
+        let key = keys::latest_state(partner, device, state);
+        Ok(self.db.get(&key)?.and_then(|v| Uuid::from_slice(&v).ok()))
     }
 
     /// Whether nothing of the same device is ahead of this delivery (always,

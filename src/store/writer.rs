@@ -305,6 +305,11 @@ fn enqueue(p: &mut Pending<'_>, events: Vec<EventRecord>) -> Result<Vec<Accepted
                     Vec::new(),
                 );
             }
+            if let Some(state) = &d.coalesce {
+                // Names the newest: an older one still waiting is superseded.
+                let latest = keys::latest_state(&d.partner, &event.device_id, state);
+                p.put(latest, d.id.as_bytes().to_vec());
+            }
             let entry = ScheduledDelivery {
                 delivery: d.id,
                 event: event.id,
@@ -337,7 +342,8 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
         return Ok(());
     }
     p.remove(schedule_key);
-    if let (Some(o), Next::Delivered | Next::Dead(_)) = (&entry.order, &next) {
+    if let (Some(o), Next::Delivered | Next::Dead(_) | Next::Superseded(_)) = (&entry.order, &next)
+    {
         // Settled: the device's next delivery may go.
         p.remove(keys::device_queue(
             &key.partner,
@@ -381,11 +387,23 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
         tracing::error!(delivery = %entry.delivery, "event record lacks this delivery; dropped from the schedule");
         return Ok(());
     };
+    if let Next::Superseded(by) = next {
+        delivery.state = DeliveryState::Superseded;
+        delivery.superseded_by = Some(by);
+        delivery.next_due_ms = None;
+        if has_log {
+            p.remove(log_key.to_vec());
+        }
+        p.put(event_key.to_vec(), encode(&event));
+        return Ok(());
+    }
     delivery.attempts = attempt.number;
     delivery.last_attempt = Some(attempt);
     match next {
         // Handled above, without touching the event record.
         Next::Delivered => {}
+        // Handled above: nothing was sent.
+        Next::Superseded(_) => {}
         Next::RetryAt(due_ms) => {
             delivery.next_due_ms = Some(due_ms);
             let retry = ScheduleKey { due_ms, ..key };
@@ -457,6 +475,13 @@ fn collect(
                     p.remove(keys::delivered(d.id).to_vec());
                     if d.attempts > 1 {
                         p.remove(keys::attempts(d.id).to_vec());
+                    }
+                }
+                if let Some(state) = &d.coalesce {
+                    // Still naming this finished delivery: nothing to compare with any more.
+                    let latest = keys::latest_state(&d.partner, &event.device_id, state);
+                    if p.get(&latest)?.as_deref() == Some(d.id.as_bytes().as_slice()) {
+                        p.remove(latest);
                     }
                 }
             }
