@@ -577,3 +577,20 @@ async fn a_newer_state_supersedes_an_older_one_still_waiting_and_says_so() {
     assert_eq!(partners["partners"][0]["superseded"], 1);
     assert_eq!(partners["partners"][0]["delivered"], 4);
 }
+
+#[tokio::test]
+async fn an_adaptive_lane_starts_at_one_in_flight_and_delivers_everything() {
+    let (h, mock, _dir) = setup("concurrency = \"adaptive\"\nmax_in_flight = 16", "").await;
+    let (_, partners) = h.get("/v1/partners").await;
+    assert_eq!(
+        partners["partners"][0]["concurrency_limit"], 1,
+        "{partners}"
+    );
+    queue_normal(&h, 300).await;
+    mock.wait_for(300).await;
+    // On a clock that does not move every round trip takes 0 ms: the
+    // controller never sees a full window, so the limit holds at its start.
+    let partner = wait_partner(&h, "all delivered", |p| p["delivered"] == 300).await;
+    assert_eq!(partner["concurrency_limit"], 1, "{partner}");
+    assert_eq!(partner["max_in_flight"], 16);
+}
