@@ -257,7 +257,9 @@ impl Lane {
                     return;
                 }
             };
-            match self.take_token(&stop, due.key.priority).await {
+            // A delivery a newer state replaced goes nowhere: it needs no token.
+            let replaced = self.partner.coalesce_state && self.is_replaced(&due);
+            match self.take_token(&stop, due.key.priority, replaced).await {
                 Token::Taken => {}
                 Token::Preempted => {
                     // A critical delivery arrived: it takes this token.
@@ -310,8 +312,8 @@ impl Lane {
 
     /// Waits for a rate-limit token for a send of `priority`. A normal
     /// send gives up its wait when critical work arrives or comes due.
-    async fn take_token(&self, stop: &CancellationToken, priority: Priority) -> Token {
-        let Some(limiter) = &self.limiter else {
+    async fn take_token(&self, stop: &CancellationToken, priority: Priority, skip: bool) -> Token {
+        let Some(limiter) = self.limiter.as_ref().filter(|_| !skip) else {
             return Token::Taken;
         };
         let yields = priority == Priority::Normal;
@@ -471,6 +473,18 @@ impl Lane {
             }));
         }
         (outcome, health, true)
+    }
+
+    /// Whether a newer state replaced this delivery (checked again when it
+    /// is settled).
+    fn is_replaced(&self, due: &Due) -> bool {
+        if due.key.priority == Priority::Critical {
+            return false;
+        }
+        match self.store.event_payload(due.entry.event) {
+            Ok(Some(event)) => self.superseded_by(&event, due.key.delivery).is_some(),
+            _ => false,
+        }
     }
 
     /// The newer delivery of the same device and attribute, if this one
