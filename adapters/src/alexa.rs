@@ -19,11 +19,11 @@ use std::time::{Duration, SystemTime};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::oauth::{refresh_form, required};
+use crate::oauth::{required, OAuthClient};
 use crate::state::DeviceData;
 use crate::{
     event_time, mapping, retry_after, snippet, Adapter, Answer, BuildError, DeliveryContext,
-    LinkView, Method, OutboundRequest, PartnerSettings, SetupError, Verdict,
+    LinkView, OutboundRequest, PartnerSettings, SetupError, Verdict,
 };
 
 pub const PLATFORM: &str = "alexa";
@@ -35,8 +35,7 @@ const MIN_RETRY: Duration = Duration::from_secs(1);
 pub struct Alexa {
     url: Option<String>,
     token_url: String,
-    client_id: Option<String>,
-    client_secret: Option<String>,
+    client: OAuthClient,
 }
 
 impl Alexa {
@@ -47,8 +46,7 @@ impl Alexa {
                 .token_url
                 .clone()
                 .unwrap_or_else(|| LWA_TOKEN_URL.to_string()),
-            client_id: settings.client_id.clone(),
-            client_secret: settings.client_secret.clone(),
+            client: OAuthClient::of(settings),
         }))
     }
 
@@ -77,9 +75,7 @@ impl Adapter for Alexa {
     }
 
     fn build(&self, ctx: &DeliveryContext<'_>) -> Result<OutboundRequest, BuildError> {
-        let link = ctx
-            .link
-            .ok_or_else(|| BuildError("alexa deliveries need a device link".into()))?;
+        let link = ctx.link_for(PLATFORM)?;
         let token = required(link.access_token, "access token", PLATFORM)?;
         let data = DeviceData::of(&ctx.event)?;
         let change = data.require_state(PLATFORM)?;
@@ -122,16 +118,7 @@ impl Adapter for Alexa {
             },
             "context": {"properties": []},
         });
-        Ok(OutboundRequest {
-            method: Method::Post,
-            url: self.gateway(&link)?,
-            headers: vec![
-                ("authorization".into(), format!("Bearer {token}")),
-                ("content-type".into(), "application/json".into()),
-            ],
-            body: serde_json::to_vec(&body)
-                .map_err(|e| BuildError(format!("cannot encode the ChangeReport: {e}")))?,
-        })
+        OutboundRequest::bearer_json(self.gateway(&link)?, token, &body, "ChangeReport")
     }
 
     fn classify(&self, answer: &Answer<'_>, now: SystemTime) -> Verdict {
@@ -172,16 +159,8 @@ impl Adapter for Alexa {
         refresh_token: &str,
         _now_unix: u64,
     ) -> Result<Option<OutboundRequest>, BuildError> {
-        let client_id = self.client_id.as_deref().ok_or_else(|| {
-            BuildError("the alexa partner has no LWA client (client_id_env)".into())
-        })?;
-        let url = link.token_url.unwrap_or(&self.token_url);
-        Ok(Some(refresh_form(
-            url,
-            refresh_token,
-            client_id,
-            self.client_secret.as_deref(),
-        )))
+        self.client
+            .refresh(PLATFORM, link, Some(&self.token_url), refresh_token)
     }
 }
 

@@ -18,11 +18,11 @@ use std::time::SystemTime;
 
 use serde_json::{json, Map, Value};
 
-use crate::oauth::{classify_bearer, refresh_form, required};
+use crate::oauth::{classify_bearer, required, OAuthClient};
 use crate::state::DeviceData;
 use crate::{
-    event_time, mapping, Adapter, Answer, BuildError, DeliveryContext, LinkView, Method,
-    OutboundRequest, PartnerSettings, SetupError, Verdict,
+    event_time, mapping, Adapter, Answer, BuildError, DeliveryContext, LinkView, OutboundRequest,
+    PartnerSettings, SetupError, Verdict,
 };
 
 pub const PLATFORM: &str = "clova";
@@ -30,8 +30,7 @@ pub const PLATFORM: &str = "clova";
 pub struct Clova {
     url: String,
     token_url: Option<String>,
-    client_id: Option<String>,
-    client_secret: Option<String>,
+    client: OAuthClient,
 }
 
 impl Clova {
@@ -39,8 +38,7 @@ impl Clova {
         Ok(Box::new(Clova {
             url: settings.url.trim_end_matches('/').to_string(),
             token_url: settings.token_url.clone(),
-            client_id: settings.client_id.clone(),
-            client_secret: settings.client_secret.clone(),
+            client: OAuthClient::of(settings),
         }))
     }
 }
@@ -51,20 +49,10 @@ impl Adapter for Clova {
     }
 
     fn build(&self, ctx: &DeliveryContext<'_>) -> Result<OutboundRequest, BuildError> {
-        let link = ctx
-            .link
-            .ok_or_else(|| BuildError("clova deliveries need a device link".into()))?;
+        let link = ctx.link_for(PLATFORM)?;
         let token = required(link.access_token, "access token", PLATFORM)?;
         let user = required(link.account, "account (user_id)", PLATFORM)?;
-        let base = link
-            .callback_url
-            .map(|u| u.trim_end_matches('/'))
-            .unwrap_or(&self.url);
-        if base.is_empty() {
-            return Err(BuildError(
-                "the clova link has no callback_url and the partner no url".into(),
-            ));
-        }
+        let base = link.base_url(&self.url, PLATFORM)?;
         let data = DeviceData::of(&ctx.event)?;
         let change = data.require_state(PLATFORM)?;
         let mapped = mapping::translate(PLATFORM, change)?;
@@ -81,17 +69,12 @@ impl Adapter for Clova {
         if let Some(kind) = &data.kind {
             body["alert"] = kind.clone().into();
         }
-        Ok(OutboundRequest {
-            method: Method::Post,
-            url: format!("{base}/events"),
-            headers: vec![
-                ("authorization".into(), format!("Bearer {token}")),
-                ("content-type".into(), "application/json".into()),
-                ("x-request-id".into(), ctx.delivery_id.into()),
-            ],
-            body: serde_json::to_vec(&body)
-                .map_err(|e| BuildError(format!("cannot encode the event: {e}")))?,
-        })
+        let mut request =
+            OutboundRequest::bearer_json(format!("{base}/events"), token, &body, "event")?;
+        request
+            .headers
+            .push(("x-request-id".into(), ctx.delivery_id.into()));
+        Ok(request)
     }
 
     fn classify(&self, answer: &Answer<'_>, now: SystemTime) -> Verdict {
@@ -104,18 +87,7 @@ impl Adapter for Clova {
         refresh_token: &str,
         _now_unix: u64,
     ) -> Result<Option<OutboundRequest>, BuildError> {
-        let url = link
-            .token_url
-            .or(self.token_url.as_deref())
-            .ok_or_else(|| BuildError("the clova link has no token_url".into()))?;
-        let client_id = self.client_id.as_deref().ok_or_else(|| {
-            BuildError("the clova partner has no OAuth client (client_id_env)".into())
-        })?;
-        Ok(Some(refresh_form(
-            url,
-            refresh_token,
-            client_id,
-            self.client_secret.as_deref(),
-        )))
+        self.client
+            .refresh(PLATFORM, link, self.token_url.as_deref(), refresh_token)
     }
 }

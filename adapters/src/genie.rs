@@ -17,11 +17,11 @@ use std::time::SystemTime;
 
 use serde_json::{Map, Value};
 
-use crate::oauth::{classify_bearer, refresh_form, required};
+use crate::oauth::{classify_bearer, required, OAuthClient};
 use crate::state::DeviceData;
 use crate::{
-    event_time, mapping, Adapter, Answer, BuildError, DeliveryContext, LinkView, Method,
-    OutboundRequest, PartnerSettings, SetupError, Verdict,
+    event_time, mapping, Adapter, Answer, BuildError, DeliveryContext, LinkView, OutboundRequest,
+    PartnerSettings, SetupError, Verdict,
 };
 
 pub const PLATFORM: &str = "genie";
@@ -29,8 +29,7 @@ pub const PLATFORM: &str = "genie";
 pub struct Genie {
     url: String,
     token_url: Option<String>,
-    client_id: Option<String>,
-    client_secret: Option<String>,
+    client: OAuthClient,
 }
 
 impl Genie {
@@ -38,8 +37,7 @@ impl Genie {
         Ok(Box::new(Genie {
             url: settings.url.trim_end_matches('/').to_string(),
             token_url: settings.token_url.clone(),
-            client_id: settings.client_id.clone(),
-            client_secret: settings.client_secret.clone(),
+            client: OAuthClient::of(settings),
         }))
     }
 }
@@ -50,19 +48,9 @@ impl Adapter for Genie {
     }
 
     fn build(&self, ctx: &DeliveryContext<'_>) -> Result<OutboundRequest, BuildError> {
-        let link = ctx
-            .link
-            .ok_or_else(|| BuildError("genie deliveries need a device link".into()))?;
+        let link = ctx.link_for(PLATFORM)?;
         let token = required(link.access_token, "access token", PLATFORM)?;
-        let base = link
-            .callback_url
-            .map(|u| u.trim_end_matches('/'))
-            .unwrap_or(&self.url);
-        if base.is_empty() {
-            return Err(BuildError(
-                "the genie link has no callback_url and the partner no url".into(),
-            ));
-        }
+        let base = link.base_url(&self.url, PLATFORM)?;
         let data = DeviceData::of(&ctx.event)?;
         let change = data.require_state(PLATFORM)?;
         let mapped = mapping::translate(PLATFORM, change)?;
@@ -78,17 +66,13 @@ impl Adapter for Genie {
         if let Some(kind) = &data.kind {
             body.insert("alert".into(), kind.clone().into());
         }
-        Ok(OutboundRequest {
-            method: Method::Post,
-            url: format!("{base}/events"),
-            headers: vec![
-                ("authorization".into(), format!("Bearer {token}")),
-                ("content-type".into(), "application/json".into()),
-                ("x-request-id".into(), ctx.delivery_id.into()),
-            ],
-            body: serde_json::to_vec(&Value::Object(body))
-                .map_err(|e| BuildError(format!("cannot encode the event: {e}")))?,
-        })
+        let body = Value::Object(body);
+        let mut request =
+            OutboundRequest::bearer_json(format!("{base}/events"), token, &body, "event")?;
+        request
+            .headers
+            .push(("x-request-id".into(), ctx.delivery_id.into()));
+        Ok(request)
     }
 
     fn classify(&self, answer: &Answer<'_>, now: SystemTime) -> Verdict {
@@ -101,18 +85,7 @@ impl Adapter for Genie {
         refresh_token: &str,
         _now_unix: u64,
     ) -> Result<Option<OutboundRequest>, BuildError> {
-        let url = link
-            .token_url
-            .or(self.token_url.as_deref())
-            .ok_or_else(|| BuildError("the genie link has no token_url".into()))?;
-        let client_id = self.client_id.as_deref().ok_or_else(|| {
-            BuildError("the genie partner has no OAuth client (client_id_env)".into())
-        })?;
-        Ok(Some(refresh_form(
-            url,
-            refresh_token,
-            client_id,
-            self.client_secret.as_deref(),
-        )))
+        self.client
+            .refresh(PLATFORM, link, self.token_url.as_deref(), refresh_token)
     }
 }

@@ -28,7 +28,7 @@ use std::time::SystemTime;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::oauth::{refresh_form, required};
+use crate::oauth::{required, OAuthClient};
 use crate::state::DeviceData;
 use crate::{
     event_time, mapping, retry_after, snippet, Adapter, Answer, BuildError, DeliveryContext,
@@ -45,8 +45,7 @@ const TEXT_MAX: usize = 200;
 pub struct Kakao {
     base: String,
     token_url: String,
-    client_id: Option<String>,
-    client_secret: Option<String>,
+    client: OAuthClient,
 }
 
 impl Kakao {
@@ -61,8 +60,7 @@ impl Kakao {
                 .token_url
                 .clone()
                 .unwrap_or_else(|| TOKEN_URL.into()),
-            client_id: settings.client_id.clone(),
-            client_secret: settings.client_secret.clone(),
+            client: OAuthClient::of(settings),
         }))
     }
 
@@ -142,9 +140,7 @@ impl Adapter for Kakao {
     }
 
     fn build(&self, ctx: &DeliveryContext<'_>) -> Result<OutboundRequest, BuildError> {
-        let link = ctx
-            .link
-            .ok_or_else(|| BuildError("kakao deliveries need a device link".into()))?;
+        let link = ctx.link_for(PLATFORM)?;
         let token = required(link.access_token, "access token", PLATFORM)?;
         let data = DeviceData::of(&ctx.event)?;
         let (url, content_type, body) = match &data.kind {
@@ -195,15 +191,8 @@ impl Adapter for Kakao {
         refresh_token: &str,
         _now_unix: u64,
     ) -> Result<Option<OutboundRequest>, BuildError> {
-        let client_id = self.client_id.as_deref().ok_or_else(|| {
-            BuildError("the kakao partner has no REST API key (client_id_env)".into())
-        })?;
-        Ok(Some(refresh_form(
-            link.token_url.unwrap_or(&self.token_url),
-            refresh_token,
-            client_id,
-            self.client_secret.as_deref(),
-        )))
+        self.client
+            .refresh(PLATFORM, link, Some(&self.token_url), refresh_token)
     }
 }
 

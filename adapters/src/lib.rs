@@ -83,6 +83,26 @@ impl fmt::Debug for LinkView<'_> {
     }
 }
 
+impl<'a> LinkView<'a> {
+    /// Where this link's events go: its own `callback_url`, else the
+    /// partner's `url`, without a trailing slash.
+    pub fn base_url<'b>(&self, partner_url: &'b str, platform: &str) -> Result<&'b str, BuildError>
+    where
+        'a: 'b,
+    {
+        let base = self
+            .callback_url
+            .unwrap_or(partner_url)
+            .trim_end_matches('/');
+        if base.is_empty() {
+            return Err(BuildError(format!(
+                "the {platform} link has no callback_url and the partner no url"
+            )));
+        }
+        Ok(base)
+    }
+}
+
 /// One delivery attempt to build a request for.
 #[derive(Debug, Clone, Copy)]
 pub struct DeliveryContext<'a> {
@@ -98,6 +118,15 @@ pub struct DeliveryContext<'a> {
     pub link: Option<LinkView<'a>>,
 }
 
+impl<'a> DeliveryContext<'a> {
+    /// The link a platform delivery goes through: without one there is no
+    /// one to address it to.
+    pub fn link_for(&self, platform: &str) -> Result<LinkView<'a>, BuildError> {
+        self.link
+            .ok_or_else(|| BuildError(format!("{platform} deliveries need a device link")))
+    }
+}
+
 /// The HTTP request an adapter wants sent. herald's lane sends it with the
 /// shared client; the adapter never does I/O.
 ///
@@ -110,6 +139,28 @@ pub struct OutboundRequest {
     pub url: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+}
+
+impl OutboundRequest {
+    /// A JSON `POST` with a bearer token, the request most platforms take;
+    /// `what` names the body in the error if it cannot be encoded.
+    pub fn bearer_json(
+        url: String,
+        token: &str,
+        body: &serde_json::Value,
+        what: &str,
+    ) -> Result<OutboundRequest, BuildError> {
+        Ok(OutboundRequest {
+            method: Method::Post,
+            url,
+            headers: vec![
+                ("authorization".into(), format!("Bearer {token}")),
+                ("content-type".into(), "application/json".into()),
+            ],
+            body: serde_json::to_vec(body)
+                .map_err(|e| BuildError(format!("cannot encode the {what}: {e}")))?,
+        })
+    }
 }
 
 /// Headers whose values are credentials.
@@ -322,6 +373,18 @@ pub const REGISTRY: &[(&str, Constructor)] = &[
     ("genie", genie::Genie::boxed),
 ];
 
+/// The smart-home platforms: every adapter but the plain webhook. Each has
+/// a mapping table entry, golden requests and a mock partner.
+pub const PLATFORMS: &[&str] = &[
+    "smartthings",
+    "alexa",
+    "google",
+    "thinq",
+    "kakao",
+    "clova",
+    "genie",
+];
+
 /// Builds the adapter named `kind` for one partner.
 pub fn build_adapter(
     kind: &str,
@@ -434,6 +497,14 @@ mod tests {
                 reason: "HTTP 429: nope".into()
             }
         );
+    }
+
+    #[test]
+    fn every_registered_adapter_but_webhook_is_a_platform() {
+        let registered: Vec<&str> = REGISTRY.iter().map(|(name, _)| *name).collect();
+        let mut expected = vec!["webhook"];
+        expected.extend_from_slice(PLATFORMS);
+        assert_eq!(registered, expected);
     }
 
     #[test]

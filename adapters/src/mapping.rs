@@ -152,15 +152,7 @@ mod tests {
     #[test]
     fn the_table_parses_and_covers_every_platform() {
         let table = table().expect("data/capabilities.toml must parse");
-        for platform in [
-            "smartthings",
-            "alexa",
-            "google",
-            "thinq",
-            "kakao",
-            "clova",
-            "genie",
-        ] {
+        for &platform in crate::PLATFORMS {
             let entries = table.get(platform).expect(platform);
             for key in ["lock.lock", "temperatureMeasurement.temperature"] {
                 assert!(entries.contains_key(key), "{platform} lacks {key}");

@@ -6,9 +6,52 @@ use std::time::SystemTime;
 use serde::Deserialize;
 
 use crate::{
-    retry_after, snippet, Answer, BuildError, Credentials, Method, OutboundRequest, RefreshVerdict,
-    Verdict,
+    retry_after, snippet, Answer, BuildError, Credentials, LinkView, Method, OutboundRequest,
+    PartnerSettings, RefreshVerdict, Verdict,
 };
+
+/// A platform partner's OAuth client (`client_id_env`, `client_secret_env`):
+/// what refreshes a link's user token on the platforms that use the plain
+/// RFC 6749 `refresh_token` grant.
+pub struct OAuthClient {
+    id: Option<String>,
+    secret: Option<String>,
+}
+
+impl OAuthClient {
+    pub fn of(settings: &PartnerSettings) -> OAuthClient {
+        OAuthClient {
+            id: settings.client_id.clone(),
+            secret: settings.client_secret.clone(),
+        }
+    }
+
+    /// The refresh request for one link, at its own `token_url` or else the
+    /// partner's.
+    pub fn refresh(
+        &self,
+        platform: &str,
+        link: &LinkView<'_>,
+        partner_token_url: Option<&str>,
+        refresh_token: &str,
+    ) -> Result<Option<OutboundRequest>, BuildError> {
+        let url = link
+            .token_url
+            .or(partner_token_url)
+            .ok_or_else(|| BuildError(format!("the {platform} link has no token_url")))?;
+        let id = self.id.as_deref().ok_or_else(|| {
+            BuildError(format!(
+                "the {platform} partner has no OAuth client (client_id_env)"
+            ))
+        })?;
+        Ok(Some(refresh_form(
+            url,
+            refresh_token,
+            id,
+            self.secret.as_deref(),
+        )))
+    }
+}
 
 /// `grant_type=refresh_token`, form-encoded, client credentials in the body
 /// (RFC 6749 §2.3.1 allows both; the body form is what Kakao and LWA document).

@@ -86,16 +86,7 @@ impl SmartThings {
             "authentication": {"tokenType": "Bearer", "token": token},
             "deviceState": [{"externalDeviceId": link.external_id, "states": states}],
         });
-        Ok(OutboundRequest {
-            method: Method::Post,
-            url: url.to_string(),
-            headers: vec![(
-                "content-type".into(),
-                "application/json; charset=utf-8".into(),
-            )],
-            body: serde_json::to_vec(&body)
-                .map_err(|e| BuildError(format!("cannot encode the callback: {e}")))?,
-        })
+        st_post(url, &body, "callback")
     }
 }
 
@@ -199,16 +190,7 @@ impl Adapter for SmartThings {
                 "clientSecret": client_secret,
             },
         });
-        Ok(Some(OutboundRequest {
-            method: Method::Post,
-            url: url.to_string(),
-            headers: vec![(
-                "content-type".into(),
-                "application/json; charset=utf-8".into(),
-            )],
-            body: serde_json::to_vec(&body)
-                .map_err(|e| BuildError(format!("cannot encode the refresh: {e}")))?,
-        }))
+        st_post(url, &body, "refresh").map(Some)
     }
 
     fn read_refresh(&self, answer: &Answer<'_>, now: SystemTime) -> RefreshVerdict {
@@ -301,6 +283,21 @@ struct StTokens {
     access_token: Option<String>,
     refresh_token: Option<String>,
     expires_in: Option<u64>,
+}
+
+/// An st-schema interaction: a JSON `POST` whose credentials travel in the
+/// body, not in a header.
+fn st_post(url: &str, body: &Value, what: &str) -> Result<OutboundRequest, BuildError> {
+    Ok(OutboundRequest {
+        method: Method::Post,
+        url: url.to_string(),
+        headers: vec![(
+            "content-type".into(),
+            "application/json; charset=utf-8".into(),
+        )],
+        body: serde_json::to_vec(body)
+            .map_err(|e| BuildError(format!("cannot encode the {what}: {e}")))?,
+    })
 }
 
 #[cfg(test)]

@@ -84,20 +84,10 @@ impl Adapter for ThinQ {
     }
 
     fn build(&self, ctx: &DeliveryContext<'_>) -> Result<OutboundRequest, BuildError> {
-        let link = ctx
-            .link
-            .ok_or_else(|| BuildError("thinq deliveries need a device link".into()))?;
+        let link = ctx.link_for(PLATFORM)?;
         let token = required(link.access_token, "partner token", PLATFORM)?;
         let country = required(link.region, "region (country code)", PLATFORM)?;
-        let base = link
-            .callback_url
-            .map(|u| u.trim_end_matches('/'))
-            .unwrap_or(&self.url);
-        if base.is_empty() {
-            return Err(BuildError(
-                "the thinq link has no callback_url and the partner no url".into(),
-            ));
-        }
+        let base = link.base_url(&self.url, PLATFORM)?;
         let data = DeviceData::of(&ctx.event)?;
         let mut body = Map::new();
         body.insert("deviceId".into(), link.external_id.into());

@@ -27,8 +27,8 @@ use serde_json::{json, Map, Value};
 use crate::oauth::required;
 use crate::state::DeviceData;
 use crate::{
-    mapping, retry_after, snippet, Adapter, Answer, BuildError, DeliveryContext, Method,
-    OutboundRequest, PartnerSettings, SetupError, TokenScope, Verdict,
+    mapping, retry_after, snippet, Adapter, Answer, BuildError, DeliveryContext, OutboundRequest,
+    PartnerSettings, SetupError, TokenScope, Verdict,
 };
 use service_account::{ServiceAccount, HOMEGRAPH_SCOPE};
 
@@ -75,9 +75,7 @@ impl Adapter for Google {
     }
 
     fn build(&self, ctx: &DeliveryContext<'_>) -> Result<OutboundRequest, BuildError> {
-        let link = ctx
-            .link
-            .ok_or_else(|| BuildError("google deliveries need a device link".into()))?;
+        let link = ctx.link_for(PLATFORM)?;
         let token = required(link.access_token, "partner token", PLATFORM)?;
         let agent_user_id = required(link.account, "account (agentUserId)", PLATFORM)?;
         let data = DeviceData::of(&ctx.event)?;
@@ -105,16 +103,7 @@ impl Adapter for Google {
             "agentUserId": agent_user_id,
             "payload": {"devices": {"states": states}},
         });
-        Ok(OutboundRequest {
-            method: Method::Post,
-            url: self.url.clone(),
-            headers: vec![
-                ("authorization".into(), format!("Bearer {token}")),
-                ("content-type".into(), "application/json".into()),
-            ],
-            body: serde_json::to_vec(&body)
-                .map_err(|e| BuildError(format!("cannot encode the report: {e}")))?,
-        })
+        OutboundRequest::bearer_json(self.url.clone(), token, &body, "report")
     }
 
     fn classify(&self, answer: &Answer<'_>, now: SystemTime) -> Verdict {

@@ -96,7 +96,10 @@ pub trait Dialect: Send + Sync + 'static {
     fn validate(&self, req: &Incoming) -> Result<(), String>;
 
     /// What duplicates are detected by; `None`: nothing to go by.
-    fn request_id(&self, req: &Incoming) -> Option<String>;
+    /// Unless the platform says otherwise, `x-request-id`.
+    fn request_id(&self, req: &Incoming) -> Option<String> {
+        req.header("x-request-id").map(str::to_string)
+    }
 
     fn grant(&self, req: &Incoming) -> Grant {
         match req.form("grant_type").as_deref() {
@@ -113,12 +116,39 @@ pub trait Dialect: Send + Sync + 'static {
         }
     }
 
-    fn ok(&self, req: &Incoming) -> Reply;
-    fn bad_request(&self, why: &str) -> Reply;
-    fn expired(&self) -> Reply;
-    fn throttled(&self) -> Reply;
-    fn server_error(&self) -> Reply;
-    fn terminal(&self) -> Reply;
+    // The answers below default to plain OAuth2-style JSON errors (what the
+    // assumed platforms speak); the documented platforms give their own.
+
+    fn ok(&self, _req: &Incoming) -> Reply {
+        Reply::json(200, json!({"result": "ok"}))
+    }
+
+    fn bad_request(&self, why: &str) -> Reply {
+        Reply::json(
+            400,
+            json!({"error": "invalid_request", "error_description": why}),
+        )
+    }
+
+    fn expired(&self) -> Reply {
+        Reply::json(401, json!({"error": "invalid_token"}))
+    }
+
+    fn throttled(&self) -> Reply {
+        Reply::json(429, json!({"error": "too_many_requests"}))
+    }
+
+    fn server_error(&self) -> Reply {
+        Reply::json(503, json!({"error": "unavailable"}))
+    }
+
+    /// The user unlinked the account: the platform's terminal answer.
+    fn terminal(&self) -> Reply {
+        Reply::json(
+            403,
+            json!({"error": "access_denied", "error_description": "the user unlinked the account"}),
+        )
+    }
 
     /// A token endpoint's success (RFC 6749 §5.1 unless the platform differs).
     fn issued(&self, access_token: &str, refresh_token: Option<&str>, expires_in: u64) -> Reply {

@@ -43,16 +43,8 @@ use tokio::task::JoinHandle;
 pub use dialect::{Dialect, Grant, Incoming, Reply};
 pub use scenario::{RetryAfter, Scenario};
 
-/// The platforms a mock exists for.
-pub const PLATFORMS: &[&str] = &[
-    "smartthings",
-    "alexa",
-    "google",
-    "thinq",
-    "kakao",
-    "clova",
-    "genie",
-];
+/// The platforms a mock exists for: all of them.
+pub use crate::PLATFORMS;
 
 /// Access tokens the mock hands out last this long (what it tells clients).
 pub const TOKEN_LIFETIME_SECS: u64 = 3600;

@@ -5,15 +5,7 @@
 use adapters::{DeliveryContext, EventView, LinkView, PartnerSettings};
 use serde_json::value::RawValue;
 
-pub const PLATFORMS: &[&str] = &[
-    "smartthings",
-    "alexa",
-    "google",
-    "thinq",
-    "kakao",
-    "clova",
-    "genie",
-];
+pub use adapters::PLATFORMS;
 
 pub const DELIVERY_ID: &str = "01936b2a-5c00-7000-8000-00000000d001";
 pub const NOW_UNIX: u64 = 1_795_586_405;
