@@ -125,15 +125,6 @@ async fn accept(
             .map_err(|(field, detail)| Problem::invalid(at(&field), detail))?;
         records.push(record);
     }
-    let wake: Vec<(String, Priority)> = {
-        let mut names: Vec<(String, Priority)> = records
-            .iter()
-            .flat_map(|r| r.deliveries.iter().map(|d| (d.partner.clone(), r.priority)))
-            .collect();
-        names.sort();
-        names.dedup();
-        names
-    };
     let count = records.len();
     let accepted = state.store.enqueue(records).await.map_err(|e| match e {
         StoreError::Busy => Problem::unavailable("the write queue is full; retry shortly"),
@@ -143,8 +134,11 @@ async fn accept(
             Problem::unavailable(format!("the events could not be stored: {other}"))
         }
     })?;
-    for (partner, priority) in &wake {
-        state.dispatcher.wake(partner, *priority);
+    let mut accepted = accepted;
+    for a in &mut accepted {
+        state
+            .dispatcher
+            .offer(std::mem::take(&mut a.scheduled), a.commit);
     }
     let fresh = accepted.iter().filter(|a| !a.duplicate).count();
     metrics::counter!("herald_events_accepted_total").increment(fresh as u64);

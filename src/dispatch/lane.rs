@@ -59,6 +59,14 @@ pub struct Lane {
     /// The earliest retry time of a critical delivery this lane sent
     /// (u64::MAX: none): a full window of normal work must not hide it.
     critical_retry_at: AtomicU64,
+    /// The earliest retry time of any delivery this lane sent since its
+    /// last look (u64::MAX: none): retries are written to the index only,
+    /// so the window must scan for them when they come due.
+    retry_at: AtomicU64,
+    /// Deliveries ingest hands over once durable.
+    inbox: std::sync::Mutex<Inbox>,
+    /// How many deliveries the window holds (critical ones may take twice that).
+    capacity: usize,
     pub breaker: Breaker,
     /// Devices whose route to this partner is gone (410): not sent to.
     pub parked: Parked,
@@ -98,6 +106,9 @@ impl Lane {
             std::sync::Mutex::new(Aimd::new(policy, clock.now_ms()))
         });
         Lane {
+            capacity: (partner.max_in_flight * 4).max(64),
+            retry_at: AtomicU64::new(u64::MAX),
+            inbox: std::sync::Mutex::new(Inbox::default()),
             adaptive,
             freed: Notify::new(),
             in_flight: Arc::new(Semaphore::new(partner.max_in_flight)),
@@ -122,6 +133,23 @@ impl Lane {
     pub fn wake(&self, priority: Priority) {
         if priority == Priority::Critical {
             self.critical_waiting.store(true, Ordering::Release);
+            self.critical_arrived.notify_one();
+        }
+        self.wake.notify_one();
+    }
+
+    /// Hands over a delivery `commit` just made durable: the lane takes it
+    /// without scanning the index for it.
+    pub fn offer(&self, due: Due, commit: u64) {
+        let priority = due.key.priority;
+        let taken = lock(&self.inbox).push(due, commit, self.capacity);
+        if !taken && priority == Priority::Critical {
+            // Left to the index: the lane scans its critical range first thing.
+            self.critical_waiting.store(true, Ordering::Release);
+        }
+        if priority == Priority::Critical {
+            // It is in the inbox: no scan needed, but a normal send waiting
+            // for a token gives the token up to it.
             self.critical_arrived.notify_one();
         }
         self.wake.notify_one();
@@ -188,15 +216,29 @@ impl Lane {
         abandon: CancellationToken,
         tracker: TaskTracker,
     ) {
-        let capacity = (self.partner.max_in_flight * 4).max(64);
-        let mut window = Window::new(&self.partner.name, capacity, self.held.clone());
+        let mut window = Window::new(
+            &self.partner.name,
+            self.capacity,
+            self.held.clone(),
+            self.partner.ordered_per_device,
+        );
         loop {
             if stop.is_cancelled() {
                 return;
             }
+            self.take_offers(&mut window);
+            let now = self.clock.now_ms();
+            if came_due(&self.retry_at, now) {
+                Priority::ALL.iter().for_each(|&p| window.mark_stale(p));
+            }
             let critical = self.critical_waiting.swap(false, Ordering::AcqRel)
                 || self.critical_retry_came_due();
-            let refill: &[Priority] = if window.is_low() {
+            if critical {
+                window.mark_stale(Priority::Critical);
+            }
+            let stale = |p| window.is_stale(p, now);
+            let refill: &[Priority] = if window.is_low() && Priority::ALL.iter().any(|&p| stale(p))
+            {
                 &Priority::ALL
             } else if critical {
                 &[Priority::Critical]
@@ -204,7 +246,7 @@ impl Lane {
                 &[]
             };
             if !refill.is_empty() {
-                if let Err(e) = window.refill(&self.store, self.clock.now_ms(), refill) {
+                if let Err(e) = window.refill(&self.store, now, refill) {
                     tracing::error!(partner = %self.partner.name, error = %e, "cannot read the schedule; trying again in a second");
                     tokio::select! {
                         _ = self.clock.sleep(Duration::from_secs(1)) => continue,
@@ -213,7 +255,11 @@ impl Lane {
                 }
             }
             let Some(due) = window.pop() else {
-                let next_due = window.next_due_ms();
+                let retry_at = self.retry_at.load(Ordering::Acquire);
+                let next_due = match (window.next_due_ms(), retry_at) {
+                    (due, u64::MAX) => due,
+                    (due, at) => Some(due.map_or(at, |d| d.min(at))),
+                };
                 tokio::select! {
                     _ = self.wake.notified() => {}
                     _ = self.clock.sleep_until_ms(next_due.unwrap_or(u64::MAX)), if next_due.is_some() => {}
@@ -302,12 +348,20 @@ impl Lane {
 
     /// Whether a critical retry is due now; if so, it is looked for once.
     fn critical_retry_came_due(&self) -> bool {
-        let now = self.clock.now_ms();
-        self.critical_retry_at
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |at| {
-                (at <= now).then_some(u64::MAX)
-            })
-            .is_ok()
+        came_due(&self.critical_retry_at, self.clock.now_ms())
+    }
+
+    /// Moves what ingest handed over into the window.
+    fn take_offers(&self, window: &mut Window) {
+        let Inbox {
+            offers, overflowed, ..
+        } = std::mem::take(&mut *lock(&self.inbox));
+        for priority in overflowed {
+            window.mark_stale(priority);
+        }
+        for (due, commit) in offers {
+            window.offer(due, commit);
+        }
     }
 
     /// Waits for a rate-limit token for a send of `priority`. A normal
@@ -348,18 +402,23 @@ impl Lane {
         self.note(transition);
         let next = outcome.next.clone();
         let park = outcome.park.clone();
+        if let Some(route) = &park {
+            // Parked before the write is visible: no later send slips
+            // through, and whoever sees the dead letter sees the park.
+            self.parked.insert(route.as_ref().clone());
+        }
         match self.store.record(outcome).await {
             Ok(()) => {
                 if let Some(route) = park {
                     tracing::warn!(partner = %route.partner, device = %route.device_id, reason = %route.reason,
                         "route parked: later deliveries to this device become dead letters until it is cleared");
-                    self.parked.insert(*route);
                     metrics::gauge!("herald_parked_routes", "partner" => self.partner.name.clone())
                         .set(self.parked.len() as f64);
                 }
                 let counter = match next {
                     Next::Delivered => &self.stats.delivered,
                     Next::RetryAt(at) => {
+                        self.retry_at.fetch_min(at, Ordering::AcqRel);
                         if priority == Priority::Critical {
                             self.critical_retry_at.fetch_min(at, Ordering::AcqRel);
                         }
@@ -372,6 +431,9 @@ impl Lane {
             }
             // The entry stays in the index: it is sent again (at least once).
             Err(e) => {
+                if let Some(route) = park {
+                    self.parked.remove(&route.device_id);
+                }
                 tracing::error!(partner = %self.partner.name, delivery = %id, error = %e, "cannot record an outcome")
             }
         }
@@ -414,7 +476,7 @@ impl Lane {
             let outcome = lane.settle(due, number, started_ms, None, reason_only(reason));
             (outcome, Health::Unknown, false)
         };
-        let event = match self.store.event_payload(due.entry.event) {
+        let event = match due.event(&self.store) {
             Ok(Some(event)) => event,
             Ok(None) => return unsent(self, due, "the event record is missing"),
             Err(e) => return unsent(self, due, &e.to_string()),
@@ -481,7 +543,7 @@ impl Lane {
         if due.key.priority == Priority::Critical {
             return false;
         }
-        match self.store.event_payload(due.entry.event) {
+        match due.event(&self.store) {
             Ok(Some(event)) => self.superseded_by(&event, due.key.delivery).is_some(),
             _ => false,
         }
@@ -607,9 +669,53 @@ impl Lane {
     }
 }
 
-fn lock(aimd: &std::sync::Mutex<Aimd>) -> std::sync::MutexGuard<'_, Aimd> {
-    // The controller is plain numbers: a panic elsewhere cannot tear it.
-    aimd.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain numbers and queues: a panic elsewhere cannot tear them.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Hand-overs waiting for the lane's loop to take them into its window.
+#[derive(Default)]
+struct Inbox {
+    offers: Vec<(Due, u64)>,
+    /// How many of `offers` are critical.
+    critical: usize,
+    /// Priorities of hand-overs dropped for lack of room: scan for them.
+    overflowed: Vec<Priority>,
+}
+
+impl Inbox {
+    /// Keeps the hand-over unless its priority's share is full: past that
+    /// the window is full anyway and the index keeps the rest. False when
+    /// it was left to the index.
+    fn push(&mut self, due: Due, commit: u64, capacity: usize) -> bool {
+        let priority = due.key.priority;
+        let (count, limit) = match priority {
+            Priority::Critical => (self.critical, 2 * capacity),
+            Priority::Normal => (self.offers.len() - self.critical, capacity),
+        };
+        if count >= limit {
+            if !self.overflowed.contains(&priority) {
+                self.overflowed.push(priority);
+            }
+            return false;
+        }
+        if priority == Priority::Critical {
+            self.critical += 1;
+        }
+        self.offers.push((due, commit));
+        true
+    }
+}
+
+/// Whether the time in `at` has come; if so, it is cleared (looked at once).
+fn came_due(at: &AtomicU64, now_ms: u64) -> bool {
+    at.fetch_update(Ordering::AcqRel, Ordering::Acquire, |at| {
+        (at <= now_ms).then_some(u64::MAX)
+    })
+    .is_ok()
 }
 
 fn reason_only(reason: &str) -> Verdict {

@@ -77,6 +77,18 @@ impl Dispatcher {
         }
     }
 
+    /// Hands freshly durable deliveries to their lanes (see [`Lane::offer`]).
+    pub fn offer(&self, scheduled: Vec<crate::store::Due>, commit: u64) {
+        for due in scheduled {
+            match self.lanes.get(&due.key.partner) {
+                Some(lane) => lane.offer(due, commit),
+                None => {
+                    tracing::error!(partner = %due.key.partner, "a delivery for a partner without a lane")
+                }
+            }
+        }
+    }
+
     pub fn lane(&self, partner: &str) -> Option<&Arc<Lane>> {
         self.lanes.get(partner)
     }

@@ -50,12 +50,21 @@ pub struct Window {
     critical: VecDeque<Due>,
     normal: VecDeque<Due>,
     held: Held,
-    /// The earliest due time of what is still on disk, as of the last refill.
+    /// The earliest due time of what is still on disk, as of the last scan.
     next_due_ms: Option<u64>,
+    /// Per priority (critical, normal): the index may hold due entries the
+    /// window has not taken, so the next refill must scan it.
+    stale: [bool; 2],
+    /// Partners that keep per-device order scan every time: an entry becomes
+    /// sendable when the one before it settles, which nothing hands over.
+    always_scan: bool,
+    /// The store's visible commit when the latest scan ended: an entry
+    /// handed over from a commit up to it may have been found by that scan.
+    scanned_through: u64,
 }
 
 impl Window {
-    pub fn new(partner: &str, capacity: usize, held: Held) -> Window {
+    pub fn new(partner: &str, capacity: usize, held: Held, always_scan: bool) -> Window {
         Window {
             partner: partner.to_string(),
             capacity: capacity.max(1),
@@ -63,6 +72,10 @@ impl Window {
             normal: VecDeque::new(),
             held,
             next_due_ms: None,
+            // What is on disk at start has been seen by no one.
+            stale: [true; 2],
+            always_scan,
+            scanned_through: 0,
         }
     }
 
@@ -77,6 +90,45 @@ impl Window {
 
     pub fn next_due_ms(&self) -> Option<u64> {
         self.next_due_ms
+    }
+
+    /// Whether the index may hold due work of `priority` the window lacks.
+    pub fn is_stale(&self, priority: Priority, now_ms: u64) -> bool {
+        self.always_scan
+            || self.stale[slot(priority)]
+            || self.next_due_ms.is_some_and(|due| due <= now_ms)
+    }
+
+    /// Something was written to the index that was not handed over (a
+    /// retry came due, a hand-over found no room): scan before trusting
+    /// the window again.
+    pub fn mark_stale(&mut self, priority: Priority) {
+        self.stale[slot(priority)] = true;
+    }
+
+    /// Takes a delivery handed over right after `commit` made it durable,
+    /// saving a scan of the index. When a scan may have seen it already, or
+    /// there is no room, it is left to the index (and the next scan).
+    pub fn offer(&mut self, due: Due, commit: u64) {
+        let priority = due.key.priority;
+        let mut held = self.held.lock();
+        if held.contains(&due.key.delivery) {
+            return;
+        }
+        let limit = match priority {
+            Priority::Critical => 2 * self.capacity,
+            Priority::Normal => self.capacity,
+        };
+        if commit <= self.scanned_through || self.queued() >= limit {
+            drop(held);
+            self.mark_stale(priority);
+            return;
+        }
+        held.insert(due.key.delivery);
+        match priority {
+            Priority::Critical => self.critical.push_back(due),
+            Priority::Normal => self.normal.push_back(due),
+        }
     }
 
     /// Tops the window up with entries of `priorities` due at `now_ms`, in
@@ -97,17 +149,24 @@ impl Window {
             return Ok(0);
         }
         let held = self.held.clone();
-        let (found, next_due) = {
+        let scan = {
             let set = held.lock();
             store.due(&self.partner, priorities, now_ms, room, &|id| {
                 set.contains(&id)
             })?
         };
-        self.next_due_ms = next_due;
-        let taken = found.len();
+        self.scanned_through = store.visible_commit();
+        for &p in priorities {
+            self.stale[slot(p)] = !scan.exhausted.contains(&p);
+        }
+        self.next_due_ms = match (priorities.len() == Priority::ALL.len(), self.next_due_ms) {
+            (false, Some(known)) => Some(scan.next_due_ms.map_or(known, |n| n.min(known))),
+            _ => scan.next_due_ms,
+        };
+        let taken = scan.found.len();
         {
             let mut set = held.lock();
-            for due in found {
+            for due in scan.found {
                 set.insert(due.key.delivery);
                 match due.key.priority {
                     Priority::Critical => self.critical.push_back(due),
@@ -137,5 +196,135 @@ impl Window {
     /// Gives an entry back unsent (shutdown): it stays on disk for next time.
     pub fn unhold(&mut self, due: &Due) {
         self.held.release(due.key.delivery);
+    }
+}
+
+fn slot(priority: Priority) -> usize {
+    match priority {
+        Priority::Critical => 0,
+        Priority::Normal => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::value::RawValue;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::model::{DeliveryRecord, DeliveryState, EventRecord};
+    use crate::store::StoreOptions;
+
+    fn event(priority: Priority) -> EventRecord {
+        EventRecord {
+            id: Uuid::now_v7(),
+            device_id: "lock-1".into(),
+            event_type: "lock.state".into(),
+            priority,
+            occurred_at: "2026-11-25T06:00:00Z".into(),
+            idempotency_key: None,
+            data: RawValue::from_string("{}".into()).expect("json"),
+            received_ms: 1_000,
+            deliveries: vec![DeliveryRecord {
+                id: Uuid::now_v7(),
+                partner: "acme".into(),
+                state: DeliveryState::Pending,
+                attempts: 0,
+                next_due_ms: None,
+                last_attempt: None,
+                dead_letter: None,
+                ordered: false,
+                coalesce: None,
+                superseded_by: None,
+            }],
+        }
+    }
+
+    /// Stores one event; its hand-over and commit number.
+    async fn accept(store: &Store, priority: Priority) -> (Due, u64) {
+        let mut accepted = store.enqueue(vec![event(priority)]).await.expect("enqueue");
+        let a = accepted.pop().expect("one answer");
+        (a.scheduled.into_iter().next().expect("scheduled"), a.commit)
+    }
+
+    fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let options = StoreOptions {
+            cache_bytes: 1 << 20,
+            queue: 16,
+        };
+        let store = Store::open(dir.path(), options).expect("store");
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn a_hand_over_is_taken_once_and_spares_a_scan() {
+        let (_dir, store) = open();
+        let held = Held::default();
+        let mut window = Window::new("acme", 4, held.clone(), false);
+        let (first, first_commit) = accept(&store, Priority::Normal).await;
+        assert!(
+            window.is_stale(Priority::Normal, 2_000),
+            "nothing scanned yet"
+        );
+
+        // The scan finds the first delivery before its hand-over arrives.
+        assert_eq!(
+            window.refill(&store, 2_000, &Priority::ALL).expect("scan"),
+            1
+        );
+        assert!(
+            !window.is_stale(Priority::Normal, 2_000),
+            "the index was read to its end"
+        );
+        window.offer(first, first_commit);
+        assert_eq!(window.queued(), 1, "taken by the scan: not taken twice");
+
+        // Written after the scan: taken from the hand-over, no scan needed.
+        let (second, second_commit) = accept(&store, Priority::Normal).await;
+        window.offer(second.clone(), second_commit);
+        assert_eq!(window.queued(), 2);
+        assert!(held.contains(second.key.delivery));
+        assert!(!window.is_stale(Priority::Normal, 2_000));
+        assert!(second.event.is_some(), "the event travels with it");
+    }
+
+    #[tokio::test]
+    async fn a_hand_over_a_scan_may_have_seen_is_left_to_the_index() {
+        let (_dir, store) = open();
+        let held = Held::default();
+        let mut window = Window::new("acme", 4, held.clone(), false);
+        let (due, commit) = accept(&store, Priority::Normal).await;
+        // A scan that found it, sent it, and saw it settled: not held any more.
+        window.refill(&store, 2_000, &Priority::ALL).expect("scan");
+        let taken = window.pop().expect("found by the scan");
+        window.unhold(&taken);
+        window.offer(due, commit);
+        assert_eq!(window.queued(), 0, "an old hand-over is not trusted");
+        assert!(
+            window.is_stale(Priority::Normal, 2_000),
+            "the index decides"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_window_leaves_hand_overs_to_the_index() {
+        let (_dir, store) = open();
+        let mut window = Window::new("acme", 2, Held::default(), false);
+        window.refill(&store, 2_000, &Priority::ALL).expect("scan");
+        for _ in 0..3 {
+            let (due, commit) = accept(&store, Priority::Normal).await;
+            window.offer(due, commit);
+        }
+        assert_eq!(window.queued(), 2, "capacity 2");
+        assert!(window.is_stale(Priority::Normal, 2_000));
+        assert!(!window.is_stale(Priority::Critical, 2_000));
+        // Critical work may take a second capacity.
+        let (due, commit) = accept(&store, Priority::Critical).await;
+        window.offer(due, commit);
+        assert_eq!(
+            window.pop().map(|d| d.key.priority),
+            Some(Priority::Critical)
+        );
     }
 }

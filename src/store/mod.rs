@@ -11,6 +11,8 @@ mod watermark;
 mod writer;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BlockingRetryable, ConstantBuilder};
@@ -46,12 +48,17 @@ impl From<sled::Error> for StoreError {
 }
 
 /// What ingest learns about one event it handed to the store.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Accepted {
     pub id: Uuid,
     pub deliveries: Vec<(String, Uuid)>,
     /// The idempotency key had been seen: this is the first event's answer.
     pub duplicate: bool,
+    /// The schedule entries this event created (none for a duplicate), for
+    /// handing straight to the lanes instead of having them scan for it.
+    pub scheduled: Vec<Due>,
+    /// The number of the group commit that made them durable.
+    pub commit: u64,
 }
 
 /// A lane's report of one attempt, and what should happen next.
@@ -79,6 +86,31 @@ pub enum Next {
 pub struct Due {
     pub key: ScheduleKey,
     pub entry: ScheduledDelivery,
+    /// The event as accepted, when the entry was handed over by ingest
+    /// (saves reading it back); `None` when it was found by a scan.
+    pub event: Option<Arc<EventRecord>>,
+}
+
+impl Due {
+    /// The event to build the request from: the one handed over, else the
+    /// stored record.
+    pub fn event(&self, store: &Store) -> Result<Option<Arc<EventRecord>>, StoreError> {
+        match &self.event {
+            Some(event) => Ok(Some(Arc::clone(event))),
+            None => Ok(store.event_payload(self.entry.event)?.map(Arc::new)),
+        }
+    }
+}
+
+/// What one scan of a partner's schedule found.
+#[derive(Debug, Default)]
+pub struct DueScan {
+    pub found: Vec<Due>,
+    /// The earliest future due time in the ranges read to their end.
+    pub next_due_ms: Option<u64>,
+    /// The priorities whose due entries were all read (none left behind
+    /// for lack of room).
+    pub exhausted: Vec<Priority>,
 }
 
 /// What one garbage-collection pass did.
@@ -99,6 +131,9 @@ pub struct StoreOptions {
 pub struct Store {
     db: sled::Db,
     commands: mpsc::Sender<Command>,
+    /// The number of the latest group commit whose writes readers may see
+    /// (set before the group is applied): see [`Store::visible_commit`].
+    visible: Arc<AtomicU64>,
 }
 
 impl Store {
@@ -147,9 +182,14 @@ impl Store {
             .map_err(|e| open_err(format!("cannot open its data file for fsync: {e}")))?;
         let watermark = watermark::Watermark::open(dir, &db).map_err(open_err)?;
         let (commands, rx) = mpsc::channel(options.queue.max(1));
-        writer::spawn(db.clone(), data_file, watermark, rx)
+        let visible = Arc::new(AtomicU64::new(0));
+        writer::spawn(db.clone(), data_file, watermark, Arc::clone(&visible), rx)
             .map_err(|e| open_err(format!("cannot start the writer: {e}")))?;
-        Ok(Store { db, commands })
+        Ok(Store {
+            db,
+            commands,
+            visible,
+        })
     }
 
     // ---- writes: through the writer ----------------------------------------
@@ -224,6 +264,13 @@ impl Store {
 
     // ---- reads: straight from sled ------------------------------------------
 
+    /// No read that ends now can have seen writes of a group commit numbered
+    /// above this one: a lane uses it to tell whether a delivery handed to
+    /// it may already have been found by its own scan of the index.
+    pub fn visible_commit(&self) -> u64 {
+        self.visible.load(Ordering::SeqCst)
+    }
+
     /// The event with every delivery's current state.
     pub fn event(&self, id: Uuid) -> Result<Option<EventRecord>, StoreError> {
         let Some(mut event) = self.event_payload(id)? else {
@@ -278,9 +325,9 @@ impl Store {
     }
 
     /// Up to `limit` of `partner`'s entries due at `now_ms`, critical ones
-    /// first, skipping those `held` says are already taken; when there are
-    /// none, also the earliest due time still in the future (when to look
-    /// again).
+    /// first, skipping those `held` says are already taken; for each
+    /// priority whose due range was read to its end, also the earliest due
+    /// time still in the future (when to look again).
     pub fn due(
         &self,
         partner: &str,
@@ -288,46 +335,49 @@ impl Store {
         now_ms: u64,
         limit: usize,
         held: &dyn Fn(Uuid) -> bool,
-    ) -> Result<(Vec<Due>, Option<u64>), StoreError> {
-        let mut out = Vec::new();
-        let mut next_due: Option<u64> = None;
+    ) -> Result<DueScan, StoreError> {
+        let mut scan = DueScan::default();
         for &priority in priorities {
             let (start, end) = keys::due_range(partner, priority, now_ms);
-            if out.len() < limit {
-                for item in self.db.range(start.clone()..end.clone()) {
-                    let (k, v) = item?;
-                    // Most of what a refill walks past is in flight: skip it cheaply.
-                    if ScheduleKey::delivery_of(&k).is_some_and(held) {
-                        continue;
-                    }
-                    let Some(key) = ScheduleKey::decode(&k) else {
-                        tracing::error!(key = ?k, "skipping an undecodable schedule key");
-                        continue;
-                    };
-                    match decode::<ScheduledDelivery>(&k, &v) {
-                        Ok(entry) if !self.is_first_of_device(partner, &entry)? => {}
-                        Ok(entry) => out.push(Due { key, entry }),
-                        Err(e) => tracing::error!(error = %e, "skipping a corrupt schedule entry"),
-                    }
-                    if out.len() >= limit {
-                        break;
-                    }
+            let mut exhausted = true;
+            for item in self.db.range(start.clone()..end.clone()) {
+                if scan.found.len() >= limit {
+                    exhausted = false;
+                    break;
+                }
+                let (k, v) = item?;
+                // Most of what a refill walks past is in flight: skip it cheaply.
+                if ScheduleKey::delivery_of(&k).is_some_and(held) {
+                    continue;
+                }
+                let Some(key) = ScheduleKey::decode(&k) else {
+                    tracing::error!(key = ?k, "skipping an undecodable schedule key");
+                    continue;
+                };
+                match decode::<ScheduledDelivery>(&k, &v) {
+                    Ok(entry) if !self.is_first_of_device(partner, &entry)? => {}
+                    Ok(entry) => scan.found.push(Due {
+                        key,
+                        entry,
+                        event: None,
+                    }),
+                    Err(e) => tracing::error!(error = %e, "skipping a corrupt schedule entry"),
                 }
             }
-            // Only a lane with nothing to send sleeps until the next due
-            // time; one that found work refills again before that matters.
-            if !out.is_empty() {
+            if !exhausted {
                 continue;
             }
+            scan.exhausted.push(priority);
             let (_, all) = keys::due_range(partner, priority, u64::MAX);
             if let Some(item) = self.db.range(end..all).next() {
                 let (k, _) = item?;
                 if let Some(key) = ScheduleKey::decode(&k) {
-                    next_due = Some(next_due.map_or(key.due_ms, |n| n.min(key.due_ms)));
+                    scan.next_due_ms =
+                        Some(scan.next_due_ms.map_or(key.due_ms, |n| n.min(key.due_ms)));
                 }
             }
         }
-        Ok((out, next_due))
+        Ok(scan)
     }
 
     /// The latest state delivery of `device`'s `state` attribute at `partner`.

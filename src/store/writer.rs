@@ -10,6 +10,8 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
@@ -17,7 +19,9 @@ use uuid::Uuid;
 
 use super::keys::{self, ScheduleKey};
 use super::watermark::{self, Watermark};
-use super::{decode, encode, settle_delivered, Accepted, Collected, Next, Outcome, StoreError};
+use super::{
+    decode, encode, settle_delivered, Accepted, Collected, Due, Next, Outcome, StoreError,
+};
 use crate::model::{
     AttemptLog, DeadLetter, DeliveryState, DeviceOrder, EventRecord, ScheduledDelivery,
 };
@@ -56,11 +60,12 @@ pub(super) fn spawn(
     db: sled::Db,
     data_file: File,
     watermark: Watermark,
+    visible: Arc<AtomicU64>,
     rx: mpsc::Receiver<Command>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("herald-store-writer".into())
-        .spawn(move || run(db, data_file, watermark, rx))
+        .spawn(move || run(db, data_file, watermark, visible, rx))
         .map(|_| ())
 }
 
@@ -73,7 +78,13 @@ enum Answer {
     Shutdown(Reply<()>),
 }
 
-fn run(db: sled::Db, data_file: File, mut watermark: Watermark, mut rx: mpsc::Receiver<Command>) {
+fn run(
+    db: sled::Db,
+    data_file: File,
+    mut watermark: Watermark,
+    visible: Arc<AtomicU64>,
+    mut rx: mpsc::Receiver<Command>,
+) {
     while let Some(first) = rx.blocking_recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -119,7 +130,7 @@ fn run(db: sled::Db, data_file: File, mut watermark: Watermark, mut rx: mpsc::Re
                 }
             }
         }
-        let durable = pending.commit(&db, &data_file, &mut watermark);
+        let durable = pending.commit(&db, &data_file, &mut watermark, &visible);
         metrics::histogram!("herald_store_group_size").record(size as f64);
         metrics::histogram!("herald_store_group_seconds").record(started.elapsed().as_secs_f64());
         for answer in answers {
@@ -168,6 +179,8 @@ struct Pending<'a> {
     db: &'a sled::Db,
     batch: sled::Batch,
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// The number this group will commit as.
+    commit: u64,
     /// The next device-queue sequence number: the commit number in the
     /// high bits, so it keeps rising across groups and restarts.
     next_seq: u64,
@@ -179,6 +192,7 @@ impl<'a> Pending<'a> {
             db,
             batch: sled::Batch::default(),
             overlay: HashMap::new(),
+            commit,
             next_seq: commit << 24,
         }
     }
@@ -220,12 +234,15 @@ impl<'a> Pending<'a> {
         db: &sled::Db,
         data_file: &File,
         watermark: &mut Watermark,
+        visible: &AtomicU64,
     ) -> Result<(), StoreError> {
         if self.overlay.is_empty() {
             return Ok(());
         }
         self.batch
-            .insert(keys::COMMITS, &watermark::encode(watermark.next()));
+            .insert(keys::COMMITS, &watermark::encode(self.commit));
+        // Published before the writes can be seen, never after.
+        visible.fetch_max(self.commit, Ordering::SeqCst);
         db.apply_batch(self.batch)?;
         db.flush()?;
         data_file
@@ -249,6 +266,8 @@ fn accepted(record: &EventRecord, duplicate: bool) -> Accepted {
             .map(|d| (d.partner.clone(), d.id))
             .collect(),
         duplicate,
+        scheduled: Vec::new(),
+        commit: 0,
     }
 }
 
@@ -288,6 +307,8 @@ fn enqueue(p: &mut Pending<'_>, events: Vec<EventRecord>) -> Result<Vec<Accepted
             }
             Ok(event) => event,
         };
+        let mut answer = accepted(&event, false);
+        answer.commit = p.commit;
         for d in &event.deliveries {
             let key = ScheduleKey {
                 partner: d.partner.clone(),
@@ -318,12 +339,21 @@ fn enqueue(p: &mut Pending<'_>, events: Vec<EventRecord>) -> Result<Vec<Accepted
                 order,
             };
             p.put(key.encode(), encode(&entry));
+            answer.scheduled.push(Due {
+                key,
+                entry,
+                event: None,
+            });
         }
         if let Some(key) = &event.idempotency_key {
             p.put(keys::idempotency(key), event.id.as_bytes().to_vec());
         }
         p.put(keys::event(event.id).to_vec(), encode(&event));
-        out.push(accepted(&event, false));
+        let event = Arc::new(event);
+        for due in &mut answer.scheduled {
+            due.event = Some(Arc::clone(&event));
+        }
+        out.push(answer);
     }
     Ok(out)
 }
@@ -337,7 +367,9 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
         park,
     } = outcome;
     let schedule_key = key.encode();
-    if p.get(&schedule_key)?.is_none() {
+    // A success needs no look first: a duplicate report would only write
+    // the same marker again. Anything else must not act twice.
+    if next != Next::Delivered && p.get(&schedule_key)?.is_none() {
         // Already settled (a duplicate report): nothing to move.
         return Ok(());
     }
