@@ -9,7 +9,13 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use adapters::{Answer, OutboundRequest};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+
+use crate::clock::Clock;
+
+/// How much of an answer's body is read: enough for any adapter to classify.
+const ANSWER_READ_BYTES: usize = 4096;
 
 /// The two clients: one for partners allowed to reach private ranges.
 #[derive(Clone)]
@@ -104,6 +110,106 @@ impl Resolve for PublicOnly {
             Ok(Box::new(public.into_iter()) as Addrs)
         })
     }
+}
+
+/// What came back, owned, so the adapter can borrow it.
+pub enum Sent {
+    Http {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+    Timeout,
+    Network(String),
+}
+
+impl Sent {
+    pub fn as_answer(&self) -> Answer<'_> {
+        match self {
+            Sent::Http {
+                status,
+                headers,
+                body,
+            } => Answer::Http {
+                status: *status,
+                headers,
+                body,
+            },
+            Sent::Timeout => Answer::Timeout,
+            Sent::Network(e) => Answer::Network(e),
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Sent::Http { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Sends `request` and reads the answer, giving up after `timeout` on
+/// herald's clock.
+pub async fn exchange(
+    client: &reqwest::Client,
+    request: OutboundRequest,
+    timeout: Duration,
+    clock: &Clock,
+) -> Sent {
+    tokio::select! {
+        answer = send(client.clone(), request) => answer,
+        _ = clock.sleep(timeout) => Sent::Timeout,
+    }
+}
+
+async fn send(client: reqwest::Client, request: OutboundRequest) -> Sent {
+    let method = match request.method {
+        adapters::Method::Post => reqwest::Method::POST,
+        adapters::Method::Put => reqwest::Method::PUT,
+    };
+    let mut builder = client.request(method, &request.url).body(request.body);
+    for (name, value) in &request.headers {
+        builder = builder.header(name, value);
+    }
+    let mut response = match builder.send().await {
+        Ok(r) => r,
+        Err(e) => return Sent::Network(error_chain(&e)),
+    };
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect();
+    let mut body = Vec::new();
+    while body.len() < ANSWER_READ_BYTES {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            // The status already tells the verdict; a broken body only shortens the snippet.
+            Ok(None) | Err(_) => break,
+        }
+    }
+    body.truncate(ANSWER_READ_BYTES);
+    Sent::Http {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// "error sending request: ...: Connection refused": the whole cause, on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use adapters::{Adapter, Answer, DeliveryContext, EventView, OutboundRequest, Verdict};
+use adapters::{Adapter, DeliveryContext, EventView, OutboundRequest, Verdict};
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::breaker::{Admit, Breaker, Health, State, Transition};
+use super::client::exchange;
 use super::concurrency::{Aimd, AimdPolicy};
 use super::parked::Parked;
 use super::retry;
@@ -28,9 +29,6 @@ use crate::clock::{rfc3339, Clock};
 use crate::config::PartnerConfig;
 use crate::model::{Attempt, AttemptOutcome, EventRecord, ParkedRoute, Priority};
 use crate::store::{Due, Next, Outcome, Store};
-
-/// How much of an answer's body is read: enough for any adapter to classify.
-const ANSWER_READ_BYTES: usize = 4096;
 
 type Limiter = RateLimiter<NotKeyed, InMemoryState, Clock, NoOpMiddleware<governor::nanos::Nanos>>;
 
@@ -514,10 +512,7 @@ impl Lane {
             Err(reason) => return unsent(self, due, &reason),
         };
         self.stats.sent.fetch_add(1, Ordering::Relaxed);
-        let answer = tokio::select! {
-            answer = send(self.client.clone(), request) => answer,
-            _ = self.clock.sleep(self.partner.timeout) => Sent::Timeout,
-        };
+        let answer = exchange(&self.client, request, self.partner.timeout, &self.clock).await;
         let verdict = self
             .adapter
             .classify(&answer.as_answer(), self.clock.now_system_time());
@@ -741,90 +736,4 @@ enum Token {
     /// Critical work arrived while a normal send waited.
     Preempted,
     Stopped,
-}
-
-/// What came back, owned, so the adapter can borrow it.
-enum Sent {
-    Http {
-        status: u16,
-        headers: Vec<(String, String)>,
-        body: Vec<u8>,
-    },
-    Timeout,
-    Network(String),
-}
-
-impl Sent {
-    fn as_answer(&self) -> Answer<'_> {
-        match self {
-            Sent::Http {
-                status,
-                headers,
-                body,
-            } => Answer::Http {
-                status: *status,
-                headers,
-                body,
-            },
-            Sent::Timeout => Answer::Timeout,
-            Sent::Network(e) => Answer::Network(e),
-        }
-    }
-
-    fn status(&self) -> Option<u16> {
-        match self {
-            Sent::Http { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-}
-
-async fn send(client: reqwest::Client, request: OutboundRequest) -> Sent {
-    let method = match request.method {
-        adapters::Method::Post => reqwest::Method::POST,
-        adapters::Method::Put => reqwest::Method::PUT,
-    };
-    let mut builder = client.request(method, &request.url).body(request.body);
-    for (name, value) in &request.headers {
-        builder = builder.header(name, value);
-    }
-    let mut response = match builder.send().await {
-        Ok(r) => r,
-        Err(e) => return Sent::Network(error_chain(&e)),
-    };
-    let status = response.status().as_u16();
-    let headers = response
-        .headers()
-        .iter()
-        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
-        .collect();
-    let mut body = Vec::new();
-    while body.len() < ANSWER_READ_BYTES {
-        match response.chunk().await {
-            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
-            // The status already tells the verdict; a broken body only shortens the snippet.
-            Ok(None) | Err(_) => break,
-        }
-    }
-    body.truncate(ANSWER_READ_BYTES);
-    Sent::Http {
-        status,
-        headers,
-        body,
-    }
-}
-
-/// "error sending request: ...: Connection refused": the whole cause, on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
