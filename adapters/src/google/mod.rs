@@ -3,7 +3,7 @@
 //! - `POST https://homegraph.googleapis.com/v1/devices:reportStateAndNotification`
 //!   (a non-empty partner `url` replaces it: tests, proxies).
 //! - Auth is partner-wide ([`TokenScope::Partner`]): a service-account JWT
-//!   (RS256, scope `homegraph`) traded at the key's `token_uri` for a
+//!   (RS256, scope `homegraph`) traded at the key's `token_uri` (or the partner's `token_url`) for a
 //!   one-hour bearer token. There is no refresh token: herald mints again.
 //! - Body: `requestId` (the delivery id), `eventId` (the event id: Home Graph
 //!   dedupes on it), `agentUserId` (the link's `account`), and the device's
@@ -50,10 +50,15 @@ impl Google {
             key: "service_account_key_env",
             reason: "a google partner needs a service-account key (JSON)".into(),
         })?;
-        let account = ServiceAccount::from_json(key).map_err(|reason| SetupError {
+        let mut account = ServiceAccount::from_json(key).map_err(|reason| SetupError {
             key: "service_account_key_env",
             reason,
         })?;
+        if let Some(token_url) = &settings.token_url {
+            // The partner's `token_url` wins over the key's `token_uri`
+            // (a proxy, a test double).
+            account.token_uri = token_url.clone();
+        }
         Ok(Box::new(Google {
             url: if settings.url.is_empty() {
                 REPORT_STATE_URL.to_string()
