@@ -57,6 +57,9 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// How long finished events (and their idempotency keys) stay findable.
     pub retention: Duration,
+    /// Seals link credentials at rest; `None` when neither `link_key_env`
+    /// nor `HERALD_LINK_KEY` is set (then links carry no credentials).
+    pub link_key: Option<crate::links::LinkKey>,
     /// How long shutdown waits for requests in flight.
     pub shutdown_grace: Duration,
 }
@@ -149,6 +152,8 @@ struct FileServer {
     max_body_bytes: usize,
     retention: String,
     shutdown_grace: String,
+    /// The variable holding the link key (default `HERALD_LINK_KEY`).
+    link_key_env: Option<String>,
 }
 
 impl Default for FileServer {
@@ -162,6 +167,7 @@ impl Default for FileServer {
             max_body_bytes: 8 * 1024 * 1024,
             retention: "24h".into(),
             shutdown_grace: "10s".into(),
+            link_key_env: None,
         }
     }
 }
@@ -178,9 +184,24 @@ struct FileToken {
 #[serde(deny_unknown_fields)]
 struct FilePartner {
     adapter: String,
+    /// Optional for platforms whose links carry their endpoints or that
+    /// publish one; a plain webhook partner needs it.
+    #[serde(default)]
     url: String,
     #[serde(default)]
     secret_env: Option<String>,
+    /// The platform's OAuth client, for token refreshes and mints.
+    #[serde(default)]
+    client_id_env: Option<String>,
+    #[serde(default)]
+    client_secret_env: Option<String>,
+    /// A partner-wide token endpoint (client credentials), or an override
+    /// of the one the platform or its service-account key names.
+    #[serde(default)]
+    token_url: Option<String>,
+    /// The variable holding a service-account key's JSON (Google).
+    #[serde(default)]
+    service_account_key_env: Option<String>,
     #[serde(default)]
     rate: Option<FileRate>,
     #[serde(default = "default_in_flight")]
@@ -285,7 +306,7 @@ impl Config {
     /// Parses and validates a config file's text, reading secrets through `env`.
     pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let file: FileConfig = parse_toml(text)?;
-        let server = server_config(file.server)?;
+        let server = server_config(file.server, env)?;
         let mut tokens = Vec::new();
         for (i, t) in file.tokens.into_iter().enumerate() {
             let key = format!("tokens[{i}].token_env");
@@ -318,6 +339,19 @@ impl Config {
         let mut partners = Vec::new();
         for (name, p) in file.partners {
             partners.push(partner_config(&name, p, env)?);
+        }
+        if server.link_key.is_none() {
+            if let Some(p) = partners.iter().find(|p| p.adapter_kind != "webhook") {
+                return Err(ConfigError::new(
+                    "server.link_key_env",
+                    format!(
+                        "partner {:?} is a {} platform, whose links hold user tokens sealed at rest: set {} to the base64 of 32 random bytes (head -c 32 /dev/urandom | base64), or name another variable here",
+                        p.name,
+                        p.adapter_kind,
+                        crate::links::DEFAULT_KEY_ENV
+                    ),
+                ));
+            }
         }
         Ok(Config {
             server,
@@ -371,7 +405,10 @@ fn parse_toml(text: &str) -> Result<FileConfig, ConfigError> {
     })
 }
 
-fn server_config(s: FileServer) -> Result<ServerConfig, ConfigError> {
+fn server_config(
+    s: FileServer,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ServerConfig, ConfigError> {
     let listen = s.listen.parse::<SocketAddr>().map_err(|e| {
         ConfigError::new(
             "server.listen",
@@ -410,7 +447,27 @@ fn server_config(s: FileServer) -> Result<ServerConfig, ConfigError> {
         max_body_bytes: s.max_body_bytes,
         retention: parse_duration("server.retention", &s.retention)?,
         shutdown_grace: parse_duration("server.shutdown_grace", &s.shutdown_grace)?,
+        link_key: link_key(s.link_key_env.as_deref(), env)?,
     })
+}
+
+/// The link key from the named variable (which must then be set) or from
+/// `HERALD_LINK_KEY` when it is.
+fn link_key(
+    var: Option<&str>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<crate::links::LinkKey>, ConfigError> {
+    let key = "server.link_key_env";
+    let (var, text) = match var {
+        Some(var) => (var, read_secret(env, key, var)?),
+        None => match env(crate::links::DEFAULT_KEY_ENV) {
+            Some(text) if !text.is_empty() => (crate::links::DEFAULT_KEY_ENV, text),
+            _ => return Ok(None),
+        },
+    };
+    crate::links::LinkKey::from_base64(&text)
+        .map(Some)
+        .map_err(|reason| ConfigError::new(key, format!("the key in ${var} {reason}")))
 }
 
 fn partner_config(
@@ -430,25 +487,20 @@ fn partner_config(
             "a partner name is 1 to 64 letters, digits, '-' or '_'",
         ));
     }
-    let url = url::Url::parse(&p.url)
-        .map_err(|e| ConfigError::new(key("url"), format!("{:?} is not a URL ({e})", p.url)))?;
-    if url.scheme() != "https" && url.scheme() != "http" {
-        return Err(ConfigError::new(key("url"), "must be http:// or https://"));
+    if !p.url.is_empty() || p.adapter == "webhook" {
+        check_url(&key("url"), &p.url, p.allow_private)?;
     }
-    if !p.allow_private {
-        if let Some(ip) = url_ip(&url) {
-            if !crate::dispatch::client::is_public(ip) {
-                return Err(ConfigError::new(
-                    key("url"),
-                    format!("{ip} is a loopback or private address; set allow_private = true to allow it"),
-                ));
-            }
-        }
+    if let Some(token_url) = &p.token_url {
+        check_url(&key("token_url"), token_url, p.allow_private)?;
     }
-    let secret = match &p.secret_env {
-        Some(var) => Some(read_secret(env, &key("secret_env"), var)?),
-        None => None,
+    let secret_of = |name: &str, var: &Option<String>| match var {
+        Some(var) => read_secret(env, &key(name), var).map(Some),
+        None => Ok(None),
     };
+    let secret = secret_of("secret_env", &p.secret_env)?;
+    let client_id = secret_of("client_id_env", &p.client_id_env)?;
+    let client_secret = secret_of("client_secret_env", &p.client_secret_env)?;
+    let service_account_key = secret_of("service_account_key_env", &p.service_account_key_env)?;
     let rate = match p.rate {
         None => None,
         Some(r) => {
@@ -533,8 +585,10 @@ fn partner_config(
         name: name.to_string(),
         url: p.url.clone(),
         secret,
-        // The OAuth client and service-account key come with links (issue 5).
-        ..Default::default()
+        client_id,
+        client_secret,
+        token_url: p.token_url.clone(),
+        service_account_key,
     };
     // Build it once now so a bad secret or unknown adapter fails at start.
     adapters::build_adapter(&p.adapter, &settings)
@@ -554,6 +608,27 @@ fn partner_config(
         breaker,
         subscribe: p.subscribe,
     })
+}
+
+/// `text` as an http(s) URL a partner may be sent to: loopback and private
+/// addresses only with `allow_private`. The error names `key`.
+pub fn check_url(key: &str, text: &str, allow_private: bool) -> Result<url::Url, ConfigError> {
+    let url = url::Url::parse(text)
+        .map_err(|e| ConfigError::new(key, format!("{text:?} is not a URL ({e})")))?;
+    if url.scheme() != "https" && url.scheme() != "http" {
+        return Err(ConfigError::new(key, "must be http:// or https://"));
+    }
+    if !allow_private {
+        if let Some(ip) = url_ip(&url) {
+            if !crate::dispatch::client::is_public(ip) {
+                return Err(ConfigError::new(
+                    key,
+                    format!("{ip} is a loopback or private address; set allow_private = true to allow it"),
+                ));
+            }
+        }
+    }
+    Ok(url)
 }
 
 fn url_ip(url: &url::Url) -> Option<IpAddr> {
@@ -599,6 +674,8 @@ mod tests {
     use super::*;
 
     const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+
+    const LINK_KEY: &str = "aGVyYWxkLXRlc3QtbGluay1rZXktMzItYnl0ZXMhISE=";
 
     fn env(name: &str) -> Option<String> {
         match name {
@@ -653,6 +730,7 @@ retry = { initial_ms = 1000, multiplier = 2.0, max_interval_ms = 600000, max_age
     fn the_documented_example_file_parses() {
         let env = |name: &str| match name {
             "ACME_WEBHOOK_SECRET" => Some(SECRET.to_string()),
+            "HERALD_LINK_KEY" => Some(LINK_KEY.to_string()),
             other => Some(format!("{other}-secret-value")),
         };
         let config =
@@ -662,6 +740,64 @@ retry = { initial_ms = 1000, multiplier = 2.0, max_interval_ms = 600000, max_age
             .partner("acme")
             .expect("acme")
             .subscribes_to("door.forced_open"));
+        let st = config.partner("smartthings").expect("smartthings");
+        assert_eq!(
+            st.adapter.client_id.as_deref(),
+            Some("ST_CLIENT_ID-secret-value")
+        );
+        assert!(config.server.link_key.is_some());
+    }
+
+    #[test]
+    fn platform_partners_need_a_link_key_and_bad_keys_are_named() {
+        let platform = |server: &str, env: &dyn Fn(&str) -> Option<String>| {
+            Config::parse(
+                &format!(
+                    "[server]\n{server}\n[partners.st]\nadapter = \"smartthings\"\nclient_id_env = \"ID\"\nclient_secret_env = \"SECRET\"\n"
+                ),
+                env,
+            )
+        };
+        let with = |key: &'static str| {
+            move |name: &str| match name {
+                "ID" | "SECRET" => Some("value".to_string()),
+                "HERALD_LINK_KEY" | "OTHER_KEY" => Some(key.to_string()),
+                _ => None,
+            }
+        };
+        let none = |name: &str| match name {
+            "ID" | "SECRET" => Some("value".to_string()),
+            _ => None,
+        };
+        let err = platform("", &none).expect_err("no key");
+        assert_eq!(err.key, "server.link_key_env");
+        assert!(
+            err.reason.contains("HERALD_LINK_KEY") && err.reason.contains("\"st\""),
+            "{err}"
+        );
+        assert!(platform("", &with(LINK_KEY)).is_ok());
+        assert!(platform("link_key_env = \"OTHER_KEY\"", &with(LINK_KEY)).is_ok());
+        let err = platform("link_key_env = \"MISSING\"", &with(LINK_KEY)).expect_err("unset");
+        assert_eq!(err.key, "server.link_key_env");
+        assert!(err.reason.contains("MISSING is not set"), "{err}");
+        let err = platform("", &with("c2hvcnQ=")).expect_err("short");
+        assert!(err.reason.contains("5 bytes"), "{err}");
+        let err = platform("", &with("not*base64")).expect_err("not base64");
+        assert!(err.reason.contains("not base64"), "{err}");
+        // Without its OAuth client a thinq partner cannot mint tokens.
+        let err = Config::parse(
+            "[partners.lg]\nadapter = \"thinq\"\nurl = \"https://thinq.example\"\n",
+            &with(LINK_KEY),
+        )
+        .expect_err("no client");
+        assert_eq!(err.key, "partners.lg.client_id_env");
+        // A plain webhook still needs its url.
+        let err = Config::parse(
+            "[partners.hook]\nadapter = \"webhook\"\nsecret_env = \"ID\"\n",
+            &with(LINK_KEY),
+        )
+        .expect_err("no url");
+        assert_eq!(err.key, "partners.hook.url");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod clock;
 pub mod config;
 pub mod dispatch;
+pub mod links;
 pub mod model;
 pub mod retention;
 pub mod store;
@@ -65,8 +66,10 @@ pub async fn start(config: Config, clock: Clock) -> Result<Herald, StartError> {
             queue: config.server.ingest_queue,
         },
     )?;
+    let links = links::Links::new(store.clone(), config.server.link_key.clone(), clock.clone());
     let dispatcher = Arc::new(
-        Dispatcher::start(&config, store.clone(), clock.clone()).map_err(StartError::Dispatch)?,
+        Dispatcher::start(&config, store.clone(), links.clone(), clock.clone())
+            .map_err(StartError::Dispatch)?,
     );
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
@@ -81,6 +84,7 @@ pub async fn start(config: Config, clock: Clock) -> Result<Herald, StartError> {
     let state = Arc::new(AppState::new(
         Arc::clone(&config),
         store.clone(),
+        links,
         dispatcher,
         clock.clone(),
         metrics_handle(),

@@ -53,6 +53,16 @@ enum Command {
         #[arg(long, value_enum)]
         only: Vec<herald::bench::Scenario>,
     },
+    /// Run a mock partner platform on loopback, for trying herald by hand:
+    /// it speaks the platform's protocol and injects the scenario's faults.
+    MockPartner {
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(adapters::PLATFORMS))]
+        platform: String,
+        #[arg(long, default_value_t = 9101)]
+        port: u16,
+        #[arg(long, default_value = "ok", value_parser = clap::builder::PossibleValuesParser::new(adapters::mock::scenario::NAMES))]
+        scenario: String,
+    },
     /// Check a config file and its secrets, then exit.
     Check {
         #[arg(long, value_name = "FILE")]
@@ -96,6 +106,16 @@ fn main() -> ExitCode {
             json,
             only,
         } => bench(events, quick, outage_events, clients, json, only),
+        Command::MockPartner {
+            platform,
+            port,
+            scenario,
+        } => {
+            let Some(runtime) = runtime() else {
+                return ExitCode::FAILURE;
+            };
+            runtime.block_on(mock_partner(&platform, port, &scenario))
+        }
         Command::Serve { config } => {
             let config = match Config::load(config.as_deref()) {
                 Ok(c) => c,
@@ -185,6 +205,43 @@ async fn serve(config: Config) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn mock_partner(platform: &str, port: u16, scenario: &str) -> ExitCode {
+    use adapters::mock::{endpoints, MockPartner, Scenario};
+    // clap only lets known names through.
+    let Some(faults) = Scenario::named(scenario) else {
+        eprintln!("herald: unknown scenario {scenario:?}");
+        return ExitCode::from(2);
+    };
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let (addr, mock) = match MockPartner::start_on(platform, faults.clone(), addr).await {
+        Ok(started) => started,
+        Err(e) => {
+            eprintln!("herald: cannot start the {platform} mock on {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("{platform} mock partner on http://{addr} (scenario {scenario})");
+    for (what, value) in endpoints(platform, &format!("http://{addr}")) {
+        println!("  {what:<28} {value}");
+    }
+    println!(
+        "  accepts access token {:?}, refresh token {:?}",
+        faults.access_token, faults.refresh_token
+    );
+    wait_for_signal().await;
+    let requests = mock.requests();
+    let tokens = requests.iter().filter(|r| r.token_request).count();
+    println!(
+        "{} requests: {} deliveries accepted, {} token requests, {} duplicates",
+        requests.len(),
+        mock.accepted().len(),
+        tokens,
+        mock.duplicates()
+    );
+    mock.stop().await;
+    ExitCode::SUCCESS
 }
 
 async fn wait_for_signal() {

@@ -197,6 +197,30 @@ pub struct ParkedRoute {
     pub event_id: Uuid,
 }
 
+/// A device's link into a partner platform, as the store keeps it
+/// (`PUT /v1/links/{partner}/{device_id}`). The credentials are sealed by
+/// [`crate::links`] before they get here: the store never sees them in clear.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredLink {
+    pub partner: String,
+    pub device_id: String,
+    pub external_id: String,
+    pub account: Option<String>,
+    pub region: Option<String>,
+    pub callback_url: Option<String>,
+    pub token_url: Option<String>,
+    /// base64 of nonce and AEAD ciphertext of the credentials' JSON.
+    pub sealed_credentials: Option<String>,
+    /// When the access token expires (unix seconds), kept in clear so a
+    /// view can say so without opening the credentials.
+    pub expires_at_unix: Option<u64>,
+    pub options: Option<serde_json::Value>,
+    /// Raised by every write: a token refresh stores its result only if
+    /// nobody put the link again meanwhile.
+    pub generation: u64,
+    pub updated_ms: u64,
+}
+
 /// The value of a schedule entry: what a lane needs to make the next attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScheduledDelivery {

@@ -290,6 +290,12 @@ pub trait Adapter: Send + Sync + 'static {
     /// The registry name (`webhook`, `smartthings`...).
     fn kind(&self) -> &'static str;
 
+    /// Whether deliveries go through a device link (`PUT /v1/links`):
+    /// every platform; a plain webhook is addressed by its partner's `url`.
+    fn needs_link(&self) -> bool {
+        true
+    }
+
     /// The request for one attempt of one delivery.
     fn build(&self, ctx: &DeliveryContext<'_>) -> Result<OutboundRequest, BuildError>;
 

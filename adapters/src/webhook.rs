@@ -76,6 +76,10 @@ impl Adapter for WebhookAdapter {
         "webhook"
     }
 
+    fn needs_link(&self) -> bool {
+        false
+    }
+
     fn build(&self, ctx: &DeliveryContext<'_>) -> Result<OutboundRequest, BuildError> {
         let body = serde_json::to_vec(&ctx.event)
             .map_err(|e| BuildError(format!("could not encode the event: {e}")))?;

@@ -24,7 +24,7 @@ use crate::store::{Accepted, StoreError};
 /// The largest one event may be, as JSON: keeps every record far below
 /// sled's ~128 KiB blob threshold (blob files are never fsynced).
 pub const MAX_EVENT_BYTES: usize = 64 * 1024;
-const MAX_DEVICE_ID: usize = 256;
+pub(super) const MAX_DEVICE_ID: usize = 256;
 const MAX_TYPE: usize = 128;
 const MAX_IDEMPOTENCY_KEY: usize = 256;
 
@@ -119,10 +119,12 @@ async fn accept(
             ))
             .with_field(at("")));
         }
-        let incoming = parse_event(raw.get())
+        let incoming = parse_json::<IncomingEvent>(raw.get())
             .map_err(|(field, detail)| Problem::invalid(at(&field), detail))?;
-        let record = validate(state, incoming, now_ms)
-            .map_err(|(field, detail)| Problem::invalid(at(&field), detail))?;
+        let record = validate(state, incoming, now_ms).map_err(|r| match r {
+            Rejected::Invalid(field, detail) => Problem::invalid(at(&field), detail),
+            Rejected::Unavailable(detail) => Problem::unavailable(detail),
+        })?;
         records.push(record);
     }
     let count = records.len();
@@ -185,8 +187,11 @@ fn split(body: &[u8], max_batch: usize) -> Result<(Vec<&RawValue>, bool), Proble
     }
 }
 
-/// Parses one event; on failure, the field's JSON pointer and what is wrong.
-fn parse_event(json: &str) -> Result<IncomingEvent, (String, String)> {
+/// Parses one JSON document (an event, a link); on failure, the field's
+/// JSON pointer and what is wrong.
+pub(super) fn parse_json<T: serde::de::DeserializeOwned>(
+    json: &str,
+) -> Result<T, (String, String)> {
     let mut de = serde_json::Deserializer::from_str(json);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let mut pointer: String = e
@@ -220,12 +225,20 @@ fn strip_position(message: &str) -> String {
     }
 }
 
-fn validate(
-    state: &AppState,
-    e: IncomingEvent,
-    now_ms: u64,
-) -> Result<EventRecord, (String, String)> {
-    let bad = |field: &str, detail: String| Err((field.to_string(), detail));
+/// Why an event is not taken: bad input (422), or herald cannot tell now (503).
+enum Rejected {
+    Invalid(String, String),
+    Unavailable(String),
+}
+
+impl From<(String, String)> for Rejected {
+    fn from((field, detail): (String, String)) -> Self {
+        Rejected::Invalid(field, detail)
+    }
+}
+
+fn validate(state: &AppState, e: IncomingEvent, now_ms: u64) -> Result<EventRecord, Rejected> {
+    let bad = |field: &str, detail: String| Err(Rejected::Invalid(field.to_string(), detail));
     check_text("/device_id", &e.device_id, MAX_DEVICE_ID)?;
     check_text("/type", &e.event_type, MAX_TYPE)?;
     if let Some(key) = &e.idempotency_key {
@@ -252,14 +265,14 @@ fn validate(
         Some(data) if data.get().trim_start().starts_with('{') => data,
         Some(_) => return bad("/data", "must be a JSON object".into()),
         None => RawValue::from_string("{}".into())
-            .map_err(|err| ("/data".to_string(), err.to_string()))?,
+            .map_err(|err| Rejected::Invalid("/data".to_string(), err.to_string()))?,
     };
     let partners = match e.partners {
         Some(names) => {
             if names.is_empty() {
                 return bad(
                     "/partners",
-                    "is empty; leave it out to use the partners subscribed to this type".into(),
+                    "is empty; leave it out to use the device's links and the partners subscribed to this type".into(),
                 );
             }
             let mut chosen: Vec<String> = Vec::with_capacity(names.len());
@@ -277,23 +290,33 @@ fn validate(
             chosen
         }
         None => {
-            let subscribed: Vec<String> = state
-                .config
-                .partners
-                .iter()
-                .filter(|p| p.subscribes_to(&e.event_type))
-                .map(|p| p.name.clone())
+            // The device's links, then the partners subscribed to its type.
+            let mut chosen: Vec<String> = state
+                .store
+                .linked_partners(&e.device_id)
+                .map_err(|err| {
+                    tracing::error!(error = %err, "cannot read a device's links; answered 503");
+                    Rejected::Unavailable(format!("cannot read the device's links: {err}"))
+                })?
+                .into_iter()
+                // A link left from a partner since removed from the config.
+                .filter(|name| state.config.partner(name).is_some())
                 .collect();
-            if subscribed.is_empty() {
+            for p in &state.config.partners {
+                if p.subscribes_to(&e.event_type) && !chosen.contains(&p.name) {
+                    chosen.push(p.name.clone());
+                }
+            }
+            if chosen.is_empty() {
                 return bad(
                     "/partners",
                     format!(
-                        "no partner subscribes to events of type {:?}; name the partners",
+                        "the device has no links and no partner subscribes to events of type {:?}; link the device or name the partners",
                         e.event_type
                     ),
                 );
             }
-            subscribed
+            chosen
         }
     };
     let state_key = match e.priority {
@@ -357,7 +380,7 @@ fn state_key(data: &RawValue) -> Option<String> {
     ))
 }
 
-fn check_text(field: &str, value: &str, max: usize) -> Result<(), (String, String)> {
+pub(super) fn check_text(field: &str, value: &str, max: usize) -> Result<(), (String, String)> {
     if value.trim().is_empty() {
         return Err((field.to_string(), "must not be empty".into()));
     }
@@ -406,7 +429,7 @@ mod tests {
             ),
         ];
         for (json, pointer, words) in cases {
-            let Err((field, detail)) = parse_event(json) else {
+            let Err((field, detail)) = parse_json::<IncomingEvent>(json) else {
                 panic!("{json} must fail");
             };
             assert_eq!(field, pointer, "{json}: {detail}");

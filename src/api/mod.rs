@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod auth;
 pub mod ingest;
+pub mod links;
 pub mod partners;
 pub mod problem;
 
@@ -20,11 +21,13 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
+use crate::links::Links;
 use crate::store::Store;
 
 pub struct AppState {
     pub config: Arc<Config>,
     pub store: Store,
+    pub links: Links,
     pub dispatcher: Arc<Dispatcher>,
     pub clock: Clock,
     pub tokens: auth::Tokens,
@@ -36,6 +39,7 @@ impl AppState {
     pub fn new(
         config: Arc<Config>,
         store: Store,
+        links: Links,
         dispatcher: Arc<Dispatcher>,
         clock: Clock,
         metrics: Option<PrometheusHandle>,
@@ -44,6 +48,7 @@ impl AppState {
             tokens: auth::Tokens::new(&config.tokens),
             config,
             store,
+            links,
             dispatcher,
             clock,
             metrics,
@@ -73,6 +78,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/v1/partners/{name}/parked/{device_id}",
             axum::routing::delete(partners::clear_parked),
+        )
+        .route(
+            "/v1/links/{partner}/{device_id}",
+            get(links::get_link)
+                .put(links::put_link)
+                .delete(links::delete_link),
         )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))

@@ -25,8 +25,10 @@ use super::concurrency::{Aimd, AimdPolicy};
 use super::parked::Parked;
 use super::retry;
 use super::scheduler::{Held, Window};
+use super::tokens::{Prepared, Tokens};
 use crate::clock::{rfc3339, Clock};
 use crate::config::PartnerConfig;
+use crate::links::Links;
 use crate::model::{Attempt, AttemptOutcome, EventRecord, ParkedRoute, Priority};
 use crate::store::{Due, Next, Outcome, Store};
 
@@ -68,6 +70,8 @@ pub struct Lane {
     pub breaker: Breaker,
     /// Devices whose route to this partner is gone (410): not sent to.
     pub parked: Parked,
+    /// The links' credentials, kept fresh for platform adapters.
+    tokens: Tokens,
     pub stats: LaneStats,
 }
 
@@ -86,6 +90,7 @@ impl Lane {
         adapter: Box<dyn Adapter>,
         client: reqwest::Client,
         store: Store,
+        links: Links,
         clock: Clock,
         parked: Parked,
     ) -> Lane {
@@ -103,7 +108,15 @@ impl Lane {
             };
             std::sync::Mutex::new(Aimd::new(policy, clock.now_ms()))
         });
+        let tokens = Tokens::new(
+            &partner.name,
+            links,
+            client.clone(),
+            clock.clone(),
+            partner.timeout,
+        );
         Lane {
+            tokens,
             capacity: (partner.max_in_flight * 4).max(64),
             retry_at: AtomicU64::new(u64::MAX),
             inbox: std::sync::Mutex::new(Inbox::default()),
@@ -161,6 +174,14 @@ impl Lane {
         metrics::gauge!("herald_parked_routes", "partner" => self.partner.name.clone())
             .set(self.parked.len() as f64);
         Ok(found)
+    }
+
+    /// The device's link was put again: its parked route (already cleared
+    /// in the store by the same write) is cleared here too.
+    pub fn relinked(&self, device_id: &str) {
+        self.parked.remove(device_id);
+        metrics::gauge!("herald_parked_routes", "partner" => self.partner.name.clone())
+            .set(self.parked.len() as f64);
     }
 
     pub fn in_flight(&self) -> usize {
@@ -507,18 +528,99 @@ impl Lane {
             );
             return unsent(self, due, &reason);
         }
-        let request = match self.build(&event, &due, number) {
-            Ok(request) => request,
+        let link = if self.adapter.needs_link() {
+            match self.tokens.prepare(&*self.adapter, &event.device_id).await {
+                Ok(Some(link)) => Some(link),
+                Ok(None) => {
+                    let reason = format!(
+                        "the device has no link to {0}: PUT /v1/links/{0}/{1} first",
+                        self.partner.name, event.device_id
+                    );
+                    return unsent(self, due, &reason);
+                }
+                // The link's token could not be made good: no send.
+                Err(verdict) => {
+                    let outcome = self.conclude(due, &event, number, started_ms, None, verdict);
+                    return (outcome, Health::Unknown, false);
+                }
+            }
+        } else {
+            None
+        };
+        let (verdict, status) = match self.send(&event, &due, number, link.as_ref()).await {
+            Ok(answered) => answered,
             Err(reason) => return unsent(self, due, &reason),
         };
+        let (verdict, status) = match (verdict, &link) {
+            // The platform refused the token: renew it (once for every
+            // delivery that hit it) and send again, once.
+            (Verdict::Refresh { reason }, Some(used)) => {
+                match self.tokens.renew(&*self.adapter, used).await {
+                    Err(verdict) => (verdict, status),
+                    Ok(renewed) => {
+                        self.wait_for_token().await;
+                        match self.send(&event, &due, number, Some(&renewed)).await {
+                            Ok((Verdict::Refresh { reason: again }, status)) => (
+                                Verdict::Retry {
+                                    after: None,
+                                    reason: format!("the platform refused the renewed token too ({again}); first: {reason}"),
+                                },
+                                status,
+                            ),
+                            Ok(answered) => answered,
+                            Err(reason) => return unsent(self, due, &reason),
+                        }
+                    }
+                }
+            }
+            (verdict, _) => (verdict, status),
+        };
+        let outcome = self.conclude(due, &event, number, started_ms, status, verdict);
+        (outcome, Health::of(status), true)
+    }
+
+    /// Builds and sends one request; the verdict on its answer and the
+    /// status, or why no request could be built.
+    async fn send(
+        &self,
+        event: &EventRecord,
+        due: &Due,
+        number: u32,
+        link: Option<&Prepared>,
+    ) -> Result<(Verdict, Option<u16>), String> {
+        let request = self.build(event, due, number, link)?;
         self.stats.sent.fetch_add(1, Ordering::Relaxed);
         let answer = exchange(&self.client, request, self.partner.timeout, &self.clock).await;
-        let verdict = self
-            .adapter
-            .classify(&answer.as_answer(), self.clock.now_system_time());
-        let health = Health::of(answer.status());
+        let verdict = self.adapter.classify_attempt(
+            number,
+            &answer.as_answer(),
+            self.clock.now_system_time(),
+        );
+        Ok((verdict, answer.status()))
+    }
+
+    /// A rate-limit token for a send the lane did not plan (the one after a
+    /// token refresh): it waits its turn like any other.
+    async fn wait_for_token(&self) {
+        let Some(limiter) = &self.limiter else { return };
+        while let Err(not_until) = limiter.check() {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(&self.clock));
+            self.clock.sleep(wait).await;
+        }
+    }
+
+    /// The outcome of `verdict`, with the route parked when it says so.
+    fn conclude(
+        &self,
+        due: Due,
+        event: &EventRecord,
+        number: u32,
+        started_ms: u64,
+        status: Option<u16>,
+        verdict: Verdict,
+    ) -> Outcome {
         let parks = matches!(verdict, Verdict::Park { .. });
-        let mut outcome = self.settle(due, number, started_ms, answer.status(), verdict);
+        let mut outcome = self.settle(due, number, started_ms, status, verdict);
         if let (true, Next::Dead(reason)) = (parks, &outcome.next) {
             outcome.park = Some(Box::new(ParkedRoute {
                 partner: self.partner.name.clone(),
@@ -529,7 +631,7 @@ impl Lane {
                 event_id: event.id,
             }));
         }
-        (outcome, health, true)
+        outcome
     }
 
     /// Whether a newer state replaced this delivery (checked again when it
@@ -568,6 +670,7 @@ impl Lane {
         event: &EventRecord,
         due: &Due,
         number: u32,
+        link: Option<&Prepared>,
     ) -> Result<OutboundRequest, String> {
         let (event_id, delivery_id) = (event.id.to_string(), due.key.delivery.to_string());
         let ctx = DeliveryContext {
@@ -582,7 +685,7 @@ impl Lane {
                 occurred_at: &event.occurred_at,
                 data: &event.data,
             },
-            link: None,
+            link: link.map(Prepared::view),
         };
         self.adapter
             .build(&ctx)
@@ -631,7 +734,7 @@ impl Lane {
             Verdict::Permanent { reason } => {
                 (AttemptOutcome::Failed, Next::Dead(reason.clone()), reason)
             }
-            // Until links carry credentials a refresh is a plain retry.
+            // A refresh the lane could not act on (no link) is a plain retry.
             Verdict::Refresh { reason } => {
                 self.retry_or_give_up(&due, number, now_ms, None, reason)
             }

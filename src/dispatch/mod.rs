@@ -13,6 +13,7 @@ pub mod lane;
 pub mod parked;
 pub mod retry;
 pub mod scheduler;
+pub mod tokens;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::links::Links;
 use crate::model::Priority;
 use crate::store::Store;
 use lane::Lane;
@@ -36,7 +38,12 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub fn start(config: &Config, store: Store, clock: Clock) -> Result<Dispatcher, String> {
+    pub fn start(
+        config: &Config,
+        store: Store,
+        links: Links,
+        clock: Clock,
+    ) -> Result<Dispatcher, String> {
         let clients =
             client::Clients::new().map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         let stop = CancellationToken::new();
@@ -54,6 +61,7 @@ impl Dispatcher {
                 adapter,
                 clients.for_partner(partner.allow_private).clone(),
                 store.clone(),
+                links.clone(),
                 clock.clone(),
                 parked,
             ));

@@ -32,6 +32,11 @@ pub const DEVICE_QUEUE: u8 = b'q';
 /// `c` + partner + device + state key: the delivery id of the latest state
 /// event for that attribute; an older one still waiting is superseded.
 pub const LATEST_STATE: u8 = b'c';
+/// `k` + partner + device id: the device's link into that partner platform.
+pub const LINK: u8 = b'k';
+/// `l` + device id + partner: which partners a device is linked to, for
+/// routing events that name no partners.
+pub const DEVICE_LINK: u8 = b'l';
 /// The sequence number of the last group commit (see [`super::watermark`]).
 pub const COMMITS: &[u8] = b"mcommits";
 
@@ -70,6 +75,28 @@ pub fn parked_prefix(partner: &str) -> Vec<u8> {
 pub fn parked(partner: &str, device_id: &str) -> Vec<u8> {
     let mut out = parked_prefix(partner);
     out.extend_from_slice(device_id.as_bytes());
+    out
+}
+
+pub fn link(partner: &str, device_id: &str) -> Vec<u8> {
+    let mut out = parked(partner, device_id);
+    out[0] = LINK;
+    out
+}
+
+/// Every link of `device_id`: the prefix of its `l` keys.
+pub fn device_links_prefix(device_id: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(3 + device_id.len());
+    out.push(DEVICE_LINK);
+    // Device ids are capped at ingest far below 64 KiB.
+    out.extend_from_slice(&(device_id.len() as u16).to_be_bytes());
+    out.extend_from_slice(device_id.as_bytes());
+    out
+}
+
+pub fn device_link(device_id: &str, partner: &str) -> Vec<u8> {
+    let mut out = device_links_prefix(device_id);
+    out.extend_from_slice(partner.as_bytes());
     out
 }
 

@@ -7,6 +7,7 @@
 //! The key layout lives in [`keys`]; nothing outside this module knows it.
 
 pub mod keys;
+mod links;
 mod watermark;
 mod writer;
 

@@ -51,6 +51,10 @@ pub(super) enum Command {
         key: Vec<u8>,
         reply: Reply<bool>,
     },
+    Link {
+        change: super::links::LinkChange,
+        reply: Reply<bool>,
+    },
     Shutdown {
         reply: Reply<()>,
     },
@@ -75,6 +79,7 @@ enum Answer {
     Record(Reply<()>, Result<(), StoreError>),
     Collect(Reply<Collected>, Result<Collected, StoreError>),
     Unpark(Reply<bool>, Result<bool, StoreError>),
+    Link(Reply<bool>, Result<bool, StoreError>),
     Shutdown(Reply<()>),
 }
 
@@ -124,6 +129,10 @@ fn run(
                     });
                     answers.push(Answer::Unpark(reply, result));
                 }
+                Command::Link { change, reply } => {
+                    let result = super::links::apply(&mut pending, change);
+                    answers.push(Answer::Link(reply, result));
+                }
                 Command::Shutdown { reply } => {
                     stop = true;
                     answers.push(Answer::Shutdown(reply));
@@ -145,6 +154,8 @@ fn run(
                 (Answer::Collect(r, _), Err(e)) => drop(r.send(Err(failed(e)))),
                 (Answer::Unpark(r, result), Ok(())) => drop(r.send(result)),
                 (Answer::Unpark(r, _), Err(e)) => drop(r.send(Err(failed(e)))),
+                (Answer::Link(r, result), Ok(())) => drop(r.send(result)),
+                (Answer::Link(r, _), Err(e)) => drop(r.send(Err(failed(e)))),
                 (Answer::Shutdown(r), Ok(())) => drop(r.send(Ok(()))),
                 (Answer::Shutdown(r), Err(e)) => drop(r.send(Err(failed(e)))),
             }
@@ -170,12 +181,13 @@ fn refuse(command: Command) {
         Command::Record { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
         Command::Collect { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
         Command::Unpark { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
+        Command::Link { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
         Command::Shutdown { reply } => drop(reply.send(Ok(()))),
     }
 }
 
 /// One group's writes: a sled batch plus an overlay to read them back.
-struct Pending<'a> {
+pub(super) struct Pending<'a> {
     db: &'a sled::Db,
     batch: sled::Batch,
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
@@ -202,14 +214,14 @@ impl<'a> Pending<'a> {
         self.next_seq
     }
 
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    pub(super) fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         if let Some(v) = self.overlay.get(key) {
             return Ok(v.clone());
         }
         Ok(self.db.get(key)?.map(|v| v.to_vec()))
     }
 
-    fn get_json<T: serde::de::DeserializeOwned>(
+    pub(super) fn get_json<T: serde::de::DeserializeOwned>(
         &self,
         key: &[u8],
     ) -> Result<Option<T>, StoreError> {
@@ -219,12 +231,12 @@ impl<'a> Pending<'a> {
         }
     }
 
-    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+    pub(super) fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
         self.batch.insert(key.clone(), value.clone());
         self.overlay.insert(key, Some(value));
     }
 
-    fn remove(&mut self, key: Vec<u8>) {
+    pub(super) fn remove(&mut self, key: Vec<u8>) {
         self.batch.remove(key.clone());
         self.overlay.insert(key, None);
     }

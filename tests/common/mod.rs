@@ -19,6 +19,8 @@ use tokio::sync::Notify;
 pub const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 pub const INGEST_TOKEN: &str = "ingest-token-0123456789abcdef";
 pub const OPERATOR_TOKEN: &str = "operator-token-0123456789abcdef";
+/// base64 of 32 bytes: seals link credentials in tests.
+pub const LINK_KEY: &str = "aGVyYWxkLXRlc3QtbGluay1rZXktMzItYnl0ZXMhISE=";
 /// 2026-11-25T06:00:00Z: where driven clocks start.
 pub const START_MS: u64 = 1_795_586_400_000;
 
@@ -208,6 +210,7 @@ pub fn test_env(name: &str) -> Option<String> {
         "TEST_WEBHOOK_SECRET" => Some(SECRET.to_string()),
         "TEST_INGEST_TOKEN" => Some(INGEST_TOKEN.to_string()),
         "TEST_OPERATOR_TOKEN" => Some(OPERATOR_TOKEN.to_string()),
+        "HERALD_LINK_KEY" => Some(LINK_KEY.to_string()),
         _ => None,
     }
 }

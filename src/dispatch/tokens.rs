@@ -1,0 +1,307 @@
+//! Credentials for platform partners, kept fresh on a lane's behalf.
+//!
+//! Adapters build token requests and read the answers; this module decides
+//! when to send them and what to do with the result. However many
+//! deliveries hit an expired token at once, one refresh is in flight per
+//! link (per partner for a partner-wide token): the others wait for it and
+//! find the token already renewed. A renewed link token is stored, sealed
+//! and durable, before anything uses it, because a rotated refresh token
+//! may be the only one that still works. Partner-wide tokens (client
+//! credentials, service-account JWT) live in memory only: they are minted
+//! again after a restart.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use adapters::{Adapter, LinkView, RefreshVerdict, TokenScope, Verdict};
+
+use super::client::exchange;
+use crate::clock::Clock;
+use crate::links::{Link, Links};
+
+/// A token with this little life left is renewed before it is used.
+const EXPIRY_MARGIN_SECS: u64 = 60;
+
+/// A link ready for a send: the link and the access token to present.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub link: Link,
+    token: Option<String>,
+}
+
+impl Prepared {
+    /// What the adapter sees: the link with the token to use.
+    pub fn view(&self) -> LinkView<'_> {
+        LinkView {
+            access_token: self.token.as_deref(),
+            ..self.link.view()
+        }
+    }
+}
+
+pub struct Tokens {
+    partner: String,
+    links: Links,
+    client: reqwest::Client,
+    clock: Clock,
+    timeout: Duration,
+    /// One refresh at a time per link (by device id).
+    gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The partner-wide token, for adapters with [`TokenScope::Partner`];
+    /// its lock is the single flight of the mint.
+    partner_token: tokio::sync::Mutex<Option<PartnerToken>>,
+}
+
+struct PartnerToken {
+    access_token: String,
+    expires_at_unix: Option<u64>,
+}
+
+impl Tokens {
+    pub fn new(
+        partner: &str,
+        links: Links,
+        client: reqwest::Client,
+        clock: Clock,
+        timeout: Duration,
+    ) -> Tokens {
+        Tokens {
+            partner: partner.to_string(),
+            links,
+            client,
+            clock,
+            timeout,
+            gates: Mutex::new(HashMap::new()),
+            partner_token: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// `device_id`'s link with a token good for a send now, renewing one
+    /// that is about to expire; `None` when the device has no link here.
+    /// The error is the verdict for the delivery (retry, park, permanent).
+    pub async fn prepare(
+        &self,
+        adapter: &dyn Adapter,
+        device_id: &str,
+    ) -> Result<Option<Prepared>, Verdict> {
+        let Some(link) = self.read(device_id)? else {
+            return Ok(None);
+        };
+        match adapter.token_scope() {
+            TokenScope::Partner => {
+                let token = self.partner_token(adapter, None).await?;
+                Ok(Some(Prepared {
+                    link,
+                    token: Some(token),
+                }))
+            }
+            TokenScope::Link => {
+                let expiring = link.credentials.as_ref().is_some_and(|c| {
+                    c.refresh_token.is_some()
+                        && c.expires_at_unix
+                            .is_some_and(|at| at <= self.now_unix() + EXPIRY_MARGIN_SECS)
+                });
+                let prepared = Prepared::own(link);
+                if expiring {
+                    return self.renew(adapter, &prepared).await.map(Some);
+                }
+                Ok(Some(prepared))
+            }
+        }
+    }
+
+    /// After the platform refused `used`'s token: the same link with a
+    /// renewed token. Only the first of many callers refreshes; the others
+    /// get its result.
+    pub async fn renew(&self, adapter: &dyn Adapter, used: &Prepared) -> Result<Prepared, Verdict> {
+        match adapter.token_scope() {
+            TokenScope::Partner => {
+                let token = self.partner_token(adapter, used.token.as_deref()).await?;
+                Ok(Prepared {
+                    link: used.link.clone(),
+                    token: Some(token),
+                })
+            }
+            TokenScope::Link => {
+                let device_id = used.link.device_id.as_str();
+                let gate = self.gate(device_id);
+                let renewed = {
+                    let _turn = gate.lock().await;
+                    self.refresh_link(adapter, device_id, used.token.as_deref())
+                        .await
+                };
+                self.release_gate(device_id, gate);
+                renewed
+            }
+        }
+    }
+
+    /// Refreshes the link's token unless someone already did since `used`.
+    async fn refresh_link(
+        &self,
+        adapter: &dyn Adapter,
+        device_id: &str,
+        used: Option<&str>,
+    ) -> Result<Prepared, Verdict> {
+        let link = self.read(device_id)?.ok_or_else(|| Verdict::Permanent {
+            reason: "the device's link was deleted".into(),
+        })?;
+        let credentials = link.credentials.clone();
+        let current = credentials.as_ref().map(|c| c.access_token.as_str());
+        if current.is_some() && current != used {
+            // Renewed (or put again) while this delivery waited its turn.
+            return Ok(Prepared::own(link));
+        }
+        let Some(refresh_token) = credentials.and_then(|c| c.refresh_token) else {
+            return Err(Verdict::Park {
+                reason: "the platform refused the link's access token and the link has no refresh token; put the link again with new credentials".into(),
+            });
+        };
+        let now_unix = self.now_unix();
+        let request = adapter
+            .refresh_request(&link.view(), &refresh_token, now_unix)
+            .map_err(|e| Verdict::Permanent {
+                reason: format!("cannot build the token refresh: {e}"),
+            })?
+            .ok_or_else(|| Verdict::Park {
+                reason: format!(
+                    "the platform refused the link's access token and herald cannot refresh {} tokens; put the link again with new credentials",
+                    adapter.kind()
+                ),
+            })?;
+        let answer = exchange(&self.client, request, self.timeout, &self.clock).await;
+        let verdict = adapter.read_refresh(&answer.as_answer(), self.clock.now_system_time());
+        self.count(&verdict);
+        match verdict {
+            RefreshVerdict::Renewed(fresh) => {
+                let stored = self
+                    .links
+                    .rotate(&self.partner, device_id, link.generation, fresh)
+                    .await
+                    .map_err(|e| Verdict::Retry {
+                        after: None,
+                        reason: format!("cannot store the refreshed token: {e}"),
+                    })?;
+                if !stored {
+                    tracing::info!(partner = %self.partner, device = %device_id,
+                        "the link changed while its token was refreshed; using the link as it is now");
+                }
+                // What is stored now: ours, or the PUT that won over it.
+                let link = self.read(device_id)?.ok_or_else(|| Verdict::Permanent {
+                    reason: "the device's link was deleted".into(),
+                })?;
+                tracing::info!(partner = %self.partner, device = %device_id, "link token refreshed");
+                Ok(Prepared::own(link))
+            }
+            RefreshVerdict::Retry { after, reason } => Err(Verdict::Retry {
+                after,
+                reason: format!("refreshing the link's token: {reason}"),
+            }),
+            RefreshVerdict::Park { reason } => Err(Verdict::Park {
+                reason: format!("the platform refused to refresh the link's token: {reason}"),
+            }),
+        }
+    }
+
+    /// The partner-wide token, minted when there is none, when it is about
+    /// to expire, or when `refused` is the one held (the platform refused it).
+    async fn partner_token(
+        &self,
+        adapter: &dyn Adapter,
+        refused: Option<&str>,
+    ) -> Result<String, Verdict> {
+        let mut slot = self.partner_token.lock().await;
+        let now_unix = self.now_unix();
+        if let Some(held) = slot.as_ref() {
+            let fresh = held
+                .expires_at_unix
+                .is_none_or(|at| at > now_unix + EXPIRY_MARGIN_SECS);
+            if fresh && refused != Some(held.access_token.as_str()) {
+                return Ok(held.access_token.clone());
+            }
+        }
+        let request = adapter
+            .partner_token_request(now_unix)
+            .map_err(|e| Verdict::Permanent {
+                reason: format!("cannot build the partner token request: {e}"),
+            })?
+            .ok_or_else(|| Verdict::Permanent {
+                reason: format!("the {} adapter mints no partner token", adapter.kind()),
+            })?;
+        let answer = exchange(&self.client, request, self.timeout, &self.clock).await;
+        let verdict = adapter.read_partner_token(&answer.as_answer(), self.clock.now_system_time());
+        self.count(&verdict);
+        match verdict {
+            RefreshVerdict::Renewed(fresh) => {
+                tracing::info!(partner = %self.partner, "partner token minted");
+                let token = fresh.access_token.clone();
+                *slot = Some(PartnerToken {
+                    access_token: fresh.access_token,
+                    expires_at_unix: fresh.expires_at_unix,
+                });
+                Ok(token)
+            }
+            RefreshVerdict::Retry { after, reason } => Err(Verdict::Retry {
+                after,
+                reason: format!("minting the partner token: {reason}"),
+            }),
+            // herald's own client credentials are refused: a config problem
+            // for on-call, not a reason to park every device. Deliveries
+            // wait and retry until the credentials are fixed.
+            RefreshVerdict::Park { reason } => {
+                tracing::error!(partner = %self.partner, %reason,
+                    "the platform refused herald's partner credentials; check client_id_env, client_secret_env or service_account_key_env");
+                Err(Verdict::Retry {
+                    after: None,
+                    reason: format!("the platform refused herald's partner credentials: {reason}"),
+                })
+            }
+        }
+    }
+
+    fn read(&self, device_id: &str) -> Result<Option<Link>, Verdict> {
+        self.links
+            .get(&self.partner, device_id)
+            .map_err(|e| Verdict::Retry {
+                after: None,
+                reason: format!("cannot read the device's link: {e}"),
+            })
+    }
+
+    fn gate(&self, device_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(gates.entry(device_id.to_string()).or_default())
+    }
+
+    /// Forgets a link's gate once nobody waits on it.
+    fn release_gate(&self, device_id: &str, gate: Arc<tokio::sync::Mutex<()>>) {
+        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        // Ours and the map's: nobody else holds or waits on it.
+        if Arc::strong_count(&gate) == 2 {
+            gates.remove(device_id);
+        }
+    }
+
+    fn count(&self, verdict: &RefreshVerdict) {
+        let outcome = match verdict {
+            RefreshVerdict::Renewed(_) => "renewed",
+            RefreshVerdict::Retry { .. } => "retry",
+            RefreshVerdict::Park { .. } => "refused",
+        };
+        metrics::counter!("herald_token_requests_total", "partner" => self.partner.clone(), "outcome" => outcome)
+            .increment(1);
+    }
+
+    fn now_unix(&self) -> u64 {
+        self.clock.now_ms() / 1000
+    }
+}
+
+impl Prepared {
+    /// The link with its own access token.
+    fn own(link: Link) -> Prepared {
+        let token = link.credentials.as_ref().map(|c| c.access_token.clone());
+        Prepared { link, token }
+    }
+}

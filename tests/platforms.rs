@@ -1,0 +1,500 @@
+//! Every platform end to end: herald in-process on a temp data dir, a
+//! device link put through the API, and that platform's mock partner over
+//! loopback. Per platform: delivered by the link alone; an expired token
+//! refreshed once and the rotated token still in use after a restart;
+//! a throttled answer retried no sooner than its Retry-After; a terminal
+//! code parks the link and later events become dead letters saying why.
+
+mod common;
+
+use std::time::Duration;
+
+use adapters::google::service_account::ServiceAccount;
+use adapters::mock::{MockHandle, MockPartner as PlatformMock, RetryAfter, Scenario};
+use common::*;
+use herald::clock::Clock;
+use herald::model::{DeliveryState, EventRecord};
+use serde_json::{json, Value};
+
+const GOOGLE_KEY: &str = include_str!("../fixtures/google/service-account.test.json");
+const DEVICE: &str = "lock-7f3a";
+
+/// Platforms whose token is one for the whole partner (minted by herald),
+/// not the link's own user token.
+fn partner_scoped(platform: &str) -> bool {
+    matches!(platform, "google" | "thinq")
+}
+
+fn platform_toml(platform: &str, base: &str, extra: &str) -> String {
+    let lines = match platform {
+        "smartthings" => String::new(),
+        "alexa" => format!("url = \"{base}/v3/events\""),
+        "google" => format!(
+            "url = \"{base}/v1/devices:reportStateAndNotification\"\ntoken_url = \"{base}/token\"\nservice_account_key_env = \"TEST_GOOGLE_KEY\""
+        ),
+        "thinq" => format!(
+            "url = \"{base}\"\ntoken_url = \"{base}/oauth2/token\"\nsecret_env = \"TEST_THINQ_API_KEY\""
+        ),
+        _ => format!("url = \"{base}\""),
+    };
+    format!(
+        r#"
+[partners.{platform}]
+adapter = "{platform}"
+{lines}
+client_id_env = "TEST_CLIENT_ID"
+client_secret_env = "TEST_CLIENT_SECRET"
+allow_private = true
+timeout_ms = 2000
+max_in_flight = 128
+retry = {{ initial_ms = 100, multiplier = 2.0, max_interval_ms = 10000, max_age = "1h" }}
+{extra}
+"#
+    )
+}
+
+/// The link body for `platform` with its endpoints at the mock `base`.
+pub fn link_body(platform: &str, base: &str, access: &str, refresh: &str) -> Value {
+    let mut link = json!({ "external_id": "lock-42", "account": "user-7" });
+    let region = match platform {
+        "alexa" => Some("eu"),
+        "thinq" => Some("kr"),
+        _ => None,
+    };
+    if let Some(region) = region {
+        link["region"] = region.into();
+    }
+    match platform {
+        "smartthings" => {
+            link["callback_url"] = format!("{base}/device/events").into();
+            link["token_url"] = format!("{base}/oauth/token").into();
+        }
+        "alexa" => link["token_url"] = format!("{base}/auth/o2/token").into(),
+        "kakao" | "clova" | "genie" => link["token_url"] = format!("{base}/oauth/token").into(),
+        _ => {}
+    }
+    if platform == "kakao" {
+        link["options"] = json!({ "web_url": "https://app.devicemaker.example/alerts" });
+    }
+    if !partner_scoped(platform) {
+        link["credentials"] = json!({
+            "access_token": access,
+            "refresh_token": refresh,
+            "expires_at": "2027-06-01T00:00:00Z",
+        });
+    }
+    link
+}
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "TEST_CLIENT_ID" => Some("herald-client".into()),
+        "TEST_CLIENT_SECRET" => Some("herald-client-secret".into()),
+        "TEST_GOOGLE_KEY" => Some(GOOGLE_KEY.into()),
+        "TEST_THINQ_API_KEY" => Some("thinq-api-key".into()),
+        other => test_env(other),
+    }
+}
+
+/// One platform's mock and a herald linked to it.
+struct Stage {
+    platform: &'static str,
+    /// `None` only while restarting.
+    herald: Option<TestHerald>,
+    mock: MockHandle,
+    base: String,
+    toml: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Stage {
+    async fn start(platform: &'static str, scenario: Scenario) -> Stage {
+        Stage::start_with(platform, scenario, "").await
+    }
+
+    async fn start_with(platform: &'static str, mut scenario: Scenario, extra: &str) -> Stage {
+        scenario.access_token = if partner_scoped(platform) {
+            "partner-token-0".into()
+        } else {
+            "at-0".into()
+        };
+        if platform == "google" {
+            let key = ServiceAccount::from_json(GOOGLE_KEY).expect("test key");
+            scenario.public_key_der = Some(key.public_key_der());
+        }
+        let (addr, mock) = PlatformMock::start(platform, scenario)
+            .await
+            .expect("mock starts");
+        let base = format!("http://{addr}");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let toml = config_toml(dir.path(), &platform_toml(platform, &base, extra), "");
+        let herald = start_herald(&toml).await;
+        let stage = Stage {
+            platform,
+            herald: Some(herald),
+            mock,
+            base,
+            toml,
+            _dir: dir,
+        };
+        let (status, body) = stage
+            .put_link(&link_body(platform, &stage.base, "at-0", "rt-0"))
+            .await;
+        assert_eq!(status, 201, "{body}");
+        stage
+    }
+
+    async fn put_link(&self, body: &Value) -> (u16, Value) {
+        let response = self
+            .h()
+            .http
+            .put(
+                self.h()
+                    .url(&format!("/v1/links/{}/{DEVICE}", self.platform)),
+            )
+            .bearer_auth(OPERATOR_TOKEN)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("herald answers");
+        read(response).await
+    }
+
+    fn h(&self) -> &TestHerald {
+        self.herald.as_ref().expect("herald is running")
+    }
+
+    /// Stops herald cleanly and starts it again on the same data dir.
+    async fn restart(&mut self) {
+        let old = self.herald.take().expect("herald is running");
+        let clock = old.clock.clone();
+        old.herald.shutdown().await.expect("clean shutdown");
+        self.herald = Some(start_herald_on(&self.toml, clock).await);
+    }
+
+    /// A forced-open door, routed by the device's link (no `partners`).
+    async fn alert(&self) -> String {
+        let (status, body) = self
+            .h()
+            .post_events(&format!(
+                r#"{{"device_id":"{DEVICE}","type":"door.forced_open","priority":"critical","data":{{"capability":"lock","attribute":"lock","value":"forced_open","kind":"forced_open"}}}}"#
+            ))
+            .await;
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(body["deliveries"][0]["partner"], self.platform, "{body}");
+        body["id"].as_str().expect("id").to_string()
+    }
+
+    async fn wait_state(&self, id: &str, state: DeliveryState) -> EventRecord {
+        self.h()
+            .wait_event(id, &format!("{state:?} at {}", self.platform), |e| {
+                e.deliveries[0].state == state
+            })
+            .await
+    }
+
+    fn deliveries_seen(&self) -> usize {
+        self.mock
+            .requests()
+            .iter()
+            .filter(|r| !r.token_request)
+            .count()
+    }
+
+    /// Waits (real time, bounded) until the mock saw `n` deliveries.
+    async fn wait_deliveries(&self, n: usize) {
+        for _ in 0..2000 {
+            if self.deliveries_seen() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!(
+            "{}: expected {n} deliveries at the mock, saw {}",
+            self.platform,
+            self.deliveries_seen()
+        );
+    }
+
+    /// The link's credentials as the store holds them, opened with the key.
+    fn stored_credentials(&self) -> Option<adapters::Credentials> {
+        let config = herald::config::Config::parse(&self.toml, &env).expect("config");
+        let links = herald::links::Links::new(
+            self.h().herald.store().clone(),
+            config.server.link_key,
+            self.h().clock.clone(),
+        );
+        links
+            .get(self.platform, DEVICE)
+            .expect("link reads")
+            .expect("link exists")
+            .credentials
+    }
+}
+
+async fn start_herald(toml: &str) -> TestHerald {
+    start_herald_on(toml, Clock::manual(START_MS)).await
+}
+
+async fn start_herald_on(toml: &str, clock: Clock) -> TestHerald {
+    let config = herald::config::Config::parse(toml, &env).expect("test config is valid");
+    let herald = herald::start(config.clone(), clock.clone())
+        .await
+        .expect("herald starts");
+    TestHerald {
+        herald,
+        clock,
+        config,
+        http: reqwest::Client::new(),
+    }
+}
+
+async fn delivered_and_refreshed_once_then_persisted(platform: &'static str) {
+    let mut stage = Stage::start(platform, Scenario::default()).await;
+    if partner_scoped(platform) {
+        // herald mints the partner token before its first send.
+        let first = stage.alert().await;
+        stage.wait_state(&first, DeliveryState::Delivered).await;
+        assert_eq!(stage.mock.refreshes(), 1, "{platform}: one mint");
+    }
+    let issued = stage.mock.refreshes();
+    stage.mock.expire_token();
+    let id = stage.alert().await;
+    let event = stage.wait_state(&id, DeliveryState::Delivered).await;
+    assert_eq!(
+        stage.mock.refreshes(),
+        issued + 1,
+        "{platform}: exactly one refresh for one expired token"
+    );
+    let last = event.deliveries[0].last_attempt.as_ref().expect("attempt");
+    assert_eq!(
+        last.number, 1,
+        "{platform}: the resend after a refresh is the same attempt"
+    );
+    if !partner_scoped(platform) {
+        let stored = stage.stored_credentials().expect("credentials");
+        assert_eq!(stored.access_token, stage.mock.access_token(), "{platform}");
+        assert_eq!(
+            stored.refresh_token.as_deref(),
+            Some(stage.mock.refresh_token().as_str()),
+            "{platform}: the rotated refresh token is stored"
+        );
+    }
+    stage.restart().await;
+    let after = stage.mock.refreshes();
+    let id = stage.alert().await;
+    stage.wait_state(&id, DeliveryState::Delivered).await;
+    let expected = if partner_scoped(platform) {
+        // A partner token lives in memory: minted again after the restart.
+        after + 1
+    } else {
+        // The rotated token came back from disk: no refresh needed.
+        after
+    };
+    assert_eq!(stage.mock.refreshes(), expected, "{platform} after restart");
+    assert_eq!(stage.mock.duplicates(), 0, "{platform}");
+}
+
+async fn throttled_waits_for_retry_after(platform: &'static str) {
+    let scenario = Scenario {
+        throttle: 1,
+        retry_after: RetryAfter::Seconds(2),
+        ..Scenario::default()
+    };
+    let stage = Stage::start(platform, scenario).await;
+    let id = stage.alert().await;
+    stage.wait_deliveries(1).await;
+    let event = stage
+        .h()
+        .wait_event(&id, "the 429 recorded", |e| e.deliveries[0].attempts == 1)
+        .await;
+    let d = &event.deliveries[0];
+    assert_eq!(d.state, DeliveryState::Pending, "{platform}");
+    let last = d.last_attempt.as_ref().expect("attempt");
+    assert_eq!(last.status, Some(429), "{platform}: {}", last.detail);
+    let due = d.next_due_ms.expect("retry scheduled");
+    assert!(
+        due >= last.at_ms + 2000,
+        "{platform}: retry at +{} ms, before Retry-After",
+        due - last.at_ms
+    );
+    stage.h().clock.advance(Duration::from_millis(1500));
+    settle().await;
+    assert_eq!(stage.deliveries_seen(), 1, "{platform}: retried too early");
+    stage.h().clock.advance(Duration::from_millis(600));
+    stage.wait_state(&id, DeliveryState::Delivered).await;
+    assert_eq!(stage.deliveries_seen(), 2, "{platform}");
+}
+
+async fn terminal_code_parks_the_link(platform: &'static str) {
+    let scenario = Scenario {
+        terminal: true,
+        ..Scenario::default()
+    };
+    let stage = Stage::start(platform, scenario).await;
+    let first = stage.alert().await;
+    let event = stage.wait_state(&first, DeliveryState::Dead).await;
+    let reason = event.deliveries[0]
+        .last_attempt
+        .as_ref()
+        .expect("attempt")
+        .detail
+        .clone();
+    let (status, parked) = stage
+        .h()
+        .get(&format!("/v1/partners/{platform}/parked"))
+        .await;
+    assert_eq!(status, 200, "{parked}");
+    assert_eq!(
+        parked["parked"][0]["device_id"], DEVICE,
+        "{platform}: {parked}"
+    );
+    let later = stage.alert().await;
+    let event = stage.wait_state(&later, DeliveryState::Dead).await;
+    let letter_id = event.deliveries[0].dead_letter.expect("a dead letter");
+    let (_, letter) = stage
+        .h()
+        .get(&format!("/v1/dead-letters/{letter_id}"))
+        .await;
+    let why = letter["reason"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("parked") && why.contains(reason.as_str()),
+        "{platform}: {why:?} should say the route is parked and why ({reason:?})"
+    );
+    assert_eq!(
+        stage.deliveries_seen(),
+        1,
+        "{platform}: nothing sent once parked"
+    );
+    // Putting the link again is how on-call says it works now.
+    let (status, body) = stage
+        .put_link(&link_body(platform, &stage.base, "at-0", "rt-0"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, parked) = stage
+        .h()
+        .get(&format!("/v1/partners/{platform}/parked"))
+        .await;
+    assert_eq!(parked["parked"], json!([]), "{platform}");
+}
+
+/// The user revoked the grant: the refresh's terminal answer parks the link.
+async fn revoked_grant_parks_the_link(platform: &'static str) {
+    let scenario = Scenario {
+        expire_after: Some(0),
+        refresh_terminal: true,
+        ..Scenario::default()
+    };
+    let stage = Stage::start(platform, scenario).await;
+    let id = stage.alert().await;
+    let event = stage.wait_state(&id, DeliveryState::Dead).await;
+    let detail = &event.deliveries[0]
+        .last_attempt
+        .as_ref()
+        .expect("attempt")
+        .detail;
+    assert!(detail.contains("refresh"), "{platform}: {detail}");
+    let (_, parked) = stage
+        .h()
+        .get(&format!("/v1/partners/{platform}/parked"))
+        .await;
+    assert_eq!(
+        parked["parked"][0]["device_id"], DEVICE,
+        "{platform}: {parked}"
+    );
+}
+
+macro_rules! platform_tests {
+    ($($module:ident: $platform:literal),* $(,)?) => {$(
+        mod $module {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn delivered_refreshed_once_and_the_token_survives_a_restart() {
+                delivered_and_refreshed_once_then_persisted($platform).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn throttled_is_retried_after_retry_after() {
+                throttled_waits_for_retry_after($platform).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_terminal_code_parks_the_link() {
+                terminal_code_parks_the_link($platform).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_revoked_grant_parks_the_link() {
+                if !partner_scoped($platform) {
+                    revoked_grant_parks_the_link($platform).await;
+                }
+            }
+        }
+    )*};
+}
+
+platform_tests! {
+    smartthings: "smartthings",
+    alexa: "alexa",
+    google: "google",
+    thinq: "thinq",
+    kakao: "kakao",
+    clova: "clova",
+    genie: "genie",
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_deliveries_on_an_expired_link_refresh_once() {
+    let stage = Stage::start("smartthings", Scenario::default()).await;
+    stage.mock.expire_token();
+    let events: Vec<String> = (0..100)
+        .map(|i| {
+            format!(
+                r#"{{"device_id":"{DEVICE}","type":"temperature.reading","data":{{"capability":"temperatureMeasurement","attribute":"temperature","value":{},"unit":"C"}}}}"#,
+                20 + i % 5
+            )
+        })
+        .collect();
+    let (status, body) = stage
+        .h()
+        .post_events(&format!("[{}]", events.join(",")))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    for accepted in body.as_array().expect("batch answer") {
+        stage
+            .wait_state(
+                accepted["id"].as_str().expect("id"),
+                DeliveryState::Delivered,
+            )
+            .await;
+    }
+    assert_eq!(stage.mock.refreshes(), 1, "one refresh for the whole link");
+    assert_eq!(stage.mock.accepted().len(), 100);
+    assert_eq!(stage.mock.duplicates(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_for_a_platform_without_a_link_is_a_dead_letter_naming_it() {
+    let stage = Stage::start("alexa", Scenario::default()).await;
+    let (status, body) = stage
+        .h()
+        .post_events(
+            r#"{"device_id":"unlinked-9","type":"door.forced_open","priority":"critical","data":{"capability":"lock","attribute":"lock","value":"forced_open"},"partners":["alexa"]}"#,
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().expect("id");
+    let event = stage.wait_state(id, DeliveryState::Dead).await;
+    let detail = &event.deliveries[0]
+        .last_attempt
+        .as_ref()
+        .expect("attempt")
+        .detail;
+    assert!(
+        detail.contains("no link") && detail.contains("unlinked-9"),
+        "{detail}"
+    );
+    assert_eq!(stage.deliveries_seen(), 0);
+}
