@@ -151,11 +151,19 @@ fn check_accepts_the_shipped_config() {
             ("HERALD_TOKEN_DOOR", "door-token-0123456789"),
             ("HERALD_TOKEN_ONCALL", "oncall-token-0123456789"),
             ("ACME_WEBHOOK_SECRET", SECRET),
+            (
+                "HERALD_LINK_KEY",
+                "aGVyYWxkLXRlc3QtbGluay1rZXktMzItYnl0ZXMhISE=",
+            ),
+            ("ST_CLIENT_ID", "st-client"),
+            ("ST_CLIENT_SECRET", "st-client-secret"),
+            ("ALEXA_CLIENT_ID", "alexa-client"),
+            ("ALEXA_CLIENT_SECRET", "alexa-client-secret"),
         ],
     );
     assert_eq!(code, Some(0), "{output}");
     assert!(
-        output.contains("config ok: 1 partners, 2 tokens"),
+        output.contains("config ok: 3 partners, 2 tokens"),
         "{output}"
     );
 }

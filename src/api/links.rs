@@ -15,6 +15,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use super::admin::store_failed;
 use super::ingest::{check_text, parse_json, MAX_DEVICE_ID};
@@ -207,13 +208,9 @@ fn validate(
     check_text("/device_id", device_id, MAX_DEVICE_ID).map_err(invalid)?;
     let text =
         std::str::from_utf8(body).map_err(|_| Problem::bad_json("the body is not UTF-8 text"))?;
-    let b: LinkBody = parse_json(text).map_err(|(field, detail)| {
-        if field.is_empty() {
-            Problem::bad_json(detail)
-        } else {
-            Problem::invalid(field, detail)
-        }
-    })?;
+    // Syntax first, so a broken body is a 400 and a bad field a 422.
+    serde_json::from_str::<&RawValue>(text).map_err(|e| Problem::bad_json(e.to_string()))?;
+    let b: LinkBody = parse_json(text).map_err(invalid)?;
     check_text("/external_id", &b.external_id, MAX_FIELD).map_err(invalid)?;
     for (field, value) in [("/account", &b.account), ("/region", &b.region)] {
         if let Some(v) = value {
