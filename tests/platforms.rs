@@ -498,3 +498,29 @@ async fn an_event_for_a_platform_without_a_link_is_a_dead_letter_naming_it() {
     );
     assert_eq!(stage.deliveries_seen(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_missing_what_its_platform_needs_is_refused_by_field() {
+    let cases = [
+        ("smartthings", "callback_url", "/callback_url"),
+        ("smartthings", "token_url", "/token_url"),
+        ("google", "account", "/account"),
+        ("thinq", "region", "/region"),
+        ("clova", "account", "/account"),
+    ];
+    for (platform, drop, field) in cases {
+        let stage = Stage::start(platform, Scenario::default()).await;
+        let mut body = link_body(platform, &stage.base, "at-0", "rt-0");
+        body.as_object_mut().expect("object").remove(drop);
+        let (status, problem) = stage.put_link(&body).await;
+        assert_eq!(status, 422, "{platform} without {drop}: {problem}");
+        assert_eq!(problem["field"], field, "{platform}: {problem}");
+    }
+    let stage = Stage::start("alexa", Scenario::default()).await;
+    // With a partner url the region does not pick the gateway: any is fine;
+    // without one it must be a region Alexa has.
+    let mut body = link_body("alexa", &stage.base, "at-0", "rt-0");
+    body["region"] = "mars".into();
+    let (status, problem) = stage.put_link(&body).await;
+    assert_eq!(status, 200, "{problem}");
+}

@@ -74,6 +74,13 @@ impl Adapter for Alexa {
         PLATFORM
     }
 
+    fn check_link(&self, link: &LinkView<'_>) -> Result<(), SetupError> {
+        self.gateway(link).map(|_| ()).map_err(|e| SetupError {
+            key: "region",
+            reason: e.0,
+        })
+    }
+
     fn build(&self, ctx: &DeliveryContext<'_>) -> Result<OutboundRequest, BuildError> {
         let link = ctx.link_for(PLATFORM)?;
         let token = required(link.access_token, "access token", PLATFORM)?;

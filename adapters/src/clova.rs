@@ -48,6 +48,16 @@ impl Adapter for Clova {
         PLATFORM
     }
 
+    fn check_link(&self, link: &LinkView<'_>) -> Result<(), SetupError> {
+        if link.account.is_none_or(str::is_empty) {
+            return Err(SetupError {
+                key: "account",
+                reason: format!("a {PLATFORM} link needs its account (the Clova user_id)"),
+            });
+        }
+        Ok(())
+    }
+
     fn build(&self, ctx: &DeliveryContext<'_>) -> Result<OutboundRequest, BuildError> {
         let link = ctx.link_for(PLATFORM)?;
         let token = required(link.access_token, "access token", PLATFORM)?;

@@ -296,6 +296,13 @@ pub trait Adapter: Send + Sync + 'static {
         true
     }
 
+    /// Whether a link has what this platform's deliveries need, checked
+    /// when the link is put so a missing field is the caller's 422, not a
+    /// dead letter later. The error's `key` is the link field at fault.
+    fn check_link(&self, _link: &LinkView<'_>) -> Result<(), SetupError> {
+        Ok(())
+    }
+
     /// The request for one attempt of one delivery.
     fn build(&self, ctx: &DeliveryContext<'_>) -> Result<OutboundRequest, BuildError>;
 

@@ -100,6 +100,22 @@ impl Adapter for SmartThings {
         PLATFORM
     }
 
+    fn check_link(&self, link: &LinkView<'_>) -> Result<(), SetupError> {
+        if link.callback_url.is_none_or(str::is_empty) {
+            return Err(SetupError {
+                key: "callback_url",
+                reason: format!("a {PLATFORM} link needs its callback_url (the stateCallback URL)"),
+            });
+        }
+        if link.token_url.is_none_or(str::is_empty) {
+            return Err(SetupError {
+                key: "token_url",
+                reason: format!("a {PLATFORM} link needs its token_url (the oauthToken URL)"),
+            });
+        }
+        Ok(())
+    }
+
     fn build(&self, ctx: &DeliveryContext<'_>) -> Result<OutboundRequest, BuildError> {
         let link = link(ctx)?;
         SmartThings::callback(ctx.delivery_id, &link, vec![SmartThings::state(ctx)?])

@@ -30,7 +30,7 @@ use crate::oauth::{client_credentials_form, required};
 use crate::state::DeviceData;
 use crate::{
     event_time, ids, mapping, retry_after, snippet, Adapter, Answer, BuildError, DeliveryContext,
-    Method, OutboundRequest, PartnerSettings, SetupError, TokenScope, Verdict,
+    LinkView, Method, OutboundRequest, PartnerSettings, SetupError, TokenScope, Verdict,
 };
 
 pub const PLATFORM: &str = "thinq";
@@ -77,6 +77,16 @@ impl ThinQ {
 impl Adapter for ThinQ {
     fn kind(&self) -> &'static str {
         PLATFORM
+    }
+
+    fn check_link(&self, link: &LinkView<'_>) -> Result<(), SetupError> {
+        if link.region.is_none_or(str::is_empty) {
+            return Err(SetupError {
+                key: "region",
+                reason: format!("a {PLATFORM} link needs its region (the country code)"),
+            });
+        }
+        Ok(())
     }
 
     fn token_scope(&self) -> TokenScope {

@@ -133,6 +133,10 @@ pub async fn put_link(
             &body,
             state.config.server.link_key.is_some(),
         )?;
+        if let Some(lane) = state.dispatcher.lane(&name) {
+            lane.check_link(&link)
+                .map_err(|e| Problem::invalid(format!("/{}", e.key), e.reason))?;
+        }
         let created = state.links.put(link).await.map_err(link_failed)?;
         if let Some(lane) = state.dispatcher.lane(&name) {
             lane.relinked(&device_id);

@@ -184,6 +184,12 @@ impl Lane {
             .set(self.parked.len() as f64);
     }
 
+    /// Whether `link` has what this partner's adapter needs (see
+    /// [`Adapter::check_link`]).
+    pub fn check_link(&self, link: &crate::links::Link) -> Result<(), adapters::SetupError> {
+        self.adapter.check_link(&link.view())
+    }
+
     pub fn in_flight(&self) -> usize {
         self.partner.max_in_flight - self.in_flight.available_permits()
     }

@@ -27,8 +27,8 @@ use serde_json::{json, Map, Value};
 use crate::oauth::required;
 use crate::state::DeviceData;
 use crate::{
-    mapping, retry_after, snippet, Adapter, Answer, BuildError, DeliveryContext, OutboundRequest,
-    PartnerSettings, SetupError, TokenScope, Verdict,
+    mapping, retry_after, snippet, Adapter, Answer, BuildError, DeliveryContext, LinkView,
+    OutboundRequest, PartnerSettings, SetupError, TokenScope, Verdict,
 };
 use service_account::{ServiceAccount, HOMEGRAPH_SCOPE};
 
@@ -73,6 +73,16 @@ impl Google {
 impl Adapter for Google {
     fn kind(&self) -> &'static str {
         PLATFORM
+    }
+
+    fn check_link(&self, link: &LinkView<'_>) -> Result<(), SetupError> {
+        if link.account.is_none_or(str::is_empty) {
+            return Err(SetupError {
+                key: "account",
+                reason: format!("a {PLATFORM} link needs its account (the agentUserId)"),
+            });
+        }
+        Ok(())
     }
 
     fn token_scope(&self) -> TokenScope {
