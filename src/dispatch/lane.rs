@@ -7,11 +7,13 @@
 //! goes back to the store, and only then is the delivery released from the
 //! window.
 
+mod attempt;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use adapters::{Adapter, DeliveryContext, EventView, OutboundRequest, Verdict};
+use adapters::{Adapter, Verdict};
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
@@ -19,17 +21,15 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::breaker::{Admit, Breaker, Health, State, Transition};
-use super::client::exchange;
+use super::breaker::{Admit, Breaker, State, Transition};
 use super::concurrency::{Aimd, AimdPolicy};
 use super::parked::Parked;
-use super::retry;
 use super::scheduler::{Held, Window};
-use super::tokens::{Prepared, Tokens};
-use crate::clock::{rfc3339, Clock};
+use super::tokens::Tokens;
+use crate::clock::Clock;
 use crate::config::PartnerConfig;
 use crate::links::Links;
-use crate::model::{Attempt, AttemptOutcome, EventRecord, ParkedRoute, Priority};
+use crate::model::{AttemptOutcome, Priority};
 use crate::store::{Due, Next, Outcome, Store};
 
 type Limiter = RateLimiter<NotKeyed, InMemoryState, Clock, NoOpMiddleware<governor::nanos::Nanos>>;
@@ -359,12 +359,13 @@ impl Lane {
             if let Some(aimd) = &self.adaptive {
                 lock(aimd).sent(self.in_flight());
             }
+            let companions = self.companions(&mut window, &due);
             let lane = Arc::clone(&self);
             let abandon = abandon.clone();
             tracker.spawn(async move {
-                // Dropped mid-send, the delivery simply stays scheduled.
+                // Dropped mid-send, the deliveries simply stay scheduled.
                 tokio::select! {
-                    _ = lane.deliver(due, permit, probe) => {}
+                    _ = lane.deliver(due, companions, permit, probe) => {}
                     _ = abandon.cancelled() => {}
                 }
             });
@@ -415,16 +416,51 @@ impl Lane {
         }
     }
 
-    async fn deliver(self: Arc<Self>, due: Due, permit: OwnedSemaphorePermit, probe: bool) {
-        let (id, priority) = (due.key.delivery, due.key.priority);
-        let (outcome, health, sent) = self.attempt(due).await;
+    /// Other queued deliveries for `due`'s device that can ride in the same
+    /// request, for platforms that batch (see [`Adapter::max_batch`]).
+    fn companions(&self, window: &mut Window, due: &Due) -> Vec<Due> {
+        let room = self.adapter.max_batch().saturating_sub(1);
+        if room == 0 {
+            return Vec::new();
+        }
+        let device_of = |d: &Due| match d.event(&self.store) {
+            Ok(Some(event)) => Some(event.device_id.clone()),
+            _ => None,
+        };
+        let Some(device) = device_of(due) else {
+            return Vec::new();
+        };
+        window.take_matching(room, 4 * self.adapter.max_batch(), |d| {
+            device_of(d).as_deref() == Some(device.as_str())
+        })
+    }
+
+    async fn deliver(
+        self: Arc<Self>,
+        due: Due,
+        companions: Vec<Due>,
+        permit: OwnedSemaphorePermit,
+        probe: bool,
+    ) {
+        let mut dues = Vec::with_capacity(1 + companions.len());
+        dues.push(due);
+        dues.extend(companions);
+        let (outcomes, health, sent) = self.attempt(dues).await;
         drop(permit);
         self.freed.notify_one();
-        if sent {
-            self.learn(outcome.attempt.at_ms, outcome.attempt.status);
+        if let (true, Some(first)) = (sent, outcomes.first()) {
+            self.learn(first.attempt.at_ms, first.attempt.status);
         }
         let transition = self.breaker.record(health, self.clock.now_ms(), probe);
         self.note(transition);
+        // Submitted together, the outcomes share one group commit.
+        futures::future::join_all(outcomes.into_iter().map(|o| self.record(o))).await;
+        self.wake.notify_one();
+    }
+
+    /// Writes one outcome back, then releases its delivery from the window.
+    async fn record(&self, outcome: Outcome) {
+        let (id, priority) = (outcome.key.delivery, outcome.key.priority);
         let next = outcome.next.clone();
         let park = outcome.park.clone();
         if let Some(route) = &park {
@@ -463,7 +499,6 @@ impl Lane {
             }
         }
         self.held.release(id);
-        self.wake.notify_one();
     }
 
     /// Logs and counts a change of the breaker's state.
@@ -488,287 +523,6 @@ impl Lane {
                 tracing::info!(%partner, "breaker closed: the partner answers again")
             }
             (State::Open, None) => {}
-        }
-    }
-
-    /// One real send and its verdict, as an outcome for the store, with
-    /// what the send said about the partner's health and whether anything
-    /// was sent at all.
-    async fn attempt(&self, due: Due) -> (Outcome, Health, bool) {
-        let number = due.entry.attempts + 1;
-        let started_ms = self.clock.now_ms();
-        let unsent = |lane: &Self, due, reason: &str| {
-            let outcome = lane.settle(due, number, started_ms, None, reason_only(reason));
-            (outcome, Health::Unknown, false)
-        };
-        let event = match due.event(&self.store) {
-            Ok(Some(event)) => event,
-            Ok(None) => return unsent(self, due, "the event record is missing"),
-            Err(e) => return unsent(self, due, &e.to_string()),
-        };
-        if let Some(newer) = self.superseded_by(&event, due.key.delivery) {
-            metrics::counter!("herald_superseded_total", "partner" => self.partner.name.clone())
-                .increment(1);
-            let outcome = Outcome {
-                // Not kept: nothing was sent.
-                attempt: Attempt {
-                    number,
-                    at_ms: started_ms,
-                    status: None,
-                    latency_ms: 0,
-                    outcome: AttemptOutcome::Failed,
-                    detail: format!("superseded by {newer}"),
-                },
-                key: due.key,
-                entry: due.entry,
-                next: Next::Superseded(newer),
-                park: None,
-            };
-            return (outcome, Health::Unknown, false);
-        }
-        if let Some(route) = self.parked.get(&event.device_id) {
-            let reason = format!(
-                "not sent: the route was parked at {} ({})",
-                rfc3339(route.parked_ms),
-                route.reason
-            );
-            return unsent(self, due, &reason);
-        }
-        let link = if self.adapter.needs_link() {
-            match self.tokens.prepare(&*self.adapter, &event.device_id).await {
-                Ok(Some(link)) => Some(link),
-                Ok(None) => {
-                    let reason = format!(
-                        "the device has no link to {0}: PUT /v1/links/{0}/{1} first",
-                        self.partner.name, event.device_id
-                    );
-                    return unsent(self, due, &reason);
-                }
-                // The link's token could not be made good: no send.
-                Err(verdict) => {
-                    let outcome = self.conclude(due, &event, number, started_ms, None, verdict);
-                    return (outcome, Health::Unknown, false);
-                }
-            }
-        } else {
-            None
-        };
-        let (verdict, status) = match self.send(&event, &due, number, link.as_ref()).await {
-            Ok(answered) => answered,
-            Err(reason) => return unsent(self, due, &reason),
-        };
-        let (verdict, status) = match (verdict, &link) {
-            // The platform refused the token: renew it (once for every
-            // delivery that hit it) and send again, once.
-            (Verdict::Refresh { reason }, Some(used)) => {
-                match self.tokens.renew(&*self.adapter, used).await {
-                    Err(verdict) => (verdict, status),
-                    Ok(renewed) => {
-                        self.wait_for_token().await;
-                        match self.send(&event, &due, number, Some(&renewed)).await {
-                            Ok((Verdict::Refresh { reason: again }, status)) => (
-                                Verdict::Retry {
-                                    after: None,
-                                    reason: format!("the platform refused the renewed token too ({again}); first: {reason}"),
-                                },
-                                status,
-                            ),
-                            Ok(answered) => answered,
-                            Err(reason) => return unsent(self, due, &reason),
-                        }
-                    }
-                }
-            }
-            (verdict, _) => (verdict, status),
-        };
-        let outcome = self.conclude(due, &event, number, started_ms, status, verdict);
-        (outcome, Health::of(status), true)
-    }
-
-    /// Builds and sends one request; the verdict on its answer and the
-    /// status, or why no request could be built.
-    async fn send(
-        &self,
-        event: &EventRecord,
-        due: &Due,
-        number: u32,
-        link: Option<&Prepared>,
-    ) -> Result<(Verdict, Option<u16>), String> {
-        let request = self.build(event, due, number, link)?;
-        self.stats.sent.fetch_add(1, Ordering::Relaxed);
-        let answer = exchange(&self.client, request, self.partner.timeout, &self.clock).await;
-        let verdict = self.adapter.classify_attempt(
-            number,
-            &answer.as_answer(),
-            self.clock.now_system_time(),
-        );
-        Ok((verdict, answer.status()))
-    }
-
-    /// A rate-limit token for a send the lane did not plan (the one after a
-    /// token refresh): it waits its turn like any other.
-    async fn wait_for_token(&self) {
-        let Some(limiter) = &self.limiter else { return };
-        while let Err(not_until) = limiter.check() {
-            let wait = not_until.wait_time_from(governor::clock::Clock::now(&self.clock));
-            self.clock.sleep(wait).await;
-        }
-    }
-
-    /// The outcome of `verdict`, with the route parked when it says so.
-    fn conclude(
-        &self,
-        due: Due,
-        event: &EventRecord,
-        number: u32,
-        started_ms: u64,
-        status: Option<u16>,
-        verdict: Verdict,
-    ) -> Outcome {
-        let parks = matches!(verdict, Verdict::Park { .. });
-        let mut outcome = self.settle(due, number, started_ms, status, verdict);
-        if let (true, Next::Dead(reason)) = (parks, &outcome.next) {
-            outcome.park = Some(Box::new(ParkedRoute {
-                partner: self.partner.name.clone(),
-                device_id: event.device_id.clone(),
-                reason: reason.clone(),
-                parked_ms: outcome.attempt.at_ms,
-                delivery_id: outcome.key.delivery,
-                event_id: event.id,
-            }));
-        }
-        outcome
-    }
-
-    /// Whether a newer state replaced this delivery (checked again when it
-    /// is settled).
-    fn is_replaced(&self, due: &Due) -> bool {
-        if due.key.priority == Priority::Critical {
-            return false;
-        }
-        match due.event(&self.store) {
-            Ok(Some(event)) => self.superseded_by(&event, due.key.delivery).is_some(),
-            _ => false,
-        }
-    }
-
-    /// The newer delivery of the same device and attribute, if this one
-    /// carries a state that one replaced before it was sent.
-    fn superseded_by(&self, event: &EventRecord, delivery: uuid::Uuid) -> Option<uuid::Uuid> {
-        let d = event.deliveries.iter().find(|d| d.id == delivery)?;
-        let state = d.coalesce.as_deref()?;
-        match self
-            .store
-            .latest_state(&self.partner.name, &event.device_id, state)
-        {
-            Ok(Some(latest)) if latest != delivery => Some(latest),
-            Ok(_) => None,
-            Err(e) => {
-                // Sending a stale state is better than dropping a fresh one.
-                tracing::warn!(partner = %self.partner.name, error = %e, "cannot read the latest state; sending");
-                None
-            }
-        }
-    }
-
-    fn build(
-        &self,
-        event: &EventRecord,
-        due: &Due,
-        number: u32,
-        link: Option<&Prepared>,
-    ) -> Result<OutboundRequest, String> {
-        let (event_id, delivery_id) = (event.id.to_string(), due.key.delivery.to_string());
-        let ctx = DeliveryContext {
-            delivery_id: &delivery_id,
-            attempt: number,
-            now_unix: self.clock.now_ms() / 1000,
-            event: EventView {
-                id: &event_id,
-                event_type: &event.event_type,
-                device_id: &event.device_id,
-                priority: event.priority.as_str(),
-                occurred_at: &event.occurred_at,
-                data: &event.data,
-            },
-            link: link.map(Prepared::view),
-        };
-        self.adapter
-            .build(&ctx)
-            .map_err(|e| format!("cannot build the request: {e}"))
-    }
-
-    /// The next step after a failed send, by the partner's retry policy.
-    fn retry_or_give_up(
-        &self,
-        due: &Due,
-        number: u32,
-        now_ms: u64,
-        after: Option<Duration>,
-        reason: String,
-    ) -> (AttemptOutcome, Next, String) {
-        let policy = &self.partner.retry;
-        match policy.next(
-            due.key.delivery,
-            number,
-            due.entry.created_ms,
-            now_ms,
-            after,
-            due.key.priority,
-        ) {
-            retry::Next::RetryAt(at) => (AttemptOutcome::Retry, Next::RetryAt(at), reason),
-            retry::Next::GiveUp(why) => (
-                AttemptOutcome::Failed,
-                Next::Dead(format!("{why}; last: {reason}")),
-                reason,
-            ),
-        }
-    }
-
-    /// Turns a verdict into the attempt record and the delivery's next step.
-    fn settle(
-        &self,
-        due: Due,
-        number: u32,
-        started_ms: u64,
-        status: Option<u16>,
-        verdict: Verdict,
-    ) -> Outcome {
-        let now_ms = self.clock.now_ms();
-        let (outcome, next, detail) = match verdict {
-            Verdict::Delivered => (AttemptOutcome::Delivered, Next::Delivered, String::new()),
-            Verdict::Permanent { reason } => {
-                (AttemptOutcome::Failed, Next::Dead(reason.clone()), reason)
-            }
-            // A refresh the lane could not act on (no link) is a plain retry.
-            Verdict::Refresh { reason } => {
-                self.retry_or_give_up(&due, number, now_ms, None, reason)
-            }
-            Verdict::Park { reason } => {
-                (AttemptOutcome::Failed, Next::Dead(reason.clone()), reason)
-            }
-            Verdict::Retry { after, reason } => {
-                self.retry_or_give_up(&due, number, now_ms, after, reason)
-            }
-        };
-        metrics::counter!("herald_attempts_total", "partner" => self.partner.name.clone(), "outcome" => outcome_label(outcome))
-            .increment(1);
-        if let Next::Dead(reason) = &next {
-            tracing::warn!(partner = %self.partner.name, delivery = %due.key.delivery, attempts = number, %reason, "dead letter");
-        }
-        Outcome {
-            attempt: Attempt {
-                number,
-                at_ms: started_ms,
-                status,
-                latency_ms: now_ms.saturating_sub(started_ms),
-                outcome,
-                detail,
-            },
-            key: due.key,
-            entry: due.entry,
-            next,
-            park: None,
         }
     }
 }

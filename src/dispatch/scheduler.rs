@@ -193,6 +193,33 @@ impl Window {
         }
     }
 
+    /// Takes up to `limit` queued entries that `matches` accepts, critical
+    /// first, looking at no more than `look` of each queue: the companions
+    /// of a send that carries several deliveries. They stay held.
+    pub fn take_matching(
+        &mut self,
+        limit: usize,
+        look: usize,
+        mut matches: impl FnMut(&Due) -> bool,
+    ) -> Vec<Due> {
+        let mut taken = Vec::new();
+        for queue in [&mut self.critical, &mut self.normal] {
+            let mut i = 0;
+            let mut looked = 0;
+            while i < queue.len() && looked < look && taken.len() < limit {
+                looked += 1;
+                if matches(&queue[i]) {
+                    if let Some(due) = queue.remove(i) {
+                        taken.push(due);
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        taken
+    }
+
     /// Gives an entry back unsent (shutdown): it stays on disk for next time.
     pub fn unhold(&mut self, due: &Due) {
         self.held.release(due.key.delivery);

@@ -1,0 +1,352 @@
+//! One attempt: the deliveries a send carries, the request the adapter
+//! builds for them, the answer, and the outcome each one gets.
+//!
+//! Most sends carry one delivery. A platform that takes several states in
+//! one callback (SmartThings, up to 50) gets the link's other queued
+//! deliveries with it; the answer's verdict then applies to every one.
+//! Before anything is sent, a delivery may already be settled here: its
+//! event gone, a newer state in its place, or its route parked.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use adapters::{DeliveryContext, EventView, OutboundRequest, Verdict};
+
+use super::super::breaker::Health;
+use super::super::client::exchange;
+use super::super::retry;
+use super::super::tokens::Prepared;
+use super::{outcome_label, reason_only, Lane};
+use crate::clock::rfc3339;
+use crate::model::{Attempt, AttemptOutcome, EventRecord, ParkedRoute, Priority};
+use crate::store::{Due, Next, Outcome};
+
+/// A delivery about to be sent, with its event and attempt number.
+pub(super) struct Sendable {
+    pub due: Due,
+    pub event: Arc<EventRecord>,
+    pub number: u32,
+}
+
+impl Lane {
+    /// One real send for `dues` (all for one device) and its verdicts, as
+    /// outcomes for the store, with what the send said about the partner's
+    /// health and whether anything was sent at all.
+    pub(super) async fn attempt(&self, dues: Vec<Due>) -> (Vec<Outcome>, Health, bool) {
+        let started_ms = self.clock.now_ms();
+        let mut outcomes = Vec::with_capacity(dues.len());
+        let mut batch = Vec::with_capacity(dues.len());
+        for due in dues {
+            match self.sendable(due, started_ms) {
+                Ok(s) => batch.push(s),
+                Err(settled) => outcomes.push(*settled),
+            }
+        }
+        let Some(first) = batch.first() else {
+            return (outcomes, Health::Unknown, false);
+        };
+        let device_id = first.event.device_id.clone();
+        let link = if self.adapter.needs_link() {
+            match self.tokens.prepare(&*self.adapter, &device_id).await {
+                Ok(Some(link)) => Some(link),
+                Ok(None) => {
+                    let reason = format!(
+                        "the device has no link to {0}: PUT /v1/links/{0}/{1} first",
+                        self.partner.name, device_id
+                    );
+                    outcomes.extend(self.conclude_all(
+                        batch,
+                        started_ms,
+                        None,
+                        reason_only(&reason),
+                    ));
+                    return (outcomes, Health::Unknown, false);
+                }
+                // The link's token could not be made good: no send.
+                Err(verdict) => {
+                    outcomes.extend(self.conclude_all(batch, started_ms, None, verdict));
+                    return (outcomes, Health::Unknown, false);
+                }
+            }
+        } else {
+            None
+        };
+        let (verdict, status) = match self.send(&batch, link.as_ref()).await {
+            Ok(answered) => answered,
+            Err(reason) => {
+                outcomes.extend(self.conclude_all(batch, started_ms, None, reason_only(&reason)));
+                return (outcomes, Health::Unknown, false);
+            }
+        };
+        let (verdict, status) = match (verdict, &link) {
+            // The platform refused the token: renew it (once for every
+            // delivery that hit it) and send again, once.
+            (Verdict::Refresh { reason }, Some(used)) => {
+                match self.tokens.renew(&*self.adapter, used).await {
+                    Err(verdict) => (verdict, status),
+                    Ok(renewed) => {
+                        self.wait_for_token().await;
+                        match self.send(&batch, Some(&renewed)).await {
+                            Ok((Verdict::Refresh { reason: again }, status)) => (
+                                Verdict::Retry {
+                                    after: None,
+                                    reason: format!("the platform refused the renewed token too ({again}); first: {reason}"),
+                                },
+                                status,
+                            ),
+                            Ok(answered) => answered,
+                            Err(reason) => (reason_only(&reason), None),
+                        }
+                    }
+                }
+            }
+            (verdict, _) => (verdict, status),
+        };
+        outcomes.extend(self.conclude_all(batch, started_ms, status, verdict));
+        (outcomes, Health::of(status), true)
+    }
+
+    /// `due` ready to send, or already settled without a send.
+    fn sendable(&self, due: Due, started_ms: u64) -> Result<Sendable, Box<Outcome>> {
+        let number = due.entry.attempts + 1;
+        let unsent = |due, reason: &str| {
+            Box::new(self.settle(due, number, started_ms, None, reason_only(reason)))
+        };
+        let event = match due.event(&self.store) {
+            Ok(Some(event)) => event,
+            Ok(None) => return Err(unsent(due, "the event record is missing")),
+            Err(e) => return Err(unsent(due, &e.to_string())),
+        };
+        if let Some(newer) = self.superseded_by(&event, due.key.delivery) {
+            metrics::counter!("herald_superseded_total", "partner" => self.partner.name.clone())
+                .increment(1);
+            return Err(Box::new(Outcome {
+                // Not kept: nothing was sent.
+                attempt: Attempt {
+                    number,
+                    at_ms: started_ms,
+                    status: None,
+                    latency_ms: 0,
+                    outcome: AttemptOutcome::Failed,
+                    detail: format!("superseded by {newer}"),
+                },
+                key: due.key,
+                entry: due.entry,
+                next: Next::Superseded(newer),
+                park: None,
+            }));
+        }
+        if let Some(route) = self.parked.get(&event.device_id) {
+            let reason = format!(
+                "not sent: the route was parked at {} ({})",
+                rfc3339(route.parked_ms),
+                route.reason
+            );
+            return Err(unsent(due, &reason));
+        }
+        Ok(Sendable { due, event, number })
+    }
+
+    /// Builds and sends one request; the verdict on its answer and the
+    /// status, or why no request could be built.
+    async fn send(
+        &self,
+        batch: &[Sendable],
+        link: Option<&Prepared>,
+    ) -> Result<(Verdict, Option<u16>), String> {
+        let request = self.build(batch, link)?;
+        self.stats.sent.fetch_add(1, Ordering::Relaxed);
+        let answer = exchange(&self.client, request, self.partner.timeout, &self.clock).await;
+        // A batch shares one attempt number only when it is every one's first.
+        let number = batch.iter().map(|s| s.number).max().unwrap_or(1);
+        let verdict = self.adapter.classify_attempt(
+            number,
+            &answer.as_answer(),
+            self.clock.now_system_time(),
+        );
+        Ok((verdict, answer.status()))
+    }
+
+    /// A rate-limit token for a send the lane did not plan (the one after a
+    /// token refresh): it waits its turn like any other.
+    async fn wait_for_token(&self) {
+        let Some(limiter) = &self.limiter else { return };
+        while let Err(not_until) = limiter.check() {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(&self.clock));
+            self.clock.sleep(wait).await;
+        }
+    }
+
+    /// Every delivery of `batch` settled by the one `verdict`; the route
+    /// parked when it says so.
+    fn conclude_all(
+        &self,
+        batch: Vec<Sendable>,
+        started_ms: u64,
+        status: Option<u16>,
+        verdict: Verdict,
+    ) -> Vec<Outcome> {
+        let parks = matches!(verdict, Verdict::Park { .. });
+        batch
+            .into_iter()
+            .map(|s| {
+                let mut outcome = self.settle(s.due, s.number, started_ms, status, verdict.clone());
+                if let (true, Next::Dead(reason)) = (parks, &outcome.next) {
+                    outcome.park = Some(Box::new(ParkedRoute {
+                        partner: self.partner.name.clone(),
+                        device_id: s.event.device_id.clone(),
+                        reason: reason.clone(),
+                        parked_ms: outcome.attempt.at_ms,
+                        delivery_id: outcome.key.delivery,
+                        event_id: s.event.id,
+                    }));
+                }
+                outcome
+            })
+            .collect()
+    }
+
+    /// Whether a newer state replaced this delivery (checked again when it
+    /// is settled).
+    pub(super) fn is_replaced(&self, due: &Due) -> bool {
+        if due.key.priority == Priority::Critical {
+            return false;
+        }
+        match due.event(&self.store) {
+            Ok(Some(event)) => self.superseded_by(&event, due.key.delivery).is_some(),
+            _ => false,
+        }
+    }
+
+    /// The newer delivery of the same device and attribute, if this one
+    /// carries a state that one replaced before it was sent.
+    fn superseded_by(&self, event: &EventRecord, delivery: uuid::Uuid) -> Option<uuid::Uuid> {
+        let d = event.deliveries.iter().find(|d| d.id == delivery)?;
+        let state = d.coalesce.as_deref()?;
+        match self
+            .store
+            .latest_state(&self.partner.name, &event.device_id, state)
+        {
+            Ok(Some(latest)) if latest != delivery => Some(latest),
+            Ok(_) => None,
+            Err(e) => {
+                // Sending a stale state is better than dropping a fresh one.
+                tracing::warn!(partner = %self.partner.name, error = %e, "cannot read the latest state; sending");
+                None
+            }
+        }
+    }
+
+    /// The request for `batch` (one delivery, or several for one link
+    /// where the platform takes them together).
+    fn build(
+        &self,
+        batch: &[Sendable],
+        link: Option<&Prepared>,
+    ) -> Result<OutboundRequest, String> {
+        let ids: Vec<(String, String)> = batch
+            .iter()
+            .map(|s| (s.event.id.to_string(), s.due.key.delivery.to_string()))
+            .collect();
+        let now_unix = self.clock.now_ms() / 1000;
+        let view = link.map(Prepared::view);
+        let ctxs: Vec<DeliveryContext<'_>> = batch
+            .iter()
+            .zip(&ids)
+            .map(|(s, (event_id, delivery_id))| DeliveryContext {
+                delivery_id,
+                attempt: s.number,
+                now_unix,
+                event: EventView {
+                    id: event_id,
+                    event_type: &s.event.event_type,
+                    device_id: &s.event.device_id,
+                    priority: s.event.priority.as_str(),
+                    occurred_at: &s.event.occurred_at,
+                    data: &s.event.data,
+                },
+                link: view,
+            })
+            .collect();
+        let built = match ctxs.as_slice() {
+            [one] => self.adapter.build(one),
+            many => self.adapter.build_batch(many),
+        };
+        built.map_err(|e| format!("cannot build the request: {e}"))
+    }
+
+    /// The next step after a failed send, by the partner's retry policy.
+    fn retry_or_give_up(
+        &self,
+        due: &Due,
+        number: u32,
+        now_ms: u64,
+        after: Option<Duration>,
+        reason: String,
+    ) -> (AttemptOutcome, Next, String) {
+        let policy = &self.partner.retry;
+        match policy.next(
+            due.key.delivery,
+            number,
+            due.entry.created_ms,
+            now_ms,
+            after,
+            due.key.priority,
+        ) {
+            retry::Next::RetryAt(at) => (AttemptOutcome::Retry, Next::RetryAt(at), reason),
+            retry::Next::GiveUp(why) => (
+                AttemptOutcome::Failed,
+                Next::Dead(format!("{why}; last: {reason}")),
+                reason,
+            ),
+        }
+    }
+
+    /// Turns a verdict into the attempt record and the delivery's next step.
+    pub(super) fn settle(
+        &self,
+        due: Due,
+        number: u32,
+        started_ms: u64,
+        status: Option<u16>,
+        verdict: Verdict,
+    ) -> Outcome {
+        let now_ms = self.clock.now_ms();
+        let (outcome, next, detail) = match verdict {
+            Verdict::Delivered => (AttemptOutcome::Delivered, Next::Delivered, String::new()),
+            Verdict::Permanent { reason } => {
+                (AttemptOutcome::Failed, Next::Dead(reason.clone()), reason)
+            }
+            // A refresh the lane could not act on (no link) is a plain retry.
+            Verdict::Refresh { reason } => {
+                self.retry_or_give_up(&due, number, now_ms, None, reason)
+            }
+            Verdict::Park { reason } => {
+                (AttemptOutcome::Failed, Next::Dead(reason.clone()), reason)
+            }
+            Verdict::Retry { after, reason } => {
+                self.retry_or_give_up(&due, number, now_ms, after, reason)
+            }
+        };
+        metrics::counter!("herald_attempts_total", "partner" => self.partner.name.clone(), "outcome" => outcome_label(outcome))
+            .increment(1);
+        if let Next::Dead(reason) = &next {
+            tracing::warn!(partner = %self.partner.name, delivery = %due.key.delivery, attempts = number, %reason, "dead letter");
+        }
+        Outcome {
+            attempt: Attempt {
+                number,
+                at_ms: started_ms,
+                status,
+                latency_ms: now_ms.saturating_sub(started_ms),
+                outcome,
+                detail,
+            },
+            key: due.key,
+            entry: due.entry,
+            next,
+            park: None,
+        }
+    }
+}
