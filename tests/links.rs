@@ -249,17 +249,8 @@ async fn credentials_without_a_link_key_are_refused_not_stored_in_clear() {
         "HERALD_LINK_KEY" => None,
         other => test_env(other),
     };
-    let config = herald::config::Config::parse(&toml, &env).expect("valid");
-    assert!(config.server.link_key.is_none());
-    let herald = herald::start(config.clone(), clock.clone())
-        .await
-        .expect("starts");
-    let h = TestHerald {
-        herald,
-        clock,
-        config,
-        http: reqwest::Client::new(),
-    };
+    let h = TestHerald::start_with_env(&toml, clock, &env).await;
+    assert!(h.config.server.link_key.is_none());
     let (status, problem) = put(&h, "/v1/links/acme/lock-7f3a", &good_link()).await;
     assert_eq!(status, 503, "{problem}");
     assert!(

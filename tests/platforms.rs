@@ -238,16 +238,7 @@ async fn start_herald(toml: &str) -> TestHerald {
 }
 
 async fn start_herald_on(toml: &str, clock: Clock) -> TestHerald {
-    let config = herald::config::Config::parse(toml, &env).expect("test config is valid");
-    let herald = herald::start(config.clone(), clock.clone())
-        .await
-        .expect("herald starts");
-    TestHerald {
-        herald,
-        clock,
-        config,
-        http: reqwest::Client::new(),
-    }
+    TestHerald::start_with_env(toml, clock, &env).await
 }
 
 async fn delivered_and_refreshed_once_then_persisted(platform: &'static str) {

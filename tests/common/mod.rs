@@ -225,7 +225,16 @@ pub struct TestHerald {
 
 impl TestHerald {
     pub async fn start(toml: &str, clock: Clock) -> TestHerald {
-        let config = Config::parse(toml, &test_env).expect("test config is valid");
+        TestHerald::start_with_env(toml, clock, &test_env).await
+    }
+
+    /// With secrets from `env` instead of [`test_env`].
+    pub async fn start_with_env(
+        toml: &str,
+        clock: Clock,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> TestHerald {
+        let config = Config::parse(toml, env).expect("test config is valid");
         let herald = herald::start(config.clone(), clock.clone())
             .await
             .expect("herald starts");
