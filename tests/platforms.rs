@@ -550,3 +550,40 @@ async fn a_link_missing_what_its_platform_needs_is_refused_by_field() {
     let (status, problem) = stage.put_link(&body).await;
     assert_eq!(status, 200, "{problem}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_sealed_under_another_key_is_not_sent_and_says_why() {
+    let mut stage = Stage::start("smartthings", Scenario::default()).await;
+    let old = stage.herald.take().expect("running");
+    let clock = old.clock.clone();
+    old.herald.shutdown().await.expect("clean shutdown");
+    // The operator rotated HERALD_LINK_KEY without re-putting the links.
+    let other_key = |name: &str| match name {
+        "HERALD_LINK_KEY" => Some("b3RoZXIta2V5LW90aGVyLWtleS1vdGhlci1rZXktMzI=".to_string()),
+        other => env(other),
+    };
+    stage.herald = Some(TestHerald::start_with_env(&stage.toml, clock, &other_key).await);
+    let id = stage.alert().await;
+    let event = stage
+        .h()
+        .wait_event(&id, "the failed open recorded", |e| {
+            e.deliveries[0].attempts == 1
+        })
+        .await;
+    let d = &event.deliveries[0];
+    assert_eq!(d.state, DeliveryState::Pending, "kept for a retry");
+    let detail = &d.last_attempt.as_ref().expect("attempt").detail;
+    assert!(
+        detail.contains("smartthings/lock-7f3a") && detail.contains("wrong key"),
+        "{detail}"
+    );
+    assert_eq!(stage.deliveries_seen(), 0, "nothing sent without its token");
+    let (status, link) = stage
+        .h()
+        .get(&format!("/v1/links/smartthings/{DEVICE}"))
+        .await;
+    assert_eq!(
+        (status, link["has_credentials"].clone()),
+        (200, json!(true))
+    );
+}

@@ -378,3 +378,69 @@ async fn sigterm_keeps_the_backlog_for_the_next_start() {
         "{log}"
     );
 }
+
+/// `herald mock-partner` by hand: it says where to point a link, speaks the
+/// platform's protocol (a stale token gets SmartThings' TOKEN-EXPIRED), and
+/// sums up what it saw when stopped. A platform it does not know is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_partner_runs_by_hand() {
+    let (code, output) = run(&["mock-partner", "--platform", "pigeon"], &[]);
+    assert_eq!(code, Some(2), "{output}");
+    assert!(
+        output.contains("smartthings"),
+        "names the known ones: {output}"
+    );
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(HERALD)
+        .args(["mock-partner", "--platform", "smartthings", "--port"])
+        .arg(port.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mock starts");
+    let url = format!("http://127.0.0.1:{port}/device/events");
+    herald::dispatch::client::install_crypto_provider();
+    let http = reqwest::Client::new();
+    let body = serde_json::json!({
+        "headers": {"schema": "st-schema", "version": "1.0", "interactionType": "stateCallback", "requestId": "r-1"},
+        "authentication": {"tokenType": "Bearer", "token": "not-the-token"},
+        "deviceState": [{"externalDeviceId": "lock-42", "states": []}]
+    });
+    let mut answer = None;
+    for _ in 0..100 {
+        let request = http.post(&url).header("content-type", "application/json");
+        if let Ok(r) = request.body(body.to_string()).send().await {
+            answer = Some((r.status().as_u16(), r.text().await.unwrap_or_default()));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, text) = answer.expect("the mock answers");
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("TOKEN-EXPIRED"), "{text}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(status.success(), "{out}");
+    assert!(
+        out.contains(&format!("http://127.0.0.1:{port}/device/events")),
+        "{out}"
+    );
+    assert!(out.contains("1 requests: 0 deliveries accepted"), "{out}");
+}
