@@ -423,15 +423,19 @@ impl Lane {
         if room == 0 {
             return Vec::new();
         }
-        let device_of = |d: &Due| match d.event(&self.store) {
-            Ok(Some(event)) => Some(event.device_id.clone()),
-            _ => None,
-        };
-        let Some(device) = device_of(due) else {
+        let Ok(Some(first)) = due.event(&self.store) else {
             return Vec::new();
         };
-        window.take_matching(room, 4 * self.adapter.max_batch(), |d| {
-            device_of(d).as_deref() == Some(device.as_str())
+        window.take_matching(room, 2 * self.adapter.max_batch(), |d| {
+            match d.event(&self.store) {
+                Ok(Some(event)) => {
+                    let same = event.device_id == first.device_id;
+                    // Read once: the send needs it too, whenever it goes.
+                    d.event = Some(event);
+                    same
+                }
+                _ => false,
+            }
         })
     }
 

@@ -195,12 +195,13 @@ impl Window {
 
     /// Takes up to `limit` queued entries that `matches` accepts, critical
     /// first, looking at no more than `look` of each queue: the companions
-    /// of a send that carries several deliveries. They stay held.
+    /// of a send that carries several deliveries. They stay held. `matches`
+    /// may fill in what it looked up (the event) for the entries it keeps.
     pub fn take_matching(
         &mut self,
         limit: usize,
         look: usize,
-        mut matches: impl FnMut(&Due) -> bool,
+        mut matches: impl FnMut(&mut Due) -> bool,
     ) -> Vec<Due> {
         let mut taken = Vec::new();
         for queue in [&mut self.critical, &mut self.normal] {
@@ -208,7 +209,7 @@ impl Window {
             let mut looked = 0;
             while i < queue.len() && looked < look && taken.len() < limit {
                 looked += 1;
-                if matches(&queue[i]) {
+                if matches(&mut queue[i]) {
                     if let Some(due) = queue.remove(i) {
                         taken.push(due);
                     }

@@ -88,7 +88,8 @@ pub struct Due {
     pub key: ScheduleKey,
     pub entry: ScheduledDelivery,
     /// The event as accepted, when the entry was handed over by ingest
-    /// (saves reading it back); `None` when it was found by a scan.
+    /// (saves reading it back), or once read; `None` when it was found by a
+    /// scan and not read yet.
     pub event: Option<Arc<EventRecord>>,
 }
 
