@@ -108,9 +108,11 @@ struct TokenBody {
     error_code: Option<String>,
 }
 
-/// Reads an RFC 6749 token answer: 200 with `access_token` renews; 400/401
-/// with `invalid_grant` / `invalid_client` / `unauthorized_client` parks (the
-/// grant is dead and no retry can revive it); 429 and 5xx retry.
+/// Reads an RFC 6749 token answer: 200 with `access_token` renews; an
+/// `error` (`invalid_grant`, Kakao's KOE322...) parks (the grant is dead and
+/// no retry can revive it); 429, 5xx and answers that say neither (a proxy's
+/// page, a 2xx without a token) retry, so one garbled answer does not park
+/// a user's link.
 pub fn read_token_answer(answer: &Answer<'_>, now: SystemTime) -> RefreshVerdict {
     let (status, headers, body) = match *answer {
         Answer::Http {
@@ -163,8 +165,12 @@ pub fn read_token_answer(answer: &Answer<'_>, now: SystemTime) -> RefreshVerdict
                     .unwrap_or_default()
             ),
         },
-        _ => RefreshVerdict::Park {
-            reason: format!("token endpoint HTTP {status}: {}", snippet(body)),
+        _ => RefreshVerdict::Retry {
+            after: None,
+            reason: format!(
+                "token endpoint HTTP {status} without a token or an error: {}",
+                snippet(body)
+            ),
         },
     }
 }
@@ -243,7 +249,11 @@ mod tests {
             RefreshVerdict::Park { .. }
         ));
         assert!(matches!(read(503, "down"), RefreshVerdict::Retry { .. }));
-        assert!(matches!(read(200, "{}"), RefreshVerdict::Park { .. }));
+        assert!(matches!(read(200, "{}"), RefreshVerdict::Retry { .. }));
+        assert!(matches!(
+            read(403, "<html>denied</html>"),
+            RefreshVerdict::Retry { .. }
+        ));
     }
 
     #[test]

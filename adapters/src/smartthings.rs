@@ -235,10 +235,17 @@ impl Adapter for SmartThings {
                 refresh_token,
                 expires_at_unix: expires_in.map(|s| unix(now) + s),
             }),
-            _ => RefreshVerdict::Park {
-                reason: match parsed.global_error {
-                    Some(e) => format!("oauthToken {}: {}", e.error_enum, e.detail),
-                    None => format!("oauthToken HTTP {status}: {}", snippet(body)),
+            _ => match parsed.global_error {
+                Some(e) => RefreshVerdict::Park {
+                    reason: format!("oauthToken {}: {}", e.error_enum, e.detail),
+                },
+                // Neither tokens nor an st-schema error: not a verdict on the grant.
+                None => RefreshVerdict::Retry {
+                    after: None,
+                    reason: format!(
+                        "oauthToken HTTP {status} without tokens or an error: {}",
+                        snippet(body)
+                    ),
                 },
             },
         }
