@@ -587,3 +587,62 @@ async fn a_link_sealed_under_another_key_is_not_sent_and_says_why() {
         (200, json!(true))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_unmappable_state_does_not_sink_the_callback_it_rides_in() {
+    let stage = Stage::start("smartthings", Scenario::default()).await;
+    let mut events: Vec<String> = (0..10)
+        .map(|i| {
+            format!(
+                r#"{{"device_id":"{DEVICE}","type":"temperature.reading","data":{{"capability":"temperatureMeasurement","attribute":"temperature","value":{i},"unit":"C"}}}}"#
+            )
+        })
+        .collect();
+    events.insert(
+        3,
+        format!(
+            r#"{{"device_id":"{DEVICE}","type":"teleport.done","data":{{"capability":"teleporter","attribute":"state","value":"arrived"}}}}"#
+        ),
+    );
+    let (status, body) = stage
+        .h()
+        .post_events(&format!("[{}]", events.join(",")))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let ids: Vec<String> = body
+        .as_array()
+        .expect("batch")
+        .iter()
+        .map(|a| a["id"].as_str().expect("id").to_string())
+        .collect();
+    let odd = stage.wait_state(&ids[3], DeliveryState::Dead).await;
+    let detail = &odd.deliveries[0]
+        .last_attempt
+        .as_ref()
+        .expect("attempt")
+        .detail;
+    assert!(
+        detail.contains("teleporter"),
+        "names the capability: {detail}"
+    );
+    for (i, id) in ids.iter().enumerate().filter(|(i, _)| *i != 3) {
+        let event = stage.wait_state(id, DeliveryState::Delivered).await;
+        assert_eq!(
+            event.deliveries[0].state,
+            DeliveryState::Delivered,
+            "event {i}"
+        );
+    }
+    let states: usize = stage
+        .mock
+        .accepted()
+        .iter()
+        .map(|r| {
+            let body: Value = serde_json::from_slice(&r.request.body).expect("json");
+            body["deviceState"][0]["states"]
+                .as_array()
+                .map_or(0, Vec::len)
+        })
+        .sum();
+    assert_eq!(states, 10);
+}

@@ -72,34 +72,15 @@ impl Lane {
         } else {
             None
         };
-        let (verdict, status) = match self.send(&batch, link.as_ref()).await {
-            Ok(answered) => answered,
-            Err(reason) => {
-                outcomes.extend(self.conclude_all(batch, started_ms, None, reason_only(&reason)));
-                return (outcomes, Health::Unknown, false);
-            }
+        let Some(request) =
+            self.build_or_split(&mut batch, link.as_ref(), started_ms, &mut outcomes)
+        else {
+            return (outcomes, Health::Unknown, false);
         };
+        let (verdict, status) = self.send(request, &batch).await;
         let (verdict, status) = match (verdict, &link) {
-            // The platform refused the token: renew it (once for every
-            // delivery that hit it) and send again, once.
             (Verdict::Refresh { reason }, Some(used)) => {
-                match self.tokens.renew(&*self.adapter, used).await {
-                    Err(verdict) => (verdict, status),
-                    Ok(renewed) => {
-                        self.wait_for_token().await;
-                        match self.send(&batch, Some(&renewed)).await {
-                            Ok((Verdict::Refresh { reason: again }, status)) => (
-                                Verdict::Retry {
-                                    after: None,
-                                    reason: format!("the platform refused the renewed token too ({again}); first: {reason}"),
-                                },
-                                status,
-                            ),
-                            Ok(answered) => answered,
-                            Err(reason) => (reason_only(&reason), None),
-                        }
-                    }
-                }
+                self.refresh_and_resend(&batch, used, reason, status).await
             }
             (verdict, _) => (verdict, status),
         };
@@ -148,24 +129,88 @@ impl Lane {
         Ok(Sendable { due, event, number })
     }
 
-    /// Builds and sends one request; the verdict on its answer and the
-    /// status, or why no request could be built.
-    async fn send(
+    /// The platform refused `used`'s token: renew it (once for every
+    /// delivery that hit it) and send `batch` again, once. A second refusal
+    /// is a retry, not another refresh.
+    async fn refresh_and_resend(
         &self,
         batch: &[Sendable],
+        used: &Prepared,
+        reason: String,
+        status: Option<u16>,
+    ) -> (Verdict, Option<u16>) {
+        let renewed = match self.tokens.renew(&*self.adapter, used).await {
+            Ok(renewed) => renewed,
+            Err(verdict) => return (verdict, status),
+        };
+        let request = match self.build(batch, Some(&renewed)) {
+            Ok(request) => request,
+            Err(why) => return (reason_only(&why), None),
+        };
+        self.wait_for_token().await;
+        match self.send(request, batch).await {
+            (Verdict::Refresh { reason: again }, status) => {
+                let reason = format!(
+                    "the platform refused the renewed token too ({again}); first: {reason}"
+                );
+                (
+                    Verdict::Retry {
+                        after: None,
+                        reason,
+                    },
+                    status,
+                )
+            }
+            answered => answered,
+        }
+    }
+
+    /// The request for `batch`. When several deliveries cannot go as one,
+    /// those that cannot be built alone are settled here (permanent, with
+    /// their own reason) and the rest go together; `None` when none is left.
+    fn build_or_split(
+        &self,
+        batch: &mut Vec<Sendable>,
         link: Option<&Prepared>,
-    ) -> Result<(Verdict, Option<u16>), String> {
-        let request = self.build(batch, link)?;
+        started_ms: u64,
+        outcomes: &mut Vec<Outcome>,
+    ) -> Option<OutboundRequest> {
+        let give_up = |s: Sendable, reason: String, outcomes: &mut Vec<Outcome>| {
+            outcomes.extend(self.conclude_all(vec![s], started_ms, None, reason_only(&reason)));
+        };
+        if batch.len() > 1 && self.build(batch, link).is_err() {
+            // One delivery that cannot be built must not sink the others.
+            for s in std::mem::take(batch) {
+                match self.build(std::slice::from_ref(&s), link) {
+                    Ok(_) => batch.push(s),
+                    Err(reason) => give_up(s, reason, outcomes),
+                }
+            }
+        }
+        match self.build(batch, link) {
+            Ok(request) if !batch.is_empty() => Some(request),
+            Ok(_) => None,
+            Err(reason) => {
+                for s in std::mem::take(batch) {
+                    give_up(s, reason.clone(), outcomes);
+                }
+                None
+            }
+        }
+    }
+
+    /// Sends one request for `batch`; the verdict on its answer and the status.
+    async fn send(&self, request: OutboundRequest, batch: &[Sendable]) -> (Verdict, Option<u16>) {
         self.stats.sent.fetch_add(1, Ordering::Relaxed);
         let answer = exchange(&self.client, request, self.partner.timeout, &self.clock).await;
-        // A batch shares one attempt number only when it is every one's first.
+        // The answer is read as one for the batch's most-tried delivery.
         let number = batch.iter().map(|s| s.number).max().unwrap_or(1);
         let verdict = self.adapter.classify_attempt(
             number,
             &answer.as_answer(),
             self.clock.now_system_time(),
         );
-        Ok((verdict, answer.status()))
+        (verdict, answer.status())
     }
 
     /// A rate-limit token for a send the lane did not plan (the one after a
