@@ -784,6 +784,17 @@ retry = { initial_ms = 1000, multiplier = 2.0, max_interval_ms = 600000, max_age
         assert!(err.reason.contains("5 bytes"), "{err}");
         let err = platform("", &with("not*base64")).expect_err("not base64");
         assert!(err.reason.contains("not base64"), "{err}");
+        // Without its OAuth client a link's token could not be refreshed:
+        // refused at start, not at the first expiry.
+        let err = Config::parse(
+            "[partners.st]\nadapter = \"smartthings\"\nclient_id_env = \"ID\"\n",
+            &with(LINK_KEY),
+        )
+        .expect_err("no client secret");
+        assert_eq!(err.key, "partners.st.client_secret_env");
+        let err = Config::parse("[partners.k]\nadapter = \"kakao\"\n", &with(LINK_KEY))
+            .expect_err("no client");
+        assert_eq!(err.key, "partners.k.client_id_env");
         // Without its OAuth client a thinq partner cannot mint tokens.
         let err = Config::parse(
             "[partners.lg]\nadapter = \"thinq\"\nurl = \"https://thinq.example\"\n",

@@ -40,6 +40,7 @@ pub struct Alexa {
 
 impl Alexa {
     pub fn boxed(settings: &PartnerSettings) -> Result<Box<dyn Adapter>, SetupError> {
+        crate::oauth::require_client(settings, PLATFORM, true)?;
         Ok(Box::new(Alexa {
             url: Some(settings.url.clone()).filter(|u| !u.is_empty()),
             token_url: settings
@@ -194,7 +195,12 @@ mod tests {
     use super::*;
 
     fn classify(status: u16, code: &str) -> Verdict {
-        let adapter = Alexa::boxed(&PartnerSettings::default()).unwrap();
+        let adapter = Alexa::boxed(&PartnerSettings {
+            client_id: Some("herald".into()),
+            client_secret: Some("secret".into()),
+            ..PartnerSettings::default()
+        })
+        .unwrap();
         let body = serde_json::to_vec(&error_body(code, "x")).unwrap();
         adapter.classify(
             &Answer::Http {

@@ -35,6 +35,7 @@ pub struct Clova {
 
 impl Clova {
     pub fn boxed(settings: &PartnerSettings) -> Result<Box<dyn Adapter>, SetupError> {
+        crate::oauth::require_client(settings, PLATFORM, false)?;
         Ok(Box::new(Clova {
             url: settings.url.trim_end_matches('/').to_string(),
             token_url: settings.token_url.clone(),

@@ -34,6 +34,7 @@ pub struct Genie {
 
 impl Genie {
     pub fn boxed(settings: &PartnerSettings) -> Result<Box<dyn Adapter>, SetupError> {
+        crate::oauth::require_client(settings, PLATFORM, false)?;
         Ok(Box::new(Genie {
             url: settings.url.trim_end_matches('/').to_string(),
             token_url: settings.token_url.clone(),

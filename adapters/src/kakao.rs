@@ -50,6 +50,7 @@ pub struct Kakao {
 
 impl Kakao {
     pub fn boxed(settings: &PartnerSettings) -> Result<Box<dyn Adapter>, SetupError> {
+        crate::oauth::require_client(settings, PLATFORM, false)?;
         Ok(Box::new(Kakao {
             base: if settings.url.is_empty() {
                 API_BASE.into()
@@ -212,7 +213,12 @@ mod tests {
     use crate::RefreshVerdict;
 
     fn adapter() -> Box<dyn Adapter> {
-        Kakao::boxed(&PartnerSettings::default()).unwrap()
+        Kakao::boxed(&PartnerSettings {
+            client_id: Some("herald".into()),
+            client_secret: Some("secret".into()),
+            ..PartnerSettings::default()
+        })
+        .unwrap()
     }
 
     fn classify(status: u16, code: i64) -> Verdict {

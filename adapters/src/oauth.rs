@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use crate::{
     retry_after, snippet, Answer, BuildError, Credentials, LinkView, Method, OutboundRequest,
-    PartnerSettings, RefreshVerdict, Verdict,
+    PartnerSettings, RefreshVerdict, SetupError, Verdict,
 };
 
 /// A platform partner's OAuth client (`client_id_env`, `client_secret_env`):
@@ -16,6 +16,33 @@ use crate::{
 pub struct OAuthClient {
     id: Option<String>,
     secret: Option<String>,
+}
+
+/// Checks at setup that a platform whose links herald refreshes has its
+/// OAuth client: without one the first expired token would dead-letter the
+/// link's events at 3 a.m. instead of failing the config at start.
+pub fn require_client(
+    settings: &PartnerSettings,
+    platform: &str,
+    secret_too: bool,
+) -> Result<(), SetupError> {
+    if settings.client_id.is_none() {
+        return Err(SetupError {
+            key: "client_id_env",
+            reason: format!(
+                "a {platform} partner needs its OAuth client id to refresh link tokens"
+            ),
+        });
+    }
+    if secret_too && settings.client_secret.is_none() {
+        return Err(SetupError {
+            key: "client_secret_env",
+            reason: format!(
+                "a {platform} partner needs its OAuth client secret to refresh link tokens"
+            ),
+        });
+    }
+    Ok(())
 }
 
 impl OAuthClient {

@@ -38,6 +38,7 @@ pub struct SmartThings {
 
 impl SmartThings {
     pub fn boxed(settings: &PartnerSettings) -> Result<Box<dyn Adapter>, SetupError> {
+        crate::oauth::require_client(settings, PLATFORM, true)?;
         Ok(Box::new(SmartThings {
             client_id: settings.client_id.clone(),
             client_secret: settings.client_secret.clone(),
