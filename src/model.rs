@@ -180,6 +180,11 @@ pub struct DeadLetter {
     pub died_ms: u64,
     pub event: EventRecord,
     pub attempts: AttemptLog,
+    /// Set once on-call replayed it: the new delivery of the same event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replayed_as: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replayed_ms: Option<u64>,
 }
 
 /// A device's route to a partner that answered that it is gone for good

@@ -86,7 +86,7 @@ impl From<&Attempt> for AttemptView {
     }
 }
 
-fn parse_id(text: &str, what: &str) -> Result<Uuid, Problem> {
+pub(super) fn parse_id(text: &str, what: &str) -> Result<Uuid, Problem> {
     Uuid::parse_str(text).map_err(|_| Problem::not_found(format!("{text:?} is not a {what} id")))
 }
 
@@ -181,8 +181,36 @@ pub struct DeadLetterQuery {
     /// Only dead letters that died at or after this time (RFC 3339).
     since: Option<String>,
     /// The `next` cursor of the previous page.
-    after: Option<String>,
-    limit: Option<usize>,
+    pub(super) after: Option<String>,
+    pub(super) limit: Option<usize>,
+}
+
+impl DeadLetterQuery {
+    /// Whether a dead letter passes the query's filters (partner, type,
+    /// priority, since); the error names the bad one.
+    pub(super) fn filter(&self) -> Result<impl Fn(&DeadLetter) -> bool + '_, Problem> {
+        let since_ms =
+            match &self.since {
+                None => 0,
+                Some(text) => time::OffsetDateTime::parse(
+                    text,
+                    &time::format_description::well_known::Rfc3339,
+                )
+                .map(|t| (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64)
+                .map_err(|e| {
+                    Problem::invalid("/since", format!("{text:?} is not an RFC 3339 time ({e})"))
+                })?,
+            };
+        Ok(move |d: &DeadLetter| {
+            self.partner.as_ref().is_none_or(|p| &d.partner == p)
+                && self
+                    .event_type
+                    .as_ref()
+                    .is_none_or(|t| &d.event.event_type == t)
+                && self.priority.is_none_or(|p| d.event.priority == p)
+                && d.died_ms >= since_ms
+        })
+    }
 }
 
 #[derive(Serialize)]
@@ -198,6 +226,9 @@ struct DeadLetterSummary {
     died_at: String,
     attempts: u32,
     reason: String,
+    /// The delivery a replay made of it, once replayed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replayed_as: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -225,26 +256,7 @@ pub async fn list_dead_letters(
             .as_deref()
             .map(|a| parse_id(a, "dead letter"))
             .transpose()?;
-        let since_ms =
-            match &q.since {
-                None => 0,
-                Some(text) => time::OffsetDateTime::parse(
-                    text,
-                    &time::format_description::well_known::Rfc3339,
-                )
-                .map(|t| (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64)
-                .map_err(|e| {
-                    Problem::invalid("/since", format!("{text:?} is not an RFC 3339 time ({e})"))
-                })?,
-            };
-        let keep = |d: &DeadLetter| {
-            q.partner.as_ref().is_none_or(|p| &d.partner == p)
-                && q.event_type
-                    .as_ref()
-                    .is_none_or(|t| &d.event.event_type == t)
-                && q.priority.is_none_or(|p| d.event.priority == p)
-                && d.died_ms >= since_ms
-        };
+        let keep = q.filter()?;
         let found = state
             .store
             .dead_letters(after, limit, &keep)
@@ -265,6 +277,7 @@ pub async fn list_dead_letters(
                 attempts: d.attempts.attempts.len() as u32 + d.attempts.omitted,
                 reason: d.reason,
                 partner: d.partner,
+                replayed_as: d.replayed_as.map(|id| id.to_string()),
             })
             .collect();
         Ok::<_, Problem>(Json(DeadLetterPage { items, next }).into_response())
@@ -283,6 +296,10 @@ struct DeadLetterView<'a> {
     attempts: Vec<AttemptView>,
     #[serde(skip_serializing_if = "is_zero")]
     attempts_omitted: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replayed_as: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replayed_at: Option<String>,
 }
 
 pub async fn get_dead_letter(
@@ -312,6 +329,8 @@ pub async fn get_dead_letter(
                 .map(AttemptView::from)
                 .collect(),
             attempts_omitted: dead.attempts.omitted,
+            replayed_as: dead.replayed_as.map(|id| id.to_string()),
+            replayed_at: dead.replayed_ms.map(rfc3339),
         };
         Ok::<_, Problem>(Json(view).into_response())
     };

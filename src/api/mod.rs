@@ -7,6 +7,7 @@ pub mod ingest;
 pub mod links;
 pub mod partners;
 pub mod problem;
+pub mod replay;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -72,7 +73,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/events", post(ingest::post_events))
         .route("/v1/events/{id}", get(admin::get_event))
         .route("/v1/dead-letters", get(admin::list_dead_letters))
-        .route("/v1/dead-letters/{id}", get(admin::get_dead_letter))
+        .route("/v1/dead-letters/replay", post(replay::replay_many))
+        .route(
+            "/v1/dead-letters/{id}",
+            get(admin::get_dead_letter).delete(replay::purge_one),
+        )
+        .route("/v1/dead-letters/{id}/replay", post(replay::replay_one))
         .route("/v1/partners", get(partners::list_partners))
         .route("/v1/partners/{name}/parked", get(partners::list_parked))
         .route(

@@ -7,7 +7,9 @@
 //! The key layout lives in [`keys`]; nothing outside this module knows it.
 
 pub mod keys;
+pub use replay::Replayed;
 mod links;
+mod replay;
 mod watermark;
 mod writer;
 

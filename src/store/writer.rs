@@ -55,6 +55,15 @@ pub(super) enum Command {
         change: super::links::LinkChange,
         reply: Reply<bool>,
     },
+    Replay {
+        ids: Vec<(Uuid, Uuid)>,
+        now_ms: u64,
+        reply: Reply<(Vec<super::replay::Replayed>, u64)>,
+    },
+    Purge {
+        id: Uuid,
+        reply: Reply<bool>,
+    },
     Shutdown {
         reply: Reply<()>,
     },
@@ -80,6 +89,11 @@ enum Answer {
     Collect(Reply<Collected>, Result<Collected, StoreError>),
     Unpark(Reply<bool>, Result<bool, StoreError>),
     Link(Reply<bool>, Result<bool, StoreError>),
+    Replay(
+        Reply<(Vec<super::replay::Replayed>, u64)>,
+        Result<(Vec<super::replay::Replayed>, u64), StoreError>,
+    ),
+    Purge(Reply<bool>, Result<bool, StoreError>),
     Shutdown(Reply<()>),
 }
 
@@ -133,6 +147,19 @@ fn run(
                     let result = super::links::apply(&mut pending, change);
                     answers.push(Answer::Link(reply, result));
                 }
+                Command::Replay { ids, now_ms, reply } => {
+                    let commit = pending.commit_number();
+                    let result = ids
+                        .into_iter()
+                        .map(|(id, new)| super::replay::replay(&mut pending, id, new, now_ms))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map(|done| (done, commit));
+                    answers.push(Answer::Replay(reply, result));
+                }
+                Command::Purge { id, reply } => {
+                    let result = super::replay::purge(&mut pending, id);
+                    answers.push(Answer::Purge(reply, result));
+                }
                 Command::Shutdown { reply } => {
                     stop = true;
                     answers.push(Answer::Shutdown(reply));
@@ -156,6 +183,10 @@ fn run(
                 (Answer::Unpark(r, _), Err(e)) => drop(r.send(Err(failed(e)))),
                 (Answer::Link(r, result), Ok(())) => drop(r.send(result)),
                 (Answer::Link(r, _), Err(e)) => drop(r.send(Err(failed(e)))),
+                (Answer::Replay(r, result), Ok(())) => drop(r.send(result)),
+                (Answer::Replay(r, _), Err(e)) => drop(r.send(Err(failed(e)))),
+                (Answer::Purge(r, result), Ok(())) => drop(r.send(result)),
+                (Answer::Purge(r, _), Err(e)) => drop(r.send(Err(failed(e)))),
                 (Answer::Shutdown(r), Ok(())) => drop(r.send(Ok(()))),
                 (Answer::Shutdown(r), Err(e)) => drop(r.send(Err(failed(e)))),
             }
@@ -182,6 +213,8 @@ fn refuse(command: Command) {
         Command::Collect { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
         Command::Unpark { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
         Command::Link { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
+        Command::Replay { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
+        Command::Purge { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
         Command::Shutdown { reply } => drop(reply.send(Ok(()))),
     }
 }
@@ -207,6 +240,11 @@ impl<'a> Pending<'a> {
             commit,
             next_seq: commit << 24,
         }
+    }
+
+    /// The number this group commits as.
+    pub(super) fn commit_number(&self) -> u64 {
+        self.commit
     }
 
     fn seq(&mut self) -> u64 {
@@ -472,6 +510,8 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
                 died_ms,
                 event: event.clone(),
                 attempts: log,
+                replayed_as: None,
+                replayed_ms: None,
             };
             p.put(keys::dead_letter(dead_id).to_vec(), encode(&dead));
             if has_log {

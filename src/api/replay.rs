@@ -1,0 +1,153 @@
+//! Dead letters, acted on: replay one, replay many, purge one.
+//!
+//! On-call replays once the cause is fixed (the partner is back, the link
+//! was put again): `POST /v1/dead-letters/{id}/replay` gives the event a new
+//! delivery to the same partner, handed to its lane at once;
+//! `POST /v1/dead-letters/replay` does it for every letter the list's
+//! filters (`partner`, `type`, `priority`, `since`) select, up to `limit`
+//! per call. A letter is replayed at most once and keeps its story;
+//! `DELETE /v1/dead-letters/{id}` purges it for good.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::admin::{parse_id, store_failed, DeadLetterQuery};
+use super::problem::Problem;
+use super::AppState;
+use crate::config::Role;
+use crate::store::{Replayed, StoreError};
+
+/// Most letters one bulk call replays: one group commit stays small.
+const MAX_BULK: usize = 10_000;
+
+fn write_failed(e: StoreError) -> Problem {
+    match e {
+        StoreError::Busy | StoreError::Closed => {
+            Problem::unavailable(format!("cannot replay now: {e}")).retry_after(1)
+        }
+        other => store_failed(other),
+    }
+}
+
+/// Replays `ids` and hands the new deliveries to their lanes.
+async fn replay(state: &AppState, ids: &[Uuid]) -> Result<Vec<Replayed>, Problem> {
+    let pairs = ids.iter().map(|&id| (id, state.clock.new_id())).collect();
+    let (done, commit) = state
+        .store
+        .replay(pairs, state.clock.now_ms())
+        .await
+        .map_err(write_failed)?;
+    let scheduled = done
+        .iter()
+        .filter_map(|r| match r {
+            Replayed::Scheduled(due) => Some(due.as_ref().clone()),
+            _ => None,
+        })
+        .collect();
+    state.dispatcher.offer(scheduled, commit);
+    Ok(done)
+}
+
+pub async fn replay_one(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let replayed = async {
+        let caller = state.tokens.authorize(&headers, Role::Operator)?;
+        let id = parse_id(&id, "dead letter")?;
+        let done = replay(&state, &[id]).await?;
+        match done.into_iter().next() {
+            Some(Replayed::Scheduled(due)) => {
+                tracing::info!(dead_letter = %id, delivery = %due.key.delivery, partner = %due.key.partner,
+                    caller = %caller.name, "dead letter replayed");
+                Ok((
+                    StatusCode::ACCEPTED,
+                    Json(json!({
+                        "dead_letter": id.to_string(),
+                        "event_id": due.entry.event.to_string(),
+                        "partner": due.key.partner,
+                        "delivery_id": due.key.delivery.to_string(),
+                    })),
+                )
+                    .into_response())
+            }
+            Some(Replayed::Already(delivery)) => Err(Problem::new(
+                StatusCode::CONFLICT,
+                "already-replayed",
+                "This dead letter was replayed before",
+                format!("dead letter {id} was already replayed as delivery {delivery}; GET /v1/events shows how it went"),
+            )),
+            Some(Replayed::Missing) | None => Err(Problem::not_found(format!("no dead letter {id}"))),
+        }
+    };
+    replayed.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn replay_many(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    query: Result<Query<DeadLetterQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let replayed = async {
+        let caller = state.tokens.authorize(&headers, Role::Operator)?;
+        let Query(q) =
+            query.map_err(|e| Problem::invalid("", format!("bad query: {}", e.body_text())))?;
+        let limit = q.limit.unwrap_or(1000);
+        if limit == 0 || limit > MAX_BULK {
+            return Err(Problem::invalid(
+                "/limit",
+                format!("must be between 1 and {MAX_BULK}"),
+            ));
+        }
+        if q.after.is_some() {
+            return Err(Problem::invalid(
+                "/after",
+                "replays always start from the oldest letter not yet replayed; leave it out",
+            ));
+        }
+        let keep = q.filter()?;
+        let chosen = state
+            .store
+            .dead_letters(None, limit, &|d| d.replayed_as.is_none() && keep(d))
+            .map_err(store_failed)?;
+        let ids: Vec<Uuid> = chosen.iter().map(|d| d.id).collect();
+        let done = replay(&state, &ids).await?;
+        let count = done
+            .iter()
+            .filter(|r| matches!(r, Replayed::Scheduled(_)))
+            .count();
+        tracing::info!(replayed = count, caller = %caller.name, "dead letters replayed in bulk");
+        Ok::<_, Problem>(
+            (
+                StatusCode::ACCEPTED,
+                Json(json!({ "replayed": count, "more": ids.len() == limit })),
+            )
+                .into_response(),
+        )
+    };
+    replayed.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn purge_one(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let purged = async {
+        let caller = state.tokens.authorize(&headers, Role::Operator)?;
+        let id = parse_id(&id, "dead letter")?;
+        if !state.store.purge(id).await.map_err(write_failed)? {
+            return Err(Problem::not_found(format!("no dead letter {id}")));
+        }
+        tracing::info!(dead_letter = %id, caller = %caller.name, "dead letter purged");
+        Ok(StatusCode::NO_CONTENT.into_response())
+    };
+    purged.await.unwrap_or_else(IntoResponse::into_response)
+}

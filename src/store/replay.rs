@@ -1,0 +1,112 @@
+//! Dead letters after the fact: replay and purge, applied by the writer.
+//!
+//! A replay gives the dead letter's event a new delivery to the same
+//! partner, scheduled now with a fresh age, and marks the letter with it so
+//! the same letter cannot be replayed twice by accident. The letter itself
+//! stays: it is the story of what failed. When retention already removed
+//! the event record, the letter's copy of it is put back. Replayed
+//! deliveries go out in arrival order of the replay, outside any
+//! per-device queue.
+
+use uuid::Uuid;
+
+use super::keys::{self, ScheduleKey};
+use super::writer::Pending;
+use super::{encode, Due, Store, StoreError};
+use crate::model::{DeadLetter, DeliveryRecord, DeliveryState, EventRecord, ScheduledDelivery};
+
+/// What one replay did.
+#[derive(Debug, Clone)]
+pub enum Replayed {
+    /// Scheduled as a new delivery; the lane can take it straight away.
+    Scheduled(Box<Due>),
+    /// Replayed before, as this delivery.
+    Already(Uuid),
+    Missing,
+}
+
+/// Replays dead letter `id` as delivery `new_delivery`, due at `now_ms`.
+pub(super) fn replay(
+    p: &mut Pending<'_>,
+    id: Uuid,
+    new_delivery: Uuid,
+    now_ms: u64,
+) -> Result<Replayed, StoreError> {
+    let letter_key = keys::dead_letter(id);
+    let Some(mut letter) = p.get_json::<DeadLetter>(&letter_key)? else {
+        return Ok(Replayed::Missing);
+    };
+    if let Some(already) = letter.replayed_as {
+        return Ok(Replayed::Already(already));
+    }
+    let event_key = keys::event(letter.event.id);
+    let mut event: EventRecord = match p.get_json(&event_key)? {
+        Some(event) => event,
+        // Collected by retention: the letter kept a copy.
+        None => letter.event.clone(),
+    };
+    event.deliveries.push(DeliveryRecord {
+        id: new_delivery,
+        partner: letter.partner.clone(),
+        state: DeliveryState::Pending,
+        attempts: 0,
+        next_due_ms: Some(now_ms),
+        last_attempt: None,
+        dead_letter: None,
+        ordered: false,
+        coalesce: None,
+        superseded_by: None,
+    });
+    let key = ScheduleKey {
+        partner: letter.partner.clone(),
+        priority: event.priority,
+        due_ms: now_ms,
+        delivery: new_delivery,
+    };
+    let entry = ScheduledDelivery {
+        delivery: new_delivery,
+        event: event.id,
+        attempts: 0,
+        // A fresh age: the replay gets the partner's whole retry window.
+        created_ms: now_ms,
+        order: None,
+    };
+    p.put(key.encode(), encode(&entry));
+    p.put(event_key.to_vec(), encode(&event));
+    letter.replayed_as = Some(new_delivery);
+    letter.replayed_ms = Some(now_ms);
+    p.put(letter_key.to_vec(), encode(&letter));
+    Ok(Replayed::Scheduled(Box::new(Due {
+        key,
+        entry,
+        event: Some(std::sync::Arc::new(event)),
+    })))
+}
+
+/// Removes dead letter `id`; false if there was none.
+pub(super) fn purge(p: &mut Pending<'_>, id: Uuid) -> Result<bool, StoreError> {
+    let key = keys::dead_letter(id);
+    let found = p.get(&key)?.is_some();
+    p.remove(key.to_vec());
+    Ok(found)
+}
+
+impl Store {
+    /// Replays each `(dead letter, new delivery id)` at `now_ms`, in one
+    /// durable group; with the commit that made them durable, for handing
+    /// the new deliveries to their lanes.
+    pub async fn replay(
+        &self,
+        ids: Vec<(Uuid, Uuid)>,
+        now_ms: u64,
+    ) -> Result<(Vec<Replayed>, u64), StoreError> {
+        self.call(|reply| super::writer::Command::Replay { ids, now_ms, reply })
+            .await
+    }
+
+    /// Removes a dead letter; false if there was none.
+    pub async fn purge(&self, id: Uuid) -> Result<bool, StoreError> {
+        self.call(|reply| super::writer::Command::Purge { id, reply })
+            .await
+    }
+}
