@@ -11,6 +11,7 @@ pub mod config;
 pub mod dispatch;
 pub mod links;
 pub mod model;
+pub mod operator;
 pub mod retention;
 pub mod store;
 

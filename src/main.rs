@@ -63,6 +63,13 @@ enum Command {
         #[arg(long, default_value = "ok", value_parser = clap::builder::PossibleValuesParser::new(adapters::mock::scenario::NAMES))]
         scenario: String,
     },
+    /// Dead letters on a running herald: list, show, replay, purge.
+    Dlq {
+        #[command(flatten)]
+        target: herald::operator::Target,
+        #[command(subcommand)]
+        command: herald::operator::Dlq,
+    },
     /// Check a config file and its secrets, then exit.
     Check {
         #[arg(long, value_name = "FILE")]
@@ -106,6 +113,12 @@ fn main() -> ExitCode {
             json,
             only,
         } => bench(events, quick, outage_events, clients, json, only),
+        Command::Dlq { target, command } => {
+            let Some(runtime) = runtime() else {
+                return ExitCode::FAILURE;
+            };
+            runtime.block_on(herald::operator::dlq(&target, &command))
+        }
         Command::MockPartner {
             platform,
             port,

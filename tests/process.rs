@@ -444,3 +444,93 @@ async fn mock_partner_runs_by_hand() {
     );
     assert!(out.contains("1 requests: 0 deliveries accepted"), "{out}");
 }
+
+/// `herald dlq` against a running herald: a delivery dies (its partner is
+/// down, one attempt allowed), on-call lists and shows it, replays it once
+/// the partner is back, cannot replay it twice, and purges it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_lists_shows_replays_and_purges_from_the_command_line() {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let herald = HeraldProcess::start(
+        Path::new(HERALD),
+        &format!("http://{addr}/hook"),
+        "retry = { initial_ms = 100, max_interval_ms = 100, max_attempts = 1 }",
+    )
+    .await
+    .expect("herald starts");
+    post(
+        &herald,
+        serde_json::json!({"device_id": "lock-1", "type": "door.opened", "partners": ["sink"]}),
+    )
+    .await;
+    let mut letters = serde_json::Value::Null;
+    for _ in 0..200 {
+        letters = get(&herald, "/v1/dead-letters").await;
+        if letters["items"].as_array().is_some_and(|i| !i.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let id = letters["items"][0]["id"]
+        .as_str()
+        .expect("a dead letter")
+        .to_string();
+    let env = [("OPS_TOKEN", TOKEN)];
+    let dlq = |args: &[&str]| {
+        let mut all = vec![
+            "dlq",
+            "--url",
+            herald.url.as_str(),
+            "--token-env",
+            "OPS_TOKEN",
+        ];
+        all.extend_from_slice(args);
+        run(&all, &env)
+    };
+    let (code, out) = dlq(&["list", "--partner", "sink"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(&id), "{out}");
+    let (code, out) = dlq(&["show", &id]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("\"reason\""), "{out}");
+
+    let (count, _partner) = partner_on(addr).await;
+    let (code, out) = dlq(&["replay", &id]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("delivery_id"), "{out}");
+    for _ in 0..200 {
+        if count.load(Ordering::Relaxed) >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(count.load(Ordering::Relaxed), 1, "the replay was delivered");
+    let (code, out) = dlq(&["replay", &id]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("already replayed"), "{out}");
+    let (code, out) = dlq(&["replay", &id, "--partner", "sink"]);
+    assert_eq!(code, Some(2), "filters go with --all: {out}");
+    let (code, out) = dlq(&["purge", &id]);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = dlq(&["show", &id]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("no dead letter"), "{out}");
+    let (code, out) = dlq(&["list", "--priority", "urgent"]);
+    assert_eq!(code, Some(2), "{out}");
+    let (code, out) = run(
+        &[
+            "dlq",
+            "--url",
+            &herald.url,
+            "--token-env",
+            "NOT_SET",
+            "list",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("NOT_SET"), "{out}");
+}
