@@ -403,13 +403,16 @@ impl Lane {
                 Err(not_until) => {
                     let wait = not_until.wait_time_from(governor::clock::Clock::now(&self.clock));
                     let retry_at = self.critical_retry_at.load(Ordering::Acquire);
+                    // Biased: when a critical send and the token are both
+                    // ready at one wake-up, the critical one gets the token.
                     tokio::select! {
-                        _ = self.clock.sleep(wait) => {}
+                        biased;
+                        _ = stop.cancelled() => return Token::Stopped,
                         _ = self.critical_arrived.notified(), if yields => return Token::Preempted,
                         _ = self.clock.sleep_until_ms(retry_at), if yields && retry_at != u64::MAX => {
                             return Token::Preempted
                         }
-                        _ = stop.cancelled() => return Token::Stopped,
+                        _ = self.clock.sleep(wait) => {}
                     }
                 }
             }

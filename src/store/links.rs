@@ -8,7 +8,7 @@
 
 use super::keys;
 use super::writer::Pending;
-use super::{decode, encode, get_json, Store, StoreError};
+use super::{encode, get_json, Store, StoreError};
 use crate::model::StoredLink;
 
 /// A change to one link, applied by the writer.
@@ -104,17 +104,6 @@ impl Store {
                     reason: e.to_string(),
                 })?;
             out.push(partner.to_string());
-        }
-        Ok(out)
-    }
-
-    /// Every link of `partner`, in device order.
-    pub fn links(&self, partner: &str) -> Result<Vec<StoredLink>, StoreError> {
-        let prefix = keys::link(partner, "");
-        let mut out = Vec::new();
-        for item in self.db.scan_prefix(&prefix) {
-            let (k, v) = item?;
-            out.push(decode(&k, &v)?);
         }
         Ok(out)
     }
