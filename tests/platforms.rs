@@ -479,15 +479,7 @@ async fn smartthings_takes_a_links_queued_states_in_callbacks_of_at_most_fifty()
         stage.wait_state(id, DeliveryState::Delivered).await;
     }
     let callbacks = stage.mock.accepted();
-    let sizes: Vec<usize> = callbacks
-        .iter()
-        .map(|r| {
-            let body: Value = serde_json::from_slice(&r.request.body).expect("json");
-            body["deviceState"][0]["states"]
-                .as_array()
-                .map_or(0, Vec::len)
-        })
-        .collect();
+    let sizes = states_per_callback(&stage.mock);
     assert_eq!(
         sizes.iter().sum::<usize>(),
         120,
@@ -633,9 +625,12 @@ async fn one_unmappable_state_does_not_sink_the_callback_it_rides_in() {
             "event {i}"
         );
     }
-    let states: usize = stage
-        .mock
-        .accepted()
+    assert_eq!(states_per_callback(&stage.mock).iter().sum::<usize>(), 10);
+}
+
+/// How many states each SmartThings callback the mock accepted carried.
+fn states_per_callback(mock: &MockHandle) -> Vec<usize> {
+    mock.accepted()
         .iter()
         .map(|r| {
             let body: Value = serde_json::from_slice(&r.request.body).expect("json");
@@ -643,6 +638,5 @@ async fn one_unmappable_state_does_not_sink_the_callback_it_rides_in() {
                 .as_array()
                 .map_or(0, Vec::len)
         })
-        .sum();
-    assert_eq!(states, 10);
+        .collect()
 }
