@@ -269,3 +269,32 @@ async fn credentials_without_a_link_key_are_refused_not_stored_in_clear() {
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["has_credentials"], false);
 }
+
+#[tokio::test]
+async fn a_partners_links_are_listed_a_page_at_a_time_without_secrets() {
+    let (h, _mock, _dir) = setup("", "").await;
+    for device in ["door-1", "door-2", "thermo-9"] {
+        let (status, _) = put(&h, &format!("/v1/links/acme/{device}"), &good_link()).await;
+        assert_eq!(status, 201);
+    }
+    let (status, page) = h.get("/v1/links/acme?limit=2").await;
+    assert_eq!(status, 200, "{page}");
+    let devices = |page: &Value| -> Vec<String> {
+        page["links"]
+            .as_array()
+            .expect("links")
+            .iter()
+            .map(|l| l["device_id"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert_eq!(devices(&page), ["door-1", "door-2"]);
+    assert_eq!(page["next"], "door-2");
+    assert!(!page.to_string().contains("T0ken"), "{page}");
+    let (_, rest) = h.get("/v1/links/acme?limit=2&after=door-2").await;
+    assert_eq!(devices(&rest), ["thermo-9"]);
+    assert_eq!(rest["next"], Value::Null);
+    let (status, problem) = h.get("/v1/links/acme?limit=0").await;
+    assert_eq!((status, problem["field"].clone()), (422, json!("/limit")));
+    let (status, _) = h.get("/v1/links/nobody").await;
+    assert_eq!(status, 404);
+}

@@ -1,4 +1,5 @@
-//! Device links over HTTP: `PUT`, `GET` and `DELETE /v1/links/{partner}/{device_id}`.
+//! Device links over HTTP: `PUT`, `GET` and `DELETE /v1/links/{partner}/{device_id}`,
+//! and `GET /v1/links/{partner}` for a page of a partner's links.
 //!
 //! The device maker's account service puts a link when a user connects a
 //! device to a platform (and again whenever the platform hands out new
@@ -10,7 +11,7 @@ use std::sync::Arc;
 
 use adapters::Credentials;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -151,6 +152,46 @@ pub async fn put_link(
         Ok::<_, Problem>((status, Json(LinkView::from(&stored))).into_response())
     };
     put.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+#[derive(Deserialize)]
+pub struct LinkPageQuery {
+    /// The `next` of the previous page: a device id.
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/links/{partner}`: the partner's links in device order, a page
+/// at a time, without secrets.
+pub async fn list_links(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    query: Result<Query<LinkPageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let page = || {
+        state.tokens.authorize(&headers, Role::Operator)?;
+        partner(&state, &name)?;
+        let Query(q) =
+            query.map_err(|e| Problem::invalid("", format!("bad query: {}", e.body_text())))?;
+        let limit = q.limit.unwrap_or(100);
+        if limit == 0 || limit > 1000 {
+            return Err(Problem::invalid("/limit", "must be between 1 and 1000"));
+        }
+        let links = state
+            .store
+            .links_page(&name, q.after.as_deref(), limit)
+            .map_err(store_failed)?;
+        let next = (links.len() == limit)
+            .then(|| links.last().map(|l| l.device_id.clone()))
+            .flatten();
+        let views: Vec<LinkView> = links.iter().map(LinkView::from).collect();
+        Ok::<_, Problem>(
+            Json(serde_json::json!({ "partner": name, "links": views, "next": next }))
+                .into_response(),
+        )
+    };
+    page().unwrap_or_else(IntoResponse::into_response)
 }
 
 pub async fn get_link(

@@ -85,6 +85,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/partners/{name}/parked/{device_id}",
             axum::routing::delete(partners::clear_parked),
         )
+        .route("/v1/links/{partner}", get(links::list_links))
         .route(
             "/v1/links/{partner}/{device_id}",
             get(links::get_link)

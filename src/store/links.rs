@@ -8,7 +8,7 @@
 
 use super::keys;
 use super::writer::Pending;
-use super::{encode, get_json, Store, StoreError};
+use super::{decode, encode, get_json, Store, StoreError};
 use crate::model::StoredLink;
 
 /// A change to one link, applied by the writer.
@@ -90,6 +90,35 @@ impl Store {
 
     pub fn link(&self, partner: &str, device_id: &str) -> Result<Option<StoredLink>, StoreError> {
         get_json(&self.db, &keys::link(partner, device_id))
+    }
+
+    /// Up to `limit` links of `partner` in device order, after device
+    /// `after` when given: a page of the partner's links.
+    pub fn links_page(
+        &self,
+        partner: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StoredLink>, StoreError> {
+        let prefix = keys::link(partner, "");
+        let start = match after {
+            // Just past `after`'s key: the next device in byte order.
+            Some(device) => {
+                let mut k = keys::link(partner, device);
+                k.push(0);
+                k
+            }
+            None => prefix.clone(),
+        };
+        let mut out = Vec::new();
+        for item in self.db.range(start..) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
     }
 
     /// The partners `device_id` is linked to, by name.
