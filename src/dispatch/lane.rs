@@ -21,7 +21,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::breaker::{Admit, Breaker, State, Transition};
+use super::breaker::{Admit, Breaker, Health, State, Transition};
 use super::concurrency::{Aimd, AimdPolicy};
 use super::parked::Parked;
 use super::scheduler::{Held, Window};
@@ -153,7 +153,14 @@ impl Lane {
     /// without scanning the index for it.
     pub fn offer(&self, due: Due, commit: u64) {
         let priority = due.key.priority;
-        let taken = lock(&self.inbox).push(due, commit, self.capacity);
+        let taken = if self.partner.ordered_per_device {
+            // Per-device order: only the index knows whether this is the
+            // first of its device; a later event must not slip past a retry.
+            lock(&self.inbox).leave_to_index(priority);
+            false
+        } else {
+            lock(&self.inbox).push(due, commit, self.capacity)
+        };
         if !taken && priority == Priority::Critical {
             // Left to the index: the lane scans its critical range first thing.
             self.critical_waiting.store(true, Ordering::Release);
@@ -359,7 +366,8 @@ impl Lane {
             if let Some(aimd) = &self.adaptive {
                 lock(aimd).sent(self.in_flight());
             }
-            let companions = self.companions(&mut window, &due);
+            let mut due = due;
+            let companions = self.companions(&mut window, &mut due);
             let lane = Arc::clone(&self);
             let abandon = abandon.clone();
             tracker.spawn(async move {
@@ -421,7 +429,7 @@ impl Lane {
 
     /// Other queued deliveries for `due`'s device that can ride in the same
     /// request, for platforms that batch (see [`Adapter::max_batch`]).
-    fn companions(&self, window: &mut Window, due: &Due) -> Vec<Due> {
+    fn companions(&self, window: &mut Window, due: &mut Due) -> Vec<Due> {
         let room = self.adapter.max_batch().saturating_sub(1);
         if room == 0 {
             return Vec::new();
@@ -429,6 +437,8 @@ impl Lane {
         let Ok(Some(first)) = due.event(&self.store) else {
             return Vec::new();
         };
+        // Kept on the entry: its send reads it again otherwise.
+        due.event = Some(Arc::clone(&first));
         window.take_matching(room, 2 * self.adapter.max_batch(), |d| {
             match d.event(&self.store) {
                 Ok(Some(event)) => {
@@ -452,12 +462,13 @@ impl Lane {
         let mut dues = Vec::with_capacity(1 + companions.len());
         dues.push(due);
         dues.extend(companions);
-        let (outcomes, health, sent) = self.attempt(dues).await;
+        let (outcomes, sent) = self.attempt(dues).await;
         drop(permit);
         self.freed.notify_one();
-        if let (true, Some(first)) = (sent, outcomes.first()) {
-            self.learn(first.attempt.at_ms, first.attempt.status);
+        if let Some(sent) = &sent {
+            self.learn(sent.started_ms, sent.status);
         }
+        let health = sent.map_or(Health::Unknown, |s| Health::of(s.status));
         let transition = self.breaker.record(health, self.clock.now_ms(), probe);
         self.note(transition);
         // Submitted together, the outcomes share one group commit.
@@ -475,7 +486,11 @@ impl Lane {
             // through, and whoever sees the dead letter sees the park.
             self.parked.insert(route.as_ref().clone());
         }
-        match self.store.record(outcome).await {
+        let recorded = self.store.record(outcome).await;
+        // Released before a retry time is published: a scan that time wakes
+        // must be able to take the retry, not skip it as still in flight.
+        self.held.release(id);
+        match recorded {
             Ok(()) => {
                 if let Some(route) = park {
                     tracing::warn!(partner = %route.partner, device = %route.device_id, reason = %route.reason,
@@ -505,7 +520,6 @@ impl Lane {
                 tracing::error!(partner = %self.partner.name, delivery = %id, error = %e, "cannot record an outcome")
             }
         }
-        self.held.release(id);
     }
 
     /// Logs and counts a change of the breaker's state.
@@ -562,9 +576,7 @@ impl Inbox {
             Priority::Normal => (self.offers.len() - self.critical, capacity),
         };
         if count >= limit {
-            if !self.overflowed.contains(&priority) {
-                self.overflowed.push(priority);
-            }
+            self.leave_to_index(priority);
             return false;
         }
         if priority == Priority::Critical {
@@ -572,6 +584,13 @@ impl Inbox {
         }
         self.offers.push((due, commit));
         true
+    }
+
+    /// A hand-over of `priority` went to the index only: scan for it.
+    fn leave_to_index(&mut self, priority: Priority) {
+        if !self.overflowed.contains(&priority) {
+            self.overflowed.push(priority);
+        }
     }
 }
 

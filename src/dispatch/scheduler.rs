@@ -111,12 +111,6 @@ impl Window {
     /// there is no room, it is left to the index (and the next scan).
     pub fn offer(&mut self, due: Due, commit: u64) {
         let priority = due.key.priority;
-        if self.always_scan {
-            // Per-device order: only the index knows whether this is the
-            // first of its device; a later event must not slip past a retry.
-            self.mark_stale(priority);
-            return;
-        }
         let mut held = self.held.lock();
         if held.contains(&due.key.delivery) {
             return;

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use adapters::{DeliveryContext, EventView, OutboundRequest, Verdict};
 
-use super::super::breaker::Health;
 use super::super::client::exchange;
 use super::super::retry;
 use super::super::tokens::Prepared;
@@ -21,6 +20,14 @@ use super::{outcome_label, reason_only, Lane};
 use crate::clock::rfc3339;
 use crate::model::{Attempt, AttemptOutcome, EventRecord, ParkedRoute, Priority};
 use crate::store::{Due, Next, Outcome};
+
+/// A request that went out: when, and the status that came back (none on
+/// a timeout or a network error). What the lane learns the partner's health
+/// and latency from, whatever the deliveries it carried became.
+pub(super) struct Sent {
+    pub started_ms: u64,
+    pub status: Option<u16>,
+}
 
 /// A delivery about to be sent, with its event and attempt number.
 pub(super) struct Sendable {
@@ -31,9 +38,8 @@ pub(super) struct Sendable {
 
 impl Lane {
     /// One real send for `dues` (all for one device) and its verdicts, as
-    /// outcomes for the store, with what the send said about the partner's
-    /// health and whether anything was sent at all.
-    pub(super) async fn attempt(&self, dues: Vec<Due>) -> (Vec<Outcome>, Health, bool) {
+    /// outcomes for the store, with the send itself when one went out.
+    pub(super) async fn attempt(&self, dues: Vec<Due>) -> (Vec<Outcome>, Option<Sent>) {
         let started_ms = self.clock.now_ms();
         let mut outcomes = Vec::with_capacity(dues.len());
         let mut batch = Vec::with_capacity(dues.len());
@@ -44,7 +50,7 @@ impl Lane {
             }
         }
         let Some(first) = batch.first() else {
-            return (outcomes, Health::Unknown, false);
+            return (outcomes, None);
         };
         let device_id = first.event.device_id.clone();
         let link = if self.adapter.needs_link() {
@@ -61,12 +67,12 @@ impl Lane {
                         None,
                         reason_only(&reason),
                     ));
-                    return (outcomes, Health::Unknown, false);
+                    return (outcomes, None);
                 }
                 // The link's token could not be made good: no send.
                 Err(verdict) => {
                     outcomes.extend(self.conclude_all(batch, started_ms, None, verdict));
-                    return (outcomes, Health::Unknown, false);
+                    return (outcomes, None);
                 }
             }
         } else {
@@ -75,7 +81,7 @@ impl Lane {
         let Some(request) =
             self.build_or_split(&mut batch, link.as_ref(), started_ms, &mut outcomes)
         else {
-            return (outcomes, Health::Unknown, false);
+            return (outcomes, None);
         };
         let (verdict, status) = self.send(request, &batch).await;
         let (verdict, status) = match (verdict, &link) {
@@ -85,7 +91,7 @@ impl Lane {
             (verdict, _) => (verdict, status),
         };
         outcomes.extend(self.conclude_all(batch, started_ms, status, verdict));
-        (outcomes, Health::of(status), true)
+        (outcomes, Some(Sent { started_ms, status }))
     }
 
     /// `due` ready to send, or already settled without a send.
@@ -175,25 +181,31 @@ impl Lane {
         started_ms: u64,
         outcomes: &mut Vec<Outcome>,
     ) -> Option<OutboundRequest> {
-        let give_up = |s: Sendable, reason: String, outcomes: &mut Vec<Outcome>| {
-            outcomes.extend(self.conclude_all(vec![s], started_ms, None, reason_only(&reason)));
+        let give_up = |batch: Vec<Sendable>, reason: &str, outcomes: &mut Vec<Outcome>| {
+            outcomes.extend(self.conclude_all(batch, started_ms, None, reason_only(reason)));
         };
-        if batch.len() > 1 && self.build(batch, link).is_err() {
-            // One delivery that cannot be built must not sink the others.
-            for s in std::mem::take(batch) {
-                match self.build(std::slice::from_ref(&s), link) {
-                    Ok(_) => batch.push(s),
-                    Err(reason) => give_up(s, reason, outcomes),
-                }
+        let reason = match self.build(batch, link) {
+            Ok(request) => return Some(request),
+            Err(reason) if batch.len() > 1 => reason,
+            Err(reason) => {
+                give_up(std::mem::take(batch), &reason, outcomes);
+                return None;
+            }
+        };
+        // One delivery that cannot be built must not sink the others.
+        for s in std::mem::take(batch) {
+            match self.build(std::slice::from_ref(&s), link) {
+                Ok(_) => batch.push(s),
+                Err(own) => give_up(vec![s], &own, outcomes),
             }
         }
+        if batch.is_empty() {
+            return None;
+        }
         match self.build(batch, link) {
-            Ok(request) if !batch.is_empty() => Some(request),
-            Ok(_) => None,
-            Err(reason) => {
-                for s in std::mem::take(batch) {
-                    give_up(s, reason.clone(), outcomes);
-                }
+            Ok(request) => Some(request),
+            Err(_) => {
+                give_up(std::mem::take(batch), &reason, outcomes);
                 None
             }
         }
