@@ -612,7 +612,7 @@ fn partner_config(
 
 /// `text` as an http(s) URL a partner may be sent to: loopback and private
 /// addresses only with `allow_private`. The error names `key`.
-pub fn check_url(key: &str, text: &str, allow_private: bool) -> Result<url::Url, ConfigError> {
+pub fn check_url(key: &str, text: &str, allow_private: bool) -> Result<(), ConfigError> {
     let url = url::Url::parse(text)
         .map_err(|e| ConfigError::new(key, format!("{text:?} is not a URL ({e})")))?;
     if url.scheme() != "https" && url.scheme() != "http" {
@@ -628,7 +628,7 @@ pub fn check_url(key: &str, text: &str, allow_private: bool) -> Result<url::Url,
             }
         }
     }
-    Ok(url)
+    Ok(())
 }
 
 fn url_ip(url: &url::Url) -> Option<IpAddr> {

@@ -121,8 +121,9 @@ pub struct Link {
     pub token_url: Option<String>,
     pub credentials: Option<Credentials>,
     pub options: Option<Box<RawValue>>,
+    /// The store's count of writes to this link; a new link's is set by
+    /// the store (see [`Links::rotate`]).
     pub generation: u64,
-    pub updated_ms: u64,
 }
 
 impl fmt::Debug for Link {
@@ -223,31 +224,25 @@ impl Links {
             None => None,
             Some(c) => {
                 let key = self.key.as_ref().ok_or(LinkError::NoKey)?;
+                let unsealable = |reason: String| LinkError::Unsealable {
+                    partner: link.partner.clone(),
+                    device_id: link.device_id.clone(),
+                    reason,
+                };
                 let plain = serde_json::to_vec(&SealedCredentials {
                     access_token: c.access_token,
                     refresh_token: c.refresh_token,
                     expires_at_unix: c.expires_at_unix,
                 })
-                .map_err(|e| LinkError::Unsealable {
-                    partner: link.partner.clone(),
-                    device_id: link.device_id.clone(),
-                    reason: e.to_string(),
-                })?;
+                .map_err(|e| unsealable(e.to_string()))?;
                 Some(
                     key.seal(&aad(&link.partner, &link.device_id), &plain)
-                        .map_err(|reason| LinkError::Unsealable {
-                            partner: link.partner.clone(),
-                            device_id: link.device_id.clone(),
-                            reason,
-                        })?,
+                        .map_err(unsealable)?,
                 )
             }
         };
         Ok(StoredLink {
-            options: link
-                .options
-                .as_deref()
-                .and_then(|raw| serde_json::from_str(raw.get()).ok()),
+            options: link.options,
             partner: link.partner,
             device_id: link.device_id,
             external_id: link.external_id,
@@ -284,12 +279,6 @@ impl Links {
                 })
             }
         };
-        let options = match &stored.options {
-            None => None,
-            Some(v) => {
-                Some(serde_json::value::to_raw_value(v).map_err(|e| unsealable(e.to_string()))?)
-            }
-        };
         Ok(Link {
             partner: stored.partner,
             device_id: stored.device_id,
@@ -299,9 +288,8 @@ impl Links {
             callback_url: stored.callback_url,
             token_url: stored.token_url,
             credentials,
-            options,
+            options: stored.options,
             generation: stored.generation,
-            updated_ms: stored.updated_ms,
         })
     }
 }

@@ -205,7 +205,7 @@ pub struct ParkedRoute {
 /// A device's link into a partner platform, as the store keeps it
 /// (`PUT /v1/links/{partner}/{device_id}`). The credentials are sealed by
 /// [`crate::links`] before they get here: the store never sees them in clear.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StoredLink {
     pub partner: String,
     pub device_id: String,
@@ -219,7 +219,8 @@ pub struct StoredLink {
     /// When the access token expires (unix seconds), kept in clear so a
     /// view can say so without opening the credentials.
     pub expires_at_unix: Option<u64>,
-    pub options: Option<serde_json::Value>,
+    /// Adapter-specific, as given; kept raw so a send reads it as is.
+    pub options: Option<Box<RawValue>>,
     /// Raised by every write: a token refresh stores its result only if
     /// nobody put the link again meanwhile.
     pub generation: u64,

@@ -18,7 +18,7 @@ use std::time::SystemTime;
 
 use serde_json::{json, Map, Value};
 
-use crate::oauth::{classify_bearer, required, OAuthClient};
+use crate::oauth::{classify_bearer, require_link_field, required, OAuthClient};
 use crate::state::DeviceData;
 use crate::{
     event_time, mapping, Adapter, Answer, BuildError, DeliveryContext, LinkView, OutboundRequest,
@@ -50,13 +50,7 @@ impl Adapter for Clova {
     }
 
     fn check_link(&self, link: &LinkView<'_>) -> Result<(), SetupError> {
-        if link.account.is_none_or(str::is_empty) {
-            return Err(SetupError {
-                key: "account",
-                reason: format!("a {PLATFORM} link needs its account (the Clova user_id)"),
-            });
-        }
-        Ok(())
+        require_link_field(link.account, "account", "account (user_id)", PLATFORM)
     }
 
     fn build(&self, ctx: &DeliveryContext<'_>) -> Result<OutboundRequest, BuildError> {

@@ -227,6 +227,19 @@ pub fn unix(now: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// [`required`] for [`crate::Adapter::check_link`]: the same message, with
+/// the link field at fault as the key.
+pub fn require_link_field(
+    value: Option<&str>,
+    key: &'static str,
+    what: &str,
+    platform: &str,
+) -> Result<(), SetupError> {
+    required(value, what, platform)
+        .map(|_| ())
+        .map_err(|e| SetupError { key, reason: e.0 })
+}
+
 /// The value of a link field an adapter cannot do without.
 pub fn required<'a>(
     value: Option<&'a str>,

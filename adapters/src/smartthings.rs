@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::credentials::RefreshVerdict;
-use crate::oauth::{required, unix};
+use crate::oauth::{require_link_field, required, unix};
 use crate::state::DeviceData;
 use crate::{
     event_time, ids, mapping, retry_after, snippet, Adapter, Answer, BuildError, Credentials,
@@ -102,19 +102,18 @@ impl Adapter for SmartThings {
     }
 
     fn check_link(&self, link: &LinkView<'_>) -> Result<(), SetupError> {
-        if link.callback_url.is_none_or(str::is_empty) {
-            return Err(SetupError {
-                key: "callback_url",
-                reason: format!("a {PLATFORM} link needs its callback_url (the stateCallback URL)"),
-            });
-        }
-        if link.token_url.is_none_or(str::is_empty) {
-            return Err(SetupError {
-                key: "token_url",
-                reason: format!("a {PLATFORM} link needs its token_url (the oauthToken URL)"),
-            });
-        }
-        Ok(())
+        require_link_field(
+            link.callback_url,
+            "callback_url",
+            "callback_url (stateCallback)",
+            PLATFORM,
+        )?;
+        require_link_field(
+            link.token_url,
+            "token_url",
+            "token_url (oauthToken)",
+            PLATFORM,
+        )
     }
 
     fn build(&self, ctx: &DeliveryContext<'_>) -> Result<OutboundRequest, BuildError> {

@@ -26,7 +26,7 @@ use std::time::SystemTime;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::oauth::{client_credentials_form, required};
+use crate::oauth::{client_credentials_form, require_link_field, required};
 use crate::state::DeviceData;
 use crate::{
     event_time, ids, mapping, retry_after, snippet, Adapter, Answer, BuildError, DeliveryContext,
@@ -80,13 +80,7 @@ impl Adapter for ThinQ {
     }
 
     fn check_link(&self, link: &LinkView<'_>) -> Result<(), SetupError> {
-        if link.region.is_none_or(str::is_empty) {
-            return Err(SetupError {
-                key: "region",
-                reason: format!("a {PLATFORM} link needs its region (the country code)"),
-            });
-        }
-        Ok(())
+        require_link_field(link.region, "region", "region (country code)", PLATFORM)
     }
 
     fn token_scope(&self) -> TokenScope {

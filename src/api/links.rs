@@ -47,7 +47,7 @@ struct LinkBody {
     #[serde(default)]
     credentials: Option<CredentialsBody>,
     #[serde(default)]
-    options: Option<serde_json::Value>,
+    options: Option<Box<RawValue>>,
 }
 
 #[derive(Deserialize)]
@@ -75,7 +75,7 @@ struct LinkView<'a> {
     has_credentials: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     expires_at: Option<String>,
-    options: Option<&'a serde_json::Value>,
+    options: Option<&'a RawValue>,
     generation: u64,
     updated_at: String,
 }
@@ -92,7 +92,7 @@ impl<'a> From<&'a StoredLink> for LinkView<'a> {
             token_url: l.token_url.as_deref(),
             has_credentials: l.sealed_credentials.is_some(),
             expires_at: l.expires_at_unix.map(|s| rfc3339(s.saturating_mul(1000))),
-            options: l.options.as_ref(),
+            options: l.options.as_deref(),
             generation: l.generation,
             updated_at: rfc3339(l.updated_ms),
         }
@@ -272,20 +272,17 @@ fn validate(
                 .map_err(|e| Problem::invalid(field, e.reason))?;
         }
     }
-    if b.options.as_ref().is_some_and(|o| !o.is_object()) {
+    if b.options
+        .as_ref()
+        .is_some_and(|o| !o.get().trim_start().starts_with('{'))
+    {
         return Err(Problem::invalid("/options", "must be a JSON object"));
     }
     let credentials = match b.credentials {
         None => None,
         Some(c) => {
             if !can_seal {
-                return Err(Problem::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no-link-key",
-                    "herald cannot store link credentials",
-                    format!("{}", LinkError::NoKey),
-                )
-                .with_field("/credentials"));
+                return Err(link_failed(LinkError::NoKey).with_field("/credentials"));
             }
             check_secret("/credentials/access_token", &c.access_token)?;
             if let Some(r) = &c.refresh_token {
@@ -307,13 +304,6 @@ fn validate(
             })
         }
     };
-    let options = match b.options {
-        None => None,
-        Some(v) => Some(
-            serde_json::value::to_raw_value(&v)
-                .map_err(|e| Problem::invalid("/options", e.to_string()))?,
-        ),
-    };
     Ok(Link {
         partner: partner.name.clone(),
         device_id: device_id.to_string(),
@@ -323,9 +313,8 @@ fn validate(
         callback_url: b.callback_url,
         token_url: b.token_url,
         credentials,
-        options,
+        options: b.options,
         generation: 0,
-        updated_ms: 0,
     })
 }
 

@@ -111,9 +111,9 @@ impl Store {
             None => prefix.clone(),
         };
         let mut out = Vec::new();
-        for item in self.db.range(start..) {
+        for item in self.db.range(start..).take(limit) {
             let (k, v) = item?;
-            if !k.starts_with(&prefix) || out.len() >= limit {
+            if !k.starts_with(&prefix) {
                 break;
             }
             out.push(decode(&k, &v)?);

@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::oauth::required;
+use crate::oauth::{require_link_field, required};
 use crate::state::DeviceData;
 use crate::{
     mapping, retry_after, snippet, Adapter, Answer, BuildError, DeliveryContext, LinkView,
@@ -76,13 +76,7 @@ impl Adapter for Google {
     }
 
     fn check_link(&self, link: &LinkView<'_>) -> Result<(), SetupError> {
-        if link.account.is_none_or(str::is_empty) {
-            return Err(SetupError {
-                key: "account",
-                reason: format!("a {PLATFORM} link needs its account (the agentUserId)"),
-            });
-        }
-        Ok(())
+        require_link_field(link.account, "account", "account (agentUserId)", PLATFORM)
     }
 
     fn token_scope(&self) -> TokenScope {
