@@ -84,6 +84,9 @@ pub async fn replay_one(
                 "This dead letter was replayed before",
                 format!("dead letter {id} was already replayed as delivery {delivery}; GET /v1/events shows how it went"),
             )),
+            Some(Replayed::Failed(reason)) => Err(Problem::internal(format!(
+                "dead letter {id} could not be replayed: {reason}"
+            ))),
             Some(Replayed::Missing) | None => Err(Problem::not_found(format!("no dead letter {id}"))),
         }
     };
@@ -123,11 +126,17 @@ pub async fn replay_many(
             .iter()
             .filter(|r| matches!(r, Replayed::Scheduled(_)))
             .count();
-        tracing::info!(replayed = count, caller = %caller.name, "dead letters replayed in bulk");
+        let failed: Vec<String> = ids
+            .iter()
+            .zip(&done)
+            .filter(|(_, r)| matches!(r, Replayed::Failed(_)))
+            .map(|(id, _)| id.to_string())
+            .collect();
+        tracing::info!(replayed = count, failed = failed.len(), caller = %caller.name, "dead letters replayed in bulk");
         Ok::<_, Problem>(
             (
                 StatusCode::ACCEPTED,
-                Json(json!({ "replayed": count, "more": ids.len() == limit })),
+                Json(json!({ "replayed": count, "failed": failed, "more": ids.len() == limit })),
             )
                 .into_response(),
         )

@@ -23,10 +23,31 @@ pub enum Replayed {
     /// Replayed before, as this delivery.
     Already(Uuid),
     Missing,
+    /// Its records could not be read; nothing of it was written.
+    Failed(String),
+}
+
+/// Replays each `(dead letter, new delivery)`, due at `now_ms`, in order (a
+/// later one sees an earlier one's writes to a shared event). One that
+/// cannot be read is reported as failed and the others still go: every read
+/// of a replay comes before its writes, so a failure leaves nothing of it.
+pub(super) fn replay_all(
+    p: &mut Pending<'_>,
+    ids: Vec<(Uuid, Uuid)>,
+    now_ms: u64,
+) -> Vec<Replayed> {
+    ids.into_iter()
+        .map(|(id, new)| {
+            replay(p, id, new, now_ms).unwrap_or_else(|e| {
+                tracing::error!(dead_letter = %id, error = %e, "cannot replay a dead letter");
+                Replayed::Failed(e.to_string())
+            })
+        })
+        .collect()
 }
 
 /// Replays dead letter `id` as delivery `new_delivery`, due at `now_ms`.
-pub(super) fn replay(
+fn replay(
     p: &mut Pending<'_>,
     id: Uuid,
     new_delivery: Uuid,

@@ -149,12 +149,8 @@ fn run(
                 }
                 Command::Replay { ids, now_ms, reply } => {
                     let commit = pending.commit_number();
-                    let result = ids
-                        .into_iter()
-                        .map(|(id, new)| super::replay::replay(&mut pending, id, new, now_ms))
-                        .collect::<Result<Vec<_>, _>>()
-                        .map(|done| (done, commit));
-                    answers.push(Answer::Replay(reply, result));
+                    let done = super::replay::replay_all(&mut pending, ids, now_ms);
+                    answers.push(Answer::Replay(reply, Ok((done, commit))));
                 }
                 Command::Purge { id, reply } => {
                     let result = super::replay::purge(&mut pending, id);
