@@ -37,22 +37,16 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let mut out = String::new();
-    let mut err = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (out, err) = (read_all(child.stdout.take()), read_all(child.stderr.take()));
     assert!(!err.contains("panicked"), "herald panicked: {err}");
     (status.code(), format!("{out}{err}"))
+}
+
+/// Everything left in a child's pipe.
+fn read_all(pipe: Option<impl Read>) -> String {
+    let mut text = String::new();
+    pipe.expect("piped").read_to_string(&mut text).unwrap();
+    text
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
@@ -430,13 +424,7 @@ async fn mock_partner_runs_by_hand() {
     )
     .unwrap();
     let status = child.wait().unwrap();
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
+    let out = read_all(child.stdout.take());
     assert!(status.success(), "{out}");
     assert!(
         out.contains(&format!("http://127.0.0.1:{port}/device/events")),
