@@ -15,10 +15,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use adapters::{Adapter, LinkView, RefreshVerdict, TokenScope, Verdict};
+use backon::{ExponentialBuilder, Retryable};
 
 use super::client::exchange;
 use crate::clock::Clock;
-use crate::links::{Link, Links};
+use crate::links::{Link, LinkError, Links};
+use crate::store::StoreError;
 
 /// A token with this little life left is renewed before it is used.
 const EXPIRY_MARGIN_SECS: u64 = 60;
@@ -175,13 +177,28 @@ impl Tokens {
         self.count(&verdict);
         match verdict {
             RefreshVerdict::Renewed(fresh) => {
-                let stored = self
-                    .links
-                    .rotate(&self.partner, device_id, link.generation, fresh)
+                // The platform may have rotated the refresh token already: a
+                // failed write loses the only one that works, so it is tried
+                // again a few times before the delivery gives up for now.
+                let store = || {
+                    self.links
+                        .rotate(&self.partner, device_id, link.generation, fresh.clone())
+                };
+                let stored = store
+                    .retry(
+                        ExponentialBuilder::default()
+                            .with_min_delay(Duration::from_millis(20))
+                            .with_max_times(5),
+                    )
+                    .when(|e| matches!(e, LinkError::Store(e) if !matches!(e, StoreError::Closed)))
                     .await
-                    .map_err(|e| Verdict::Retry {
-                        after: None,
-                        reason: format!("cannot store the refreshed token: {e}"),
+                    .map_err(|e| {
+                        tracing::error!(partner = %self.partner, device = %device_id, error = %e,
+                            "a refreshed token could not be stored; if the platform rotated the refresh token, the link must be put again");
+                        Verdict::Retry {
+                            after: None,
+                            reason: format!("cannot store the refreshed token: {e}"),
+                        }
                     })?;
                 if !stored {
                     tracing::info!(partner = %self.partner, device = %device_id,
