@@ -102,6 +102,10 @@ pub struct DeliveryRecord {
     /// The delivery that superseded this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub superseded_by: Option<Uuid>,
+    /// While its first attempt is due: the schedule chunk that carries it,
+    /// whose state record says whether that attempt delivered it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk: Option<ChunkRef>,
 }
 
 impl DeliveryRecord {
@@ -239,6 +243,18 @@ pub struct ScheduledDelivery {
     /// Its place in its device's queue, when the partner wants order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub order: Option<DeviceOrder>,
+    /// Set when it is one member of a schedule chunk rather than an entry
+    /// of its own (never on disk: a chunk stores its members compactly).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk: Option<ChunkRef>,
+}
+
+/// One delivery's place in a schedule chunk: many first attempts that one
+/// group commit wrote under one index key (see `store::chunk`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub id: Uuid,
+    pub slot: u16,
 }
 
 /// A delivery's place in the queue of one device at one partner.

@@ -360,14 +360,27 @@ async fn finished_events_leave_the_store_after_retention() {
     };
     assert_eq!(count('e'), 20);
     assert_eq!(count('s'), 0, "delivered deliveries leave the schedule");
-    assert_eq!(count('o'), 20, "each success is one small marker");
+    assert_eq!(
+        count('o'),
+        0,
+        "a first-time success writes no marker of its own"
+    );
+    let chunks = count('g');
+    assert!(
+        (1..=20).contains(&chunks),
+        "successes are kept in their group's chunk state: {chunks}"
+    );
 
     h.clock.advance(Duration::from_secs(11));
     herald::retention::collect_once(h.herald.store(), &h.clock, Duration::from_secs(10))
         .await
         .unwrap();
     assert_eq!(count('e'), 0, "finished events are collected");
-    assert_eq!(count('o'), 0, "with their delivered markers");
+    assert_eq!(
+        count('g'),
+        0,
+        "with the chunk states that said they were delivered"
+    );
     let (status, _) = h.get(&format!("/v1/events/{}", ids[0])).await;
     assert_eq!(status, 404);
 }
@@ -391,4 +404,90 @@ async fn the_rate_limit_spaces_sends_on_herald_clock() {
     }
     let at: Vec<u64> = mock.requests().iter().map(|r| r.at_ms).collect();
     assert!(at.windows(2).all(|w| w[1] - w[0] == 100), "{at:?}");
+}
+
+#[tokio::test]
+async fn one_batch_shares_a_chunk_and_each_delivery_keeps_its_own_outcome() {
+    let (h, mock, _dir) = setup(
+        "max_in_flight = 1\nretry = { initial_ms = 1000, multiplier = 2.0, max_interval_ms = 1000 }",
+        r#"retention = "1h""#,
+    )
+    .await;
+    let script = [200, 500, 400, 200, 200, 500, 200, 200, 200, 400];
+    mock.script(script.iter().map(|&s| Reply::Status(s)));
+    let batch: Vec<String> = (0..script.len())
+        .map(|i| {
+            format!(
+                r#"{{"device_id":"lock-{i}","type":"door.forced_open","data":{{"n":{i}}},"partners":["acme"]}}"#
+            )
+        })
+        .collect();
+    let (status, body) = h.post_events(&format!("[{}]", batch.join(","))).await;
+    assert_eq!(status, 202, "{body}");
+    let events: Vec<String> = body
+        .as_array()
+        .expect("one answer per event")
+        .iter()
+        .map(|e| e["id"].as_str().expect("id").to_string())
+        .collect();
+    let count = |prefix: char| {
+        h.herald
+            .store()
+            .record_counts()
+            .into_iter()
+            .find(|(p, _)| *p == prefix)
+            .map_or(0, |(_, n)| n)
+    };
+    assert_eq!(count('s'), 1, "one group's first attempts share one entry");
+
+    // The mock answered in arrival order: what each delivery was told.
+    let first = mock.wait_for(script.len()).await;
+    let told: std::collections::HashMap<String, u16> = first
+        .iter()
+        .zip(script)
+        .map(|(r, s)| (r.body["id"].as_str().expect("event id").to_string(), s))
+        .collect();
+    for id in &events {
+        let want = match told[id] {
+            200 => DeliveryState::Delivered,
+            400 => DeliveryState::Dead,
+            _ => DeliveryState::Pending,
+        };
+        let event = h
+            .wait_event(id, "its first attempt recorded", |e| {
+                e.deliveries[0].last_attempt.is_some()
+                    || e.deliveries[0].state != DeliveryState::Pending
+            })
+            .await;
+        assert_eq!(
+            event.deliveries[0].state, want,
+            "event {id} was told {}",
+            told[id]
+        );
+        assert_eq!(event.deliveries[0].attempts, 1);
+    }
+    let (_, dead) = h.get("/v1/dead-letters?partner=acme").await;
+    assert_eq!(dead["items"].as_array().map(Vec::len), Some(2), "{dead}");
+
+    // The two retried ones leave the chunk, come due and go through.
+    h.clock.advance(Duration::from_millis(1_100));
+    let all = mock.wait_for(script.len() + 2).await;
+    assert_eq!(all.len(), script.len() + 2, "nothing delivered twice");
+    for id in &events {
+        let event = h.wait_event(id, "finished", |e| e.is_finished()).await;
+        if told[id] == 500 {
+            assert_eq!(event.deliveries[0].state, DeliveryState::Delivered);
+            assert_eq!(event.deliveries[0].attempts, 2);
+        }
+    }
+    assert_eq!(count('s'), 0, "nothing is pending, so no entry is left");
+    assert_eq!(count('g'), 1, "the chunk's state says who it delivered");
+
+    h.clock.advance(Duration::from_secs(3_601));
+    herald::retention::collect_once(h.herald.store(), &h.clock, Duration::from_secs(3_600))
+        .await
+        .unwrap();
+    assert_eq!(count('e'), 0, "finished events are collected");
+    assert_eq!(count('g'), 0, "and the chunk state with its last event");
+    assert_eq!(count('o'), 0, "and the retried deliveries' markers");
 }

@@ -348,6 +348,7 @@ fn validate(state: &AppState, e: IncomingEvent, now_ms: u64) -> Result<EventReco
                         .is_some_and(|p| p.coalesce_state)
                 }),
                 superseded_by: None,
+                chunk: None,
                 partner,
                 state: DeliveryState::Pending,
                 attempts: 0,

@@ -264,6 +264,7 @@ mod tests {
                 ordered: false,
                 coalesce: None,
                 superseded_by: None,
+                chunk: None,
             }],
         }
     }

@@ -13,7 +13,8 @@ use crate::model::Priority;
 pub const EVENT: u8 = b'e';
 /// `i` + idempotency key: the event id it produced.
 pub const IDEMPOTENCY: u8 = b'i';
-/// `s` + partner + priority + due + delivery id: a delivery waiting for an attempt.
+/// `s` + partner + priority + due + delivery id: a delivery waiting for an
+/// attempt; or, with a chunk's id, the first attempts of one group commit.
 pub const SCHEDULE: u8 = b's';
 /// `a` + delivery id: the attempt log of a delivery that failed at least once.
 pub const ATTEMPTS: u8 = b'a';
@@ -37,6 +38,9 @@ pub const LINK: u8 = b'k';
 /// `l` + device id + partner: which partners a device is linked to, for
 /// routing events that name no partners.
 pub const DEVICE_LINK: u8 = b'l';
+/// `g` + chunk id: the state of a schedule chunk's members (see
+/// [`super::chunk`]); the chunk's own entry is an `s` key with its id.
+pub const CHUNK_STATE: u8 = b'g';
 /// The sequence number of the last group commit (see [`super::watermark`]).
 pub const COMMITS: &[u8] = b"mcommits";
 
@@ -50,6 +54,10 @@ pub fn attempts(delivery: Uuid) -> [u8; 17] {
 
 pub fn delivered(delivery: Uuid) -> [u8; 17] {
     prefixed_id(DELIVERED, delivery)
+}
+
+pub fn chunk_state(chunk: Uuid) -> [u8; 17] {
+    prefixed_id(CHUNK_STATE, chunk)
 }
 
 pub fn dead_letter(id: Uuid) -> [u8; 17] {

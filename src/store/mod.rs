@@ -6,6 +6,7 @@
 //! event costs a fraction of an fsync and no write is ever half-applied.
 //! The key layout lives in [`keys`]; nothing outside this module knows it.
 
+mod chunk;
 pub mod keys;
 pub use replay::Replayed;
 mod links;
@@ -280,7 +281,7 @@ impl Store {
         let Some(mut event) = self.event_payload(id)? else {
             return Ok(None);
         };
-        settle_delivered(&mut event, |key| get_json(&self.db, key))?;
+        settle_delivered(&mut event, |key| Ok(self.db.get(key)?.map(|v| v.to_vec())))?;
         Ok(Some(event))
     }
 
@@ -358,6 +359,14 @@ impl Store {
                     tracing::error!(key = ?k, "skipping an undecodable schedule key");
                     continue;
                 };
+                if chunk::is_chunk(&v) {
+                    let room = limit - scan.found.len();
+                    if !self.due_members(key, &k, &v, room, held, &mut scan.found)? {
+                        exhausted = false;
+                        break;
+                    }
+                    continue;
+                }
                 match decode::<ScheduledDelivery>(&k, &v) {
                     Ok(entry) if !self.is_first_of_device(partner, &entry)? => {}
                     Ok(entry) => scan.found.push(Due {
@@ -382,6 +391,59 @@ impl Store {
             }
         }
         Ok(scan)
+    }
+
+    /// Adds chunk `chunk`'s pending members that `held` does not name to
+    /// `found`, at most `room`; false if some were left for lack of room.
+    fn due_members(
+        &self,
+        chunk: ScheduleKey,
+        key: &[u8],
+        value: &[u8],
+        room: usize,
+        held: &dyn Fn(Uuid) -> bool,
+        found: &mut Vec<Due>,
+    ) -> Result<bool, StoreError> {
+        let members = match chunk::Members::decode(key, value) {
+            Ok(members) => members,
+            Err(e) => {
+                tracing::error!(error = %e, "skipping a corrupt schedule chunk");
+                return Ok(true);
+            }
+        };
+        let state = self.chunk_state(chunk.delivery, members.list.len())?;
+        let mut added = 0;
+        for (slot, &(delivery, _)) in members.list.iter().enumerate() {
+            if !state.is_pending(slot) || held(delivery) {
+                continue;
+            }
+            if added == room {
+                return Ok(false);
+            }
+            if let Some(entry) = members.entry(chunk.delivery, slot) {
+                let key = ScheduleKey {
+                    delivery,
+                    ..chunk.clone()
+                };
+                found.push(Due {
+                    key,
+                    entry,
+                    event: None,
+                });
+                added += 1;
+            }
+        }
+        Ok(true)
+    }
+
+    /// The state of a chunk of `members`; all pending if its record is
+    /// missing (the writer rebuilds it so when it records an outcome).
+    fn chunk_state(&self, chunk: Uuid, members: usize) -> Result<chunk::State, StoreError> {
+        let key = keys::chunk_state(chunk);
+        match self.db.get(key)? {
+            Some(bytes) => chunk::State::from_bytes(&key, bytes.to_vec()),
+            None => Ok(chunk::State::new(members)),
+        }
     }
 
     /// The latest state delivery of `device`'s `state` attribute at `partner`.
@@ -420,7 +482,21 @@ impl Store {
             .iter()
             .map(|&p| {
                 let (start, end) = keys::due_range(partner, p, u64::MAX);
-                self.db.range(start..end).count()
+                self.db
+                    .range(start..end)
+                    .filter_map(Result::ok)
+                    .map(|(k, v)| {
+                        if !chunk::is_chunk(&v) {
+                            return 1;
+                        }
+                        let Some(id) = ScheduleKey::delivery_of(&k) else {
+                            return 0;
+                        };
+                        chunk::Members::decode(&k, &v)
+                            .and_then(|m| self.chunk_state(id, m.list.len()))
+                            .map_or(0, |state| state.pending_count())
+                    })
+                    .sum::<usize>()
             })
             .sum()
     }
@@ -433,6 +509,7 @@ impl Store {
             keys::SCHEDULE,
             keys::ATTEMPTS,
             keys::DELIVERED,
+            keys::CHUNK_STATE,
             keys::DEAD,
         ]
         .iter()
@@ -441,17 +518,36 @@ impl Store {
     }
 }
 
-/// Applies the delivered markers of `event`'s pending deliveries to it;
-/// `marker` reads one (from sled, or through the writer's pending group).
+/// Applies what delivered `event`'s pending deliveries to it: a chunk
+/// slot, or a delivered marker. `get` reads a record (from sled, or
+/// through the writer's pending group).
 fn settle_delivered(
     event: &mut EventRecord,
-    marker: impl Fn(&[u8]) -> Result<Option<Attempt>, StoreError>,
+    get: impl Fn(&[u8]) -> Result<Option<Vec<u8>>, StoreError>,
 ) -> Result<(), StoreError> {
     for d in &mut event.deliveries {
         if d.state != DeliveryState::Pending {
             continue;
         }
-        if let Some(attempt) = marker(&keys::delivered(d.id))? {
+        let attempt = match d.chunk {
+            Some(c) => {
+                let key = keys::chunk_state(c.id);
+                match get(&key)? {
+                    Some(bytes) => {
+                        chunk::State::from_bytes(&key, bytes)?.delivered(c.slot as usize)
+                    }
+                    None => None,
+                }
+            }
+            None => {
+                let key = keys::delivered(d.id);
+                match get(&key)? {
+                    Some(bytes) => Some(decode::<Attempt>(&key, &bytes)?),
+                    None => None,
+                }
+            }
+        };
+        if let Some(attempt) = attempt {
             d.mark_delivered(attempt);
         }
     }

@@ -77,6 +77,7 @@ fn replay(
         ordered: false,
         coalesce: None,
         superseded_by: None,
+        chunk: None,
     });
     let key = ScheduleKey {
         partner: letter.partner.clone(),
@@ -91,6 +92,7 @@ fn replay(
         // A fresh age: the replay gets the partner's whole retry window.
         created_ms: now_ms,
         order: None,
+        chunk: None,
     };
     p.put(key.encode(), encode(&entry));
     p.put(event_key.to_vec(), encode(&event));

@@ -17,6 +17,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use super::chunk;
 use super::keys::{self, ScheduleKey};
 use super::watermark::{self, Watermark};
 use super::{
@@ -215,11 +216,13 @@ fn refuse(command: Command) {
     }
 }
 
-/// One group's writes: a sled batch plus an overlay to read them back.
+/// One group's writes: an overlay that later requests of the group read
+/// through, turned into one sled batch at commit.
 pub(super) struct Pending<'a> {
     db: &'a sled::Db,
-    batch: sled::Batch,
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// The schedule chunks this group's first attempts go in.
+    chunks: chunk::Filling,
     /// The number this group will commit as.
     commit: u64,
     /// The next device-queue sequence number: the commit number in the
@@ -231,8 +234,8 @@ impl<'a> Pending<'a> {
     fn new(db: &'a sled::Db, commit: u64) -> Self {
         Pending {
             db,
-            batch: sled::Batch::default(),
             overlay: HashMap::new(),
+            chunks: chunk::Filling::default(),
             commit,
             next_seq: commit << 24,
         }
@@ -266,30 +269,65 @@ impl<'a> Pending<'a> {
     }
 
     pub(super) fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.batch.insert(key.clone(), value.clone());
         self.overlay.insert(key, Some(value));
     }
 
     pub(super) fn remove(&mut self, key: Vec<u8>) {
-        self.batch.remove(key.clone());
         self.overlay.insert(key, None);
     }
 
+    /// The state of chunk `id`, for a change that [`Pending::put`] or
+    /// [`Pending::remove`] then writes. Rebuilt from the chunk's entry if
+    /// its state record is missing, so no member is stranded as pending.
+    fn chunk_state(
+        &mut self,
+        member: &ScheduleKey,
+        id: Uuid,
+    ) -> Result<Option<chunk::State>, StoreError> {
+        let key = keys::chunk_state(id);
+        let bytes = self.get(&key)?;
+        if let Some(bytes) = bytes {
+            return chunk::State::from_bytes(&key, bytes).map(Some);
+        }
+        let entry_key = chunk::entry_key(member, &crate::model::ChunkRef { id, slot: 0 });
+        let Some(entry) = self.get(&entry_key)? else {
+            return Ok(None);
+        };
+        let members = chunk::Members::decode(&entry_key, &entry)?;
+        tracing::error!(chunk = %id, "schedule chunk without its state record; rebuilt with every member pending");
+        Ok(Some(chunk::State::new(members.list.len())))
+    }
+
     fn commit(
-        mut self,
+        self,
         db: &sled::Db,
         data_file: &File,
         watermark: &mut Watermark,
         visible: &AtomicU64,
     ) -> Result<(), StoreError> {
-        if self.overlay.is_empty() {
+        let Pending {
+            mut overlay,
+            chunks,
+            commit,
+            ..
+        } = self;
+        for (key, value) in chunks.finish() {
+            overlay.insert(key, Some(value));
+        }
+        if overlay.is_empty() {
             return Ok(());
         }
-        self.batch
-            .insert(keys::COMMITS, &watermark::encode(self.commit));
+        let mut batch = sled::Batch::default();
+        for (key, value) in overlay {
+            match value {
+                Some(value) => batch.insert(key, value),
+                None => batch.remove(key),
+            }
+        }
+        batch.insert(keys::COMMITS, &watermark::encode(commit));
         // Published before the writes can be seen, never after.
-        visible.fetch_max(self.commit, Ordering::SeqCst);
-        db.apply_batch(self.batch)?;
+        visible.fetch_max(commit, Ordering::SeqCst);
+        db.apply_batch(batch)?;
         db.flush()?;
         data_file
             .sync_all()
@@ -346,7 +384,7 @@ fn enqueue(p: &mut Pending<'_>, events: Vec<EventRecord>) -> Result<Vec<Accepted
     }
     let mut out = Vec::with_capacity(staged.len());
     for item in staged {
-        let event = match item {
+        let mut event = match item {
             Err(duplicate) => {
                 out.push(duplicate);
                 continue;
@@ -355,11 +393,33 @@ fn enqueue(p: &mut Pending<'_>, events: Vec<EventRecord>) -> Result<Vec<Accepted
         };
         let mut answer = accepted(&event, false);
         answer.commit = p.commit;
-        for d in &event.deliveries {
+        for d in &mut event.deliveries {
+            let due_ms = d.next_due_ms.unwrap_or(event.received_ms);
+            if !d.ordered && d.coalesce.is_none() {
+                // A plain first attempt: one member of this group's chunk.
+                let (key, chunk) = p
+                    .chunks
+                    .add(&d.partner, event.priority, due_ms, d.id, event.id);
+                d.chunk = Some(chunk);
+                let entry = ScheduledDelivery {
+                    delivery: d.id,
+                    event: event.id,
+                    attempts: 0,
+                    created_ms: event.received_ms,
+                    order: None,
+                    chunk: Some(chunk),
+                };
+                answer.scheduled.push(Due {
+                    key,
+                    entry,
+                    event: None,
+                });
+                continue;
+            }
             let key = ScheduleKey {
                 partner: d.partner.clone(),
                 priority: event.priority,
-                due_ms: d.next_due_ms.unwrap_or(event.received_ms),
+                due_ms,
                 delivery: d.id,
             };
             let order = d.ordered.then(|| DeviceOrder {
@@ -383,6 +443,7 @@ fn enqueue(p: &mut Pending<'_>, events: Vec<EventRecord>) -> Result<Vec<Accepted
                 attempts: 0,
                 created_ms: event.received_ms,
                 order,
+                chunk: None,
             };
             p.put(key.encode(), encode(&entry));
             answer.scheduled.push(Due {
@@ -412,14 +473,39 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
         next,
         park,
     } = outcome;
-    let schedule_key = key.encode();
-    // A success needs no look first: a duplicate report would only write
-    // the same marker again. Anything else must not act twice.
-    if next != Next::Delivered && p.get(&schedule_key)?.is_none() {
-        // Already settled (a duplicate report): nothing to move.
-        return Ok(());
+    if let Some(chunk) = entry.chunk {
+        // A chunk member: its slot says whether it was settled already.
+        let state_key = keys::chunk_state(chunk.id);
+        let Some(mut state) = p.chunk_state(&key, chunk.id)? else {
+            return Ok(());
+        };
+        let delivered = (next == Next::Delivered).then_some(&attempt);
+        if !state.settle(chunk.slot as usize, delivered) {
+            // Already settled (a duplicate report): nothing to move.
+            return Ok(());
+        }
+        if !state.any_pending() {
+            p.remove(chunk::entry_key(&key, &chunk));
+        }
+        if state.live() == 0 {
+            p.remove(state_key.to_vec());
+        } else {
+            p.put(state_key.to_vec(), state.into_bytes());
+        }
+        if next == Next::Delivered {
+            // The slot is the whole record of a first-time success.
+            return Ok(());
+        }
+    } else {
+        let schedule_key = key.encode();
+        // A success needs no look first: a duplicate report would only write
+        // the same marker again. Anything else must not act twice.
+        if next != Next::Delivered && p.get(&schedule_key)?.is_none() {
+            // Already settled (a duplicate report): nothing to move.
+            return Ok(());
+        }
+        p.remove(schedule_key);
     }
-    p.remove(schedule_key);
     if let (Some(o), Next::Delivered | Next::Dead(_) | Next::Superseded(_)) = (&entry.order, &next)
     {
         // Settled: the device's next delivery may go.
@@ -454,7 +540,7 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
         return Ok(());
     };
     // The record is rewritten below: let it carry its siblings' successes.
-    settle_delivered(&mut event, |key| p.get_json(key))?;
+    settle_delivered(&mut event, |key| p.get(key))?;
     let mut log: AttemptLog = if has_log {
         p.get_json(&log_key)?.unwrap_or_default()
     } else {
@@ -465,6 +551,8 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
         tracing::error!(delivery = %entry.delivery, "event record lacks this delivery; dropped from the schedule");
         return Ok(());
     };
+    // Out of its chunk (if it was in one): the record speaks for it now.
+    delivery.chunk = None;
     if let Next::Superseded(by) = next {
         delivery.state = DeliveryState::Superseded;
         delivery.superseded_by = Some(by);
@@ -487,6 +575,7 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
             let retry = ScheduleKey { due_ms, ..key };
             let entry = ScheduledDelivery {
                 attempts: entry.attempts + 1,
+                chunk: None,
                 ..entry
             };
             p.put(retry.encode(), encode(&entry));
@@ -544,18 +633,23 @@ fn collect(
                 ..done
             });
         }
-        settle_delivered(&mut event, |key| p.get_json(key))?;
+        settle_delivered(&mut event, |key| p.get(key))?;
         if event.is_finished() {
             p.remove(k.to_vec());
             if let Some(key) = &event.idempotency_key {
                 p.remove(keys::idempotency(key));
             }
             for d in &event.deliveries {
-                if d.state == DeliveryState::Delivered {
-                    p.remove(keys::delivered(d.id).to_vec());
-                    if d.attempts > 1 {
-                        p.remove(keys::attempts(d.id).to_vec());
+                match (d.state, d.chunk) {
+                    // Delivered from its chunk: one reader fewer of the chunk's state.
+                    (DeliveryState::Delivered, Some(c)) => forget_member(p, c.id)?,
+                    (DeliveryState::Delivered, None) => {
+                        p.remove(keys::delivered(d.id).to_vec());
+                        if d.attempts > 1 {
+                            p.remove(keys::attempts(d.id).to_vec());
+                        }
                     }
+                    _ => {}
                 }
                 if let Some(state) = &d.coalesce {
                     // Still naming this finished delivery: nothing to compare with any more.
@@ -574,4 +668,21 @@ fn collect(
         }
     }
     Ok(done)
+}
+
+/// A delivered member's event was collected: its chunk's state has one
+/// reader fewer, and goes with the last.
+fn forget_member(p: &mut Pending<'_>, chunk: Uuid) -> Result<(), StoreError> {
+    let key = keys::chunk_state(chunk);
+    let Some(bytes) = p.get(&key)? else {
+        return Ok(());
+    };
+    let mut state = chunk::State::from_bytes(&key, bytes)?;
+    state.forget_one();
+    if state.live() == 0 {
+        p.remove(key.to_vec());
+    } else {
+        p.put(key.to_vec(), state.into_bytes());
+    }
+    Ok(())
 }
