@@ -56,7 +56,7 @@ pub struct EventRecord {
     pub event_type: String,
     pub priority: Priority,
     pub occurred_at: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
     pub data: Box<RawValue>,
     pub received_ms: u64,
@@ -81,15 +81,15 @@ pub struct DeliveryRecord {
     pub partner: String,
     pub state: DeliveryState,
     /// Sends made so far (time held by a rate limiter does not count).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub attempts: u32,
     /// When the next attempt is due, while pending.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_due_ms: Option<u64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_attempt: Option<Attempt>,
     /// Set once the delivery died: the dead letter that keeps its story.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<Uuid>,
     /// The partner wants this device's events in order (`ordering =
     /// "per_device"`): sent only once the device's earlier ones settled.
@@ -116,6 +116,12 @@ impl DeliveryRecord {
         self.attempts = attempt.number;
         self.last_attempt = Some(attempt);
     }
+}
+
+/// Defaults are left out of disk records: an event is written once per
+/// accept, and its bytes are most of what the store writes.
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
