@@ -408,11 +408,19 @@ async fn the_rate_limit_spaces_sends_on_herald_clock() {
 
 #[tokio::test]
 async fn one_batch_shares_a_chunk_and_each_delivery_keeps_its_own_outcome() {
-    let (h, mock, _dir) = setup(
-        "max_in_flight = 1\nretry = { initial_ms = 1000, multiplier = 2.0, max_interval_ms = 1000 }",
+    let clock = Clock::manual(START_MS);
+    let mock = MockPartner::start(clock.clone()).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let toml = config_toml(
+        dir.path(),
+        &partner_toml(
+            "acme",
+            &mock.url,
+            "max_in_flight = 1\nretry = { initial_ms = 1000, multiplier = 2.0, max_interval_ms = 1000 }",
+        ),
         r#"retention = "1h""#,
-    )
-    .await;
+    );
+    let h = TestHerald::start(&toml, clock.clone()).await;
     let script = [200, 500, 400, 200, 200, 500, 200, 200, 200, 400];
     mock.script(script.iter().map(|&s| Reply::Status(s)));
     let batch: Vec<String> = (0..script.len())
@@ -468,6 +476,18 @@ async fn one_batch_shares_a_chunk_and_each_delivery_keeps_its_own_outcome() {
     }
     let (_, dead) = h.get("/v1/dead-letters?partner=acme").await;
     assert_eq!(dead["items"].as_array().map(Vec::len), Some(2), "{dead}");
+
+    // What the chunk knows survives a restart: nothing delivered is sent again.
+    h.herald.shutdown().await.expect("clean shutdown");
+    let h = TestHerald::start(&toml, clock).await;
+    let count = |prefix: char| {
+        h.herald
+            .store()
+            .record_counts()
+            .into_iter()
+            .find(|(p, _)| *p == prefix)
+            .map_or(0, |(_, n)| n)
+    };
 
     // The two retried ones leave the chunk, come due and go through.
     h.clock.advance(Duration::from_millis(1_100));

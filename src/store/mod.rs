@@ -437,12 +437,19 @@ impl Store {
     }
 
     /// The state of a chunk of `members`; all pending if its record is
-    /// missing (the writer rebuilds it so when it records an outcome).
+    /// missing or unreadable (the writer rebuilds it so when it records an
+    /// outcome): sending again beats stranding a delivery.
     fn chunk_state(&self, chunk: Uuid, members: usize) -> Result<chunk::State, StoreError> {
         let key = keys::chunk_state(chunk);
-        match self.db.get(key)? {
-            Some(bytes) => chunk::State::from_bytes(&key, bytes.to_vec()),
-            None => Ok(chunk::State::new(members)),
+        let Some(bytes) = self.db.get(key)? else {
+            return Ok(chunk::State::new(members));
+        };
+        match chunk::State::from_bytes(&key, bytes.to_vec()) {
+            Ok(state) if state.members() == members => Ok(state),
+            Ok(_) | Err(_) => {
+                tracing::error!(%chunk, "unreadable chunk state; its members are taken as pending");
+                Ok(chunk::State::new(members))
+            }
         }
     }
 
@@ -532,9 +539,12 @@ fn settle_delivered(
         let attempt = match d.chunk {
             Some(c) => {
                 let key = keys::chunk_state(c.id);
-                match get(&key)? {
-                    Some(bytes) => {
-                        chunk::State::from_bytes(&key, bytes)?.delivered(c.slot as usize)
+                match get(&key)?.map(|bytes| chunk::State::from_bytes(&key, bytes)) {
+                    Some(Ok(state)) => state.delivered(c.slot as usize),
+                    // Shown as pending, and sent again: not a failed read.
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "unreadable chunk state");
+                        None
                     }
                     None => None,
                 }
@@ -574,4 +584,138 @@ fn decode<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T,
 fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     // Our records are plain structs with string keys: serializing cannot fail.
     serde_json::to_vec(value).expect("herald's records always serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::value::RawValue;
+
+    use super::*;
+    use crate::model::{AttemptOutcome, DeliveryRecord};
+
+    fn event(n: u32) -> EventRecord {
+        EventRecord {
+            id: Uuid::now_v7(),
+            device_id: format!("lock-{n}"),
+            event_type: "door.forced_open".into(),
+            priority: Priority::Normal,
+            occurred_at: "2026-11-25T06:00:00Z".into(),
+            idempotency_key: None,
+            data: RawValue::from_string("{}".into()).expect("json"),
+            received_ms: 1_000,
+            deliveries: vec![DeliveryRecord {
+                id: Uuid::now_v7(),
+                partner: "acme".into(),
+                state: DeliveryState::Pending,
+                attempts: 0,
+                next_due_ms: Some(1_000),
+                last_attempt: None,
+                dead_letter: None,
+                ordered: false,
+                coalesce: None,
+                superseded_by: None,
+                chunk: None,
+            }],
+        }
+    }
+
+    fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let options = StoreOptions {
+            cache_bytes: 1 << 20,
+            queue: 16,
+        };
+        let store = Store::open(dir.path(), options).expect("store");
+        (dir, store)
+    }
+
+    fn due_now(store: &Store) -> Vec<Due> {
+        store
+            .due("acme", &Priority::ALL, 2_000, 100, &|_| false)
+            .expect("scan")
+            .found
+    }
+
+    async fn deliver(store: &Store, due: &Due) {
+        let outcome = Outcome {
+            key: due.key.clone(),
+            entry: due.entry.clone(),
+            attempt: Attempt {
+                number: 1,
+                at_ms: 1_500,
+                status: Some(200),
+                latency_ms: 3,
+                outcome: AttemptOutcome::Delivered,
+                detail: String::new(),
+            },
+            next: Next::Delivered,
+            park: None,
+        };
+        store.record(outcome).await.expect("recorded");
+    }
+
+    /// Three events accepted in one group: their chunk's id.
+    async fn three_in_a_chunk(store: &Store) -> (Vec<Uuid>, Uuid) {
+        let accepted = store
+            .enqueue((0..3).map(event).collect())
+            .await
+            .expect("enqueue");
+        let chunks: std::collections::HashSet<Uuid> = accepted
+            .iter()
+            .flat_map(|a| &a.scheduled)
+            .filter_map(|d| d.entry.chunk.map(|c| c.id))
+            .collect();
+        assert_eq!(chunks.len(), 1, "one group, one chunk");
+        let ids = accepted.iter().map(|a| a.id).collect();
+        (ids, chunks.into_iter().next().expect("a chunk"))
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_or_missing_chunk_state_sends_again_and_is_rebuilt() {
+        for damage in ["garbage", "missing"] {
+            let (_dir, store) = open();
+            let (events, chunk) = three_in_a_chunk(&store).await;
+            let first = due_now(&store);
+            assert_eq!(first.len(), 3);
+            deliver(&store, &first[0]).await;
+            assert_eq!(due_now(&store).len(), 2, "{damage}: one delivered");
+
+            let key = keys::chunk_state(chunk);
+            match damage {
+                "garbage" => drop(
+                    store
+                        .db
+                        .insert(key, &b"\x01not a state"[..])
+                        .expect("write"),
+                ),
+                _ => drop(store.db.remove(key).expect("remove")),
+            }
+            // Nothing is stranded: all members are sent again (at least once).
+            let again = due_now(&store);
+            assert_eq!(again.len(), 3, "{damage}: taken as pending");
+            let event = store
+                .event(events[1])
+                .expect("a failed chunk read is not an error");
+            assert_eq!(
+                event.expect("event").deliveries[0].state,
+                DeliveryState::Pending
+            );
+
+            // The next outcome rebuilds the state, and it counts from there.
+            deliver(&store, &again[1]).await;
+            let left = due_now(&store);
+            assert_eq!(left.len(), 2, "{damage}: rebuilt, one settled");
+            let delivered = store.event(events[1]).expect("read").expect("event");
+            assert_eq!(delivered.deliveries[0].state, DeliveryState::Delivered);
+            for due in &left {
+                deliver(&store, due).await;
+            }
+            assert!(due_now(&store).is_empty(), "{damage}: all settled");
+            assert_eq!(
+                store.scheduled_count("acme"),
+                0,
+                "{damage}: the entry is gone"
+            );
+        }
+    }
 }

@@ -277,25 +277,33 @@ impl<'a> Pending<'a> {
     }
 
     /// The state of chunk `id`, for a change that [`Pending::put`] or
-    /// [`Pending::remove`] then writes. Rebuilt from the chunk's entry if
-    /// its state record is missing, so no member is stranded as pending.
+    /// [`Pending::remove`] then writes. Rebuilt from the chunk's entry (all
+    /// pending) if its state record is missing or unreadable, so no member
+    /// is stranded; `None` when neither is there (settled long ago).
     fn chunk_state(
         &mut self,
         member: &ScheduleKey,
         id: Uuid,
     ) -> Result<Option<chunk::State>, StoreError> {
         let key = keys::chunk_state(id);
-        let bytes = self.get(&key)?;
-        if let Some(bytes) = bytes {
-            return chunk::State::from_bytes(&key, bytes).map(Some);
-        }
-        let entry_key = chunk::entry_key(member, &crate::model::ChunkRef { id, slot: 0 });
-        let Some(entry) = self.get(&entry_key)? else {
-            return Ok(None);
+        let found = self
+            .get(&key)?
+            .map(|bytes| chunk::State::from_bytes(&key, bytes));
+        let unreadable = match found {
+            Some(Ok(state)) => return Ok(Some(state)),
+            Some(Err(e)) => Some(e),
+            None => None,
         };
-        let members = chunk::Members::decode(&entry_key, &entry)?;
-        tracing::error!(chunk = %id, "schedule chunk without its state record; rebuilt with every member pending");
-        Ok(Some(chunk::State::new(members.list.len())))
+        let entry_key = chunk::entry_key(member, &crate::model::ChunkRef { id, slot: 0 });
+        match (unreadable, self.get(&entry_key)?) {
+            (None, None) => Ok(None),
+            (Some(e), None) => Err(e),
+            (_, Some(entry)) => {
+                let members = chunk::Members::decode(&entry_key, &entry)?;
+                tracing::error!(chunk = %id, "schedule chunk without a readable state record; rebuilt with every member pending");
+                Ok(Some(chunk::State::new(members.list.len())))
+            }
+        }
     }
 
     fn commit(
