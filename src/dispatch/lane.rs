@@ -65,6 +65,8 @@ pub struct Lane {
     retry_at: AtomicU64,
     /// Deliveries ingest hands over once durable.
     inbox: std::sync::Mutex<Inbox>,
+    /// Outcomes of finished sends, written back together.
+    recording: std::sync::Mutex<Recording>,
     /// How many deliveries the window holds (critical ones may take twice that).
     capacity: usize,
     pub breaker: Breaker,
@@ -120,6 +122,7 @@ impl Lane {
             capacity: (partner.max_in_flight * 4).max(64),
             retry_at: AtomicU64::new(u64::MAX),
             inbox: std::sync::Mutex::new(Inbox::default()),
+            recording: std::sync::Mutex::new(Recording::default()),
             adaptive,
             freed: Notify::new(),
             in_flight: Arc::new(Semaphore::new(partner.max_in_flight)),
@@ -471,22 +474,56 @@ impl Lane {
         let health = sent.map_or(Health::Unknown, |s| Health::of(s.status));
         let transition = self.breaker.record(health, self.clock.now_ms(), probe);
         self.note(transition);
-        // Submitted together, the outcomes share one group commit.
-        futures::future::join_all(outcomes.into_iter().map(|o| self.record(o))).await;
+        self.record(outcomes).await;
         self.wake.notify_one();
     }
 
-    /// Writes one outcome back, then releases its delivery from the window.
-    async fn record(&self, outcome: Outcome) {
-        let (id, priority) = (outcome.key.delivery, outcome.key.priority);
-        let next = outcome.next.clone();
-        let park = outcome.park.clone();
-        if let Some(route) = &park {
-            // Parked before the write is visible: no later send slips
-            // through, and whoever sees the dead letter sees the park.
-            self.parked.insert(route.as_ref().clone());
+    /// Writes outcomes back, then releases their deliveries from the
+    /// window. Sends finishing together share one write: while one send
+    /// task writes, the others leave their outcomes to it and end, so the
+    /// store sees one request (and answers once) for many outcomes.
+    async fn record(&self, outcomes: Vec<Outcome>) {
+        for outcome in &outcomes {
+            if let Some(route) = &outcome.park {
+                // Parked before the write is visible: no later send slips
+                // through, and whoever sees the dead letter sees the park.
+                self.parked.insert(route.as_ref().clone());
+            }
         }
-        let recorded = self.store.record(outcome).await;
+        let Some(mut writing) = Recording::join(&self.recording, outcomes) else {
+            return;
+        };
+        while let Some(batch) = writing.next() {
+            let settled: Vec<_> = batch
+                .iter()
+                .map(|o| {
+                    (
+                        o.key.delivery,
+                        o.key.priority,
+                        o.next.clone(),
+                        o.park.clone(),
+                    )
+                })
+                .collect();
+            let results = match self.store.record_all(batch).await {
+                Ok(results) => results,
+                Err(e) => settled.iter().map(|_| Err(e.clone())).collect(),
+            };
+            for ((id, priority, next, park), recorded) in settled.into_iter().zip(results) {
+                self.recorded(id, priority, next, park, recorded);
+            }
+        }
+    }
+
+    /// What follows one outcome's write.
+    fn recorded(
+        &self,
+        id: uuid::Uuid,
+        priority: Priority,
+        next: Next,
+        park: Option<Box<crate::model::ParkedRoute>>,
+        recorded: Result<(), crate::store::StoreError>,
+    ) {
         // Released before a retry time is published: a scan that time wakes
         // must be able to take the retry, not skip it as still in flight.
         self.held.release(id);
@@ -553,6 +590,59 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Outcomes waiting to be written, and whether a send task is writing them.
+#[derive(Default)]
+struct Recording {
+    queued: Vec<Outcome>,
+    writing: bool,
+}
+
+/// Held by the send task that writes queued outcomes; whatever ends that
+/// task (done, or dropped at shutdown) lets the next one take over.
+struct Writing<'a> {
+    recording: &'a std::sync::Mutex<Recording>,
+    done: bool,
+}
+
+impl Writing<'_> {
+    /// Everything queued, to write; `None` (and the writing ends) when
+    /// nothing is. Checked under the lock, so no outcome is left queued
+    /// with nobody writing it.
+    fn next(&mut self) -> Option<Vec<Outcome>> {
+        let mut r = lock(self.recording);
+        if r.queued.is_empty() {
+            r.writing = false;
+            self.done = true;
+            return None;
+        }
+        Some(std::mem::take(&mut r.queued))
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            lock(self.recording).writing = false;
+        }
+    }
+}
+
+impl Recording {
+    /// Queues `outcomes`; the writer's guard if nobody is writing yet.
+    fn join(this: &std::sync::Mutex<Recording>, outcomes: Vec<Outcome>) -> Option<Writing<'_>> {
+        let mut r = lock(this);
+        r.queued.extend(outcomes);
+        if r.writing {
+            return None;
+        }
+        r.writing = true;
+        Some(Writing {
+            recording: this,
+            done: false,
+        })
+    }
 }
 
 /// Hand-overs waiting for the lane's loop to take them into its window.

@@ -84,8 +84,11 @@ impl Store {
     }
 
     async fn link_change(&self, change: LinkChange) -> Result<bool, StoreError> {
-        self.call(|reply| super::writer::Command::Link { change, reply })
-            .await
+        self.call(|reply| super::writer::Command::Link {
+            change: Box::new(change),
+            reply,
+        })
+        .await
     }
 
     pub fn link(&self, partner: &str, device_id: &str) -> Result<Option<StoredLink>, StoreError> {

@@ -30,7 +30,7 @@ use crate::model::{
 use keys::ScheduleKey;
 use writer::Command;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The writer's queue is full: answer 503 and let the caller retry.
     #[error("the store's write queue is full")]
@@ -214,7 +214,17 @@ impl Store {
 
     /// Records one attempt's outcome and moves the delivery on.
     pub async fn record(&self, outcome: Outcome) -> Result<(), StoreError> {
-        self.call(|reply| Command::Record { outcome, reply }).await
+        let mut results = self.record_all(vec![outcome]).await?;
+        results.pop().unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Records many outcomes in one group commit: a result for each, in
+    /// order (one that cannot be applied does not fail the others).
+    pub async fn record_all(
+        &self,
+        outcomes: Vec<Outcome>,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        self.call(|reply| Command::Record { outcomes, reply }).await
     }
 
     /// Clears a parked route; false if it was not parked.

@@ -38,9 +38,10 @@ pub(super) enum Command {
         events: Vec<EventRecord>,
         reply: Reply<Vec<Accepted>>,
     },
+    /// Each outcome is recorded (or fails) on its own; one reply for all.
     Record {
-        outcome: Outcome,
-        reply: Reply<()>,
+        outcomes: Vec<Outcome>,
+        reply: Reply<Vec<Result<(), StoreError>>>,
     },
     Collect {
         cutoff_ms: u64,
@@ -53,7 +54,7 @@ pub(super) enum Command {
         reply: Reply<bool>,
     },
     Link {
-        change: super::links::LinkChange,
+        change: Box<super::links::LinkChange>,
         reply: Reply<bool>,
     },
     Replay {
@@ -86,7 +87,10 @@ pub(super) fn spawn(
 /// A reply to send once the group is durable (or failed).
 enum Answer {
     Enqueue(Reply<Vec<Accepted>>, Result<Vec<Accepted>, StoreError>),
-    Record(Reply<()>, Result<(), StoreError>),
+    Record(
+        Reply<Vec<Result<(), StoreError>>>,
+        Result<Vec<Result<(), StoreError>>, StoreError>,
+    ),
     Collect(Reply<Collected>, Result<Collected, StoreError>),
     Unpark(Reply<bool>, Result<bool, StoreError>),
     Link(Reply<bool>, Result<bool, StoreError>),
@@ -124,9 +128,9 @@ fn run(
                     let result = enqueue(&mut pending, events);
                     answers.push(Answer::Enqueue(reply, result));
                 }
-                Command::Record { outcome, reply } => {
-                    let result = record(&mut pending, outcome);
-                    answers.push(Answer::Record(reply, result));
+                Command::Record { outcomes, reply } => {
+                    let results = outcomes.into_iter().map(|o| record(&mut pending, o));
+                    answers.push(Answer::Record(reply, Ok(results.collect())));
                 }
                 Command::Collect {
                     cutoff_ms,
@@ -145,7 +149,7 @@ fn run(
                     answers.push(Answer::Unpark(reply, result));
                 }
                 Command::Link { change, reply } => {
-                    let result = super::links::apply(&mut pending, change);
+                    let result = super::links::apply(&mut pending, *change);
                     answers.push(Answer::Link(reply, result));
                 }
                 Command::Replay { ids, now_ms, reply } => {
