@@ -297,10 +297,10 @@ impl Filling {
     }
 }
 
-/// The chunk entry's key for a member's schedule key.
-pub fn entry_key(member: &ScheduleKey, chunk: &ChunkRef) -> Vec<u8> {
+/// The key of chunk `chunk`'s entry, from one member's schedule key.
+pub fn entry_key(member: &ScheduleKey, chunk: Uuid) -> Vec<u8> {
     ScheduleKey {
-        delivery: chunk.id,
+        delivery: chunk,
         ..member.clone()
     }
     .encode()

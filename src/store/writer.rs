@@ -285,7 +285,7 @@ impl<'a> Pending<'a> {
     /// pending) if its state record is missing or unreadable, so no member
     /// is stranded; `None` when neither is there (settled long ago).
     fn chunk_state(
-        &mut self,
+        &self,
         member: &ScheduleKey,
         id: Uuid,
     ) -> Result<Option<chunk::State>, StoreError> {
@@ -298,7 +298,7 @@ impl<'a> Pending<'a> {
             Some(Err(e)) => Some(e),
             None => None,
         };
-        let entry_key = chunk::entry_key(member, &crate::model::ChunkRef { id, slot: 0 });
+        let entry_key = chunk::entry_key(member, id);
         match (unreadable, self.get(&entry_key)?) {
             (None, None) => Ok(None),
             (Some(e), None) => Err(e),
@@ -497,7 +497,7 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
             return Ok(());
         }
         if !state.any_pending() {
-            p.remove(chunk::entry_key(&key, &chunk));
+            p.remove(chunk::entry_key(&key, chunk.id));
         }
         if state.live() == 0 {
             p.remove(state_key.to_vec());
