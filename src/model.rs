@@ -109,6 +109,23 @@ pub struct DeliveryRecord {
 }
 
 impl DeliveryRecord {
+    /// A new delivery to `partner`, due at `due_ms`, not tried yet.
+    pub fn pending(id: Uuid, partner: String, due_ms: u64) -> DeliveryRecord {
+        DeliveryRecord {
+            id,
+            partner,
+            state: DeliveryState::Pending,
+            attempts: 0,
+            next_due_ms: Some(due_ms),
+            last_attempt: None,
+            dead_letter: None,
+            ordered: false,
+            coalesce: None,
+            superseded_by: None,
+            chunk: None,
+        }
+    }
+
     /// `attempt` delivered it.
     pub fn mark_delivered(&mut self, attempt: Attempt) {
         self.state = DeliveryState::Delivered;

@@ -350,14 +350,7 @@ async fn finished_events_leave_the_store_after_retention() {
     for id in &ids {
         h.wait_event(id, "delivered", |e| e.is_finished()).await;
     }
-    let count = |prefix: char| {
-        h.herald
-            .store()
-            .record_counts()
-            .into_iter()
-            .find(|(p, _)| *p == prefix)
-            .map_or(0, |(_, n)| n)
-    };
+    let count = |prefix: char| h.records(prefix);
     assert_eq!(count('e'), 20);
     assert_eq!(count('s'), 0, "delivered deliveries leave the schedule");
     assert_eq!(
@@ -438,14 +431,7 @@ async fn one_batch_shares_a_chunk_and_each_delivery_keeps_its_own_outcome() {
         .iter()
         .map(|e| e["id"].as_str().expect("id").to_string())
         .collect();
-    let count = |prefix: char| {
-        h.herald
-            .store()
-            .record_counts()
-            .into_iter()
-            .find(|(p, _)| *p == prefix)
-            .map_or(0, |(_, n)| n)
-    };
+    let count = |prefix: char| h.records(prefix);
     assert_eq!(count('s'), 1, "one group's first attempts share one entry");
 
     // The mock answered in arrival order: what each delivery was told.
@@ -480,14 +466,7 @@ async fn one_batch_shares_a_chunk_and_each_delivery_keeps_its_own_outcome() {
     // What the chunk knows survives a restart: nothing delivered is sent again.
     h.herald.shutdown().await.expect("clean shutdown");
     let h = TestHerald::start(&toml, clock).await;
-    let count = |prefix: char| {
-        h.herald
-            .store()
-            .record_counts()
-            .into_iter()
-            .find(|(p, _)| *p == prefix)
-            .map_or(0, |(_, n)| n)
-    };
+    let count = |prefix: char| h.records(prefix);
 
     // The two retried ones leave the chunk, come due and go through.
     h.clock.advance(Duration::from_millis(1_100));

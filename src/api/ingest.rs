@@ -18,7 +18,7 @@ use super::problem::Problem;
 use super::AppState;
 use crate::clock::rfc3339;
 use crate::config::Role;
-use crate::model::{DeliveryRecord, DeliveryState, EventRecord, Priority};
+use crate::model::{DeliveryRecord, EventRecord, Priority};
 use crate::store::{Accepted, StoreError};
 
 /// The largest one event may be, as JSON: keeps every record far below
@@ -335,26 +335,15 @@ fn validate(state: &AppState, e: IncomingEvent, now_ms: u64) -> Result<EventReco
         received_ms: now_ms,
         deliveries: partners
             .into_iter()
-            .map(|partner| DeliveryRecord {
-                id: state.clock.new_id(),
-                ordered: state
-                    .config
-                    .partner(&partner)
-                    .is_some_and(|p| p.ordered_per_device),
-                coalesce: state_key.clone().filter(|_| {
-                    state
-                        .config
-                        .partner(&partner)
-                        .is_some_and(|p| p.coalesce_state)
-                }),
-                superseded_by: None,
-                chunk: None,
-                partner,
-                state: DeliveryState::Pending,
-                attempts: 0,
-                next_due_ms: Some(now_ms),
-                last_attempt: None,
-                dead_letter: None,
+            .map(|partner| {
+                let config = state.config.partner(&partner);
+                DeliveryRecord {
+                    ordered: config.is_some_and(|p| p.ordered_per_device),
+                    coalesce: state_key
+                        .clone()
+                        .filter(|_| config.is_some_and(|p| p.coalesce_state)),
+                    ..DeliveryRecord::pending(state.clock.new_id(), partner, now_ms)
+                }
             })
             .collect(),
     })

@@ -236,37 +236,12 @@ fn slot(priority: Priority) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::value::RawValue;
-    use uuid::Uuid;
-
     use super::*;
-    use crate::model::{DeliveryRecord, DeliveryState, EventRecord};
-    use crate::store::StoreOptions;
+    use crate::model::EventRecord;
+    use crate::store::testing::{self, open};
 
     fn event(priority: Priority) -> EventRecord {
-        EventRecord {
-            id: Uuid::now_v7(),
-            device_id: "lock-1".into(),
-            event_type: "lock.state".into(),
-            priority,
-            occurred_at: "2026-11-25T06:00:00Z".into(),
-            idempotency_key: None,
-            data: RawValue::from_string("{}".into()).expect("json"),
-            received_ms: 1_000,
-            deliveries: vec![DeliveryRecord {
-                id: Uuid::now_v7(),
-                partner: "acme".into(),
-                state: DeliveryState::Pending,
-                attempts: 0,
-                next_due_ms: None,
-                last_attempt: None,
-                dead_letter: None,
-                ordered: false,
-                coalesce: None,
-                superseded_by: None,
-                chunk: None,
-            }],
-        }
+        testing::event("lock-1", priority)
     }
 
     /// Stores one event; its hand-over and commit number.
@@ -274,16 +249,6 @@ mod tests {
         let mut accepted = store.enqueue(vec![event(priority)]).await.expect("enqueue");
         let a = accepted.pop().expect("one answer");
         (a.scheduled.into_iter().next().expect("scheduled"), a.commit)
-    }
-
-    fn open() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let options = StoreOptions {
-            cache_bytes: 1 << 20,
-            queue: 16,
-        };
-        let store = Store::open(dir.path(), options).expect("store");
-        (dir, store)
     }
 
     #[tokio::test]

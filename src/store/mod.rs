@@ -596,40 +596,18 @@ fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("herald's records always serialize")
 }
 
+/// A store in a temp dir and events to put in it, for unit tests here and
+/// in the dispatcher.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use serde_json::value::RawValue;
+    use uuid::Uuid;
 
-    use super::*;
-    use crate::model::{AttemptOutcome, DeliveryRecord};
+    use super::{Store, StoreOptions};
+    use crate::model::{DeliveryRecord, EventRecord, Priority};
 
-    fn event(n: u32) -> EventRecord {
-        EventRecord {
-            id: Uuid::now_v7(),
-            device_id: format!("lock-{n}"),
-            event_type: "door.forced_open".into(),
-            priority: Priority::Normal,
-            occurred_at: "2026-11-25T06:00:00Z".into(),
-            idempotency_key: None,
-            data: RawValue::from_string("{}".into()).expect("json"),
-            received_ms: 1_000,
-            deliveries: vec![DeliveryRecord {
-                id: Uuid::now_v7(),
-                partner: "acme".into(),
-                state: DeliveryState::Pending,
-                attempts: 0,
-                next_due_ms: Some(1_000),
-                last_attempt: None,
-                dead_letter: None,
-                ordered: false,
-                coalesce: None,
-                superseded_by: None,
-                chunk: None,
-            }],
-        }
-    }
-
-    fn open() -> (tempfile::TempDir, Store) {
+    /// A small store in a fresh temp dir (kept while the dir lives).
+    pub fn open() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().expect("temp dir");
         let options = StoreOptions {
             cache_bytes: 1 << 20,
@@ -637,6 +615,36 @@ mod tests {
         };
         let store = Store::open(dir.path(), options).expect("store");
         (dir, store)
+    }
+
+    /// An event of `device` with one delivery to `acme`, due at 1,000 ms.
+    pub fn event(device: &str, priority: Priority) -> EventRecord {
+        EventRecord {
+            id: Uuid::now_v7(),
+            device_id: device.into(),
+            event_type: "door.forced_open".into(),
+            priority,
+            occurred_at: "2026-11-25T06:00:00Z".into(),
+            idempotency_key: None,
+            data: RawValue::from_string("{}".into()).expect("json"),
+            received_ms: 1_000,
+            deliveries: vec![DeliveryRecord::pending(
+                Uuid::now_v7(),
+                "acme".into(),
+                1_000,
+            )],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::open;
+    use super::*;
+    use crate::model::AttemptOutcome;
+
+    fn event(n: u32) -> EventRecord {
+        testing::event(&format!("lock-{n}"), Priority::Normal)
     }
 
     fn due_now(store: &Store) -> Vec<Due> {

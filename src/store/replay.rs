@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::keys::{self, ScheduleKey};
 use super::writer::Pending;
 use super::{encode, Due, Store, StoreError};
-use crate::model::{DeadLetter, DeliveryRecord, DeliveryState, EventRecord, ScheduledDelivery};
+use crate::model::{DeadLetter, DeliveryRecord, EventRecord, ScheduledDelivery};
 
 /// What one replay did.
 #[derive(Debug, Clone)]
@@ -66,19 +66,11 @@ fn replay(
         // Collected by retention: the letter kept a copy.
         None => letter.event.clone(),
     };
-    event.deliveries.push(DeliveryRecord {
-        id: new_delivery,
-        partner: letter.partner.clone(),
-        state: DeliveryState::Pending,
-        attempts: 0,
-        next_due_ms: Some(now_ms),
-        last_attempt: None,
-        dead_letter: None,
-        ordered: false,
-        coalesce: None,
-        superseded_by: None,
-        chunk: None,
-    });
+    event.deliveries.push(DeliveryRecord::pending(
+        new_delivery,
+        letter.partner.clone(),
+        now_ms,
+    ));
     let key = ScheduleKey {
         partner: letter.partner.clone(),
         priority: event.priority,

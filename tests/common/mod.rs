@@ -293,6 +293,16 @@ impl TestHerald {
         )
     }
 
+    /// How many records of one kind (key prefix, see `store::keys`) the store holds.
+    pub fn records(&self, prefix: char) -> usize {
+        self.herald
+            .store()
+            .record_counts()
+            .into_iter()
+            .find(|(p, _)| *p == prefix)
+            .map_or(0, |(_, n)| n)
+    }
+
     /// Polls the store (real time, bounded) until `check` holds for the event.
     pub async fn wait_event(
         &self,
