@@ -20,8 +20,10 @@ pub const SCHEDULE: u8 = b's';
 pub const ATTEMPTS: u8 = b'a';
 /// `d` + dead letter id (UUIDv7): a delivery that will not be retried.
 pub const DEAD: u8 = b'd';
-/// `o` + delivery id: the attempt that delivered it. Written instead of
-/// rewriting the whole event record, the one write a success costs.
+/// `o` + delivery id: the attempt that delivered it, for a delivery with
+/// an entry of its own (a retry, a replay, an ordered one). Written instead
+/// of rewriting the whole event record; a first attempt from a chunk is
+/// recorded in the chunk's state instead (see [`CHUNK_STATE`]).
 pub const DELIVERED: u8 = b'o';
 /// `p` + partner + device id: a route to a partner that answered "gone"
 /// (410, integration deleted); deliveries on it become dead letters.

@@ -5,6 +5,8 @@
 //! and makes it durable with one flush + fsync (group commit), so an accepted
 //! event costs a fraction of an fsync and no write is ever half-applied.
 //! The key layout lives in [`keys`]; nothing outside this module knows it.
+//! First attempts travel in [`chunk`]s, one index key per group commit and
+//! partner, because sled's cost is per key.
 
 mod chunk;
 pub mod keys;
@@ -296,7 +298,8 @@ impl Store {
     }
 
     /// The event as accepted, for building a request: delivery states may be
-    /// stale (a success is kept apart, see [`keys::DELIVERED`]).
+    /// stale (a success is kept apart, see [`keys::DELIVERED`] and
+    /// [`keys::CHUNK_STATE`]).
     pub fn event_payload(&self, id: Uuid) -> Result<Option<EventRecord>, StoreError> {
         get_json(&self.db, &keys::event(id))
     }
