@@ -319,10 +319,17 @@ fn validate(state: &AppState, e: IncomingEvent, now_ms: u64) -> Result<EventReco
             chosen
         }
     };
+    let coalesced = partners.iter().any(|name| {
+        state
+            .config
+            .partner(name)
+            .is_some_and(|p| p.coalesce_state)
+    });
     let state_key = match e.priority {
-        Priority::Normal => state_key(&data),
+        // Read only for a partner that folds states: it parses `data` again.
+        Priority::Normal if coalesced => state_key(&data),
         // A safety alert is never folded into another event.
-        Priority::Critical => None,
+        _ => None,
     };
     Ok(EventRecord {
         id: state.clock.new_id(),
