@@ -79,6 +79,7 @@ async fn a_replayed_dead_letter_is_delivered_once_and_cannot_be_replayed_twice()
     assert_eq!(shown["replayed_as"], delivery.as_str(), "{shown}");
     settle().await;
     assert_eq!(mock.requests().len(), 2, "the second replay sent nothing");
+    h.wait_queued("acme", 0).await;
 }
 
 #[tokio::test]

@@ -462,11 +462,16 @@ async fn one_batch_shares_a_chunk_and_each_delivery_keeps_its_own_outcome() {
     }
     let (_, dead) = h.get("/v1/dead-letters?partner=acme").await;
     assert_eq!(dead["items"].as_array().map(Vec::len), Some(2), "{dead}");
+    h.wait_queued("acme", 2).await;
+    let (_, partners) = h.get("/v1/partners").await;
+    assert_eq!(partners["partners"][0]["queued"], 2, "the two retries wait");
 
     // What the chunk knows survives a restart: nothing delivered is sent again.
     h.herald.shutdown().await.expect("clean shutdown");
     let h = TestHerald::start(&toml, clock).await;
     let count = |prefix: char| h.records(prefix);
+
+    h.wait_queued("acme", 2).await;
 
     // The two retried ones leave the chunk, come due and go through.
     h.clock.advance(Duration::from_millis(1_100));
@@ -480,6 +485,7 @@ async fn one_batch_shares_a_chunk_and_each_delivery_keeps_its_own_outcome() {
         }
     }
     assert_eq!(count('s'), 0, "nothing is pending, so no entry is left");
+    h.wait_queued("acme", 0).await;
     assert_eq!(count('g'), 1, "the chunk's state says who it delivered");
 
     h.clock.advance(Duration::from_secs(3_601));

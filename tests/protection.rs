@@ -130,6 +130,7 @@ breaker = { failures = 3, cool_down = "10s", max_cool_down = "60s" }"#,
     let breaker = |view: serde_json::Value| view["partners"][0]["breaker"].clone();
     let (_, partners) = h.get("/v1/partners").await;
     assert_eq!(breaker(partners), "open");
+    h.wait_queued("acme", 20).await;
 
     // Held: nothing goes out before the cool-down ends, however long the retries' due times passed.
     h.clock.advance(Duration::from_millis(9_999));
@@ -156,6 +157,7 @@ breaker = { failures = 3, cool_down = "10s", max_cool_down = "60s" }"#,
     assert_eq!(breaker(partners.clone()), "closed");
     assert_eq!(partners["partners"][0]["delivered"], 20);
     assert_eq!(partners["partners"][0]["dead"], 0);
+    h.wait_queued("acme", 0).await;
     for id in &ids {
         let event = h
             .wait_event(id, "delivered", |e| {
@@ -520,6 +522,7 @@ retry = { initial_ms = 1000, max_interval_ms = 1000 }"#,
         .map(|(_, n)| n)
         .collect();
     assert_eq!(thermostat, vec![2, 3, 4]);
+    h.wait_queued("acme", 0).await;
 }
 
 #[tokio::test]
@@ -592,6 +595,7 @@ async fn a_newer_state_supersedes_an_older_one_still_waiting_and_says_so() {
     let (_, partners) = h.get("/v1/partners").await;
     assert_eq!(partners["partners"][0]["superseded"], 1);
     assert_eq!(partners["partners"][0]["delivered"], 4);
+    h.wait_queued("acme", 0).await;
 }
 
 #[tokio::test]

@@ -319,12 +319,9 @@ fn validate(state: &AppState, e: IncomingEvent, now_ms: u64) -> Result<EventReco
             chosen
         }
     };
-    let coalesced = partners.iter().any(|name| {
-        state
-            .config
-            .partner(name)
-            .is_some_and(|p| p.coalesce_state)
-    });
+    let coalesced = partners
+        .iter()
+        .any(|name| state.config.partner(name).is_some_and(|p| p.coalesce_state));
     let state_key = match e.priority {
         // Read only for a partner that folds states: it parses `data` again.
         Priority::Normal if coalesced => state_key(&data),

@@ -1,4 +1,5 @@
-//! Partners as on-call sees them: limits, breaker, counts, parked routes.
+//! Partners as on-call sees them: queue depth, limits, breaker, counts,
+//! parked routes.
 //!
 //! `GET /v1/partners` answers "is this partner OK right now?";
 //! `GET /v1/partners/{name}/parked` lists the devices whose route the
@@ -31,6 +32,8 @@ struct PartnerView {
     /// While the breaker is open: when it lets one probe through.
     #[serde(skip_serializing_if = "Option::is_none")]
     next_probe_at: Option<String>,
+    /// Deliveries waiting in the schedule, in flight included.
+    queued: u64,
     in_flight: usize,
     max_in_flight: usize,
     /// What may be in flight now: learned with `concurrency = "adaptive"`.
@@ -59,6 +62,7 @@ pub async fn list_partners(State(state): State<Arc<AppState>>, headers: HeaderMa
             adapter: lane.partner.adapter_kind.clone(),
             breaker: lane.breaker.state(),
             next_probe_at: lane.breaker.next_probe_ms().map(rfc3339),
+            queued: state.store.queued(&lane.partner.name),
             in_flight: lane.in_flight(),
             max_in_flight: lane.partner.max_in_flight,
             concurrency_limit: lane.concurrency_limit(),

@@ -9,6 +9,7 @@
 //! partner, because sled's cost is per key.
 
 mod chunk;
+mod depth;
 pub mod keys;
 pub use replay::Replayed;
 mod links;
@@ -141,6 +142,7 @@ pub struct Store {
     /// The number of the latest group commit whose writes readers may see
     /// (set before the group is applied): see [`Store::visible_commit`].
     visible: Arc<AtomicU64>,
+    depth: Arc<depth::Depth>,
 }
 
 impl Store {
@@ -188,14 +190,23 @@ impl Store {
         let data_file = std::fs::File::open(dir.join("db"))
             .map_err(|e| open_err(format!("cannot open its data file for fsync: {e}")))?;
         let watermark = watermark::Watermark::open(dir, &db).map_err(open_err)?;
+        let depth =
+            Arc::new(depth::Depth::new(count_scheduled(&db).map_err(|e| {
+                open_err(format!("cannot count the schedule: {e}"))
+            })?));
         let (commands, rx) = mpsc::channel(options.queue.max(1));
         let visible = Arc::new(AtomicU64::new(0));
-        writer::spawn(db.clone(), data_file, watermark, Arc::clone(&visible), rx)
+        let shared = writer::Shared {
+            visible: Arc::clone(&visible),
+            depth: Arc::clone(&depth),
+        };
+        writer::spawn(db.clone(), data_file, watermark, shared, rx)
             .map_err(|e| open_err(format!("cannot start the writer: {e}")))?;
         Ok(Store {
             db,
             commands,
             visible,
+            depth,
         })
     }
 
@@ -449,21 +460,8 @@ impl Store {
         Ok(true)
     }
 
-    /// The state of a chunk of `members`; all pending if its record is
-    /// missing or unreadable (the writer rebuilds it so when it records an
-    /// outcome): sending again beats stranding a delivery.
     fn chunk_state(&self, chunk: Uuid, members: usize) -> Result<chunk::State, StoreError> {
-        let key = keys::chunk_state(chunk);
-        let Some(bytes) = self.db.get(key)? else {
-            return Ok(chunk::State::new(members));
-        };
-        match chunk::State::from_bytes(&key, bytes.to_vec()) {
-            Ok(state) if state.members() == members => Ok(state),
-            Ok(_) | Err(_) => {
-                tracing::error!(%chunk, "unreadable chunk state; its members are taken as pending");
-                Ok(chunk::State::new(members))
-            }
-        }
+        chunk_state(&self.db, chunk, members)
     }
 
     /// The latest state delivery of `device`'s `state` attribute at `partner`.
@@ -495,8 +493,14 @@ impl Store {
         Ok(first.is_none_or(|(k, _)| k.ends_with(entry.delivery.as_bytes())))
     }
 
-    /// How many deliveries of `partner` wait in the schedule (a full scan of
-    /// its range: for tests and tooling, not for hot paths).
+    /// How many deliveries of `partner` wait in the schedule (in flight
+    /// included), as the writer keeps count: no scan.
+    pub fn queued(&self, partner: &str) -> u64 {
+        self.depth.of(partner)
+    }
+
+    /// The same, counted by a full scan of `partner`'s range: for tests and
+    /// tooling, not for hot paths.
     pub fn scheduled_count(&self, partner: &str) -> usize {
         Priority::ALL
             .iter()
@@ -505,17 +509,7 @@ impl Store {
                 self.db
                     .range(start..end)
                     .filter_map(Result::ok)
-                    .map(|(k, v)| {
-                        if !chunk::is_chunk(&v) {
-                            return 1;
-                        }
-                        let Some(id) = ScheduleKey::delivery_of(&k) else {
-                            return 0;
-                        };
-                        chunk::Members::decode(&k, &v)
-                            .and_then(|m| self.chunk_state(id, m.list.len()))
-                            .map_or(0, |state| state.pending_count())
-                    })
+                    .map(|(k, v)| entry_depth(&self.db, &k, &v))
                     .sum::<usize>()
             })
             .sum()
@@ -536,6 +530,50 @@ impl Store {
         .map(|&p| (p as char, self.db.scan_prefix([p]).count()))
         .collect()
     }
+}
+
+/// The state of a chunk of `members`; all pending if its record is missing
+/// or unreadable (the writer rebuilds it so when it records an outcome):
+/// sending again beats stranding a delivery.
+fn chunk_state(db: &sled::Db, chunk: Uuid, members: usize) -> Result<chunk::State, StoreError> {
+    let key = keys::chunk_state(chunk);
+    let Some(bytes) = db.get(key)? else {
+        return Ok(chunk::State::new(members));
+    };
+    match chunk::State::from_bytes(&key, bytes.to_vec()) {
+        Ok(state) if state.members() == members => Ok(state),
+        Ok(_) | Err(_) => {
+            tracing::error!(%chunk, "unreadable chunk state; its members are taken as pending");
+            Ok(chunk::State::new(members))
+        }
+    }
+}
+
+/// How many deliveries one schedule entry holds: one, or a chunk's pending
+/// members (none if it cannot be read: the scan skips it too).
+fn entry_depth(db: &sled::Db, key: &[u8], value: &[u8]) -> usize {
+    if !chunk::is_chunk(value) {
+        return 1;
+    }
+    let Some(id) = ScheduleKey::delivery_of(key) else {
+        return 0;
+    };
+    chunk::Members::decode(key, value)
+        .and_then(|m| chunk_state(db, id, m.list.len()))
+        .map_or(0, |state| state.pending_count())
+}
+
+/// Every partner's deliveries in the schedule, by a scan of the index.
+fn count_scheduled(db: &sled::Db) -> Result<std::collections::HashMap<String, u64>, StoreError> {
+    let mut counted = std::collections::HashMap::new();
+    for item in db.scan_prefix([keys::SCHEDULE]) {
+        let (k, v) = item?;
+        let Some(key) = ScheduleKey::decode(&k) else {
+            continue;
+        };
+        *counted.entry(key.partner).or_default() += entry_depth(db, &k, &v) as u64;
+    }
+    Ok(counted)
 }
 
 /// Applies what delivered `event`'s pending deliveries to it: a chunk

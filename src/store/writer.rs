@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::chunk;
+use super::depth::{Depth, Moves};
 use super::keys::{self, ScheduleKey};
 use super::watermark::{self, Watermark};
 use super::{
@@ -71,16 +72,23 @@ pub(super) enum Command {
     },
 }
 
+/// What the writer publishes for readers on other threads.
+pub(super) struct Shared {
+    /// See [`super::Store::visible_commit`].
+    pub visible: Arc<AtomicU64>,
+    pub depth: Arc<Depth>,
+}
+
 pub(super) fn spawn(
     db: sled::Db,
     data_file: File,
     watermark: Watermark,
-    visible: Arc<AtomicU64>,
+    shared: Shared,
     rx: mpsc::Receiver<Command>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("herald-store-writer".into())
-        .spawn(move || run(db, data_file, watermark, visible, rx))
+        .spawn(move || run(db, data_file, watermark, shared, rx))
         .map(|_| ())
 }
 
@@ -106,7 +114,7 @@ fn run(
     db: sled::Db,
     data_file: File,
     mut watermark: Watermark,
-    visible: Arc<AtomicU64>,
+    shared: Shared,
     mut rx: mpsc::Receiver<Command>,
 ) {
     while let Some(first) = rx.blocking_recv() {
@@ -167,7 +175,11 @@ fn run(
                 }
             }
         }
-        let durable = pending.commit(&db, &data_file, &mut watermark, &visible);
+        let moves = std::mem::take(&mut pending.moves);
+        let durable = pending.commit(&db, &data_file, &mut watermark, &shared.visible);
+        if durable.is_ok() {
+            shared.depth.apply(moves);
+        }
         metrics::histogram!("herald_store_group_size").record(size as f64);
         metrics::histogram!("herald_store_group_seconds").record(started.elapsed().as_secs_f64());
         for answer in answers {
@@ -227,6 +239,8 @@ pub(super) struct Pending<'a> {
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
     /// The schedule chunks this group's first attempts go in.
     chunks: chunk::Filling,
+    /// How this group changes each partner's queue depth.
+    pub(super) moves: Moves,
     /// The number this group will commit as.
     commit: u64,
     /// The next device-queue sequence number: the commit number in the
@@ -240,6 +254,7 @@ impl<'a> Pending<'a> {
             db,
             overlay: HashMap::new(),
             chunks: chunk::Filling::default(),
+            moves: Moves::default(),
             commit,
             next_seq: commit << 24,
         }
@@ -406,6 +421,7 @@ fn enqueue(p: &mut Pending<'_>, events: Vec<EventRecord>) -> Result<Vec<Accepted
         let mut answer = accepted(&event, false);
         answer.commit = p.commit;
         for d in &mut event.deliveries {
+            p.moves.add(&d.partner, 1);
             let due_ms = d.next_due_ms.unwrap_or(event.received_ms);
             if !d.ordered && d.coalesce.is_none() {
                 // A plain first attempt: one member of this group's chunk.
@@ -496,6 +512,7 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
             // Already settled (a duplicate report): nothing to move.
             return Ok(());
         }
+        p.moves.add(&key.partner, -1);
         if !state.any_pending() {
             p.remove(chunk::entry_key(&key, chunk.id));
         }
@@ -510,11 +527,15 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
         }
     } else {
         let schedule_key = key.encode();
-        // A success needs no look first: a duplicate report would only write
-        // the same marker again. Anything else must not act twice.
-        if next != Next::Delivered && p.get(&schedule_key)?.is_none() {
+        // A duplicate success only writes the same marker again; anything
+        // else must not act twice.
+        let existed = p.get(&schedule_key)?.is_some();
+        if next != Next::Delivered && !existed {
             // Already settled (a duplicate report): nothing to move.
             return Ok(());
+        }
+        if existed {
+            p.moves.add(&key.partner, -1);
         }
         p.remove(schedule_key);
     }
@@ -584,6 +605,7 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
         Next::Superseded(_) => {}
         Next::RetryAt(due_ms) => {
             delivery.next_due_ms = Some(due_ms);
+            p.moves.add(&key.partner, 1);
             let retry = ScheduleKey { due_ms, ..key };
             let entry = ScheduledDelivery {
                 attempts: entry.attempts + 1,

@@ -303,6 +303,23 @@ impl TestHerald {
             .map_or(0, |(_, n)| n)
     }
 
+    /// Waits (real time, bounded) until the store counts `n` deliveries
+    /// queued for `partner`, and checks that a full scan agrees.
+    pub async fn wait_queued(&self, partner: &str, n: u64) {
+        for _ in 0..400 {
+            if self.herald.store().queued(partner) == n {
+                let scanned = self.herald.store().scheduled_count(partner) as u64;
+                assert_eq!(scanned, n, "the kept count and a scan of the index agree");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!(
+            "expected {n} queued for {partner}, the store counts {}",
+            self.herald.store().queued(partner)
+        );
+    }
+
     /// Polls the store (real time, bounded) until `check` holds for the event.
     pub async fn wait_event(
         &self,
