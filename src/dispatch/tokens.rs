@@ -50,9 +50,11 @@ pub struct Tokens {
     timeout: Duration,
     /// One refresh at a time per link (by device id).
     gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// The partner-wide token, for adapters with [`TokenScope::Partner`];
-    /// its lock is the single flight of the mint.
-    partner_token: tokio::sync::Mutex<Option<PartnerToken>>,
+    /// The partner-wide token, for adapters with [`TokenScope::Partner`]:
+    /// read by every delivery under a plain lock held for a clone.
+    partner_token: Mutex<Option<PartnerToken>>,
+    /// Held while one is minted: the single flight of the mint.
+    minting: tokio::sync::Mutex<()>,
 }
 
 struct PartnerToken {
@@ -75,7 +77,8 @@ impl Tokens {
             clock,
             timeout,
             gates: Mutex::new(HashMap::new()),
-            partner_token: tokio::sync::Mutex::new(None),
+            partner_token: Mutex::new(None),
+            minting: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -184,12 +187,18 @@ impl Tokens {
                     self.links
                         .rotate(&self.partner, device_id, link.generation, fresh.clone())
                 };
+                let clock = self.clock.clone();
                 let stored = store
                     .retry(
                         ExponentialBuilder::default()
                             .with_min_delay(Duration::from_millis(20))
                             .with_max_times(5),
                     )
+                    // On herald's clock, like every other wait.
+                    .sleep(move |wait| {
+                        let clock = clock.clone();
+                        async move { clock.sleep(wait).await }
+                    })
                     .when(|e| matches!(e, LinkError::Store(e) if !matches!(e, StoreError::Closed)))
                     .await
                     .map_err(|e| {
@@ -228,16 +237,15 @@ impl Tokens {
         adapter: &dyn Adapter,
         refused: Option<&str>,
     ) -> Result<String, Verdict> {
-        let mut slot = self.partner_token.lock().await;
-        let now_unix = self.now_unix();
-        if let Some(held) = slot.as_ref() {
-            let fresh = held
-                .expires_at_unix
-                .is_none_or(|at| at > now_unix + EXPIRY_MARGIN_SECS);
-            if fresh && refused != Some(held.access_token.as_str()) {
-                return Ok(held.access_token.clone());
-            }
+        if let Some(token) = self.held_partner_token(refused) {
+            return Ok(token);
         }
+        let _minting = self.minting.lock().await;
+        // Whoever minted while this one waited left a usable token.
+        if let Some(token) = self.held_partner_token(refused) {
+            return Ok(token);
+        }
+        let now_unix = self.now_unix();
         let request = adapter
             .partner_token_request(now_unix)
             .map_err(|e| Verdict::Permanent {
@@ -253,7 +261,7 @@ impl Tokens {
             RefreshVerdict::Renewed(fresh) => {
                 tracing::info!(partner = %self.partner, "partner token minted");
                 let token = fresh.access_token.clone();
-                *slot = Some(PartnerToken {
+                *lock(&self.partner_token) = Some(PartnerToken {
                     access_token: fresh.access_token,
                     expires_at_unix: fresh.expires_at_unix,
                 });
@@ -277,6 +285,17 @@ impl Tokens {
         }
     }
 
+    /// The partner token held, unless it is about to expire or is the one
+    /// the platform just `refused`.
+    fn held_partner_token(&self, refused: Option<&str>) -> Option<String> {
+        let slot = lock(&self.partner_token);
+        let held = slot.as_ref()?;
+        let fresh = held
+            .expires_at_unix
+            .is_none_or(|at| at > self.now_unix() + EXPIRY_MARGIN_SECS);
+        (fresh && refused != Some(held.access_token.as_str())).then(|| held.access_token.clone())
+    }
+
     fn read(&self, device_id: &str) -> Result<Option<Link>, Verdict> {
         self.links
             .get(&self.partner, device_id)
@@ -287,13 +306,13 @@ impl Tokens {
     }
 
     fn gate(&self, device_id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        let mut gates = lock(&self.gates);
         Arc::clone(gates.entry(device_id.to_string()).or_default())
     }
 
     /// Forgets a link's gate once nobody waits on it.
     fn release_gate(&self, device_id: &str, gate: Arc<tokio::sync::Mutex<()>>) {
-        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        let mut gates = lock(&self.gates);
         // Ours and the map's: nobody else holds or waits on it.
         if Arc::strong_count(&gate) == 2 {
             gates.remove(device_id);
@@ -321,4 +340,11 @@ impl Prepared {
         let token = link.credentials.as_ref().map(|c| c.access_token.clone());
         Prepared { link, token }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain maps and tokens: a panic elsewhere cannot tear them.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
