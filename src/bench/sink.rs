@@ -18,6 +18,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::Router;
 
+use crate::sync::lock;
+
 /// How the sink answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -129,10 +131,6 @@ impl Drop for Sink {
     fn drop(&mut self) {
         self.server.abort();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 async fn receive_plain(State(state): State<Arc<SinkState>>) -> StatusCode {

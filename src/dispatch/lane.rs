@@ -31,6 +31,7 @@ use crate::config::PartnerConfig;
 use crate::links::Links;
 use crate::model::{AttemptOutcome, Priority};
 use crate::store::{Due, Next, Outcome, Store};
+use crate::sync::lock;
 
 type Limiter = RateLimiter<NotKeyed, InMemoryState, Clock, NoOpMiddleware<governor::nanos::Nanos>>;
 
@@ -583,13 +584,6 @@ impl Lane {
             (State::Open, None) => {}
         }
     }
-}
-
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Plain numbers and queues: a panic elsewhere cannot tear them.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Outcomes waiting to be written, and whether a send task is writing them.

@@ -60,9 +60,6 @@ impl Parked {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, ParkedRoute>> {
-        // Plain inserts and removes: a panic elsewhere cannot leave it torn.
-        self.routes
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.routes)
     }
 }

@@ -37,10 +37,7 @@ impl Held {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<Uuid>> {
-        // A panic while holding this lock cannot leave the set inconsistent.
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.0)
     }
 }
 

@@ -21,6 +21,7 @@ use super::client::exchange;
 use crate::clock::Clock;
 use crate::links::{Link, LinkError, Links};
 use crate::store::StoreError;
+use crate::sync::lock;
 
 /// A token with this little life left is renewed before it is used.
 const EXPIRY_MARGIN_SECS: u64 = 60;
@@ -340,11 +341,4 @@ impl Prepared {
         let token = link.credentials.as_ref().map(|c| c.access_token.clone());
         Prepared { link, token }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Plain maps and tokens: a panic elsewhere cannot tear them.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
