@@ -730,6 +730,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_outcome_that_fails_part_way_leaves_its_delivery_scheduled() {
+        let (_dir, store) = open();
+        let (events, _) = three_in_a_chunk(&store).await;
+        let first = due_now(&store).remove(0);
+        let event_key = keys::event(first.entry.event);
+        store
+            .db
+            .insert(event_key, &b"{not json"[..])
+            .expect("write");
+        let retry = Outcome {
+            key: first.key.clone(),
+            entry: first.entry.clone(),
+            attempt: Attempt {
+                number: 1,
+                at_ms: 1_500,
+                status: Some(503),
+                latency_ms: 3,
+                outcome: AttemptOutcome::Retry,
+                detail: "503".into(),
+            },
+            next: Next::RetryAt(5_000),
+            park: None,
+        };
+        let failed = store.record(retry).await;
+        assert!(
+            matches!(failed, Err(StoreError::Corrupt { .. })),
+            "{failed:?}"
+        );
+        // Nothing of it was written: still in its chunk, still counted, sent again.
+        let again = due_now(&store);
+        assert_eq!(again.len(), 3);
+        assert!(again.iter().any(|d| d.key.delivery == first.key.delivery));
+        assert_eq!(store.queued("acme"), 3);
+        assert_eq!(store.scheduled_count("acme"), 3);
+        assert_eq!(events.len(), 3);
+    }
+
+    #[tokio::test]
     async fn an_unreadable_or_missing_chunk_state_sends_again_and_is_rebuilt() {
         for damage in ["garbage", "missing"] {
             let (_dir, store) = open();

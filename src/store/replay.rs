@@ -87,7 +87,7 @@ fn replay(
         chunk: None,
     };
     p.put(key.encode(), encode(&entry));
-    p.moves.add(&key.partner, 1);
+    p.moved(&key.partner, 1);
     p.put(event_key.to_vec(), encode(&event));
     letter.replayed_as = Some(new_delivery);
     letter.replayed_ms = Some(now_ms);

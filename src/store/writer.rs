@@ -137,7 +137,9 @@ fn run(
                     answers.push(Answer::Enqueue(reply, result));
                 }
                 Command::Record { outcomes, reply } => {
-                    let results = outcomes.into_iter().map(|o| record(&mut pending, o));
+                    let results = outcomes
+                        .into_iter()
+                        .map(|o| pending.atomically(|p| record(p, o)));
                     answers.push(Answer::Record(reply, Ok(results.collect())));
                 }
                 Command::Collect {
@@ -146,7 +148,8 @@ fn run(
                     resume_after,
                     reply,
                 } => {
-                    let result = collect(&mut pending, cutoff_ms, budget, resume_after);
+                    let result =
+                        pending.atomically(|p| collect(p, cutoff_ms, budget, resume_after));
                     answers.push(Answer::Collect(reply, result));
                 }
                 Command::Unpark { key, reply } => {
@@ -232,6 +235,13 @@ fn refuse(command: Command) {
     }
 }
 
+/// One step [`Pending::atomically`] can take back.
+enum Undo {
+    /// A key was written; what the overlay held for it before (`None`: nothing).
+    Write(Vec<u8>, Option<Option<Vec<u8>>>),
+    Moved(String, i64),
+}
+
 /// One group's writes: an overlay that later requests of the group read
 /// through, turned into one sled batch at commit.
 pub(super) struct Pending<'a> {
@@ -240,7 +250,10 @@ pub(super) struct Pending<'a> {
     /// The schedule chunks this group's first attempts go in.
     chunks: chunk::Filling,
     /// How this group changes each partner's queue depth.
-    pub(super) moves: Moves,
+    moves: Moves,
+    /// While a request runs [`Pending::atomically`]: how to undo what it
+    /// changed so far, newest last.
+    undo: Option<Vec<Undo>>,
     /// The number this group will commit as.
     commit: u64,
     /// The next device-queue sequence number: the commit number in the
@@ -255,6 +268,7 @@ impl<'a> Pending<'a> {
             overlay: HashMap::new(),
             chunks: chunk::Filling::default(),
             moves: Moves::default(),
+            undo: None,
             commit,
             next_seq: commit << 24,
         }
@@ -288,11 +302,57 @@ impl<'a> Pending<'a> {
     }
 
     pub(super) fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.overlay.insert(key, Some(value));
+        self.write(key, Some(value));
     }
 
     pub(super) fn remove(&mut self, key: Vec<u8>) {
-        self.overlay.insert(key, None);
+        self.write(key, None);
+    }
+
+    fn write(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        match &mut self.undo {
+            Some(undo) => {
+                let before = self.overlay.insert(key.clone(), value);
+                undo.push(Undo::Write(key, before));
+            }
+            None => {
+                self.overlay.insert(key, value);
+            }
+        }
+    }
+
+    /// `partner`'s queue depth changes by `by` if this group commits.
+    pub(super) fn moved(&mut self, partner: &str, by: i64) {
+        self.moves.add(partner, by);
+        if let Some(undo) = &mut self.undo {
+            undo.push(Undo::Moved(partner.to_string(), by));
+        }
+    }
+
+    /// Runs one request's changes as a unit: if it fails part way, what it
+    /// wrote is taken back, so the group commits none of it rather than,
+    /// say, a removed schedule entry without the retry that replaces it.
+    fn atomically<T>(
+        &mut self,
+        change: impl FnOnce(&mut Self) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.undo = Some(Vec::new());
+        let result = change(self);
+        let undo = self.undo.take().unwrap_or_default();
+        if result.is_err() {
+            for step in undo.into_iter().rev() {
+                match step {
+                    Undo::Write(key, Some(before)) => {
+                        self.overlay.insert(key, before);
+                    }
+                    Undo::Write(key, None) => {
+                        self.overlay.remove(&key);
+                    }
+                    Undo::Moved(partner, by) => self.moves.add(&partner, -by),
+                }
+            }
+        }
+        result
     }
 
     /// The state of chunk `id`, for a change that [`Pending::put`] or
@@ -421,7 +481,7 @@ fn enqueue(p: &mut Pending<'_>, events: Vec<EventRecord>) -> Result<Vec<Accepted
         let mut answer = accepted(&event, false);
         answer.commit = p.commit;
         for d in &mut event.deliveries {
-            p.moves.add(&d.partner, 1);
+            p.moved(&d.partner, 1);
             let due_ms = d.next_due_ms.unwrap_or(event.received_ms);
             if !d.ordered && d.coalesce.is_none() {
                 // A plain first attempt: one member of this group's chunk.
@@ -512,7 +572,7 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
             // Already settled (a duplicate report): nothing to move.
             return Ok(());
         }
-        p.moves.add(&key.partner, -1);
+        p.moved(&key.partner, -1);
         if !state.any_pending() {
             p.remove(chunk::entry_key(&key, chunk.id));
         }
@@ -535,7 +595,7 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
             return Ok(());
         }
         if existed {
-            p.moves.add(&key.partner, -1);
+            p.moved(&key.partner, -1);
         }
         p.remove(schedule_key);
     }
@@ -605,7 +665,7 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
         Next::Superseded(_) => {}
         Next::RetryAt(due_ms) => {
             delivery.next_due_ms = Some(due_ms);
-            p.moves.add(&key.partner, 1);
+            p.moved(&key.partner, 1);
             let retry = ScheduleKey { due_ms, ..key };
             let entry = ScheduledDelivery {
                 attempts: entry.attempts + 1,
