@@ -54,18 +54,17 @@ pub fn is_chunk(value: &[u8]) -> bool {
     value.first() == Some(&FORMAT)
 }
 
-/// A chunk entry's members: (delivery, event), in slot order.
+/// A chunk entry's members: (delivery, event), in slot order. They were
+/// created when the chunk came due: its key's due time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Members {
-    pub created_ms: u64,
     pub list: Vec<(Uuid, Uuid)>,
 }
 
 impl Members {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(1 + 8 + 2 + 32 * self.list.len());
+        let mut out = Vec::with_capacity(1 + 2 + 32 * self.list.len());
         out.push(FORMAT);
-        out.extend_from_slice(&self.created_ms.to_be_bytes());
         out.extend_from_slice(&(self.list.len() as u16).to_be_bytes());
         for (delivery, event) in &self.list {
             out.extend_from_slice(delivery.as_bytes());
@@ -76,12 +75,11 @@ impl Members {
 
     pub fn decode(key: &[u8], value: &[u8]) -> Result<Members, StoreError> {
         let corrupt = |reason: &str| corrupt(key, reason);
-        if value.first() != Some(&FORMAT) || value.len() < 11 {
+        if value.first() != Some(&FORMAT) || value.len() < 3 {
             return Err(corrupt("not a schedule chunk"));
         }
-        let created_ms = u64::from_be_bytes(value[1..9].try_into().map_err(|_| corrupt("time"))?);
-        let n = u16::from_be_bytes([value[9], value[10]]) as usize;
-        let body = &value[11..];
+        let n = u16::from_be_bytes([value[1], value[2]]) as usize;
+        let body = &value[3..];
         if body.len() != n * 32 {
             return Err(corrupt("member list of the wrong length"));
         }
@@ -93,23 +91,29 @@ impl Members {
                 Ok((delivery, event))
             })
             .collect::<Result<_, StoreError>>()?;
-        Ok(Members { created_ms, list })
+        Ok(Members { list })
     }
 
-    /// The schedule entry of slot `slot`, as a lane takes it.
-    pub fn entry(&self, chunk: Uuid, slot: usize) -> Option<ScheduledDelivery> {
+    /// The schedule entry of slot `slot` of the chunk under `chunk`.
+    pub fn entry(&self, chunk: &ScheduleKey, slot: usize) -> Option<ScheduledDelivery> {
         let &(delivery, event) = self.list.get(slot)?;
-        Some(ScheduledDelivery {
-            delivery,
-            event,
-            attempts: 0,
-            created_ms: self.created_ms,
-            order: None,
-            chunk: Some(ChunkRef {
-                id: chunk,
-                slot: slot as u16,
-            }),
-        })
+        let place = ChunkRef {
+            id: chunk.delivery,
+            slot: slot as u16,
+        };
+        Some(entry(delivery, event, chunk.due_ms, place))
+    }
+}
+
+/// The schedule entry of a chunk member due (and created) at `due_ms`.
+pub fn entry(delivery: Uuid, event: Uuid, due_ms: u64, place: ChunkRef) -> ScheduledDelivery {
+    ScheduledDelivery {
+        delivery,
+        event,
+        attempts: 0,
+        created_ms: due_ms,
+        order: None,
+        chunk: Some(place),
     }
 }
 
@@ -260,10 +264,7 @@ impl Filling {
                 due_ms,
                 delivery: Uuid::now_v7(),
             },
-            members: Members {
-                created_ms: due_ms,
-                list: Vec::new(),
-            },
+            members: Members { list: Vec::new() },
         });
         let chunk = ChunkRef {
             id: open.key.delivery,
@@ -331,9 +332,8 @@ mod tests {
 
     proptest! {
         #[test]
-        fn members_round_trip(created in any::<u64>(), ids in prop::collection::vec((any::<u128>(), any::<u128>()), 0..MAX_MEMBERS)) {
+        fn members_round_trip(ids in prop::collection::vec((any::<u128>(), any::<u128>()), 0..MAX_MEMBERS)) {
             let members = Members {
-                created_ms: created,
                 list: ids.iter().map(|&(d, e)| (Uuid::from_u128(d), Uuid::from_u128(e))).collect(),
             };
             let bytes = members.encode();
@@ -373,8 +373,8 @@ mod tests {
     #[test]
     fn a_single_entry_is_not_a_chunk_and_garbage_does_not_decode() {
         assert!(!is_chunk(br#"{"delivery":"x"}"#));
-        assert!(Members::decode(b"s", &[FORMAT, 0, 0]).is_err());
-        assert!(Members::decode(b"s", &[FORMAT, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 1]).is_err());
+        assert!(Members::decode(b"s", &[FORMAT, 0]).is_err());
+        assert!(Members::decode(b"s", &[FORMAT, 0, 2, 1]).is_err());
         assert!(State::from_bytes(b"g", vec![FORMAT, 0, 1, 0, 2]).is_err());
     }
 

@@ -444,7 +444,7 @@ impl Store {
             if added == room {
                 return Ok(false);
             }
-            if let Some(entry) = members.entry(chunk.delivery, slot) {
+            if let Some(entry) = members.entry(&chunk, slot) {
                 let key = ScheduleKey {
                     delivery,
                     ..chunk.clone()

@@ -489,14 +489,7 @@ fn enqueue(p: &mut Pending<'_>, events: Vec<EventRecord>) -> Result<Vec<Accepted
                     .chunks
                     .add(&d.partner, event.priority, due_ms, d.id, event.id);
                 d.chunk = Some(chunk);
-                let entry = ScheduledDelivery {
-                    delivery: d.id,
-                    event: event.id,
-                    attempts: 0,
-                    created_ms: event.received_ms,
-                    order: None,
-                    chunk: Some(chunk),
-                };
+                let entry = chunk::entry(d.id, event.id, key.due_ms, chunk);
                 answer.scheduled.push(Due {
                     key,
                     entry,
