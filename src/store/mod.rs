@@ -435,7 +435,7 @@ impl Store {
                 return Ok(true);
             }
         };
-        let state = self.chunk_state(chunk.delivery, members.list.len())?;
+        let state = chunk_state(&self.db, chunk.delivery, members.list.len())?;
         let mut added = 0;
         for (slot, &(delivery, _)) in members.list.iter().enumerate() {
             if !state.is_pending(slot) || held(delivery) {
@@ -458,10 +458,6 @@ impl Store {
             }
         }
         Ok(true)
-    }
-
-    fn chunk_state(&self, chunk: Uuid, members: usize) -> Result<chunk::State, StoreError> {
-        chunk_state(&self.db, chunk, members)
     }
 
     /// The latest state delivery of `device`'s `state` attribute at `partner`.
