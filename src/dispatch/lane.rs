@@ -39,7 +39,7 @@ type Limiter = RateLimiter<NotKeyed, InMemoryState, Clock, NoOpMiddleware<govern
 pub struct Lane {
     pub partner: PartnerConfig,
     adapter: Box<dyn Adapter>,
-    client: reqwest::Client,
+    client: super::client::Client,
     store: Store,
     clock: Clock,
     limiter: Option<Limiter>,
@@ -91,7 +91,7 @@ impl Lane {
     pub fn new(
         partner: PartnerConfig,
         adapter: Box<dyn Adapter>,
-        client: reqwest::Client,
+        client: super::client::Client,
         store: Store,
         links: Links,
         clock: Clock,

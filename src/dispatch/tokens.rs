@@ -46,7 +46,7 @@ impl Prepared {
 pub struct Tokens {
     partner: String,
     links: Links,
-    client: reqwest::Client,
+    client: super::client::Client,
     clock: Clock,
     timeout: Duration,
     /// One refresh at a time per link (by device id).
@@ -67,7 +67,7 @@ impl Tokens {
     pub fn new(
         partner: &str,
         links: Links,
-        client: reqwest::Client,
+        client: super::client::Client,
         clock: Clock,
         timeout: Duration,
     ) -> Tokens {
