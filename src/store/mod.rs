@@ -10,6 +10,7 @@
 
 mod chunk;
 mod depth;
+mod gather;
 pub mod keys;
 pub use replay::Replayed;
 mod links;

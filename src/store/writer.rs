@@ -1,6 +1,6 @@
 //! The writer: one thread that owns every change to the store.
 //!
-//! It takes whatever requests are waiting (up to [`MAX_GROUP`]), applies them
+//! It takes whatever requests are waiting (see [`super::gather`]), applies them
 //! to one `sled::Batch` (atomic), flushes once, then `sync_all()`s the data
 //! file, because sled's flush ends in `sync_file_range`, which is not an
 //! fsync (sled issue #1452). Only then does it answer, so a 202 always means
@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use super::chunk;
 use super::depth::{Depth, Moves};
+use super::gather::{Gatherer, OUTCOME_LINGER};
 use super::keys::{self, ScheduleKey};
 use super::watermark::{self, Watermark};
 use super::{
@@ -27,10 +28,6 @@ use super::{
 use crate::model::{
     AttemptLog, DeadLetter, DeliveryState, DeviceOrder, EventRecord, ScheduledDelivery,
 };
-
-/// Most requests applied in one group: bounds the latency of the group's
-/// first request and the size of one batch.
-const MAX_GROUP: usize = 2048;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -86,9 +83,10 @@ pub(super) fn spawn(
     shared: Shared,
     rx: mpsc::Receiver<Command>,
 ) -> std::io::Result<()> {
+    let gatherer = Gatherer::new(OUTCOME_LINGER)?;
     std::thread::Builder::new()
         .name("herald-store-writer".into())
-        .spawn(move || run(db, data_file, watermark, shared, rx))
+        .spawn(move || run(db, data_file, watermark, shared, gatherer, rx))
         .map(|_| ())
 }
 
@@ -115,16 +113,10 @@ fn run(
     data_file: File,
     mut watermark: Watermark,
     shared: Shared,
+    gatherer: Gatherer,
     mut rx: mpsc::Receiver<Command>,
 ) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(c) => group.push(c),
-                Err(_) => break,
-            }
-        }
+    while let Some(group) = gatherer.next(&mut rx) {
         let started = Instant::now();
         let mut pending = Pending::new(&db, watermark.next());
         let mut answers = Vec::with_capacity(group.len());
