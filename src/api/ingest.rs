@@ -192,6 +192,11 @@ fn split(body: &[u8], max_batch: usize) -> Result<(Vec<&RawValue>, bool), Proble
 pub(super) fn parse_json<T: serde::de::DeserializeOwned>(
     json: &str,
 ) -> Result<T, (String, String)> {
+    // Tracking the path costs on every value; only a failure needs it, so
+    // a document that parses is parsed once, plainly.
+    if let Ok(value) = serde_json::from_str(json) {
+        return Ok(value);
+    }
     let mut de = serde_json::Deserializer::from_str(json);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let mut pointer: String = e
