@@ -113,9 +113,9 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
-    use crate::model::{Attempt, AttemptOutcome, DeviceOrder, ScheduledDelivery};
+    use crate::model::{DeviceOrder, ScheduledDelivery};
     use crate::store::keys::ScheduleKey;
-    use crate::store::{Next, Outcome};
+    use crate::store::{testing, Next, Outcome};
 
     fn outcome(priority: Priority, ordered: bool) -> Outcome {
         let delivery = Uuid::now_v7();
@@ -137,14 +137,7 @@ mod tests {
                 }),
                 chunk: None,
             },
-            attempt: Attempt {
-                number: 1,
-                at_ms: 1_500,
-                status: Some(200),
-                latency_ms: 3,
-                outcome: AttemptOutcome::Delivered,
-                detail: String::new(),
-            },
+            attempt: testing::delivered_attempt(),
             next: Next::Delivered,
             park: None,
         }

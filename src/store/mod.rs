@@ -642,7 +642,7 @@ pub(crate) mod testing {
     use uuid::Uuid;
 
     use super::{Store, StoreOptions};
-    use crate::model::{DeliveryRecord, EventRecord, Priority};
+    use crate::model::{Attempt, AttemptOutcome, DeliveryRecord, EventRecord, Priority};
 
     /// A small store in a fresh temp dir (kept while the dir lives).
     pub fn open() -> (tempfile::TempDir, Store) {
@@ -673,6 +673,18 @@ pub(crate) mod testing {
             )],
         }
     }
+
+    /// A first attempt that delivered, at 1,500 ms.
+    pub fn delivered_attempt() -> Attempt {
+        Attempt {
+            number: 1,
+            at_ms: 1_500,
+            status: Some(200),
+            latency_ms: 3,
+            outcome: AttemptOutcome::Delivered,
+            detail: String::new(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -696,14 +708,7 @@ mod tests {
         let outcome = Outcome {
             key: due.key.clone(),
             entry: due.entry.clone(),
-            attempt: Attempt {
-                number: 1,
-                at_ms: 1_500,
-                status: Some(200),
-                latency_ms: 3,
-                outcome: AttemptOutcome::Delivered,
-                detail: String::new(),
-            },
+            attempt: testing::delivered_attempt(),
             next: Next::Delivered,
             park: None,
         };
