@@ -60,7 +60,8 @@ impl Gatherer {
             return Some(group);
         }
         let deadline = Instant::now() + self.linger;
-        while group.len() < MAX_GROUP && outcomes(&group) < OUTCOME_TARGET {
+        let mut gathered: usize = group.iter().map(outcomes).sum();
+        while group.len() < MAX_GROUP && gathered < OUTCOME_TARGET {
             let next = match rx.try_recv() {
                 Ok(c) => c,
                 Err(TryRecvError::Disconnected) => break,
@@ -76,6 +77,7 @@ impl Gatherer {
                 }
             };
             let more = may_wait(&next);
+            gathered += outcomes(&next);
             group.push(next);
             if !more {
                 break;
@@ -95,14 +97,11 @@ fn may_wait(command: &Command) -> bool {
     }
 }
 
-fn outcomes(group: &[Command]) -> usize {
-    group
-        .iter()
-        .map(|c| match c {
-            Command::Record { outcomes, .. } => outcomes.len(),
-            _ => 0,
-        })
-        .sum()
+fn outcomes(command: &Command) -> usize {
+    match command {
+        Command::Record { outcomes, .. } => outcomes.len(),
+        _ => 0,
+    }
 }
 
 #[cfg(test)]
