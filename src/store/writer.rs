@@ -83,11 +83,21 @@ pub(super) fn spawn(
     shared: Shared,
     rx: mpsc::Receiver<Command>,
 ) -> std::io::Result<()> {
-    let gatherer = Gatherer::new(OUTCOME_LINGER)?;
+    // The gatherer's timer is built on the writer's own thread: a runtime
+    // must not be dropped on an async one, as it would be if spawning failed.
+    let (started, ready) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("herald-store-writer".into())
-        .spawn(move || run(db, data_file, watermark, shared, gatherer, rx))
-        .map(|_| ())
+        .spawn(move || match Gatherer::new(OUTCOME_LINGER) {
+            Ok(gatherer) => {
+                let _ = started.send(Ok(()));
+                run(db, data_file, watermark, shared, gatherer, rx)
+            }
+            Err(e) => drop(started.send(Err(e))),
+        })?;
+    ready
+        .recv()
+        .map_err(|_| std::io::Error::other("the writer thread ended before it started"))?
 }
 
 /// A reply to send once the group is durable (or failed).
