@@ -14,6 +14,7 @@ pub mod model;
 pub mod operator;
 pub mod retention;
 pub mod store;
+pub mod supervise;
 pub mod sync;
 
 use std::net::SocketAddr;

@@ -65,7 +65,11 @@ impl Dispatcher {
                 clock.clone(),
                 parked,
             ));
-            loops.spawn(Arc::clone(&lane).run(stop.clone(), abandon.clone(), sends.clone()));
+            let running = Arc::clone(&lane).run(stop.clone(), abandon.clone(), sends.clone());
+            let name = partner.name.clone();
+            loops.spawn(crate::supervise::run_task_or(running, move || {
+                crate::supervise::exit(&format!("the lane of partner {name}"))
+            }));
             lanes.insert(partner.name.clone(), lane);
         }
         loops.close();

@@ -92,25 +92,13 @@ pub(super) fn spawn(
             Ok(gatherer) => {
                 let _ = started.send(Ok(()));
                 let writing = || run(db, data_file, watermark, shared, gatherer, rx);
-                exit_on_panic(writing, || std::process::exit(70));
+                crate::supervise::run_or(writing, || crate::supervise::exit("the store writer"));
             }
             Err(e) => drop(started.send(Err(e))),
         })?;
     ready
         .recv()
         .map_err(|_| std::io::Error::other("the writer thread ended before it started"))?
-}
-
-/// Runs the writer; if it panics (a bug), calls `exit`. Without its writer
-/// herald would still answer /readyz while refusing every event and
-/// recording no outcome. Exiting lets its supervisor start it again on the
-/// same data dir, where every accepted event is kept; requests in flight
-/// were never answered 202, so their senders try again.
-fn exit_on_panic(writing: impl FnOnce(), exit: impl FnOnce()) {
-    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(writing)).is_err() {
-        tracing::error!("the store writer stopped on a bug (its panic is above); herald exits so it can be started again on its data dir");
-        exit();
-    }
 }
 
 /// A reply to send once the group is durable (or failed).
@@ -787,19 +775,4 @@ fn forget_member(p: &mut Pending<'_>, chunk: Uuid) -> Result<(), StoreError> {
         p.put(key.to_vec(), state.into_bytes());
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::exit_on_panic;
-
-    #[test]
-    fn a_writer_that_panics_exits_and_one_that_stops_does_not() {
-        let mut exited = false;
-        exit_on_panic(|| panic!("a bug in the writer"), || exited = true);
-        assert!(exited, "a panic must end the process");
-        let mut exited = false;
-        exit_on_panic(|| {}, || exited = true);
-        assert!(!exited, "a clean stop is not an exit");
-    }
 }
