@@ -25,7 +25,7 @@ use crate::model::Priority;
 
 /// Most requests applied in one group: bounds the latency of the group's
 /// first request and the size of one batch.
-pub(super) const MAX_GROUP: usize = 2048;
+const MAX_GROUP: usize = 2048;
 
 /// How long an outcome-only group waits for company.
 pub(super) const OUTCOME_LINGER: Duration = Duration::from_millis(2);
@@ -56,7 +56,7 @@ impl Gatherer {
                 Err(_) => break,
             }
         }
-        if self.linger.is_zero() || !group.iter().all(may_wait) {
+        if !group.iter().all(may_wait) {
             return Some(group);
         }
         let deadline = Instant::now() + self.linger;
