@@ -188,8 +188,6 @@ impl Store {
                 StoreError::Io(reason) => open_err(reason),
                 other => other,
             })?;
-        let data_file = std::fs::File::open(dir.join("db"))
-            .map_err(|e| open_err(format!("cannot open its data file for fsync: {e}")))?;
         let watermark = watermark::Watermark::open(dir, &db).map_err(open_err)?;
         let depth =
             Arc::new(depth::Depth::new(count_scheduled(&db).map_err(|e| {
@@ -201,7 +199,7 @@ impl Store {
             visible: Arc::clone(&visible),
             depth: Arc::clone(&depth),
         };
-        writer::spawn(db.clone(), data_file, watermark, shared, rx)
+        writer::spawn(db.clone(), watermark, shared, rx)
             .map_err(|e| open_err(format!("cannot start the writer: {e}")))?;
         Ok(Store {
             db,

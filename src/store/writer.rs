@@ -9,7 +9,6 @@
 //! to later ones.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -78,7 +77,6 @@ pub(super) struct Shared {
 
 pub(super) fn spawn(
     db: sled::Db,
-    data_file: File,
     watermark: Watermark,
     shared: Shared,
     rx: mpsc::Receiver<Command>,
@@ -91,7 +89,7 @@ pub(super) fn spawn(
         .spawn(move || match Gatherer::new(OUTCOME_LINGER) {
             Ok(gatherer) => {
                 let _ = started.send(Ok(()));
-                let writing = || run(db, data_file, watermark, shared, gatherer, rx);
+                let writing = || run(db, watermark, shared, gatherer, rx);
                 crate::supervise::run_or(writing, || crate::supervise::exit("the store writer"));
             }
             Err(e) => drop(started.send(Err(e))),
@@ -121,7 +119,6 @@ enum Answer {
 
 fn run(
     db: sled::Db,
-    data_file: File,
     mut watermark: Watermark,
     shared: Shared,
     gatherer: Gatherer,
@@ -182,7 +179,7 @@ fn run(
             }
         }
         let moves = std::mem::take(&mut pending.moves);
-        let durable = pending.commit(&db, &data_file, &mut watermark, &shared.visible);
+        let durable = pending.commit(&db, &mut watermark, &shared.visible);
         if durable.is_ok() {
             shared.depth.apply(moves);
         }
@@ -391,7 +388,6 @@ impl<'a> Pending<'a> {
     fn commit(
         self,
         db: &sled::Db,
-        data_file: &File,
         watermark: &mut Watermark,
         visible: &AtomicU64,
     ) -> Result<(), StoreError> {
@@ -418,10 +414,9 @@ impl<'a> Pending<'a> {
         // Published before the writes can be seen, never after.
         visible.fetch_max(commit, Ordering::SeqCst);
         db.apply_batch(batch)?;
+        // Durable on return: herald's sled writes each log buffer with
+        // fdatasync (vendor/sled/HERALD.md).
         db.flush()?;
-        data_file
-            .sync_all()
-            .map_err(|e| StoreError::Io(format!("fsync of the data file: {e}")))?;
         metrics::counter!("herald_store_fsyncs_total").increment(1);
         // The commit stands either way; a stale watermark only weakens the check.
         if let Err(e) = watermark.advance() {
