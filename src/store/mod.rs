@@ -18,6 +18,7 @@ mod replay;
 mod watermark;
 mod writer;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -384,7 +385,10 @@ impl Store {
                 };
                 if chunk::is_chunk(&v) {
                     let room = limit - scan.found.len();
-                    if !self.due_members(key, &k, &v, room, held, &mut scan.found)? {
+                    let before = scan.found.len();
+                    let all_in = self.due_members(key, &k, &v, room, held, &mut scan.found)?;
+                    self.read_events(&mut scan.found[before..])?;
+                    if !all_in {
                         exhausted = false;
                         break;
                     }
@@ -457,6 +461,43 @@ impl Store {
             }
         }
         Ok(true)
+    }
+
+    /// Reads the events of `dues`, one chunk's members, in one walk of the
+    /// event keys instead of a lookup each when they are sent: a chunk's
+    /// events were accepted by one group commit, so their keys lie close
+    /// together. The walk stops once it has passed many more events than it
+    /// wants (other partners' between them); a due left without its event
+    /// reads it by itself when sent, as does one whose record will not
+    /// decode (and reports it then).
+    fn read_events(&self, dues: &mut [Due]) -> Result<(), StoreError> {
+        if dues.len() < 2 {
+            return Ok(());
+        }
+        let mut wanted: HashMap<Uuid, usize> = HashMap::with_capacity(dues.len());
+        for (i, due) in dues.iter().enumerate() {
+            if due.event.is_none() {
+                wanted.insert(due.entry.event, i);
+            }
+        }
+        let (Some(&first), Some(&last)) = (wanted.keys().min(), wanted.keys().max()) else {
+            return Ok(());
+        };
+        let budget = 2 * wanted.len() + 16;
+        let range = self.db.range(keys::event(first)..=keys::event(last));
+        for item in range.take(budget) {
+            let (k, v) = item?;
+            let Some(i) = keys::id_of(&k).and_then(|id| wanted.remove(&id)) else {
+                continue;
+            };
+            if let Ok(event) = decode::<EventRecord>(&k, &v) {
+                dues[i].event = Some(Arc::new(event));
+            }
+            if wanted.is_empty() {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// The latest state delivery of `device`'s `state` attribute at `partner`.
@@ -727,6 +768,36 @@ mod tests {
         assert_eq!(chunks.len(), 1, "one group, one chunk");
         let ids = accepted.iter().map(|a| a.id).collect();
         (ids, chunks.into_iter().next().expect("a chunk"))
+    }
+
+    #[tokio::test]
+    async fn a_scan_reads_a_chunks_events_and_leaves_an_unreadable_one_to_report_itself() {
+        let (_dir, store) = open();
+        let (events, _) = three_in_a_chunk(&store).await;
+        store
+            .db
+            .insert(keys::event(events[1]), &b"{not json"[..])
+            .expect("write");
+        let mut dues = due_now(&store);
+        dues.sort_by_key(|d| d.entry.event);
+        let carried: Vec<Option<Uuid>> = dues
+            .iter()
+            .map(|d| d.event.as_ref().map(|e| e.id))
+            .collect();
+        let mut expected = events.clone();
+        expected.sort();
+        let by_id = |id: Uuid| events.iter().position(|e| *e == id).expect("one of ours");
+        for (due, carried) in dues.iter().zip(&carried) {
+            if by_id(due.entry.event) == 1 {
+                assert_eq!(*carried, None, "the corrupt record is not handed over");
+                let read = due.event(&store);
+                assert!(matches!(read, Err(StoreError::Corrupt { .. })), "{read:?}");
+            } else {
+                assert_eq!(*carried, Some(due.entry.event), "read in the scan");
+            }
+        }
+        let found: Vec<Uuid> = dues.iter().map(|d| d.entry.event).collect();
+        assert_eq!(found, expected, "every member is due");
     }
 
     #[tokio::test]
