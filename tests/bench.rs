@@ -28,6 +28,9 @@ fn quick_bench_delivers_everything_and_prints_its_table() {
     for scenario in ["end to end, batches", "end to end, single"] {
         assert_eq!(find(scenario, "events"), 5000.0, "{scenario}");
         assert!(find(scenario, "delivered/s") > 0.0, "{scenario}");
+        assert!(find(scenario, "ceiling right before") > 0.0, "{scenario}");
+        assert!(find(scenario, "ceiling right after") > 0.0, "{scenario}");
+        assert!(find(scenario, "delivered/s ÷ ceiling") > 0.0, "{scenario}");
     }
     assert_eq!(find("outage", "events accepted while down"), 10_000.0);
     assert!(find("throttled", "critical events") >= 20.0);

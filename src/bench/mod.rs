@@ -97,9 +97,13 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, String> {
         } else {
             options.events.min(200_000)
         };
-        let rate = reference::http_ceiling(requests, 64, body.clone()).await?;
-        t.add("requests/s", rate, "req/s");
-        ceiling = Some(rate);
+        let reference = Ceiling {
+            requests,
+            body: body.clone(),
+            latest: reference::http_ceiling(requests, 64, body.clone()).await?,
+        };
+        t.add("requests/s", reference.latest, "req/s");
+        ceiling = Some(reference);
         done(t.figures);
     }
 
@@ -129,7 +133,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, String> {
     };
     if wanted(Scenario::Batched) {
         let scenario = "end to end, batches of 100";
-        done(healthy(options, scenario, &batched, epoch, ceiling).await?);
+        done(healthy(options, scenario, &batched, epoch, ceiling.as_mut()).await?);
     }
     if wanted(Scenario::Single) {
         let single = LoadSpec {
@@ -143,7 +147,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, String> {
             ..batched
         };
         let scenario = "end to end, single events";
-        done(healthy(options, scenario, &single, epoch, ceiling).await?);
+        done(healthy(options, scenario, &single, epoch, ceiling.as_mut()).await?);
     }
     if wanted(Scenario::Throttled) {
         done(throttled(options, epoch).await?);
@@ -156,6 +160,25 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, String> {
         machine: machine(),
         figures,
     })
+}
+
+/// The ceiling as last measured, and how to measure it again.
+struct Ceiling {
+    requests: u64,
+    body: Vec<u8>,
+    latest: f64,
+}
+
+impl Ceiling {
+    /// Measures the ceiling again, right after a scenario; returns the
+    /// measurements before and after it. A VM's speed drifts within
+    /// minutes, so a ratio against their mean says more than one against
+    /// a figure taken at the start of the run.
+    async fn bracket(&mut self) -> Result<(f64, f64), String> {
+        let before = self.latest;
+        self.latest = reference::http_ceiling(self.requests, 64, self.body.clone()).await?;
+        Ok((before, self.latest))
+    }
 }
 
 fn table(scenario: &str) -> Table {
@@ -172,7 +195,7 @@ async fn healthy(
     scenario: &str,
     spec: &LoadSpec,
     epoch: Instant,
-    ceiling: Option<f64>,
+    ceiling: Option<&mut Ceiling>,
 ) -> Result<Vec<Figure>, String> {
     let mut t = table(scenario);
     let sink = Sink::start(epoch, true).await.map_err(|e| e.to_string())?;
@@ -202,9 +225,12 @@ async fn healthy(
     );
     t.add("delivered/s", delivered_rate, "events/s");
     if let Some(ceiling) = ceiling {
+        let (before, after) = ceiling.bracket().await?;
+        t.add("ceiling right before", before, "req/s");
+        t.add("ceiling right after", after, "req/s");
         t.add(
             "delivered/s ÷ ceiling",
-            delivered_rate / ceiling * 100.0,
+            delivered_rate / ((before + after) / 2.0) * 100.0,
             "%",
         );
     }
