@@ -34,4 +34,8 @@ fn quick_bench_delivers_everything_and_prints_its_table() {
     }
     assert_eq!(find("outage", "events accepted while down"), 10_000.0);
     assert!(find("throttled", "critical events") >= 20.0);
+    assert!(
+        find("throttled", "critical end-to-end max")
+            >= find("throttled", "critical end-to-end p99")
+    );
 }

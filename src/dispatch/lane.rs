@@ -262,13 +262,14 @@ impl Lane {
             if stop.is_cancelled() {
                 return;
             }
-            self.take_offers(&mut window);
+            let critical_left = self.take_offers(&mut window);
             let now = self.clock.now_ms();
             if came_due(&self.retry_at, now) {
                 Priority::ALL.iter().for_each(|&p| window.mark_stale(p));
             }
             let critical = self.critical_waiting.swap(false, Ordering::AcqRel)
-                || self.critical_retry_came_due();
+                || self.critical_retry_came_due()
+                || critical_left;
             if critical {
                 window.mark_stale(Priority::Critical);
             }
@@ -389,17 +390,23 @@ impl Lane {
         came_due(&self.critical_retry_at, self.clock.now_ms())
     }
 
-    /// Moves what ingest handed over into the window.
-    fn take_offers(&self, window: &mut Window) {
+    /// Moves what ingest handed over into the window; true if a critical
+    /// hand-over was left to the index, to be scanned for at once.
+    fn take_offers(&self, window: &mut Window) -> bool {
         let Inbox {
             offers, overflowed, ..
         } = std::mem::take(&mut *lock(&self.inbox));
+        let mut critical_left = overflowed.contains(&Priority::Critical);
         for priority in overflowed {
             window.mark_stale(priority);
         }
         for (due, commit) in offers {
-            window.offer(due, commit);
+            let priority = due.key.priority;
+            if !window.offer(due, commit) && priority == Priority::Critical {
+                critical_left = true;
+            }
         }
+        critical_left
     }
 
     /// Waits for a rate-limit token for a send of `priority`. A normal

@@ -105,12 +105,15 @@ impl Window {
 
     /// Takes a delivery handed over right after `commit` made it durable,
     /// saving a scan of the index. When a scan may have seen it already, or
-    /// there is no room, it is left to the index (and the next scan).
-    pub fn offer(&mut self, due: Due, commit: u64) {
+    /// there is no room, it is left to the index (and the next scan), and
+    /// the answer is false: for critical work the caller must scan now, not
+    /// once the normal work in the window has drained.
+    #[must_use]
+    pub fn offer(&mut self, due: Due, commit: u64) -> bool {
         let priority = due.key.priority;
         let mut held = self.held.lock();
         if held.contains(&due.key.delivery) {
-            return;
+            return true;
         }
         let limit = match priority {
             Priority::Critical => 2 * self.capacity,
@@ -119,13 +122,14 @@ impl Window {
         if commit <= self.scanned_through || self.queued() >= limit {
             drop(held);
             self.mark_stale(priority);
-            return;
+            return false;
         }
         held.insert(due.key.delivery);
         match priority {
             Priority::Critical => self.critical.push_back(due),
             Priority::Normal => self.normal.push_back(due),
         }
+        true
     }
 
     /// Tops the window up with entries of `priorities` due at `now_ms`, in
@@ -268,12 +272,12 @@ mod tests {
             !window.is_stale(Priority::Normal, 2_000),
             "the index was read to its end"
         );
-        window.offer(first, first_commit);
+        assert!(window.offer(first, first_commit), "in the window already");
         assert_eq!(window.queued(), 1, "taken by the scan: not taken twice");
 
         // Written after the scan: taken from the hand-over, no scan needed.
         let (second, second_commit) = accept(&store, Priority::Normal).await;
-        window.offer(second.clone(), second_commit);
+        assert!(window.offer(second.clone(), second_commit));
         assert_eq!(window.queued(), 2);
         assert!(held.contains(second.key.delivery));
         assert!(!window.is_stale(Priority::Normal, 2_000));
@@ -290,7 +294,7 @@ mod tests {
         window.refill(&store, 2_000, &Priority::ALL).expect("scan");
         let taken = window.pop().expect("found by the scan");
         window.unhold(&taken);
-        window.offer(due, commit);
+        assert!(!window.offer(due, commit), "left to the index");
         assert_eq!(window.queued(), 0, "an old hand-over is not trusted");
         assert!(
             window.is_stale(Priority::Normal, 2_000),
@@ -303,19 +307,49 @@ mod tests {
         let (_dir, store) = open();
         let mut window = Window::new("acme", 2, Held::default(), false);
         window.refill(&store, 2_000, &Priority::ALL).expect("scan");
+        let mut taken = Vec::new();
         for _ in 0..3 {
             let (due, commit) = accept(&store, Priority::Normal).await;
-            window.offer(due, commit);
+            taken.push(window.offer(due, commit));
         }
+        assert_eq!(taken, [true, true, false], "no room for the third");
         assert_eq!(window.queued(), 2, "capacity 2");
         assert!(window.is_stale(Priority::Normal, 2_000));
         assert!(!window.is_stale(Priority::Critical, 2_000));
         // Critical work may take a second capacity.
         let (due, commit) = accept(&store, Priority::Critical).await;
-        window.offer(due, commit);
+        assert!(window.offer(due, commit));
         assert_eq!(
             window.pop().map(|d| d.key.priority),
             Some(Priority::Critical)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_critical_hand_over_a_scan_may_have_seen_says_so_and_a_critical_scan_finds_it() {
+        let (_dir, store) = open();
+        let mut window = Window::new("acme", 4, Held::default(), false);
+        // A window of normal work, far from low enough to refill.
+        for _ in 0..3 {
+            let (due, commit) = accept(&store, Priority::Normal).await;
+            assert!(window.offer(due, commit));
+        }
+        let (alert, commit) = accept(&store, Priority::Critical).await;
+        // A scan ran while the alert's group was being written: the window
+        // cannot tell whether it saw the alert, so the hand-over is refused.
+        window
+            .refill(&store, 2_000, &[Priority::Normal])
+            .expect("scan");
+        assert!(!window.offer(alert.clone(), commit), "left to the index");
+        assert!(!window.is_low(), "normal work would not refill for a while");
+        // What the lane does on that answer: scan the critical range now.
+        window
+            .refill(&store, 2_000, &[Priority::Critical])
+            .expect("critical scan");
+        let next = window.pop().expect("due work");
+        assert_eq!(
+            next.key.delivery, alert.key.delivery,
+            "the alert goes first"
         );
     }
 }
