@@ -2,8 +2,9 @@
 //!
 //! Reads go straight to sled from any task. Every write goes through one
 //! writer thread ([`writer`]) that applies many requests as one atomic batch
-//! and makes it durable with one flush + fsync (group commit), so an accepted
-//! event costs a fraction of an fsync and no write is ever half-applied.
+//! and makes it durable with one flush ending in fdatasync (group commit),
+//! so an accepted event costs a fraction of an fsync and no write is ever
+//! half-applied.
 //! The key layout lives in [`keys`]; nothing outside this module knows it.
 //! First attempts travel in [`chunk`]s, one index key per group commit and
 //! partner, because sled's cost is per key.

@@ -1,10 +1,11 @@
 //! The writer: one thread that owns every change to the store.
 //!
 //! It takes whatever requests are waiting (see [`super::gather`]), applies them
-//! to one `sled::Batch` (atomic), flushes once, then `sync_all()`s the data
-//! file, because sled's flush ends in `sync_file_range`, which is not an
-//! fsync (sled issue #1452). Only then does it answer, so a 202 always means
-//! "on disk". Being the only writer, it can read-modify-write records
+//! to one `sled::Batch` (atomic) and flushes once. Upstream sled's flush
+//! ends in `sync_file_range`, which is not an fsync (sled issue #1452);
+//! herald's copy ends each log write with `fdatasync` instead
+//! (vendor/sled/HERALD.md), so the flush returning means durable. Only then
+//! does it answer, so a 202 always means "on disk". Being the only writer, it can read-modify-write records
 //! without locks; an overlay makes writes earlier in the same group visible
 //! to later ones.
 
