@@ -262,14 +262,13 @@ impl Lane {
             if stop.is_cancelled() {
                 return;
             }
-            let critical_left = self.take_offers(&mut window);
+            self.take_offers(&mut window);
             let now = self.clock.now_ms();
             if came_due(&self.retry_at, now) {
                 Priority::ALL.iter().for_each(|&p| window.mark_stale(p));
             }
             let critical = self.critical_waiting.swap(false, Ordering::AcqRel)
-                || self.critical_retry_came_due()
-                || critical_left;
+                || self.critical_retry_came_due();
             if critical {
                 window.mark_stale(Priority::Critical);
             }
@@ -277,7 +276,10 @@ impl Lane {
             let refill: &[Priority] = if window.is_low() && Priority::ALL.iter().any(|&p| stale(p))
             {
                 &Priority::ALL
-            } else if critical {
+            } else if window.lacks_critical() {
+                // Whatever said so (a hand-over left to the index, a retry,
+                // a scan cut short): critical work never waits for the
+                // normal work in the window to drain.
                 &[Priority::Critical]
             } else {
                 &[]
@@ -390,23 +392,18 @@ impl Lane {
         came_due(&self.critical_retry_at, self.clock.now_ms())
     }
 
-    /// Moves what ingest handed over into the window; true if a critical
-    /// hand-over was left to the index, to be scanned for at once.
-    fn take_offers(&self, window: &mut Window) -> bool {
+    /// Moves what ingest handed over into the window (what it cannot take
+    /// is left to the index, and the window marks that priority stale).
+    fn take_offers(&self, window: &mut Window) {
         let Inbox {
             offers, overflowed, ..
         } = std::mem::take(&mut *lock(&self.inbox));
-        let mut critical_left = overflowed.contains(&Priority::Critical);
         for priority in overflowed {
             window.mark_stale(priority);
         }
         for (due, commit) in offers {
-            let priority = due.key.priority;
-            if !window.offer(due, commit) && priority == Priority::Critical {
-                critical_left = true;
-            }
+            window.offer(due, commit);
         }
-        critical_left
     }
 
     /// Waits for a rate-limit token for a send of `priority`. A normal

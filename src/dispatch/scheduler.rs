@@ -96,6 +96,13 @@ impl Window {
             || self.next_due_ms.is_some_and(|due| due <= now_ms)
     }
 
+    /// Whether the index may hold critical work the window lacks, by what
+    /// the window was told (not by due times): the lane scans the critical
+    /// range at once for it, however full the window is of normal work.
+    pub fn lacks_critical(&self) -> bool {
+        self.stale[slot(Priority::Critical)]
+    }
+
     /// Something was written to the index that was not handed over (a
     /// retry came due, a hand-over found no room): scan before trusting
     /// the window again.
@@ -106,9 +113,7 @@ impl Window {
     /// Takes a delivery handed over right after `commit` made it durable,
     /// saving a scan of the index. When a scan may have seen it already, or
     /// there is no room, it is left to the index (and the next scan), and
-    /// the answer is false: for critical work the caller must scan now, not
-    /// once the normal work in the window has drained.
-    #[must_use]
+    /// the answer is false.
     pub fn offer(&mut self, due: Due, commit: u64) -> bool {
         let priority = due.key.priority;
         let mut held = self.held.lock();
@@ -342,10 +347,15 @@ mod tests {
             .expect("scan");
         assert!(!window.offer(alert.clone(), commit), "left to the index");
         assert!(!window.is_low(), "normal work would not refill for a while");
+        assert!(window.lacks_critical(), "the lane must scan for it now");
         // What the lane does on that answer: scan the critical range now.
         window
             .refill(&store, 2_000, &[Priority::Critical])
             .expect("critical scan");
+        assert!(
+            !window.lacks_critical(),
+            "the critical range was read to its end"
+        );
         let next = window.pop().expect("due work");
         assert_eq!(
             next.key.delivery, alert.key.delivery,
