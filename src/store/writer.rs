@@ -3,8 +3,9 @@
 //! It takes whatever requests are waiting (see [`super::gather`]), applies them
 //! to one `sled::Batch` (atomic) and flushes once. Upstream sled's flush
 //! ends in `sync_file_range`, which is not an fsync (sled issue #1452);
-//! herald's copy ends each log write with `fdatasync` instead
-//! (vendor/sled/HERALD.md), so the flush returning means durable. Only then
+//! herald's copy counts a log write stable only once an `fdatasync`
+//! covers it, one per group (vendor/sled/HERALD.md), so the flush
+//! returning means durable. Only then
 //! does it answer, so a 202 always means "on disk". Being the only writer, it can read-modify-write records
 //! without locks; an overlay makes writes earlier in the same group visible
 //! to later ones.
@@ -415,8 +416,8 @@ impl<'a> Pending<'a> {
         // Published before the writes can be seen, never after.
         visible.fetch_max(commit, Ordering::SeqCst);
         db.apply_batch(batch)?;
-        // Durable on return: herald's sled writes each log buffer with
-        // fdatasync (vendor/sled/HERALD.md).
+        // Durable on return: herald's sled counts a log buffer stable only
+        // once an fdatasync covers it (vendor/sled/HERALD.md).
         db.flush()?;
         metrics::counter!("herald_store_fsyncs_total").increment(1);
         // The commit stands either way; a stale watermark only weakens the check.

@@ -314,6 +314,9 @@ pub(crate) struct IoBufs {
     pub segment_accountant: Mutex<SegmentAccountant>,
     pub segment_cleaner: SegmentCleaner,
     deferred_segment_ops: stack::Stack<SegmentOp>,
+    // herald: lone batch manifests written but not yet fdatasynced, as
+    // (lsn, len) to mark stable once a later fdatasync covers them.
+    deferred_syncs: Mutex<Vec<(Lsn, usize)>>,
     #[cfg(feature = "io_uring")]
     pub submission_mutex: Mutex<()>,
     #[cfg(feature = "io_uring")]
@@ -417,6 +420,7 @@ impl IoBufs {
             segment_accountant: Mutex::new(segment_accountant),
             segment_cleaner,
             deferred_segment_ops: stack::Stack::default(),
+            deferred_syncs: Mutex::new(Vec::new()),
             #[cfg(feature = "io_uring")]
             submission_mutex: Mutex::new(()),
             #[cfg(feature = "io_uring")]
@@ -724,29 +728,48 @@ impl IoBufs {
                 wrote += wrote_completion.wait()?;
             }
         }
+        let complete_len = if maxed {
+            let lsn_idx = base_lsn / segment_size as Lsn;
+            let next_seg_beginning = (lsn_idx + 1) * segment_size as Lsn;
+            assert_usize(next_seg_beginning - base_lsn)
+        } else {
+            total_len
+        };
+        // herald: see `deferred_syncs`.
+        let deferred = cfg!(not(feature = "io_uring"))
+            && !self.config.temporary
+            && !maxed
+            && log_offset % segment_size as LogOffset != 0
+            && is_lone_batch_manifest(data);
+
         #[cfg(not(feature = "io_uring"))]
         {
             let f = &self.config.file;
             pwrite_all(f, data, log_offset)?;
-            if !self.config.temporary {
+            if deferred {
+                // herald: every batch starts with a buffer that holds only
+                // its manifest, written beside the batch's data buffer. Its
+                // own fdatasync was a second, concurrent trip to the disk per
+                // group commit: the next buffer's fdatasync covers it (its
+                // write is complete before that one starts), and until then
+                // it is not marked stable, so nothing counts on it.
+                self.deferred_syncs.lock().push((base_lsn, complete_len));
+            } else if !self.config.temporary {
                 // herald: fdatasync, not sync_file_range. sync_file_range
                 // neither flushes the drive's cache nor writes the file's
                 // size, so a buffer it "stabilised" could still be lost; and
                 // herald had to fsync the file again after each flush, two
                 // round trips to the disk per group commit instead of one.
+                let covered = std::mem::take(&mut *self.deferred_syncs.lock());
                 f.sync_data()?;
+                for (lsn, len) in covered {
+                    self.mark_interval(lsn, len);
+                }
             }
         }
         io_fail!(self, "buffer write post");
 
-        if total_len > 0 {
-            let complete_len = if maxed {
-                let lsn_idx = base_lsn / segment_size as Lsn;
-                let next_seg_beginning = (lsn_idx + 1) * segment_size as Lsn;
-                assert_usize(next_seg_beginning - base_lsn)
-            } else {
-                total_len
-            };
+        if total_len > 0 && !deferred {
 
             debug!(
                 "wrote lsns {}-{} to disk at offsets {}-{}, maxed {} complete_len {}",
@@ -779,6 +802,20 @@ impl IoBufs {
             self.max_header_stable_lsn.load(Acquire);
 
         self.sa_stabilize(current_max_header_stable_lsn, &guard)
+    }
+
+    /// herald: fdatasyncs the lone manifests written since the last
+    /// fdatasync and marks them stable; false if there were none.
+    fn sync_deferred(&self) -> Result<bool> {
+        let covered = std::mem::take(&mut *self.deferred_syncs.lock());
+        if covered.is_empty() {
+            return Ok(false);
+        }
+        self.config.file.sync_data()?;
+        for (lsn, len) in covered {
+            self.mark_interval(lsn, len);
+        }
+        Ok(true)
     }
 
     // It's possible that IO buffers are written out of order!
@@ -948,6 +985,25 @@ pub(in crate::pagecache) fn make_stable_inner(
                     return Ok(assert_usize(stable - first_stable));
                 }
             }
+        }
+
+        // herald: a lone manifest waits for the next buffer's fdatasync to
+        // be marked stable, and that buffer's IO thread wakes this wait
+        // when it marks them. Should none come in a few milliseconds (no
+        // buffer after the manifest), the manifest is synced here.
+        if stable < lsn && !iobufs.deferred_syncs.lock().is_empty() {
+            let waited = iobufs
+                .interval_updated
+                .wait_for(&mut waiter, std::time::Duration::from_millis(5));
+            drop(waiter);
+            if waited.timed_out() {
+                if let Err(e) = iobufs.sync_deferred() {
+                    iobufs.config.set_global_error(e.clone());
+                    return Err(e);
+                }
+            }
+            stable = iobufs.stable();
+            continue;
         }
 
         if stable < lsn {
@@ -1215,4 +1271,11 @@ impl Debug for IoBuf {
             header::is_sealed(header)
         ))
     }
+}
+
+/// herald: whether `data`, a whole log buffer, is one batch manifest and
+/// nothing else (the buffer `PageCache::pin_log` seals around it).
+fn is_lone_batch_manifest(data: &[u8]) -> bool {
+    data.len() <= MAX_MSG_HEADER_LEN + std::mem::size_of::<Lsn>()
+        && data.get(4) == Some(&MessageKind::BatchManifest.into())
 }

@@ -433,6 +433,24 @@ impl Log {
                  to log from exit_reservation",
                 lsn
             );
+            if header::offset(header) <= MAX_MSG_HEADER_LEN + 8
+                && !header::is_maxed(header)
+            {
+                // herald: a buffer this small is a lone batch manifest
+                // (`PageCache::pin_log`). Written here, before the batch's
+                // data buffer is sealed, it is always covered by that
+                // buffer's fdatasync (see `IoBufs::write_to_log`), and no IO
+                // thread is woken for 24 bytes.
+                if let Err(e) = self.iobufs.write_to_log(iobuf) {
+                    error!(
+                        "hit error while writing iobuf with lsn {}: {:?}",
+                        lsn, e
+                    );
+                    self.iobufs.config.set_global_error(e.clone());
+                    return Err(e);
+                }
+                return Ok(());
+            }
             let iobufs = self.iobufs.clone();
             let iobuf = iobuf.clone();
             threadpool::spawn(move || {
