@@ -436,11 +436,12 @@ impl Log {
             if header::offset(header) <= MAX_MSG_HEADER_LEN + 8
                 && !header::is_maxed(header)
             {
-                // herald: a buffer this small is a lone batch manifest
-                // (`PageCache::pin_log`). Written here, before the batch's
-                // data buffer is sealed, it is always covered by that
+                // herald: a buffer this small is in practice a lone batch
+                // manifest (`PageCache::pin_log`). Written here, before the
+                // batch's data buffer is sealed, it is always covered by that
                 // buffer's fdatasync (see `IoBufs::write_to_log`), and no IO
-                // thread is woken for 24 bytes.
+                // thread is woken for 24 bytes. Any other this small is
+                // written and synced here, as the pool would have.
                 if let Err(e) = self.iobufs.write_to_log(iobuf) {
                     error!(
                         "hit error while writing iobuf with lsn {}: {:?}",
