@@ -5,7 +5,8 @@
 //! taken in that order so a token is spent only right before a real send.
 //! Each send runs as its own task; its outcome (delivered, retry at T, dead)
 //! goes back to the store, and only then is the delivery released from the
-//! window.
+//! window. A backlog of normal work is read off the loop (see
+//! [`Window::scan_apart`]), so sends go on while it is read.
 
 mod attempt;
 
@@ -30,11 +31,15 @@ use crate::clock::Clock;
 use crate::config::PartnerConfig;
 use crate::links::Links;
 use crate::model::{AttemptOutcome, Priority};
-use crate::store::{Due, Next, Outcome, Store};
+use crate::store::{Due, DueScan, Next, Outcome, Store, StoreError};
 use crate::sync::lock;
 
 /// The window holds this many due deliveries per in-flight permit.
 const WINDOW_PER_PERMIT: usize = 16;
+
+/// A scan of the normal range on tokio's blocking pool: what it found and
+/// the store's visible commit when it ended.
+type ScanApart = tokio::task::JoinHandle<Result<(DueScan, u64), StoreError>>;
 
 type Limiter = RateLimiter<NotKeyed, InMemoryState, Clock, NoOpMiddleware<governor::nanos::Nanos>>;
 
@@ -123,10 +128,10 @@ impl Lane {
         );
         Lane {
             tokens,
-            // A refill runs on this loop (no send starts meanwhile) and walks
-            // from the head of the due range past chunks still held: with 4
-            // per permit a backlog came 128 at a time, and delivered/s was
-            // about a tenth lower (herald bench --only batched).
+            // Each refill walks from the head of the due range past chunks
+            // still held: with 4 per permit a backlog came 128 at a time,
+            // and delivered/s was about a tenth lower (herald bench --only
+            // batched).
             capacity: (partner.max_in_flight * WINDOW_PER_PERMIT).max(64),
             retry_at: AtomicU64::new(u64::MAX),
             inbox: std::sync::Mutex::new(Inbox::default()),
@@ -265,11 +270,22 @@ impl Lane {
             self.held.clone(),
             self.partner.ordered_per_device,
         );
+        // A refill of the normal range running off this loop, so a backlog
+        // is read while sends go on. Partners that keep per-device order
+        // scan on the loop: they scan every time, woken by each settle.
+        let mut apart: Option<ScanApart> = None;
         loop {
             if stop.is_cancelled() {
                 return;
             }
             self.take_offers(&mut window);
+            if apart.as_ref().is_some_and(|scan| scan.is_finished()) {
+                if let Some(scan) = apart.take() {
+                    if !self.merge_apart(&mut window, scan.await, &stop).await {
+                        return;
+                    }
+                }
+            }
             let now = self.clock.now_ms();
             if came_due(&self.retry_at, now) {
                 Priority::ALL.iter().for_each(|&p| window.mark_stale(p));
@@ -280,9 +296,23 @@ impl Lane {
                 window.mark_stale(Priority::Critical);
             }
             let stale = |p| window.is_stale(p, now);
-            let refill: &[Priority] = if window.is_low() && Priority::ALL.iter().any(|&p| stale(p))
-            {
+            let low = window.is_low() && Priority::ALL.iter().any(|&p| stale(p));
+            let (critical_stale, normal_stale) =
+                (stale(Priority::Critical), stale(Priority::Normal));
+            let refill: &[Priority] = if low && self.partner.ordered_per_device {
                 &Priority::ALL
+            } else if low {
+                if apart.is_none() && normal_stale {
+                    if let Some(scan) = window.scan_apart(now) {
+                        let store = self.store.clone();
+                        apart = Some(tokio::task::spawn_blocking(move || scan.run(&store)));
+                    }
+                }
+                if critical_stale {
+                    &[Priority::Critical]
+                } else {
+                    &[]
+                }
             } else if window.lacks_critical() {
                 // Whatever said so (a hand-over left to the index, a retry,
                 // a scan cut short): critical work never waits for the
@@ -302,14 +332,28 @@ impl Lane {
             }
             let Some(due) = window.pop() else {
                 let retry_at = self.retry_at.load(Ordering::Acquire);
-                let next_due = match (window.next_due_ms(), retry_at) {
+                // With a scan apart under way, the normal range's due time
+                // (what started it) waits for the scan, not for the clock.
+                let window_due = match apart {
+                    Some(_) => window.next_due_ms_of(Priority::Critical),
+                    None => window.next_due_ms(),
+                };
+                let next_due = match (window_due, retry_at) {
                     (due, u64::MAX) => due,
                     (due, at) => Some(due.map_or(at, |d| d.min(at))),
                 };
+                let mut finished = None;
                 tokio::select! {
                     _ = self.wake.notified() => {}
+                    result = async { apart.as_mut()?.await.into() }, if apart.is_some() => finished = result,
                     _ = self.clock.sleep_until_ms(next_due.unwrap_or(u64::MAX)), if next_due.is_some() => {}
                     _ = stop.cancelled() => return,
+                }
+                if let Some(result) = finished {
+                    apart = None;
+                    if !self.merge_apart(&mut window, result, &stop).await {
+                        return;
+                    }
                 }
                 continue;
             };
@@ -391,6 +435,30 @@ impl Lane {
                     _ = abandon.cancelled() => {}
                 }
             });
+        }
+    }
+
+    /// Takes a finished scan apart into the window; on failure, waits a
+    /// second (false if stopped meanwhile) and leaves the range stale.
+    async fn merge_apart(
+        &self,
+        window: &mut Window,
+        result: Result<Result<(DueScan, u64), StoreError>, tokio::task::JoinError>,
+        stop: &CancellationToken,
+    ) -> bool {
+        let error = match result {
+            Ok(Ok((scan, through))) => {
+                window.merge(&[Priority::Normal], scan, through);
+                return true;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => format!("the scan did not finish: {e}"),
+        };
+        window.scan_failed();
+        tracing::error!(partner = %self.partner.name, error = %error, "cannot read the schedule; trying again in a second");
+        tokio::select! {
+            _ = self.clock.sleep(Duration::from_secs(1)) => true,
+            _ = stop.cancelled() => false,
         }
     }
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use uuid::Uuid;
 
 use crate::model::Priority;
-use crate::store::{Due, Store, StoreError};
+use crate::store::{Due, DueScan, Store, StoreError};
 
 /// Deliveries taken from the index and not yet settled, shared with the
 /// tasks that send them.
@@ -48,7 +48,9 @@ pub struct Window {
     normal: VecDeque<Due>,
     held: Held,
     /// The earliest due time of what is still on disk, as of the last scan.
-    next_due_ms: Option<u64>,
+    /// Per priority (critical, normal): scans of one priority run apart
+    /// from scans of the other.
+    next_due_ms: [Option<u64>; 2],
     /// Per priority (critical, normal): the index may hold due entries the
     /// window has not taken, so the next refill must scan it.
     stale: [bool; 2],
@@ -58,6 +60,34 @@ pub struct Window {
     /// The store's visible commit when the latest scan ended: an entry
     /// handed over from a commit up to it may have been found by that scan.
     scanned_through: u64,
+    /// A scan of the normal range runs beside the lane (see
+    /// [`Window::scan_apart`]); normal hand-overs are left to the index
+    /// meanwhile, and `refused_while_scanning` remembers that one was.
+    scanning: bool,
+    refused_while_scanning: bool,
+}
+
+/// A scan of the normal range that runs off the lane's loop: its result
+/// goes back through [`Window::merge`].
+pub struct Scan {
+    pub partner: String,
+    pub now_ms: u64,
+    pub room: usize,
+    pub held: Held,
+}
+
+impl Scan {
+    /// Reads the index (blocking), then the store's visible commit.
+    pub fn run(self, store: &Store) -> Result<(DueScan, u64), StoreError> {
+        let found = store.due(
+            &self.partner,
+            &[Priority::Normal],
+            self.now_ms,
+            self.room,
+            &|id| self.held.contains(id),
+        )?;
+        Ok((found, store.visible_commit()))
+    }
 }
 
 impl Window {
@@ -68,11 +98,13 @@ impl Window {
             critical: VecDeque::new(),
             normal: VecDeque::new(),
             held,
-            next_due_ms: None,
+            next_due_ms: [None; 2],
             // What is on disk at start has been seen by no one.
             stale: [true; 2],
             always_scan,
             scanned_through: 0,
+            scanning: false,
+            refused_while_scanning: false,
         }
     }
 
@@ -86,14 +118,19 @@ impl Window {
     }
 
     pub fn next_due_ms(&self) -> Option<u64> {
-        self.next_due_ms
+        self.next_due_ms.iter().flatten().min().copied()
+    }
+
+    /// When the next entry of `priority` on disk comes due, as of its last scan.
+    pub fn next_due_ms_of(&self, priority: Priority) -> Option<u64> {
+        self.next_due_ms[slot(priority)]
     }
 
     /// Whether the index may hold due work of `priority` the window lacks.
     pub fn is_stale(&self, priority: Priority, now_ms: u64) -> bool {
         self.always_scan
             || self.stale[slot(priority)]
-            || self.next_due_ms.is_some_and(|due| due <= now_ms)
+            || self.next_due_ms[slot(priority)].is_some_and(|due| due <= now_ms)
     }
 
     /// Whether the index may hold critical work the window lacks, by what
@@ -124,9 +161,11 @@ impl Window {
             Priority::Critical => 2 * self.capacity,
             Priority::Normal => self.capacity,
         };
-        if commit <= self.scanned_through || self.queued() >= limit {
+        let scanning = self.scanning && priority == Priority::Normal;
+        if scanning || commit <= self.scanned_through || self.queued() >= limit {
             drop(held);
             self.mark_stale(priority);
+            self.refused_while_scanning |= scanning;
             return false;
         }
         held.insert(due.key.delivery);
@@ -161,26 +200,68 @@ impl Window {
                 set.contains(&id)
             })?
         };
-        self.scanned_through = store.visible_commit();
-        for &p in priorities {
-            self.stale[slot(p)] = !scan.exhausted.contains(&p);
+        Ok(self.merge(priorities, scan, store.visible_commit()))
+    }
+
+    /// Starts a refill of the normal range to run apart from the lane (it
+    /// reads and decodes up to half a window of events): `None` when the
+    /// window has no room. Until [`Window::merge`] takes its result, normal
+    /// hand-overs are left to the index.
+    pub fn scan_apart(&mut self, now_ms: u64) -> Option<Scan> {
+        let room = self.capacity.saturating_sub(self.queued());
+        if room == 0 {
+            return None;
         }
-        self.next_due_ms = match (priorities.len() == Priority::ALL.len(), self.next_due_ms) {
-            (false, Some(known)) => Some(scan.next_due_ms.map_or(known, |n| n.min(known))),
-            _ => scan.next_due_ms,
-        };
-        let taken = scan.found.len();
-        {
-            let mut set = held.lock();
-            for due in scan.found {
-                set.insert(due.key.delivery);
-                match due.key.priority {
-                    Priority::Critical => self.critical.push_back(due),
-                    Priority::Normal => self.normal.push_back(due),
-                }
+        self.scanning = true;
+        self.refused_while_scanning = false;
+        Some(Scan {
+            partner: self.partner.clone(),
+            now_ms,
+            room,
+            held: self.held.clone(),
+        })
+    }
+
+    /// Takes what a scan of `priorities` found, read up to the store's
+    /// visible commit `scanned_through`; how many it took. An entry taken
+    /// meanwhile (held already) is not taken twice.
+    pub fn merge(&mut self, priorities: &[Priority], scan: DueScan, scanned_through: u64) -> usize {
+        let apart = self.scanning && priorities == [Priority::Normal].as_slice();
+        let refused = apart && self.refused_while_scanning;
+        if apart {
+            self.scanning = false;
+            self.refused_while_scanning = false;
+        }
+        // Scans apart and on the loop may end out of order: never lower it.
+        self.scanned_through = self.scanned_through.max(scanned_through);
+        for &p in priorities {
+            self.stale[slot(p)] = !scan.exhausted.contains(&p) || refused;
+        }
+        // A scan of both gives one earliest time for both: at worst the
+        // other priority is looked at once too early.
+        for &p in priorities {
+            self.next_due_ms[slot(p)] = scan.next_due_ms;
+        }
+        let mut taken = 0;
+        let mut set = self.held.lock();
+        for due in scan.found {
+            if !set.insert(due.key.delivery) {
+                continue;
+            }
+            taken += 1;
+            match due.key.priority {
+                Priority::Critical => self.critical.push_back(due),
+                Priority::Normal => self.normal.push_back(due),
             }
         }
-        Ok(taken)
+        taken
+    }
+
+    /// A scan apart failed: its range is looked at again later.
+    pub fn scan_failed(&mut self) {
+        self.scanning = false;
+        self.refused_while_scanning = false;
+        self.mark_stale(Priority::Normal);
     }
 
     /// The next delivery to send: critical before normal.
@@ -287,6 +368,54 @@ mod tests {
         assert!(held.contains(second.key.delivery));
         assert!(!window.is_stale(Priority::Normal, 2_000));
         assert!(second.event.is_some(), "the event travels with it");
+    }
+
+    #[tokio::test]
+    async fn a_scan_apart_leaves_normal_hand_overs_to_the_index_and_takes_nothing_twice() {
+        let (_dir, store) = open();
+        let held = Held::default();
+        let mut window = Window::new("acme", 4, held.clone(), false);
+        let (first, _) = accept(&store, Priority::Normal).await;
+        let scan = window.scan_apart(2_000).expect("room");
+        let (found, through) = scan.run(&store).expect("scan");
+        assert_eq!(found.found.len(), 1, "the scan reads the index");
+        assert_eq!(window.queued(), 0, "nothing is taken before the merge");
+
+        // Written while the scan ran: the scan may or may not have seen it.
+        let (second, second_commit) = accept(&store, Priority::Normal).await;
+        assert!(!window.offer(second, second_commit), "left to the index");
+        // A critical one is another range: it is taken as usual.
+        let (alert, alert_commit) = accept(&store, Priority::Critical).await;
+        assert!(window.offer(alert, alert_commit));
+
+        assert_eq!(window.merge(&[Priority::Normal], found, through), 1);
+        assert!(held.contains(first.key.delivery));
+        assert!(
+            window.is_stale(Priority::Normal, 2_000),
+            "read to its end, but a hand-over was refused meanwhile"
+        );
+
+        // A scan that found the first one before it was taken (as one that
+        // ran beside a hand-over would): the merge does not take it twice.
+        window.scan_apart(2_000).expect("room");
+        let blind = Scan {
+            partner: "acme".into(),
+            now_ms: 2_000,
+            room: 4,
+            held: Held::default(),
+        };
+        let (found, through) = blind.run(&store).expect("scan");
+        assert!(found
+            .found
+            .iter()
+            .any(|d| d.key.delivery == first.key.delivery));
+        assert_eq!(
+            window.merge(&[Priority::Normal], found, through),
+            1,
+            "only the second one"
+        );
+        assert_eq!(window.queued(), 3, "first, second and the alert, once each");
+        assert!(!window.is_stale(Priority::Normal, 2_000));
     }
 
     #[tokio::test]

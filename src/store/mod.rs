@@ -355,7 +355,9 @@ impl Store {
     }
 
     /// Up to `limit` of `partner`'s entries due at `now_ms`, critical ones
-    /// first, skipping those `held` says are already taken; for each
+    /// first, skipping those `held` says are already taken (`held` may
+    /// change during the scan: an entry is read after `held` is asked about
+    /// it, so one settled and released meanwhile is not found); for each
     /// priority whose due range was read to its end, also the earliest due
     /// time still in the future (when to look again).
     pub fn due(
@@ -397,6 +399,8 @@ impl Store {
                 }
                 match decode::<ScheduledDelivery>(&k, &v) {
                     Ok(entry) if !self.is_first_of_device(partner, &entry)? => {}
+                    // Settled (and released) since the walk read it.
+                    Ok(_) if !self.db.contains_key(&k)? => {}
                     Ok(entry) => scan.found.push(Due {
                         key,
                         entry,
@@ -439,10 +443,19 @@ impl Store {
                 return Ok(true);
             }
         };
+        let free: Vec<usize> = (0..members.list.len())
+            .filter(|&slot| !held(members.list[slot].0))
+            .collect();
+        if free.is_empty() {
+            return Ok(true);
+        }
+        // Read after `held` was asked: a member released meanwhile was
+        // settled before its release, so the state says so.
         let state = chunk_state(&self.db, chunk.delivery, members.list.len())?;
         let mut added = 0;
-        for (slot, &(delivery, _)) in members.list.iter().enumerate() {
-            if !state.is_pending(slot) || held(delivery) {
+        for slot in free {
+            let delivery = members.list[slot].0;
+            if !state.is_pending(slot) {
                 continue;
             }
             if added == room {
