@@ -452,6 +452,11 @@ impl Store {
         // Read after `held` was asked: a member released meanwhile was
         // settled before its release, so the state says so.
         let state = chunk_state(&self.db, chunk.delivery, members.list.len())?;
+        // A state that is gone reads as all pending: that holds only while
+        // the entry is still there (the last settle removes both).
+        if !self.db.contains_key(key)? {
+            return Ok(true);
+        }
         let mut added = 0;
         for slot in free {
             let delivery = members.list[slot].0;
@@ -812,6 +817,50 @@ mod tests {
         }
         let found: Vec<Uuid> = dues.iter().map(|d| d.entry.event).collect();
         assert_eq!(found, expected, "every member is due");
+    }
+
+    #[tokio::test]
+    async fn a_chunk_emptied_after_a_scan_read_its_entry_is_not_sent_again() {
+        let (_dir, store) = open();
+        three_in_a_chunk(&store).await;
+        // What a scan's walk read just before the last members settled.
+        let (start, end) = keys::due_range("acme", Priority::Normal, 2_000);
+        let (k, v) = store
+            .db
+            .range(start..end)
+            .next()
+            .expect("the chunk's entry")
+            .expect("read");
+        // Each fails once: out of the chunk (gone with its state) into a
+        // retry of its own.
+        for due in due_now(&store) {
+            let retry = Outcome {
+                key: due.key.clone(),
+                entry: due.entry.clone(),
+                attempt: Attempt {
+                    number: 1,
+                    at_ms: 1_500,
+                    status: Some(503),
+                    latency_ms: 3,
+                    outcome: AttemptOutcome::Retry,
+                    detail: "503".into(),
+                },
+                next: Next::RetryAt(5_000),
+                park: None,
+            };
+            store.record(retry).await.expect("recorded");
+        }
+        assert!(due_now(&store).is_empty(), "the retries are not due yet");
+        let chunk = ScheduleKey::decode(&k).expect("a schedule key");
+        let mut found = Vec::new();
+        store
+            .due_members(chunk, &k, &v, 100, &|_| false, &mut found)
+            .expect("scan");
+        assert!(
+            found.is_empty(),
+            "settled members found again: {}",
+            found.len()
+        );
     }
 
     #[tokio::test]
