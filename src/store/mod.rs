@@ -773,6 +773,24 @@ mod tests {
         store.record(outcome).await.expect("recorded");
     }
 
+    /// `due`'s first attempt answered 503: retried at 5 s.
+    fn retried(due: &Due) -> Outcome {
+        Outcome {
+            key: due.key.clone(),
+            entry: due.entry.clone(),
+            attempt: Attempt {
+                number: 1,
+                at_ms: 1_500,
+                status: Some(503),
+                latency_ms: 3,
+                outcome: AttemptOutcome::Retry,
+                detail: "503".into(),
+            },
+            next: Next::RetryAt(5_000),
+            park: None,
+        }
+    }
+
     /// Three events accepted in one group: their chunk's id.
     async fn three_in_a_chunk(store: &Store) -> (Vec<Uuid>, Uuid) {
         let accepted = store
@@ -834,21 +852,7 @@ mod tests {
         // Each fails once: out of the chunk (gone with its state) into a
         // retry of its own.
         for due in due_now(&store) {
-            let retry = Outcome {
-                key: due.key.clone(),
-                entry: due.entry.clone(),
-                attempt: Attempt {
-                    number: 1,
-                    at_ms: 1_500,
-                    status: Some(503),
-                    latency_ms: 3,
-                    outcome: AttemptOutcome::Retry,
-                    detail: "503".into(),
-                },
-                next: Next::RetryAt(5_000),
-                park: None,
-            };
-            store.record(retry).await.expect("recorded");
+            store.record(retried(&due)).await.expect("recorded");
         }
         assert!(due_now(&store).is_empty(), "the retries are not due yet");
         let chunk = ScheduleKey::decode(&k).expect("a schedule key");
@@ -873,21 +877,7 @@ mod tests {
             .db
             .insert(event_key, &b"{not json"[..])
             .expect("write");
-        let retry = Outcome {
-            key: first.key.clone(),
-            entry: first.entry.clone(),
-            attempt: Attempt {
-                number: 1,
-                at_ms: 1_500,
-                status: Some(503),
-                latency_ms: 3,
-                outcome: AttemptOutcome::Retry,
-                detail: "503".into(),
-            },
-            next: Next::RetryAt(5_000),
-            park: None,
-        };
-        let failed = store.record(retry).await;
+        let failed = store.record(retried(&first)).await;
         assert!(
             matches!(failed, Err(StoreError::Corrupt { .. })),
             "{failed:?}"
