@@ -279,11 +279,9 @@ impl Lane {
                 return;
             }
             self.take_offers(&mut window);
-            if apart.as_ref().is_some_and(|scan| scan.is_finished()) {
-                if let Some(scan) = apart.take() {
-                    if !self.merge_apart(&mut window, scan.await, &stop).await {
-                        return;
-                    }
+            if let Some(scan) = apart.take_if(|scan| scan.is_finished()) {
+                if !self.merge_apart(&mut window, scan.await, &stop).await {
+                    return;
                 }
             }
             let now = self.clock.now_ms();

@@ -62,9 +62,8 @@ pub struct Window {
     scanned_through: u64,
     /// A scan of the normal range runs beside the lane (see
     /// [`Window::scan_apart`]); normal hand-overs are left to the index
-    /// meanwhile, and `refused_while_scanning` remembers that one was.
+    /// meanwhile.
     scanning: bool,
-    refused_while_scanning: bool,
 }
 
 /// A scan of the normal range that runs off the lane's loop: its result
@@ -104,7 +103,6 @@ impl Window {
             always_scan,
             scanned_through: 0,
             scanning: false,
-            refused_while_scanning: false,
         }
     }
 
@@ -165,7 +163,6 @@ impl Window {
         if scanning || commit <= self.scanned_through || self.queued() >= limit {
             drop(held);
             self.mark_stale(priority);
-            self.refused_while_scanning |= scanning;
             return false;
         }
         held.insert(due.key.delivery);
@@ -206,14 +203,16 @@ impl Window {
     /// Starts a refill of the normal range to run apart from the lane (it
     /// reads and decodes up to half a window of events): `None` when the
     /// window has no room. Until [`Window::merge`] takes its result, normal
-    /// hand-overs are left to the index.
+    /// hand-overs are left to the index; whatever marks the range stale
+    /// meanwhile (a refused hand-over, a retry come due) keeps it stale
+    /// after the merge.
     pub fn scan_apart(&mut self, now_ms: u64) -> Option<Scan> {
         let room = self.capacity.saturating_sub(self.queued());
         if room == 0 {
             return None;
         }
         self.scanning = true;
-        self.refused_while_scanning = false;
+        self.stale[slot(Priority::Normal)] = false;
         Some(Scan {
             partner: self.partner.clone(),
             now_ms,
@@ -226,16 +225,14 @@ impl Window {
     /// visible commit `scanned_through`; how many it took. An entry taken
     /// meanwhile (held already) is not taken twice.
     pub fn merge(&mut self, priorities: &[Priority], scan: DueScan, scanned_through: u64) -> usize {
+        // What was marked stale while a scan apart ran stays stale.
         let apart = self.scanning && priorities == [Priority::Normal].as_slice();
-        let refused = apart && self.refused_while_scanning;
-        if apart {
-            self.scanning = false;
-            self.refused_while_scanning = false;
-        }
+        let marked = apart && self.stale[slot(Priority::Normal)];
+        self.scanning &= !apart;
         // Scans apart and on the loop may end out of order: never lower it.
         self.scanned_through = self.scanned_through.max(scanned_through);
         for &p in priorities {
-            self.stale[slot(p)] = !scan.exhausted.contains(&p) || refused;
+            self.stale[slot(p)] = !scan.exhausted.contains(&p) || marked;
         }
         // A scan of both gives one earliest time for both: at worst the
         // other priority is looked at once too early.
@@ -260,7 +257,6 @@ impl Window {
     /// A scan apart failed: its range is looked at again later.
     pub fn scan_failed(&mut self) {
         self.scanning = false;
-        self.refused_while_scanning = false;
         self.mark_stale(Priority::Normal);
     }
 
