@@ -1,9 +1,11 @@
 //! herald's records: what an event, a delivery, an attempt and a dead letter
 //! are, on disk and in the API.
 //!
-//! Disk records are JSON (serde_json): readable with any tool at 3 a.m., and
-//! tolerant of fields added later (`#[serde(default)]`), so a data dir
-//! survives upgrades. Event payloads stay raw JSON from ingest to the wire.
+//! Disk records are JSON (serde_json), tolerant of fields added later
+//! (`#[serde(default)]`), so a data dir survives upgrades; the event record
+//! alone, most of what the store writes, has a compact layout of its own
+//! (`store::event_format`). Event payloads stay raw JSON from ingest to the
+//! wire.
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -135,8 +137,8 @@ impl DeliveryRecord {
     }
 }
 
-/// Defaults are left out of disk records: an event is written once per
-/// accept, and its bytes are most of what the store writes.
+/// Defaults are left out of JSON records (a dead letter carries its event,
+/// and the API shows them).
 fn is_zero(n: &u32) -> bool {
     *n == 0
 }
@@ -152,7 +154,9 @@ pub enum DeliveryState {
     Superseded,
 }
 
-/// One real send to a partner and what came of it.
+/// One real send to a partner and what came of it. Also written by
+/// postcard inside event records (`store::event_format`), which has no
+/// field names: no `skip_serializing_if` here or in [`ChunkRef`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attempt {
     pub number: u32,

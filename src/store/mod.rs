@@ -11,6 +11,7 @@
 
 mod chunk;
 mod depth;
+mod event_format;
 mod gather;
 pub mod keys;
 pub use replay::Replayed;
@@ -313,7 +314,11 @@ impl Store {
     /// stale (a success is kept apart, see [`keys::DELIVERED`] and
     /// [`keys::CHUNK_STATE`]).
     pub fn event_payload(&self, id: Uuid) -> Result<Option<EventRecord>, StoreError> {
-        get_json(&self.db, &keys::event(id))
+        let key = keys::event(id);
+        match self.db.get(key)? {
+            None => Ok(None),
+            Some(v) => event_format::decode(&key, &v).map(Some),
+        }
     }
 
     pub fn attempt_log(&self, delivery: Uuid) -> Result<Option<AttemptLog>, StoreError> {
@@ -509,7 +514,7 @@ impl Store {
             let Some(i) = keys::id_of(&k).and_then(|id| wanted.remove(&id)) else {
                 continue;
             };
-            if let Ok(event) = decode::<EventRecord>(&k, &v) {
+            if let Ok(event) = event_format::decode(&k, &v) {
                 dues[i].event = Some(Arc::new(event));
             }
             if wanted.is_empty() {

@@ -10,6 +10,7 @@
 
 use uuid::Uuid;
 
+use super::event_format;
 use super::keys::{self, ScheduleKey};
 use super::writer::Pending;
 use super::{encode, Due, Store, StoreError};
@@ -61,7 +62,7 @@ fn replay(
         return Ok(Replayed::Already(already));
     }
     let event_key = keys::event(letter.event.id);
-    let mut event: EventRecord = match p.get_json(&event_key)? {
+    let mut event: EventRecord = match p.get_event(&event_key)? {
         Some(event) => event,
         // Collected by retention: the letter kept a copy.
         None => letter.event.clone(),
@@ -88,7 +89,7 @@ fn replay(
     };
     p.put(key.encode(), encode(&entry));
     p.moved(&key.partner, 1);
-    p.put(event_key.to_vec(), encode(&event));
+    p.put(event_key.to_vec(), event_format::encode(&event));
     letter.replayed_as = Some(new_delivery);
     letter.replayed_ms = Some(now_ms);
     p.put(letter_key.to_vec(), encode(&letter));

@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use super::chunk;
 use super::depth::{Depth, Moves};
+use super::event_format;
 use super::gather::{Gatherer, OUTCOME_LINGER};
 use super::keys::{self, ScheduleKey};
 use super::watermark::{self, Watermark};
@@ -303,6 +304,13 @@ impl<'a> Pending<'a> {
         }
     }
 
+    pub(super) fn get_event(&self, key: &[u8]) -> Result<Option<EventRecord>, StoreError> {
+        match self.get(key)? {
+            None => Ok(None),
+            Some(v) => event_format::decode(key, &v).map(Some),
+        }
+    }
+
     pub(super) fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
         self.write(key, Some(value));
     }
@@ -460,7 +468,7 @@ fn enqueue(p: &mut Pending<'_>, events: Vec<EventRecord>) -> Result<Vec<Accepted
                     key: format!("idempotency key {key:?}"),
                     reason: e.to_string(),
                 })?;
-                if let Some(first) = p.get_json::<EventRecord>(&keys::event(id))? {
+                if let Some(first) = p.get_event(&keys::event(id))? {
                     staged.push(Err(accepted(&first, true)));
                     continue;
                 }
@@ -536,7 +544,7 @@ fn enqueue(p: &mut Pending<'_>, events: Vec<EventRecord>) -> Result<Vec<Accepted
         if let Some(key) = &event.idempotency_key {
             p.put(keys::idempotency(key), event.id.as_bytes().to_vec());
         }
-        p.put(keys::event(event.id).to_vec(), encode(&event));
+        p.put(keys::event(event.id).to_vec(), event_format::encode(&event));
         let event = Arc::new(event);
         for due in &mut answer.scheduled {
             due.event = Some(Arc::clone(&event));
@@ -621,7 +629,7 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
         return Ok(());
     }
     let event_key = keys::event(entry.event);
-    let Some(mut event) = p.get_json::<EventRecord>(&event_key)? else {
+    let Some(mut event) = p.get_event(&event_key)? else {
         tracing::error!(delivery = %entry.delivery, event = %entry.event, "delivery without its event record; dropped from the schedule");
         return Ok(());
     };
@@ -646,7 +654,7 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
         if has_log {
             p.remove(log_key.to_vec());
         }
-        p.put(event_key.to_vec(), encode(&event));
+        p.put(event_key.to_vec(), event_format::encode(&event));
         return Ok(());
     }
     delivery.attempts = attempt.number;
@@ -691,7 +699,7 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
             }
         }
     }
-    p.put(event_key.to_vec(), encode(&event));
+    p.put(event_key.to_vec(), event_format::encode(&event));
     Ok(())
 }
 
@@ -713,7 +721,7 @@ fn collect(
     let mut looked = 0;
     for item in p.db.range(start..vec![keys::EVENT + 1]) {
         let (k, v) = item?;
-        let mut event: EventRecord = decode(&k, &v)?;
+        let mut event = event_format::decode(&k, &v)?;
         if event.received_ms >= cutoff_ms {
             return Ok(Collected {
                 resume_after: None,
