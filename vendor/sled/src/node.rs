@@ -606,7 +606,11 @@ impl Node {
             // log (vendor/sled/HERALD.md).
             64
         } else {
-            16
+            // herald: 32, was 16. sled keeps a page table entry and a page
+            // record in memory for every node, cached or not, so a backlog
+            // of one key per event cost RAM per event; half the leaves,
+            // half that (vendor/sled/HERALD.md).
+            32
         };
 
         let size_checks = self.data.len() > threshold;
