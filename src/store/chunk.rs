@@ -1,7 +1,7 @@
 //! Schedule chunks: the first attempts one group commit accepted, under one
 //! index key per partner and priority.
 //!
-//! sled pays mostly per key: every insert lands in a 16-entry leaf
+//! sled pays mostly per key: every insert lands in a 32-entry leaf
 //! that splits, and every remove rewrites one. An entry and a delivered
 //! marker per delivery made the store the costliest part of a send. So the
 //! writer files the deliveries a group accepts in chunks of up to
