@@ -74,7 +74,7 @@ impl Members {
     }
 
     pub fn decode(key: &[u8], value: &[u8]) -> Result<Members, StoreError> {
-        let corrupt = |reason: &str| corrupt(key, reason);
+        let corrupt = |reason: &str| StoreError::corrupt(key, reason);
         if value.first() != Some(&FORMAT) || value.len() < 3 {
             return Err(corrupt("not a schedule chunk"));
         }
@@ -132,11 +132,11 @@ impl State {
 
     pub fn from_bytes(key: &[u8], bytes: Vec<u8>) -> Result<State, StoreError> {
         if bytes.first() != Some(&FORMAT) || bytes.len() < STATE_HEADER {
-            return Err(corrupt(key, "not a chunk state"));
+            return Err(StoreError::corrupt(key, "not a chunk state"));
         }
         let n = u16::from_be_bytes([bytes[3], bytes[4]]) as usize;
         if bytes.len() != STATE_HEADER + n * SLOT_BYTES {
-            return Err(corrupt(key, "chunk state of the wrong length"));
+            return Err(StoreError::corrupt(key, "chunk state of the wrong length"));
         }
         Ok(State(bytes))
     }
@@ -305,13 +305,6 @@ pub fn entry_key(member: &ScheduleKey, chunk: Uuid) -> Vec<u8> {
         ..member.clone()
     }
     .encode()
-}
-
-fn corrupt(key: &[u8], reason: &str) -> StoreError {
-    StoreError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        reason: reason.to_string(),
-    }
 }
 
 #[cfg(test)]

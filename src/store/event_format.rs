@@ -91,10 +91,7 @@ pub(super) fn encode(event: &EventRecord) -> Vec<u8> {
 }
 
 pub(super) fn decode(key: &[u8], bytes: &[u8]) -> Result<EventRecord, StoreError> {
-    let corrupt = |reason: String| StoreError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        reason,
-    };
+    let corrupt = |reason: String| StoreError::corrupt(key, reason);
     match bytes.first() {
         Some(&POSTCARD_V1) => {}
         Some(b'{') => return super::decode(key, bytes),

@@ -143,6 +143,34 @@ fn prefixed_id(prefix: u8, id: Uuid) -> [u8; 17] {
     out
 }
 
+/// A key as an error message shows it: `e/<uuid>` for a record named by an
+/// id, `s/<partner>/<priority>/<due_ms>/<delivery>` for a schedule entry,
+/// else its printable bytes with the rest escaped. Keys are binary, and a
+/// lossy UTF-8 rendering of one told on-call nothing.
+pub fn describe(key: &[u8]) -> String {
+    let Some(&prefix) = key.first() else {
+        return "(empty key)".to_string();
+    };
+    if let (Some(k), Some(id)) = (
+        [EVENT, ATTEMPTS, DEAD, DELIVERED, CHUNK_STATE]
+            .contains(&prefix)
+            .then_some(prefix),
+        id_of(key),
+    ) {
+        return format!("{}/{id}", k as char);
+    }
+    if let Some(s) = ScheduleKey::decode(key) {
+        return format!(
+            "s/{}/{}/{}/{}",
+            s.partner,
+            s.priority.as_str(),
+            s.due_ms,
+            s.delivery
+        );
+    }
+    key.escape_ascii().to_string()
+}
+
 /// The id in an `e`, `a` or `d` key.
 pub fn id_of(key: &[u8]) -> Option<Uuid> {
     let bytes: [u8; 16] = key.get(1..17)?.try_into().ok()?;
@@ -228,6 +256,25 @@ pub fn due_range(partner: &str, priority: Priority, now_ms: u64) -> (Vec<u8>, Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_is_described_so_on_call_can_find_its_record() {
+        let id = Uuid::now_v7();
+        assert_eq!(describe(&event(id)), format!("e/{id}"));
+        assert_eq!(describe(&dead_letter(id)), format!("d/{id}"));
+        let entry = ScheduleKey {
+            partner: "acme".into(),
+            priority: Priority::Critical,
+            due_ms: 1_500,
+            delivery: id,
+        };
+        assert_eq!(
+            describe(&entry.encode()),
+            format!("s/acme/critical/1500/{id}")
+        );
+        assert_eq!(describe(b"k\x01acme\xff"), "k\\x01acme\\xff");
+        assert_eq!(describe(b""), "(empty key)");
+    }
     use proptest::prelude::*;
 
     fn schedule_key() -> impl Strategy<Value = ScheduleKey> {

@@ -130,11 +130,8 @@ impl Store {
         let mut out = Vec::new();
         for item in self.db.scan_prefix(&prefix) {
             let (k, _) = item?;
-            let partner =
-                std::str::from_utf8(&k[prefix.len()..]).map_err(|e| StoreError::Corrupt {
-                    key: String::from_utf8_lossy(&k).into_owned(),
-                    reason: e.to_string(),
-                })?;
+            let partner = std::str::from_utf8(&k[prefix.len()..])
+                .map_err(|e| StoreError::corrupt(&k, e.to_string()))?;
             out.push(partner.to_string());
         }
         Ok(out)

@@ -52,6 +52,16 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
 }
 
+impl StoreError {
+    /// The record under `key` cannot be read, and why.
+    pub(crate) fn corrupt(key: &[u8], reason: impl Into<String>) -> StoreError {
+        StoreError::Corrupt {
+            key: keys::describe(key),
+            reason: reason.into(),
+        }
+    }
+}
+
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
         StoreError::Io(e.to_string())
@@ -686,10 +696,7 @@ fn get_json<T: serde::de::DeserializeOwned>(
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        reason: e.to_string(),
-    })
+    serde_json::from_slice(value).map_err(|e| StoreError::corrupt(key, e.to_string()))
 }
 
 fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
