@@ -1,11 +1,9 @@
 #![allow(unused_results)]
 
-#[cfg(not(feature = "testing"))]
-use std::collections::HashMap as Map;
-
-// we avoid HashMap while testing because
-// it makes tests non-deterministic
-#[cfg(feature = "testing")]
+// herald: always a BTreeMap (sled used a HashMap outside its tests), so a
+// batch is applied in key order: time-ordered keys then append at the end
+// of one leaf instead of landing at random places in the last few leaves,
+// which split them half full (vendor/sled/HERALD.md).
 use std::collections::BTreeMap as Map;
 
 use super::*;

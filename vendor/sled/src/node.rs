@@ -163,18 +163,26 @@ impl Node {
         true
     }
 
-    pub(crate) fn split(mut self) -> (Node, Node) {
+    /// herald: `append` (the key being written sorts after every key of
+    /// this node) keeps on the right only as many keys as stop it merging
+    /// back, so nodes filled by time-ordered keys stay nearly full instead of
+    /// half full (see `vendor/sled/HERALD.md`).
+    pub(crate) fn split(mut self, append: bool) -> (Node, Node) {
         fn split_inner<T>(
             keys: &mut Vec<IVec>,
             values: &mut Vec<T>,
             old_prefix: &[u8],
             old_hi: &[u8],
             suffix_truncation: bool,
+            keep_right: Option<usize>,
         ) -> (IVec, u8, Vec<IVec>, Vec<T>)
         where
             T: Clone + Ord,
         {
-            let split_point = keys.len() / 2 + 1;
+            let half = keys.len() / 2 + 1;
+            // The right node must not be small enough to merge back at once.
+            let split_point = keep_right
+                .map_or(half, |right| keys.len().saturating_sub(right).max(half));
             let right_keys = keys.split_off(split_point);
             let right_values = values.split_off(split_point);
             let right_min = &right_keys[0];
@@ -241,6 +249,7 @@ impl Node {
             )
         }
 
+        let keep_right = if append { Some(self.merge_threshold()) } else { None };
         let prefixed_lo = &self.lo[..self.prefix_len as usize];
         let prefixed_hi = &self.hi;
         let (split, right_prefix_len, right_data) = match self.data {
@@ -252,6 +261,7 @@ impl Node {
                         prefixed_lo,
                         prefixed_hi,
                         false,
+                        keep_right,
                     );
 
                 (
@@ -271,6 +281,7 @@ impl Node {
                         prefixed_lo,
                         prefixed_hi,
                         true,
+                        keep_right,
                     );
 
                 (
@@ -596,6 +607,21 @@ impl Node {
         }
     }
 
+    /// herald: whether `key` sorts after every key this node holds (an
+    /// append), for [`Node::split`].
+    pub(crate) fn is_append(&self, key: &[u8]) -> bool {
+        let prefix_len = self.prefix_len as usize;
+        if key.len() < prefix_len || key < self.lo.as_ref() {
+            return false;
+        }
+        let suffix = &key[prefix_len..];
+        let last = match &self.data {
+            Data::Index(index) => index.keys.last(),
+            Data::Leaf(leaf) => leaf.keys.last(),
+        };
+        last.map_or(false, |last| suffix > last.as_ref())
+    }
+
     pub(crate) fn should_split(&self) -> bool {
         let threshold = if cfg!(any(test, feature = "lock_free_delays")) {
             2
@@ -619,17 +645,20 @@ impl Node {
         size_checks && safety_checks
     }
 
-    pub(crate) fn should_merge(&self) -> bool {
-        let threshold = if cfg!(any(test, feature = "lock_free_delays")) {
+    /// Below this many keys a node is merged into its left sibling.
+    fn merge_threshold(&self) -> usize {
+        if cfg!(any(test, feature = "lock_free_delays")) {
             1
         } else if self.data.is_index() {
             // herald: 16, was 64: a quarter of the split threshold, as before.
             16
         } else {
             4
-        };
+        }
+    }
 
-        let size_checks = self.data.len() < threshold;
+    pub(crate) fn should_merge(&self) -> bool {
+        let size_checks = self.data.len() < self.merge_threshold();
         let safety_checks = self.merging_child.is_none() && !self.merging;
 
         size_checks && safety_checks
