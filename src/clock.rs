@@ -7,14 +7,16 @@
 //! the rate limiter reads nanoseconds from the same source.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
-use uuid::{NoContext, Timestamp, Uuid};
+use uuid::{ContextV7, Timestamp, Uuid};
 
+/// The time source, and the counter that keeps the ids it stamps in order
+/// of creation within one millisecond (shared by every copy of the clock).
 #[derive(Clone)]
-pub struct Clock(Arc<Source>);
+pub struct Clock(Arc<Source>, Arc<Mutex<ContextV7>>);
 
 enum Source {
     System {
@@ -34,20 +36,24 @@ impl Clock {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
-        Clock(Arc::new(Source::System {
+        Clock::from_source(Source::System {
             origin: Instant::now(),
             origin_unix_nanos,
-        }))
+        })
     }
 
     /// A clock that stands still until [`Clock::advance`] moves it.
     pub fn manual(start_unix_ms: u64) -> Clock {
         let nanos = start_unix_ms * 1_000_000;
         let (ticks, _) = watch::channel(nanos);
-        Clock(Arc::new(Source::Manual {
+        Clock::from_source(Source::Manual {
             now_nanos: AtomicU64::new(nanos),
             ticks,
-        }))
+        })
+    }
+
+    fn from_source(source: Source) -> Clock {
+        Clock(Arc::new(source), Arc::new(Mutex::new(ContextV7::new())))
     }
 
     pub fn now_nanos(&self) -> u64 {
@@ -65,11 +71,16 @@ impl Clock {
         self.now_nanos() / 1_000_000
     }
 
-    /// A new UUIDv7 stamped with this clock's time, so ids sort by it.
+    /// A new UUIDv7 stamped with this clock's time, so ids sort by it, and
+    /// above every id this clock made before (a counter in the random bits
+    /// orders those of one millisecond). Event keys are these ids, so each
+    /// group commit appends at the end of the event range: with random bits
+    /// it scattered its keys among the last commit's and sled split those
+    /// leaves half full (vendor/sled/HERALD.md).
     pub fn new_id(&self) -> Uuid {
         let nanos = self.now_nanos();
         Uuid::new_v7(Timestamp::from_unix(
-            NoContext,
+            &*self.1,
             nanos / 1_000_000_000,
             (nanos % 1_000_000_000) as u32,
         ))
@@ -155,6 +166,29 @@ mod tests {
     #[test]
     fn formats_times_as_rfc3339() {
         assert_eq!(rfc3339(1_764_050_400_000), "2025-11-25T06:00:00Z");
+    }
+
+    #[test]
+    fn ids_of_one_millisecond_sort_in_creation_order_and_carry_its_time() {
+        let clock = Clock::manual(1_764_050_400_000);
+        let copy = clock.clone();
+        let ids: Vec<Uuid> = (0..1_000)
+            .map(|i| {
+                if i % 2 == 0 {
+                    clock.new_id()
+                } else {
+                    copy.new_id()
+                }
+            })
+            .collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids out of order");
+        let (secs, nanos) = ids[999].get_timestamp().expect("v7").to_unix();
+        assert_eq!(
+            secs * 1_000 + u64::from(nanos) / 1_000_000,
+            1_764_050_400_000
+        );
+        clock.advance(Duration::from_millis(1));
+        assert!(clock.new_id() > ids[999]);
     }
 
     #[tokio::test]

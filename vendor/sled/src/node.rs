@@ -163,26 +163,29 @@ impl Node {
         true
     }
 
-    /// herald: `append` (the key being written sorts after every key of
-    /// this node) keeps on the right only as many keys as stop it merging
-    /// back, so nodes filled by time-ordered keys stay nearly full instead of
-    /// half full (see `vendor/sled/HERALD.md`).
-    pub(crate) fn split(mut self, append: bool) -> (Node, Node) {
+    /// herald: `written_at`, the position in this node of the key being
+    /// written, splits there when it is past the middle (as many keys kept
+    /// on the right as stop it merging back): time-ordered keys fill nodes
+    /// instead of leaving them half full, even in a node that also holds
+    /// later keys of another kind (see `vendor/sled/HERALD.md`).
+    pub(crate) fn split(mut self, written_at: Option<usize>) -> (Node, Node) {
         fn split_inner<T>(
             keys: &mut Vec<IVec>,
             values: &mut Vec<T>,
             old_prefix: &[u8],
             old_hi: &[u8],
             suffix_truncation: bool,
-            keep_right: Option<usize>,
+            at: Option<(usize, usize)>,
         ) -> (IVec, u8, Vec<IVec>, Vec<T>)
         where
             T: Clone + Ord,
         {
             let half = keys.len() / 2 + 1;
-            // The right node must not be small enough to merge back at once.
-            let split_point = keep_right
-                .map_or(half, |right| keys.len().saturating_sub(right).max(half));
+            // `at` is (the written key's position, the fewest keys the right
+            // node may hold without merging back at once).
+            let split_point = at.map_or(half, |(position, keep_right)| {
+                position.min(keys.len().saturating_sub(keep_right)).max(half)
+            });
             let right_keys = keys.split_off(split_point);
             let right_values = values.split_off(split_point);
             let right_min = &right_keys[0];
@@ -249,7 +252,7 @@ impl Node {
             )
         }
 
-        let keep_right = if append { Some(self.merge_threshold()) } else { None };
+        let at = written_at.map(|position| (position, self.merge_threshold()));
         let prefixed_lo = &self.lo[..self.prefix_len as usize];
         let prefixed_hi = &self.hi;
         let (split, right_prefix_len, right_data) = match self.data {
@@ -261,7 +264,7 @@ impl Node {
                         prefixed_lo,
                         prefixed_hi,
                         false,
-                        keep_right,
+                        at,
                     );
 
                 (
@@ -281,7 +284,7 @@ impl Node {
                         prefixed_lo,
                         prefixed_hi,
                         true,
-                        keep_right,
+                        at,
                     );
 
                 (
@@ -607,19 +610,20 @@ impl Node {
         }
     }
 
-    /// herald: whether `key` sorts after every key this node holds (an
-    /// append), for [`Node::split`].
-    pub(crate) fn is_append(&self, key: &[u8]) -> bool {
+    /// herald: how many of this node's keys sort before `key`, where it
+    /// belongs in this node; `None` when it belongs to another node.
+    pub(crate) fn position_of(&self, key: &[u8]) -> Option<usize> {
         let prefix_len = self.prefix_len as usize;
-        if key.len() < prefix_len || key < self.lo.as_ref() {
-            return false;
+        let below_hi = self.hi.is_empty() || key < self.hi.as_ref();
+        if key.len() < prefix_len || key < self.lo.as_ref() || !below_hi {
+            return None;
         }
         let suffix = &key[prefix_len..];
-        let last = match &self.data {
-            Data::Index(index) => index.keys.last(),
-            Data::Leaf(leaf) => leaf.keys.last(),
+        let keys = match &self.data {
+            Data::Index(index) => &index.keys,
+            Data::Leaf(leaf) => &leaf.keys,
         };
-        last.map_or(false, |last| suffix > last.as_ref())
+        Some(keys.partition_point(|k| k.as_ref() < suffix))
     }
 
     pub(crate) fn should_split(&self) -> bool {
