@@ -406,6 +406,15 @@ async fn outage(options: &BenchOptions, epoch: Instant) -> Result<Vec<Figure>, S
         );
     }
     t.add("peak RSS", peak, "MiB");
+    // The first half includes warming up (sled's page cache filling to its
+    // cap); what the second half adds is what each queued event costs.
+    if let [_, half, _, full] = rss[..] {
+        t.add(
+            "RSS added per queued event, second half",
+            (full - half) * 1_048_576.0 / (accepted as f64 / 2.0).max(1.0),
+            "bytes",
+        );
+    }
 
     // Restart with the backlog on disk and the partner healthy again.
     herald.stop()?;
