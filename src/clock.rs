@@ -13,10 +13,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use uuid::{ContextV7, Timestamp, Uuid};
 
-/// The time source, and the counter that keeps the ids it stamps in order
-/// of creation within one millisecond (shared by every copy of the clock).
 #[derive(Clone)]
-pub struct Clock(Arc<Source>, Arc<Mutex<ContextV7>>);
+pub struct Clock {
+    source: Arc<Source>,
+    /// Orders the ids this clock stamps within one millisecond; shared by
+    /// every copy of the clock.
+    ids: Arc<Mutex<ContextV7>>,
+}
 
 enum Source {
     System {
@@ -53,11 +56,14 @@ impl Clock {
     }
 
     fn from_source(source: Source) -> Clock {
-        Clock(Arc::new(source), Arc::new(Mutex::new(ContextV7::new())))
+        Clock {
+            source: Arc::new(source),
+            ids: Arc::new(Mutex::new(ContextV7::new())),
+        }
     }
 
     pub fn now_nanos(&self) -> u64 {
-        match &*self.0 {
+        match &*self.source {
             Source::System {
                 origin,
                 origin_unix_nanos,
@@ -80,7 +86,7 @@ impl Clock {
     pub fn new_id(&self) -> Uuid {
         let nanos = self.now_nanos();
         Uuid::new_v7(Timestamp::from_unix(
-            &*self.1,
+            &*self.ids,
             nanos / 1_000_000_000,
             (nanos % 1_000_000_000) as u32,
         ))
@@ -93,7 +99,7 @@ impl Clock {
     /// Moves a manual clock forward and wakes whoever waits on it.
     /// On the system clock it does nothing: real time cannot be pushed.
     pub fn advance(&self, by: Duration) {
-        if let Source::Manual { now_nanos, ticks } = &*self.0 {
+        if let Source::Manual { now_nanos, ticks } = &*self.source {
             let now =
                 now_nanos.fetch_add(by.as_nanos() as u64, Ordering::AcqRel) + by.as_nanos() as u64;
             ticks.send_replace(now);
@@ -101,7 +107,7 @@ impl Clock {
     }
 
     pub fn is_manual(&self) -> bool {
-        matches!(&*self.0, Source::Manual { .. })
+        matches!(&*self.source, Source::Manual { .. })
     }
 
     /// Waits until the clock reads `deadline_ms` (unix milliseconds) or later.
@@ -116,7 +122,7 @@ impl Clock {
     }
 
     async fn sleep_until_nanos(&self, deadline: u64) {
-        match &*self.0 {
+        match &*self.source {
             Source::System { .. } => {
                 let now = self.now_nanos();
                 if deadline > now {

@@ -175,17 +175,11 @@ impl Node {
             old_prefix: &[u8],
             old_hi: &[u8],
             suffix_truncation: bool,
-            at: Option<(usize, usize)>,
+            split_point: usize,
         ) -> (IVec, u8, Vec<IVec>, Vec<T>)
         where
             T: Clone + Ord,
         {
-            let half = keys.len() / 2 + 1;
-            // `at` is (the written key's position, the fewest keys the right
-            // node may hold without merging back at once).
-            let split_point = at.map_or(half, |(position, keep_right)| {
-                position.min(keys.len().saturating_sub(keep_right)).max(half)
-            });
             let right_keys = keys.split_off(split_point);
             let right_values = values.split_off(split_point);
             let right_min = &right_keys[0];
@@ -252,7 +246,13 @@ impl Node {
             )
         }
 
-        let at = written_at.map(|position| (position, self.merge_threshold()));
+        let len = self.data.len();
+        let half = len / 2 + 1;
+        // Past the middle, split where the key goes, but leave the right
+        // node enough keys not to be merged back at once.
+        let split_point = written_at.map_or(half, |position| {
+            position.min(len.saturating_sub(self.merge_threshold())).max(half)
+        });
         let prefixed_lo = &self.lo[..self.prefix_len as usize];
         let prefixed_hi = &self.hi;
         let (split, right_prefix_len, right_data) = match self.data {
@@ -264,7 +264,7 @@ impl Node {
                         prefixed_lo,
                         prefixed_hi,
                         false,
-                        at,
+                        split_point,
                     );
 
                 (
@@ -284,7 +284,7 @@ impl Node {
                         prefixed_lo,
                         prefixed_hi,
                         true,
-                        at,
+                        split_point,
                     );
 
                 (
