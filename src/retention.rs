@@ -33,8 +33,8 @@ pub async fn collect_once(
     loop {
         let done = store.collect(cutoff, BUDGET, resume).await?;
         removed += done.removed;
-        match done.resume_after {
-            Some(id) => resume = Some(id),
+        match done.resume {
+            Some(from) => resume = Some(from),
             None => break,
         }
     }

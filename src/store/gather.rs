@@ -153,7 +153,7 @@ mod tests {
         Command::Collect {
             cutoff_ms: 0,
             budget: 1,
-            resume_after: None,
+            from: None,
             reply: oneshot::channel().0,
         }
     }

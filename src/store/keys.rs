@@ -9,8 +9,16 @@ use uuid::Uuid;
 
 use crate::model::Priority;
 
-/// `e` + event id (UUIDv7, so events sort by arrival): the event and its deliveries.
+/// `e` + event id (UUIDv7, so events sort by arrival): an event stored on
+/// its own, as every event was before pages (a data dir written by an
+/// older herald), or put back by a replay after retention took its page.
 pub const EVENT: u8 = b'e';
+/// `b` + the id of its first event: a page of events one group commit
+/// accepted, as accepted (see [`super::event_page`]).
+pub const EVENT_PAGE: u8 = b'b';
+/// `r` + event id: the record of an event from a page, rewritten since it
+/// was accepted (a retry, a dead letter, a replay); it wins over the page's copy.
+pub const REWRITTEN: u8 = b'r';
 /// `i` + idempotency key: the event id it produced.
 pub const IDEMPOTENCY: u8 = b'i';
 /// `s` + partner + priority + due + delivery id: a delivery waiting for an
@@ -48,6 +56,14 @@ pub const COMMITS: &[u8] = b"mcommits";
 
 pub fn event(id: Uuid) -> [u8; 17] {
     prefixed_id(EVENT, id)
+}
+
+pub fn event_page(first: Uuid) -> [u8; 17] {
+    prefixed_id(EVENT_PAGE, first)
+}
+
+pub fn rewritten(id: Uuid) -> [u8; 17] {
+    prefixed_id(REWRITTEN, id)
 }
 
 pub fn attempts(delivery: Uuid) -> [u8; 17] {
@@ -136,7 +152,7 @@ pub fn device_queue(partner: &str, device: &str, seq: u64, delivery: Uuid) -> Ve
     out
 }
 
-fn prefixed_id(prefix: u8, id: Uuid) -> [u8; 17] {
+pub fn prefixed_id(prefix: u8, id: Uuid) -> [u8; 17] {
     let mut out = [0u8; 17];
     out[0] = prefix;
     out[1..].copy_from_slice(id.as_bytes());
@@ -152,9 +168,17 @@ pub fn describe(key: &[u8]) -> String {
         return "(empty key)".to_string();
     };
     if let (Some(k), Some(id)) = (
-        [EVENT, ATTEMPTS, DEAD, DELIVERED, CHUNK_STATE]
-            .contains(&prefix)
-            .then_some(prefix),
+        [
+            EVENT,
+            EVENT_PAGE,
+            REWRITTEN,
+            ATTEMPTS,
+            DEAD,
+            DELIVERED,
+            CHUNK_STATE,
+        ]
+        .contains(&prefix)
+        .then_some(prefix),
         id_of(key),
     ) {
         return format!("{}/{id}", k as char);

@@ -7,11 +7,13 @@
 //! half-applied.
 //! The key layout lives in [`keys`]; nothing outside this module knows it.
 //! First attempts travel in [`chunk`]s, one index key per group commit and
-//! partner, because sled's cost is per key.
+//! partner, and events in [`event_page`]s, because sled's cost (time and
+//! memory) is per key.
 
 mod chunk;
 mod depth;
 mod event_format;
+mod event_page;
 mod gather;
 pub mod keys;
 pub use replay::Replayed;
@@ -140,7 +142,15 @@ pub struct DueScan {
 pub struct Collected {
     pub removed: usize,
     /// Where the next pass should start; `None` when this one reached the cutoff.
-    pub resume_after: Option<Uuid>,
+    pub resume: Option<CollectFrom>,
+}
+
+/// Where a garbage-collection pass goes on: after this event, among the
+/// events stored alone or among the pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CollectFrom {
+    Alone(Uuid),
+    Pages(Uuid),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -202,6 +212,8 @@ impl Store {
                 other => other,
             })?;
         let watermark = watermark::Watermark::open(dir, &db).map_err(open_err)?;
+        let last_event = event_page::last_stored(&db)
+            .map_err(|e| open_err(format!("cannot read the last event stored: {e}")))?;
         let depth =
             Arc::new(depth::Depth::new(count_scheduled(&db).map_err(|e| {
                 open_err(format!("cannot count the schedule: {e}"))
@@ -212,7 +224,7 @@ impl Store {
             visible: Arc::clone(&visible),
             depth: Arc::clone(&depth),
         };
-        writer::spawn(db.clone(), watermark, shared, rx)
+        writer::spawn(db.clone(), watermark, last_event, shared, rx)
             .map_err(|e| open_err(format!("cannot start the writer: {e}")))?;
         Ok(Store {
             db,
@@ -268,18 +280,18 @@ impl Store {
         Ok(out)
     }
 
-    /// Removes finished events received before `cutoff_ms`, looking at no more
-    /// than `budget` events, starting after `resume_after`.
+    /// Removes finished events received before `cutoff_ms`, looking at
+    /// about `budget` events, going on `from` where the last pass stopped.
     pub async fn collect(
         &self,
         cutoff_ms: u64,
         budget: usize,
-        resume_after: Option<Uuid>,
+        from: Option<CollectFrom>,
     ) -> Result<Collected, StoreError> {
         self.call(|reply| Command::Collect {
             cutoff_ms,
             budget,
-            resume_after,
+            from,
             reply,
         })
         .await
@@ -313,7 +325,12 @@ impl Store {
 
     /// The event with every delivery's current state.
     pub fn event(&self, id: Uuid) -> Result<Option<EventRecord>, StoreError> {
-        let Some(mut event) = self.event_payload(id)? else {
+        let rewritten = keys::rewritten(id);
+        let found = match self.db.get(rewritten)? {
+            Some(v) => Some(event_format::decode(&rewritten, &v)?),
+            None => self.event_payload(id)?,
+        };
+        let Some(mut event) = found else {
             return Ok(None);
         };
         settle_delivered(&mut event, |key| Ok(self.db.get(key)?.map(|v| v.to_vec())))?;
@@ -322,8 +339,11 @@ impl Store {
 
     /// The event as accepted, for building a request: delivery states may be
     /// stale (a success is kept apart, see [`keys::DELIVERED`] and
-    /// [`keys::CHUNK_STATE`]).
+    /// [`keys::CHUNK_STATE`], and a later change in [`keys::REWRITTEN`]).
     pub fn event_payload(&self, id: Uuid) -> Result<Option<EventRecord>, StoreError> {
+        if let Some(event) = event_page::find(&self.db, id)? {
+            return Ok(Some(event));
+        }
         let key = keys::event(id);
         match self.db.get(key)? {
             None => Ok(None),
@@ -498,12 +518,12 @@ impl Store {
     }
 
     /// Reads the events of `dues`, one chunk's members, in one walk of the
-    /// event keys instead of a lookup each when they are sent: a chunk's
-    /// events were accepted by one group commit, so their keys lie close
-    /// together. The walk stops once it has passed many more events than it
-    /// wants (other partners' between them); a due left without its event
-    /// reads it by itself when sent, as does one whose record will not
-    /// decode (and reports it then).
+    /// event pages instead of a lookup each when they are sent: a chunk's
+    /// events were accepted by one group commit, so they share a few pages.
+    /// The walk stops once it has read many more pages than it could need
+    /// (other groups' between them); a due left without its event reads it
+    /// by itself when sent, as does one whose record will not decode (and
+    /// reports it then).
     fn read_events(&self, dues: &mut [Due]) -> Result<(), StoreError> {
         if dues.len() < 2 {
             return Ok(());
@@ -517,15 +537,25 @@ impl Store {
         let (Some(&first), Some(&last)) = (wanted.keys().min(), wanted.keys().max()) else {
             return Ok(());
         };
-        let budget = 2 * wanted.len() + 16;
-        let range = self.db.range(keys::event(first)..=keys::event(last));
-        for item in range.take(budget) {
-            let (k, v) = item?;
-            let Some(i) = keys::id_of(&k).and_then(|id| wanted.remove(&id)) else {
+        let Some((start, _)) = event_page::page_for(&self.db, first)? else {
+            return Ok(());
+        };
+        let budget = wanted.len() + 8;
+        let pages = self
+            .db
+            .range(start..=sled::IVec::from(&keys::event_page(last)));
+        for item in pages.take(budget) {
+            let (key, value) = item?;
+            let Ok(page) = event_page::Page::parse(&key, &value) else {
                 continue;
             };
-            if let Ok(event) = event_format::decode(&k, &v) {
-                dues[i].event = Some(Arc::new(event));
+            for i in 0..page.len() {
+                let Some(at) = wanted.remove(&page.id(i)) else {
+                    continue;
+                };
+                if let Ok(event) = page.record(i) {
+                    dues[at].event = Some(Arc::new(event));
+                }
             }
             if wanted.is_empty() {
                 break;
@@ -585,10 +615,19 @@ impl Store {
             .sum()
     }
 
-    /// How many records of each kind the store holds, by key prefix.
+    /// How many records of each kind the store holds, by key prefix; for
+    /// `e`, how many events (stored alone or in pages).
     pub fn record_counts(&self) -> Vec<(char, usize)> {
+        let paged: usize = self
+            .db
+            .scan_prefix([keys::EVENT_PAGE])
+            .filter_map(Result::ok)
+            .filter_map(|(k, v)| event_page::Page::parse(&k, &v).ok().map(|p| p.len()))
+            .sum();
         [
             keys::EVENT,
+            keys::EVENT_PAGE,
+            keys::REWRITTEN,
             keys::IDEMPOTENCY,
             keys::SCHEDULE,
             keys::ATTEMPTS,
@@ -597,7 +636,10 @@ impl Store {
             keys::DEAD,
         ]
         .iter()
-        .map(|&p| (p as char, self.db.scan_prefix([p]).count()))
+        .map(|&p| {
+            let stored = self.db.scan_prefix([p]).count();
+            (p as char, stored + if p == keys::EVENT { paged } else { 0 })
+        })
         .collect()
     }
 }
@@ -744,6 +786,15 @@ pub(crate) mod testing {
         }
     }
 
+    /// The store in `dir` again, as a restart opens it.
+    pub fn reopen(dir: &tempfile::TempDir) -> Store {
+        let options = StoreOptions {
+            cache_bytes: 1 << 20,
+            queue: 16,
+        };
+        Store::open(dir.path(), options).expect("store")
+    }
+
     /// A first attempt that delivered, at 1,500 ms.
     pub fn delivered_attempt() -> Attempt {
         Attempt {
@@ -819,14 +870,31 @@ mod tests {
         (ids, chunks.into_iter().next().expect("a chunk"))
     }
 
+    /// Replaces event `id`'s record in its page with bytes that do not decode.
+    fn damage_in_its_page(store: &Store, id: Uuid) {
+        let (key, value) = event_page::page_for(&store.db, id)
+            .expect("read")
+            .expect("its page");
+        let page = event_page::Page::parse(&key, &value).expect("parse");
+        let records: Vec<(Uuid, &[u8])> = (0..page.len())
+            .map(|i| {
+                let raw = if page.id(i) == id {
+                    &b"{not json"[..]
+                } else {
+                    page.raw(i).expect("raw")
+                };
+                (page.id(i), raw)
+            })
+            .collect();
+        let damaged = event_page::encode(records.into_iter());
+        store.db.insert(key, damaged).expect("write");
+    }
+
     #[tokio::test]
     async fn a_scan_reads_a_chunks_events_and_leaves_an_unreadable_one_to_report_itself() {
         let (_dir, store) = open();
         let (events, _) = three_in_a_chunk(&store).await;
-        store
-            .db
-            .insert(keys::event(events[1]), &b"{not json"[..])
-            .expect("write");
+        damage_in_its_page(&store, events[1]);
         let mut dues = due_now(&store);
         dues.sort_by_key(|d| d.entry.event);
         let carried: Vec<Option<Uuid>> = dues
@@ -884,10 +952,10 @@ mod tests {
         let (_dir, store) = open();
         let (events, _) = three_in_a_chunk(&store).await;
         let first = due_now(&store).remove(0);
-        let event_key = keys::event(first.entry.event);
+        // An unreadable rewrite of its event: the retry cannot be recorded.
         store
             .db
-            .insert(event_key, &b"{not json"[..])
+            .insert(keys::rewritten(first.entry.event), &b"{not json"[..])
             .expect("write");
         let failed = store.record(retried(&first)).await;
         assert!(
@@ -950,5 +1018,166 @@ mod tests {
                 "{damage}: the entry is gone"
             );
         }
+    }
+
+    fn count(store: &Store, prefix: char) -> usize {
+        store
+            .record_counts()
+            .into_iter()
+            .find(|(p, _)| *p == prefix)
+            .map_or(0, |(_, n)| n)
+    }
+
+    async fn collect_all(store: &Store, cutoff_ms: u64, budget: usize) -> (usize, usize) {
+        let (mut removed, mut passes) = (0, 0);
+        let mut from = None;
+        loop {
+            let done = store
+                .collect(cutoff_ms, budget, from)
+                .await
+                .expect("collect");
+            removed += done.removed;
+            passes += 1;
+            match done.resume {
+                Some(next) => from = Some(next),
+                None => return (removed, passes),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn events_stored_alone_by_an_older_herald_are_read_rewritten_in_place_and_collected() {
+        let (dir, store) = open();
+        // Made first, so ingest's id for it sorts below the older record's.
+        let new = event(1);
+        let old = event(2);
+        assert!(new.id < old.id);
+        let d = &old.deliveries[0];
+        let key = ScheduleKey {
+            partner: "acme".into(),
+            priority: Priority::Normal,
+            due_ms: 1_000,
+            delivery: d.id,
+        };
+        let entry = ScheduledDelivery {
+            delivery: d.id,
+            event: old.id,
+            attempts: 0,
+            created_ms: 1_000,
+            order: None,
+            chunk: None,
+        };
+        store
+            .db
+            .insert(keys::event(old.id), event_format::encode(&old))
+            .expect("write");
+        store
+            .db
+            .insert(key.encode(), encode(&entry))
+            .expect("write");
+        store.shutdown().await.expect("shutdown");
+        drop(store);
+        let store = testing::reopen(&dir);
+
+        let accepted = store.enqueue(vec![new.clone()]).await.expect("enqueue");
+        assert!(
+            accepted[0].id > old.id,
+            "new events sort after every stored one"
+        );
+        let read = store.event(accepted[0].id).expect("read").expect("event");
+        assert_eq!(read.device_id, new.device_id);
+
+        let dues = due_now(&store);
+        assert_eq!(dues.len(), 2);
+        let old_due = dues
+            .iter()
+            .find(|d| d.entry.event == old.id)
+            .expect("the old event's delivery is due");
+        assert_eq!(
+            old_due.event(&store).expect("read").map(|e| e.id),
+            Some(old.id)
+        );
+        store.record(retried(old_due)).await.expect("recorded");
+        assert!(
+            store
+                .db
+                .get(keys::rewritten(old.id))
+                .expect("read")
+                .is_none(),
+            "a record stored alone is rewritten where it is"
+        );
+        let read = store.event(old.id).expect("read").expect("event");
+        assert_eq!(read.deliveries[0].attempts, 1);
+        for due in dues.iter().filter(|d| d.entry.event != old.id) {
+            deliver(&store, due).await;
+        }
+        let retry = store
+            .due("acme", &Priority::ALL, 6_000, 100, &|_| false)
+            .expect("scan")
+            .found;
+        assert_eq!(retry.len(), 1);
+        deliver(&store, &retry[0]).await;
+
+        assert_eq!(count(&store, 'e'), 2);
+        let (removed, passes) = collect_all(&store, 2_000, 1).await;
+        assert_eq!(removed, 2, "both finished events are collected");
+        assert!(passes >= 2, "a budget of one goes on where it stopped");
+        assert_eq!(count(&store, 'e'), 0);
+        assert_eq!(count(&store, 'b'), 0);
+        assert_eq!(count(&store, 'o'), 0, "with the retried one's marker");
+    }
+
+    #[tokio::test]
+    async fn a_page_keeps_its_pending_events_and_goes_with_the_last() {
+        let (_dir, store) = open();
+        let (events, _) = three_in_a_chunk(&store).await;
+        assert_eq!(count(&store, 'b'), 1, "one group, one page");
+        let dues = due_now(&store);
+        deliver(&store, &dues[0]).await;
+        deliver(&store, &dues[1]).await;
+        let waiting = dues[2].entry.event;
+        store.record(retried(&dues[2])).await.expect("recorded");
+        assert_eq!(
+            count(&store, 'r'),
+            1,
+            "the retried event's record is rewritten"
+        );
+
+        let (removed, _) = collect_all(&store, 2_000, 100).await;
+        assert_eq!(removed, 2);
+        assert_eq!(count(&store, 'e'), 1);
+        assert_eq!(
+            count(&store, 'b'),
+            1,
+            "the page stays for its pending event"
+        );
+        for id in &events {
+            let read = store.event(*id).expect("read");
+            match *id == waiting {
+                true => assert_eq!(read.expect("kept").deliveries[0].attempts, 1),
+                false => assert!(read.is_none(), "collected"),
+            }
+        }
+        let again = store.enqueue(vec![event(9)]).await.expect("enqueue");
+        assert!(again[0].id > waiting);
+
+        let retry = store
+            .due("acme", &Priority::ALL, 6_000, 100, &|_| false)
+            .expect("scan")
+            .found;
+        let retry = retry
+            .iter()
+            .find(|d| d.entry.event == waiting)
+            .expect("the retry");
+        deliver(&store, retry).await;
+        let (removed, _) = collect_all(&store, 1_001, 100).await;
+        assert_eq!(
+            removed, 1,
+            "the page's last event goes; the new one is pending"
+        );
+        assert_eq!(count(&store, 'r'), 0);
+        assert_eq!(count(&store, 'e'), 1);
+        assert!(store.event(waiting).expect("read").is_none());
+        assert!(store.event(again[0].id).expect("read").is_some());
     }
 }

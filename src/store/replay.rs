@@ -10,11 +10,10 @@
 
 use uuid::Uuid;
 
-use super::event_format;
 use super::keys::{self, ScheduleKey};
-use super::writer::Pending;
+use super::writer::{Home, Pending};
 use super::{encode, Due, Store, StoreError};
-use crate::model::{DeadLetter, DeliveryRecord, EventRecord, ScheduledDelivery};
+use crate::model::{DeadLetter, DeliveryRecord, ScheduledDelivery};
 
 /// What one replay did.
 #[derive(Debug, Clone)]
@@ -61,11 +60,10 @@ fn replay(
     if let Some(already) = letter.replayed_as {
         return Ok(Replayed::Already(already));
     }
-    let event_key = keys::event(letter.event.id);
-    let mut event: EventRecord = match p.get_event(&event_key)? {
-        Some(event) => event,
-        // Collected by retention: the letter kept a copy.
-        None => letter.event.clone(),
+    let (mut event, home) = match p.event(letter.event.id)? {
+        Some(found) => found,
+        // Collected by retention: the letter kept a copy, stored alone now.
+        None => (letter.event.clone(), Home::Alone),
     };
     event.deliveries.push(DeliveryRecord::pending(
         new_delivery,
@@ -89,7 +87,7 @@ fn replay(
     };
     p.put(key.encode(), encode(&entry));
     p.moved(&key.partner, 1);
-    p.put(event_key.to_vec(), event_format::encode(&event));
+    p.put_event(home, &event);
     letter.replayed_as = Some(new_delivery);
     letter.replayed_ms = Some(now_ms);
     p.put(letter_key.to_vec(), encode(&letter));

@@ -21,11 +21,13 @@ use uuid::Uuid;
 use super::chunk;
 use super::depth::{Depth, Moves};
 use super::event_format;
+use super::event_page::{self, Page};
 use super::gather::{Gatherer, OUTCOME_LINGER};
 use super::keys::{self, ScheduleKey};
 use super::watermark::{self, Watermark};
 use super::{
-    decode, encode, settle_delivered, Accepted, Collected, Due, Next, Outcome, StoreError,
+    decode, encode, settle_delivered, Accepted, CollectFrom, Collected, Due, Next, Outcome,
+    StoreError,
 };
 use crate::model::{
     AttemptLog, DeadLetter, DeliveryState, DeviceOrder, EventRecord, ScheduledDelivery,
@@ -46,7 +48,7 @@ pub(super) enum Command {
     Collect {
         cutoff_ms: u64,
         budget: usize,
-        resume_after: Option<Uuid>,
+        from: Option<CollectFrom>,
         reply: Reply<Collected>,
     },
     Unpark {
@@ -81,6 +83,7 @@ pub(super) struct Shared {
 pub(super) fn spawn(
     db: sled::Db,
     watermark: Watermark,
+    last_event: Uuid,
     shared: Shared,
     rx: mpsc::Receiver<Command>,
 ) -> std::io::Result<()> {
@@ -92,7 +95,7 @@ pub(super) fn spawn(
         .spawn(move || match Gatherer::new(OUTCOME_LINGER) {
             Ok(gatherer) => {
                 let _ = started.send(Ok(()));
-                let writing = || run(db, watermark, shared, gatherer, rx);
+                let writing = || run(db, watermark, last_event, shared, gatherer, rx);
                 crate::supervise::run_or(writing, || crate::supervise::exit("the store writer"));
             }
             Err(e) => drop(started.send(Err(e))),
@@ -123,13 +126,14 @@ enum Answer {
 fn run(
     db: sled::Db,
     mut watermark: Watermark,
+    mut last_event: Uuid,
     shared: Shared,
     gatherer: Gatherer,
     mut rx: mpsc::Receiver<Command>,
 ) {
     while let Some(group) = gatherer.next(&mut rx) {
         let started = Instant::now();
-        let mut pending = Pending::new(&db, watermark.next());
+        let mut pending = Pending::new(&db, watermark.next(), last_event);
         let mut answers = Vec::with_capacity(group.len());
         let mut stop = false;
         let size = group.len();
@@ -148,11 +152,10 @@ fn run(
                 Command::Collect {
                     cutoff_ms,
                     budget,
-                    resume_after,
+                    from,
                     reply,
                 } => {
-                    let result =
-                        pending.atomically(|p| collect(p, cutoff_ms, budget, resume_after));
+                    let result = pending.atomically(|p| collect(p, cutoff_ms, budget, from));
                     answers.push(Answer::Collect(reply, result));
                 }
                 Command::Unpark { key, reply } => {
@@ -182,6 +185,8 @@ fn run(
             }
         }
         let moves = std::mem::take(&mut pending.moves);
+        // Ids given to a group that then failed stay given: still rising.
+        last_event = pending.pages.last();
         let durable = pending.commit(&db, &mut watermark, &shared.visible);
         if durable.is_ok() {
             shared.depth.apply(moves);
@@ -238,6 +243,15 @@ fn refuse(command: Command) {
     }
 }
 
+/// Where an event's record lives: where a rewrite of it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Home {
+    /// Its own `e` record (see [`keys::EVENT`]).
+    Alone,
+    /// A page, rewritten (or to be) under `r` (see [`keys::REWRITTEN`]).
+    Paged,
+}
+
 /// One step [`Pending::atomically`] can take back.
 enum Undo {
     /// A key was written; what the overlay held for it before (`None`: nothing).
@@ -252,6 +266,8 @@ pub(super) struct Pending<'a> {
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
     /// The schedule chunks this group's first attempts go in.
     chunks: chunk::Filling,
+    /// The event pages this group's accepted events go in.
+    pages: event_page::Filling,
     /// How this group changes each partner's queue depth.
     moves: Moves,
     /// While a request runs [`Pending::atomically`]: how to undo what it
@@ -265,11 +281,12 @@ pub(super) struct Pending<'a> {
 }
 
 impl<'a> Pending<'a> {
-    fn new(db: &'a sled::Db, commit: u64) -> Self {
+    fn new(db: &'a sled::Db, commit: u64, last_event: Uuid) -> Self {
         Pending {
             db,
             overlay: HashMap::new(),
             chunks: chunk::Filling::default(),
+            pages: event_page::Filling::new(last_event),
             moves: Moves::default(),
             undo: None,
             commit,
@@ -304,11 +321,39 @@ impl<'a> Pending<'a> {
         }
     }
 
-    pub(super) fn get_event(&self, key: &[u8]) -> Result<Option<EventRecord>, StoreError> {
-        match self.get(key)? {
-            None => Ok(None),
-            Some(v) => event_format::decode(key, &v).map(Some),
+    /// Event `id` as it stands (a rewrite, else its page's copy, else its
+    /// own record), and where a rewrite of it goes.
+    pub(super) fn event(&self, id: Uuid) -> Result<Option<(EventRecord, Home)>, StoreError> {
+        let rewritten = keys::rewritten(id);
+        if let Some(v) = self.get(&rewritten)? {
+            return Ok(Some((event_format::decode(&rewritten, &v)?, Home::Paged)));
         }
+        if let Some(event) = self.pages.get(id)? {
+            return Ok(Some((event, Home::Paged)));
+        }
+        if let Some((key, _)) = event_page::page_for(self.db, id)? {
+            // Read through the overlay: retention may have rewritten it in this group.
+            if let Some(value) = self.get(&key)? {
+                let page = Page::parse(&key, &value)?;
+                if let Some(i) = page.find(id) {
+                    return Ok(Some((page.record(i)?, Home::Paged)));
+                }
+            }
+        }
+        let key = keys::event(id);
+        match self.get(&key)? {
+            Some(v) => Ok(Some((event_format::decode(&key, &v)?, Home::Alone))),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes `event`'s record where [`Pending::event`] said it lives.
+    pub(super) fn put_event(&mut self, home: Home, event: &EventRecord) {
+        let key = match home {
+            Home::Alone => keys::event(event.id),
+            Home::Paged => keys::rewritten(event.id),
+        };
+        self.put(key.to_vec(), event_format::encode(event));
     }
 
     pub(super) fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
@@ -404,10 +449,11 @@ impl<'a> Pending<'a> {
         let Pending {
             mut overlay,
             chunks,
+            pages,
             commit,
             ..
         } = self;
-        for (key, value) in chunks.finish() {
+        for (key, value) in chunks.finish().into_iter().chain(pages.finish()) {
             overlay.insert(key, Some(value));
         }
         if overlay.is_empty() {
@@ -454,7 +500,7 @@ fn enqueue(p: &mut Pending<'_>, events: Vec<EventRecord>) -> Result<Vec<Accepted
     // Look everything up first, so a failed read leaves nothing half-staged.
     let mut staged = Vec::with_capacity(events.len());
     let mut seen_in_request: HashMap<String, Accepted> = HashMap::new();
-    for event in events {
+    for mut event in events {
         if let Some(key) = &event.idempotency_key {
             if let Some(first) = seen_in_request.get(key) {
                 staged.push(Err(Accepted {
@@ -468,11 +514,14 @@ fn enqueue(p: &mut Pending<'_>, events: Vec<EventRecord>) -> Result<Vec<Accepted
                     key: format!("idempotency key {key:?}"),
                     reason: e.to_string(),
                 })?;
-                if let Some(first) = p.get_event(&keys::event(id))? {
+                if let Some((first, _)) = p.event(id)? {
                     staged.push(Err(accepted(&first, true)));
                     continue;
                 }
             }
+        }
+        event.id = p.pages.assign(event.id);
+        if let Some(key) = &event.idempotency_key {
             seen_in_request.insert(key.clone(), accepted(&event, true));
         }
         staged.push(Ok(event));
@@ -544,7 +593,7 @@ fn enqueue(p: &mut Pending<'_>, events: Vec<EventRecord>) -> Result<Vec<Accepted
         if let Some(key) = &event.idempotency_key {
             p.put(keys::idempotency(key), event.id.as_bytes().to_vec());
         }
-        p.put(keys::event(event.id).to_vec(), event_format::encode(&event));
+        p.pages.add(&event);
         let event = Arc::new(event);
         for due in &mut answer.scheduled {
             due.event = Some(Arc::clone(&event));
@@ -628,8 +677,7 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
         p.put(keys::delivered(entry.delivery).to_vec(), encode(&attempt));
         return Ok(());
     }
-    let event_key = keys::event(entry.event);
-    let Some(mut event) = p.get_event(&event_key)? else {
+    let Some((mut event, home)) = p.event(entry.event)? else {
         tracing::error!(delivery = %entry.delivery, event = %entry.event, "delivery without its event record; dropped from the schedule");
         return Ok(());
     };
@@ -654,7 +702,7 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
         if has_log {
             p.remove(log_key.to_vec());
         }
-        p.put(event_key.to_vec(), event_format::encode(&event));
+        p.put_event(home, &event);
         return Ok(());
     }
     delivery.attempts = attempt.number;
@@ -699,70 +747,172 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
             }
         }
     }
-    p.put(event_key.to_vec(), event_format::encode(&event));
+    p.put_event(home, &event);
     Ok(())
 }
 
+/// Removes finished events received before `cutoff_ms`, looking at about
+/// `budget` events: first those stored alone, in id order, then the pages.
 fn collect(
     p: &mut Pending<'_>,
     cutoff_ms: u64,
     budget: usize,
-    resume_after: Option<Uuid>,
+    from: Option<CollectFrom>,
 ) -> Result<Collected, StoreError> {
-    let start = match resume_after {
+    let mut done = Collected::default();
+    let pages_after = match from {
+        Some(CollectFrom::Pages(after)) => Some(after),
+        alone => {
+            let after = match alone {
+                Some(CollectFrom::Alone(id)) => Some(id),
+                _ => None,
+            };
+            if !collect_alone(p, cutoff_ms, budget, after, &mut done)? {
+                return Ok(done);
+            }
+            None
+        }
+    };
+    collect_pages(p, cutoff_ms, budget, pages_after, &mut done)?;
+    Ok(done)
+}
+
+/// The range of keys with `prefix` after `after`'s key (all, for `None`).
+fn after_id(prefix: u8, after: Option<Uuid>) -> std::ops::Range<Vec<u8>> {
+    let start = match after {
         Some(id) => {
-            let mut k = keys::event(id).to_vec();
+            let mut k = keys::prefixed_id(prefix, id).to_vec();
             k.push(0);
             k
         }
-        None => vec![keys::EVENT],
+        None => vec![prefix],
     };
-    let mut done = Collected::default();
+    start..vec![prefix + 1]
+}
+
+/// Collects among events stored alone (`e`): true once past the last one
+/// old enough, false when the budget ran out first (`done` says where to
+/// go on).
+fn collect_alone(
+    p: &mut Pending<'_>,
+    cutoff_ms: u64,
+    budget: usize,
+    after: Option<Uuid>,
+    done: &mut Collected,
+) -> Result<bool, StoreError> {
     let mut looked = 0;
-    for item in p.db.range(start..vec![keys::EVENT + 1]) {
+    for item in p.db.range(after_id(keys::EVENT, after)) {
         let (k, v) = item?;
         let mut event = event_format::decode(&k, &v)?;
         if event.received_ms >= cutoff_ms {
-            return Ok(Collected {
-                resume_after: None,
-                ..done
-            });
+            // Those after it are younger still; pages hold only later ids.
+            break;
         }
         settle_delivered(&mut event, |key| p.get(key))?;
         if event.is_finished() {
             p.remove(k.to_vec());
-            if let Some(key) = &event.idempotency_key {
-                p.remove(keys::idempotency(key));
-            }
-            for d in &event.deliveries {
-                match (d.state, d.chunk) {
-                    // Delivered from its chunk: one reader fewer of the chunk's state.
-                    (DeliveryState::Delivered, Some(c)) => forget_member(p, c.id)?,
-                    (DeliveryState::Delivered, None) => {
-                        p.remove(keys::delivered(d.id).to_vec());
-                        if d.attempts > 1 {
-                            p.remove(keys::attempts(d.id).to_vec());
-                        }
-                    }
-                    _ => {}
-                }
-                if let Some(state) = &d.coalesce {
-                    // Still naming this finished delivery: nothing to compare with any more.
-                    let latest = keys::latest_state(&d.partner, &event.device_id, state);
-                    if p.get(&latest)?.as_deref() == Some(d.id.as_bytes().as_slice()) {
-                        p.remove(latest);
-                    }
-                }
-            }
+            forget(p, &event)?;
             done.removed += 1;
         }
         looked += 1;
         if looked >= budget {
-            done.resume_after = Some(event.id);
-            return Ok(done);
+            done.resume = Some(CollectFrom::Alone(event.id));
+            return Ok(false);
         }
     }
-    Ok(done)
+    Ok(true)
+}
+
+/// Collects among the pages (`b`): a page goes when all its events do, and
+/// is rewritten without those that went before that. A page holding an
+/// event received at or after the cutoff ends the pass.
+fn collect_pages(
+    p: &mut Pending<'_>,
+    cutoff_ms: u64,
+    budget: usize,
+    after: Option<Uuid>,
+    done: &mut Collected,
+) -> Result<(), StoreError> {
+    let mut looked = 0;
+    for item in p.db.range(after_id(keys::EVENT_PAGE, after)) {
+        let (key, _) = item?;
+        // Read through the overlay: an earlier request may have rewritten it.
+        let Some(value) = p.get(&key)? else {
+            continue;
+        };
+        let page = Page::parse(&key, &value)?;
+        let mut events = Vec::with_capacity(page.len());
+        for i in 0..page.len() {
+            let rewritten = keys::rewritten(page.id(i));
+            let event = match p.get(&rewritten)? {
+                Some(v) => (event_format::decode(&rewritten, &v)?, true),
+                None => (page.record(i)?, false),
+            };
+            if event.0.received_ms >= cutoff_ms {
+                return Ok(());
+            }
+            events.push(event);
+        }
+        let mut kept = Vec::new();
+        for (i, (mut event, was_rewritten)) in events.into_iter().enumerate() {
+            settle_delivered(&mut event, |key| p.get(key))?;
+            if !event.is_finished() {
+                kept.push(i);
+                continue;
+            }
+            if was_rewritten {
+                p.remove(keys::rewritten(event.id).to_vec());
+            }
+            forget(p, &event)?;
+            done.removed += 1;
+        }
+        if kept.is_empty() {
+            p.remove(key.to_vec());
+        } else if kept.len() < page.len() {
+            let records = kept
+                .iter()
+                .map(|&i| page.raw(i).map(|raw| (page.id(i), raw)))
+                .collect::<Result<Vec<_>, _>>()?;
+            // Same key: the events it keeps still sort after it.
+            p.put(key.to_vec(), event_page::encode(records.into_iter()));
+        }
+        looked += page.len();
+        if looked >= budget {
+            done.resume = page.last_id().map(CollectFrom::Pages);
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// What a collected event leaves behind besides its record: its
+/// idempotency key, what marks its deliveries delivered, the latest-state
+/// pointers that still name it.
+fn forget(p: &mut Pending<'_>, event: &EventRecord) -> Result<(), StoreError> {
+    if let Some(key) = &event.idempotency_key {
+        p.remove(keys::idempotency(key));
+    }
+    for d in &event.deliveries {
+        match (d.state, d.chunk) {
+            // Delivered from its chunk: one reader fewer of the chunk's state.
+            (DeliveryState::Delivered, Some(c)) => forget_member(p, c.id)?,
+            (DeliveryState::Delivered, None) => {
+                p.remove(keys::delivered(d.id).to_vec());
+                if d.attempts > 1 {
+                    p.remove(keys::attempts(d.id).to_vec());
+                }
+            }
+            _ => {}
+        }
+        if let Some(state) = &d.coalesce {
+            // Still naming this finished delivery: nothing to compare with any more.
+            let latest = keys::latest_state(&d.partner, &event.device_id, state);
+            if p.get(&latest)?.as_deref() == Some(d.id.as_bytes().as_slice()) {
+                p.remove(latest);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A delivered member's event was collected: its chunk's state has one
