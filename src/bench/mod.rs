@@ -350,6 +350,22 @@ async fn throttled(options: &BenchOptions, epoch: Instant) -> Result<Vec<Figure>
     Ok(t.figures)
 }
 
+/// The least-squares slope of `points` (x, y); 0 for fewer than two.
+fn slope(points: &[(f64, f64)]) -> f64 {
+    let n = points.len() as f64;
+    let mean_x = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let mean_y = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let (mut sxy, mut sxx) = (0.0, 0.0);
+    for &(x, y) in points {
+        sxy += (x - mean_x) * (y - mean_y);
+        sxx += (x - mean_x) * (x - mean_x);
+    }
+    if points.len() < 2 || sxx == 0.0 {
+        return 0.0;
+    }
+    sxy / sxx
+}
+
 /// The partner down (connection refused, then 503) while events pile up on
 /// disk; then it comes back: memory during the backlog, restart with the
 /// backlog on disk, and the drain.
@@ -364,13 +380,17 @@ async fn outage(options: &BenchOptions, epoch: Instant) -> Result<Vec<Figure>, S
     let url = format!("http://127.0.0.1:{port}/hook");
     let extra = "rate = { per_second = 10000, burst = 100 }\nretry = { initial_ms = 1000, max_interval_ms = 5000, max_age = \"72h\" }";
     let mut herald = HeraldProcess::start(&options.exe, &url, extra).await?;
-    let mut rss = Vec::new();
+    // RSS is read after each twentieth of the backlog: one reading per
+    // quarter made the growth figure swing with whatever the allocator
+    // held at that instant.
+    const STEPS: u64 = 20;
+    let mut rss: Vec<(f64, f64)> = Vec::new();
     let mut sink = None;
-    let quarter = (events / 4).max(1);
+    let step = (events / STEPS).max(1);
     let mut accepted = 0;
     let mut seconds = 0.0;
-    for part in 0..4u64 {
-        if part == 2 {
+    for part in 0..STEPS {
+        if part == STEPS / 2 {
             // Half way: the partner's host is back, but answers 503.
             let down = Sink::start_on(epoch, true, &format!("127.0.0.1:{port}"))
                 .await
@@ -379,7 +399,7 @@ async fn outage(options: &BenchOptions, epoch: Instant) -> Result<Vec<Figure>, S
             sink = Some(down);
         }
         let spec = LoadSpec {
-            events: quarter,
+            events: step,
             batch: 100,
             clients: options.clients,
             priority: "normal",
@@ -388,7 +408,7 @@ async fn outage(options: &BenchOptions, epoch: Instant) -> Result<Vec<Figure>, S
         let load = load::run(&herald.url, process::TOKEN, &spec, epoch).await;
         accepted += load.accepted;
         seconds += load.seconds;
-        rss.push(herald.rss_mib().0);
+        rss.push((accepted as f64, herald.rss_mib().0));
     }
     let sink = sink.ok_or("the sink never started")?;
     let (_, peak) = herald.rss_mib();
@@ -398,23 +418,25 @@ async fn outage(options: &BenchOptions, epoch: Instant) -> Result<Vec<Figure>, S
         accepted as f64 / seconds.max(1e-9),
         "events/s",
     );
-    for (i, mib) in rss.iter().enumerate() {
-        t.add(
-            &format!("RSS at {}% of the backlog", (i + 1) * 25),
-            *mib,
-            "MiB",
-        );
+    for quarter in 1..=4 {
+        let at = (quarter * STEPS as usize / 4).saturating_sub(1);
+        if let Some(&(_, mib)) = rss.get(at) {
+            t.add(
+                &format!("RSS at {}% of the backlog", quarter * 25),
+                mib,
+                "MiB",
+            );
+        }
     }
     t.add("peak RSS", peak, "MiB");
     // The first half includes warming up (sled's page cache filling to its
     // cap); what the second half adds is what each queued event costs.
-    if let [_, half, _, full] = rss[..] {
-        t.add(
-            "RSS added per queued event, second half",
-            (full - half) * 1_048_576.0 / (accepted as f64 / 2.0).max(1.0),
-            "bytes",
-        );
-    }
+    let second_half = &rss[(rss.len() / 2).saturating_sub(1)..];
+    t.add(
+        "RSS added per queued event, second half",
+        slope(second_half) * 1_048_576.0,
+        "bytes",
+    );
 
     // Restart with the backlog on disk and the partner healthy again.
     herald.stop()?;
@@ -505,4 +527,22 @@ fn render_figures(figures: &[Figure]) -> String {
         out.push_str(&format!("  {:<width$}  {value:>12} {}\n", f.figure, f.unit));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slope;
+
+    #[test]
+    fn slope_is_the_least_squares_fit_and_zero_without_two_points() {
+        let line: Vec<(f64, f64)> = (0..10).map(|x| (x as f64, 3.0 + 0.5 * x as f64)).collect();
+        assert!((slope(&line) - 0.5).abs() < 1e-12);
+        // One reading off the line moves the fit far less than it moves
+        // the difference between the last and a middle reading.
+        let mut bumped = line.clone();
+        bumped[9].1 += 5.0;
+        assert!(slope(&bumped) < 1.0, "{}", slope(&bumped));
+        assert_eq!(slope(&line[..1]), 0.0);
+        assert_eq!(slope(&[(1.0, 2.0), (1.0, 3.0)]), 0.0);
+    }
 }
