@@ -79,10 +79,11 @@ impl Clock {
 
     /// A new UUIDv7 stamped with this clock's time, so ids sort by it, and
     /// above every id this clock made before (a counter in the random bits
-    /// orders those of one millisecond). Event keys are these ids, so each
-    /// group commit appends at the end of the event range: with random bits
-    /// it scattered its keys among the last commit's and sled split those
-    /// leaves half full (vendor/sled/HERALD.md).
+    /// orders those of one millisecond). Events are stored in pages keyed by
+    /// these ids, which must rise from commit to commit (the store's writer
+    /// moves the rare one that does not, see `store::event_page`); delivery
+    /// and chunk ids sorting in order keeps sled's leaves full too
+    /// (vendor/sled/HERALD.md).
     pub fn new_id(&self) -> Uuid {
         let nanos = self.now_nanos();
         Uuid::new_v7(Timestamp::from_unix(
