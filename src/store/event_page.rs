@@ -293,8 +293,16 @@ pub fn last_stored(db: &sled::Db) -> Result<Uuid, StoreError> {
     }
     if let Some(item) = db.scan_prefix([keys::EVENT_PAGE]).next_back() {
         let (key, value) = item?;
-        let page = Page::parse(&key, &value)?;
-        last = last.max(page.last_id().unwrap_or_default());
+        let newest = match Page::parse(&key, &value) {
+            Ok(page) => page.last_id(),
+            Err(e) => {
+                // Its events are lost to reads either way; the rest of the
+                // store still serves. Ids from the clock pass its first one.
+                tracing::error!(error = %e, "the newest event page is unreadable");
+                keys::id_of(&key)
+            }
+        };
+        last = last.max(newest.unwrap_or_default());
     }
     Ok(last)
 }

@@ -1180,4 +1180,46 @@ mod tests {
         assert!(store.event(waiting).expect("read").is_none());
         assert!(store.event(again[0].id).expect("read").is_some());
     }
+
+    #[tokio::test]
+    async fn after_a_restart_new_events_still_sort_after_every_stored_page() {
+        let (dir, store) = open();
+        // As if the wall clock stepped back across the restart: ingest's id
+        // for the later event sorts below the stored one.
+        let behind = event(1);
+        let stored = store.enqueue(vec![event(2)]).await.expect("enqueue");
+        store.shutdown().await.expect("shutdown");
+        drop(store);
+        let store = testing::reopen(&dir);
+        assert!(behind.id < stored[0].id);
+        let later = store.enqueue(vec![behind]).await.expect("enqueue");
+        assert!(later[0].id > stored[0].id);
+        for id in [stored[0].id, later[0].id] {
+            let read = store.event(id).expect("read").expect("found");
+            assert_eq!(read.id, id);
+        }
+        assert_eq!(count(&store, 'b'), 2);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_newest_page_does_not_keep_the_store_from_opening() {
+        let (dir, store) = open();
+        let stored = store.enqueue(vec![event(1)]).await.expect("enqueue");
+        store
+            .db
+            .insert(keys::event_page(stored[0].id), &b"\x07garbage"[..])
+            .expect("write");
+        store.shutdown().await.expect("shutdown");
+        drop(store);
+        let store = testing::reopen(&dir);
+        let read = store.event(stored[0].id);
+        let Err(StoreError::Corrupt { key, reason }) = read else {
+            panic!("{read:?}");
+        };
+        assert_eq!(key, format!("b/{}", stored[0].id));
+        assert!(reason.contains("unknown format byte 0x07"), "{reason}");
+        let later = store.enqueue(vec![event(2)]).await.expect("enqueue");
+        assert!(later[0].id > stored[0].id);
+        assert!(store.event(later[0].id).expect("read").is_some());
+    }
 }
