@@ -352,6 +352,9 @@ async fn throttled(options: &BenchOptions, epoch: Instant) -> Result<Vec<Figure>
 
 /// The least-squares slope of `points` (x, y); 0 for fewer than two.
 fn slope(points: &[(f64, f64)]) -> f64 {
+    if points.len() < 2 {
+        return 0.0;
+    }
     let n = points.len() as f64;
     let mean_x = points.iter().map(|p| p.0).sum::<f64>() / n;
     let mean_y = points.iter().map(|p| p.1).sum::<f64>() / n;
@@ -360,7 +363,7 @@ fn slope(points: &[(f64, f64)]) -> f64 {
         sxy += (x - mean_x) * (y - mean_y);
         sxx += (x - mean_x) * (x - mean_x);
     }
-    if points.len() < 2 || sxx == 0.0 {
+    if sxx == 0.0 {
         return 0.0;
     }
     sxy / sxx

@@ -152,7 +152,21 @@ pub fn device_queue(partner: &str, device: &str, seq: u64, delivery: Uuid) -> Ve
     out
 }
 
-pub fn prefixed_id(prefix: u8, id: Uuid) -> [u8; 17] {
+/// The keys of one id-named kind (`e`, `b`...) after `after`'s (all of
+/// them, for `None`).
+pub fn ids_after(prefix: u8, after: Option<Uuid>) -> std::ops::Range<Vec<u8>> {
+    let start = match after {
+        Some(id) => {
+            let mut k = prefixed_id(prefix, id).to_vec();
+            k.push(0);
+            k
+        }
+        None => vec![prefix],
+    };
+    start..vec![prefix + 1]
+}
+
+fn prefixed_id(prefix: u8, id: Uuid) -> [u8; 17] {
     let mut out = [0u8; 17];
     out[0] = prefix;
     out[1..].copy_from_slice(id.as_bytes());

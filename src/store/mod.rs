@@ -325,15 +325,11 @@ impl Store {
 
     /// The event with every delivery's current state.
     pub fn event(&self, id: Uuid) -> Result<Option<EventRecord>, StoreError> {
-        let rewritten = keys::rewritten(id);
-        let found = match self.db.get(rewritten)? {
-            Some(v) => Some(event_format::decode(&rewritten, &v)?),
-            None => self.event_payload(id)?,
-        };
-        let Some(mut event) = found else {
+        let get = |key: &[u8]| Ok(self.db.get(key)?.map(|v| v.to_vec()));
+        let Some((mut event, _)) = current_event(&self.db, id, get)? else {
             return Ok(None);
         };
-        settle_delivered(&mut event, |key| Ok(self.db.get(key)?.map(|v| v.to_vec())))?;
+        settle_delivered(&mut event, get)?;
         Ok(Some(event))
     }
 
@@ -686,6 +682,43 @@ fn count_scheduled(db: &sled::Db) -> Result<std::collections::HashMap<String, u6
         *counted.entry(key.partner).or_default() += entry_depth(db, &k, &v) as u64;
     }
     Ok(counted)
+}
+
+/// Where an event's record lives: where a rewrite of it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Home {
+    /// Its own `e` record (see [`keys::EVENT`]).
+    Alone,
+    /// A page, rewritten (or to be) under `r` (see [`keys::REWRITTEN`]).
+    Paged,
+}
+
+/// Event `id` as it stands: its rewrite, else its page's copy, else its
+/// own record; and where a rewrite of it goes. `get` reads a record (from
+/// sled, or through the writer's pending group, where retention may have
+/// rewritten the page).
+fn current_event(
+    db: &sled::Db,
+    id: Uuid,
+    get: impl Fn(&[u8]) -> Result<Option<Vec<u8>>, StoreError>,
+) -> Result<Option<(EventRecord, Home)>, StoreError> {
+    let rewritten = keys::rewritten(id);
+    if let Some(v) = get(&rewritten)? {
+        return Ok(Some((event_format::decode(&rewritten, &v)?, Home::Paged)));
+    }
+    if let Some((key, _)) = event_page::page_for(db, id)? {
+        if let Some(value) = get(&key)? {
+            let page = event_page::Page::parse(&key, &value)?;
+            if let Some(i) = page.find(id) {
+                return Ok(Some((page.record(i)?, Home::Paged)));
+            }
+        }
+    }
+    let key = keys::event(id);
+    match get(&key)? {
+        Some(v) => Ok(Some((event_format::decode(&key, &v)?, Home::Alone))),
+        None => Ok(None),
+    }
 }
 
 /// Applies what delivered `event`'s pending deliveries to it: a chunk
@@ -1221,5 +1254,34 @@ mod tests {
         let later = store.enqueue(vec![event(2)]).await.expect("enqueue");
         assert!(later[0].id > stored[0].id);
         assert!(store.event(later[0].id).expect("read").is_some());
+    }
+
+    #[tokio::test]
+    async fn retention_passes_over_unreadable_records_and_collects_the_rest() {
+        let (_dir, store) = open();
+        let (events, _) = three_in_a_chunk(&store).await;
+        for due in due_now(&store) {
+            deliver(&store, &due).await;
+        }
+        damage_in_its_page(&store, events[1]);
+        let stray = keys::event(Uuid::now_v7());
+        store.db.insert(stray, &b"\x09garbage"[..]).expect("write");
+
+        let (removed, _) = collect_all(&store, 2_000, 100).await;
+        assert_eq!(removed, 2, "the readable finished events go");
+        assert_eq!(
+            count(&store, 'b'),
+            1,
+            "the page stays for its unreadable event"
+        );
+        assert!(
+            store.db.get(stray).expect("read").is_some(),
+            "an unreadable record is left for on-call"
+        );
+        let read = store.event(events[1]);
+        assert!(matches!(read, Err(StoreError::Corrupt { .. })), "{read:?}");
+        for id in [events[0], events[2]] {
+            assert!(store.event(id).expect("read").is_none(), "collected");
+        }
     }
 }

@@ -11,8 +11,8 @@
 use uuid::Uuid;
 
 use super::keys::{self, ScheduleKey};
-use super::writer::{Home, Pending};
-use super::{encode, Due, Store, StoreError};
+use super::writer::Pending;
+use super::{encode, Due, Home, Store, StoreError};
 use crate::model::{DeadLetter, DeliveryRecord, ScheduledDelivery};
 
 /// What one replay did.

@@ -26,8 +26,8 @@ use super::gather::{Gatherer, OUTCOME_LINGER};
 use super::keys::{self, ScheduleKey};
 use super::watermark::{self, Watermark};
 use super::{
-    decode, encode, settle_delivered, Accepted, CollectFrom, Collected, Due, Next, Outcome,
-    StoreError,
+    current_event, decode, encode, settle_delivered, Accepted, CollectFrom, Collected, Due, Home,
+    Next, Outcome, StoreError,
 };
 use crate::model::{
     AttemptLog, DeadLetter, DeliveryState, DeviceOrder, EventRecord, ScheduledDelivery,
@@ -243,15 +243,6 @@ fn refuse(command: Command) {
     }
 }
 
-/// Where an event's record lives: where a rewrite of it goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Home {
-    /// Its own `e` record (see [`keys::EVENT`]).
-    Alone,
-    /// A page, rewritten (or to be) under `r` (see [`keys::REWRITTEN`]).
-    Paged,
-}
-
 /// One step [`Pending::atomically`] can take back.
 enum Undo {
     /// A key was written; what the overlay held for it before (`None`: nothing).
@@ -321,30 +312,14 @@ impl<'a> Pending<'a> {
         }
     }
 
-    /// Event `id` as it stands (a rewrite, else its page's copy, else its
-    /// own record), and where a rewrite of it goes.
+    /// Event `id` as it stands, this group's writes included (see
+    /// [`current_event`]), and where a rewrite of it goes.
     pub(super) fn event(&self, id: Uuid) -> Result<Option<(EventRecord, Home)>, StoreError> {
-        let rewritten = keys::rewritten(id);
-        if let Some(v) = self.get(&rewritten)? {
-            return Ok(Some((event_format::decode(&rewritten, &v)?, Home::Paged)));
-        }
+        // Accepted in this group: nothing can have rewritten it yet.
         if let Some(event) = self.pages.get(id)? {
             return Ok(Some((event, Home::Paged)));
         }
-        if let Some((key, _)) = event_page::page_for(self.db, id)? {
-            // Read through the overlay: retention may have rewritten it in this group.
-            if let Some(value) = self.get(&key)? {
-                let page = Page::parse(&key, &value)?;
-                if let Some(i) = page.find(id) {
-                    return Ok(Some((page.record(i)?, Home::Paged)));
-                }
-            }
-        }
-        let key = keys::event(id);
-        match self.get(&key)? {
-            Some(v) => Ok(Some((event_format::decode(&key, &v)?, Home::Alone))),
-            None => Ok(None),
-        }
+        current_event(self.db, id, |key| self.get(key))
     }
 
     /// Writes `event`'s record where [`Pending::event`] said it lives.
@@ -777,19 +752,6 @@ fn collect(
     Ok(done)
 }
 
-/// The range of keys with `prefix` after `after`'s key (all, for `None`).
-fn after_id(prefix: u8, after: Option<Uuid>) -> std::ops::Range<Vec<u8>> {
-    let start = match after {
-        Some(id) => {
-            let mut k = keys::prefixed_id(prefix, id).to_vec();
-            k.push(0);
-            k
-        }
-        None => vec![prefix],
-    };
-    start..vec![prefix + 1]
-}
-
 /// Collects among events stored alone (`e`): true once past the last one
 /// old enough, false when the budget ran out first (`done` says where to
 /// go on).
@@ -801,22 +763,23 @@ fn collect_alone(
     done: &mut Collected,
 ) -> Result<bool, StoreError> {
     let mut looked = 0;
-    for item in p.db.range(after_id(keys::EVENT, after)) {
+    for item in p.db.range(keys::ids_after(keys::EVENT, after)) {
         let (k, v) = item?;
-        let mut event = event_format::decode(&k, &v)?;
-        if event.received_ms >= cutoff_ms {
-            // Those after it are younger still; pages hold only later ids.
-            break;
-        }
-        settle_delivered(&mut event, |key| p.get(key))?;
-        if event.is_finished() {
-            p.remove(k.to_vec());
-            forget(p, &event)?;
-            done.removed += 1;
+        if let Some(mut event) = unless_corrupt(event_format::decode(&k, &v))? {
+            if event.received_ms >= cutoff_ms {
+                // Those after it are younger still; pages hold only later ids.
+                break;
+            }
+            let settled = unless_corrupt(settle_delivered(&mut event, |key| p.get(key)))?;
+            if settled.is_some() && event.is_finished() {
+                p.remove(k.to_vec());
+                forget(p, &event)?;
+                done.removed += 1;
+            }
         }
         looked += 1;
         if looked >= budget {
-            done.resume = Some(CollectFrom::Alone(event.id));
+            done.resume = keys::id_of(&k).map(CollectFrom::Alone);
             return Ok(false);
         }
     }
@@ -834,47 +797,58 @@ fn collect_pages(
     done: &mut Collected,
 ) -> Result<(), StoreError> {
     let mut looked = 0;
-    for item in p.db.range(after_id(keys::EVENT_PAGE, after)) {
+    for item in p.db.range(keys::ids_after(keys::EVENT_PAGE, after)) {
         let (key, _) = item?;
         // Read through the overlay: an earlier request may have rewritten it.
         let Some(value) = p.get(&key)? else {
             continue;
         };
-        let page = Page::parse(&key, &value)?;
+        let Some(page) = unless_corrupt(Page::parse(&key, &value))? else {
+            looked += 1;
+            continue;
+        };
+        // Each event as it stands and settled; `None`: unreadable, so kept.
         let mut events = Vec::with_capacity(page.len());
         for i in 0..page.len() {
             let rewritten = keys::rewritten(page.id(i));
-            let event = match p.get(&rewritten)? {
-                Some(v) => (event_format::decode(&rewritten, &v)?, true),
-                None => (page.record(i)?, false),
+            let read = match p.get(&rewritten)? {
+                Some(v) => event_format::decode(&rewritten, &v).map(|e| (e, true)),
+                None => page.record(i).map(|e| (e, false)),
             };
-            if event.0.received_ms >= cutoff_ms {
+            let Some((mut event, was_rewritten)) = unless_corrupt(read)? else {
+                events.push(None);
+                continue;
+            };
+            if event.received_ms >= cutoff_ms {
                 return Ok(());
             }
-            events.push(event);
+            let settled = unless_corrupt(settle_delivered(&mut event, |key| p.get(key)))?;
+            events.push(settled.map(|()| (event, was_rewritten)));
         }
-        let mut kept = Vec::new();
-        for (i, (mut event, was_rewritten)) in events.into_iter().enumerate() {
-            settle_delivered(&mut event, |key| p.get(key))?;
-            if !event.is_finished() {
-                kept.push(i);
-                continue;
+        let (going, kept): (Vec<_>, Vec<_>) = events
+            .into_iter()
+            .enumerate()
+            .partition(|(_, found)| found.as_ref().is_some_and(|(e, _)| e.is_finished()));
+        // What the page keeps is read before anything goes: a page that
+        // cannot be cut is left whole.
+        let records = (!going.is_empty()).then(|| {
+            kept.iter()
+                .map(|&(i, _)| page.raw(i).map(|raw| (page.id(i), raw)))
+                .collect::<Result<Vec<_>, _>>()
+        });
+        if let Some(records) = unless_corrupt(records.transpose())?.flatten() {
+            for (event, was_rewritten) in going.into_iter().filter_map(|(_, found)| found) {
+                if was_rewritten {
+                    p.remove(keys::rewritten(event.id).to_vec());
+                }
+                forget(p, &event)?;
+                done.removed += 1;
             }
-            if was_rewritten {
-                p.remove(keys::rewritten(event.id).to_vec());
+            match records.is_empty() {
+                true => p.remove(key.to_vec()),
+                // Same key: the events it keeps still sort after it.
+                false => p.put(key.to_vec(), event_page::encode(records.into_iter())),
             }
-            forget(p, &event)?;
-            done.removed += 1;
-        }
-        if kept.is_empty() {
-            p.remove(key.to_vec());
-        } else if kept.len() < page.len() {
-            let records = kept
-                .iter()
-                .map(|&i| page.raw(i).map(|raw| (page.id(i), raw)))
-                .collect::<Result<Vec<_>, _>>()?;
-            // Same key: the events it keeps still sort after it.
-            p.put(key.to_vec(), event_page::encode(records.into_iter()));
         }
         looked += page.len();
         if looked >= budget {
@@ -883,6 +857,20 @@ fn collect_pages(
         }
     }
     Ok(())
+}
+
+/// A record retention cannot read stays where it is (its reads report it
+/// to on-call): the pass goes on past it instead of stopping there for
+/// good, and the store's disk with it.
+fn unless_corrupt<T>(read: Result<T, StoreError>) -> Result<Option<T>, StoreError> {
+    match read {
+        Ok(value) => Ok(Some(value)),
+        Err(e @ StoreError::Corrupt { .. }) => {
+            tracing::error!(error = %e, "retention passed over an unreadable record");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// What a collected event leaves behind besides its record: its
