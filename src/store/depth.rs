@@ -1,10 +1,15 @@
 //! Queue depth per partner: how many deliveries wait in the schedule index.
 //!
 //! On-call reads it from `GET /v1/partners`, so it must not cost a scan of
-//! a backlog that may hold millions. It is counted once when the store
-//! opens (before the writer starts, so nothing moves under the count); from
-//! then on the writer moves it by exactly the entries each group commit
-//! adds and settles, once that commit is durable.
+//! a backlog that may hold millions. The writer moves it by exactly the
+//! entries each group commit adds and settles, and writes each changed
+//! partner's new depth into that same commit (`mdepth/` + partner), so the
+//! depth on disk always matches the schedule it counts and a restart reads
+//! it instead of scanning: with 10,000,000 events queued that scan read
+//! every chunk's member list, 3 s with the data in the page cache and 10 s
+//! from a cold disk before the first delivery. A store written before the
+//! depth was kept (no `mdepth-kept` key) is counted once by that scan,
+//! before the writer starts, and the counts are written then.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -22,15 +27,26 @@ impl Depth {
         self.lock().get(partner).copied().unwrap_or(0)
     }
 
-    /// Applies what one durable group commit changed.
-    pub fn apply(&self, moves: Moves) {
-        if moves.0.is_empty() {
-            return;
-        }
+    /// Every changed partner's depth once `moves` are applied: what the
+    /// group commit holding them writes, and then [`Depth::set`]s.
+    pub fn after(&self, moves: Moves) -> Vec<(String, u64)> {
+        let depth = self.lock();
+        moves
+            .0
+            .into_iter()
+            .filter(|(_, by)| *by != 0)
+            .map(|(partner, by)| {
+                let now = depth.get(&partner).copied().unwrap_or(0);
+                (partner, now.saturating_add_signed(by))
+            })
+            .collect()
+    }
+
+    /// Takes the depths a durable group commit wrote.
+    pub fn set(&self, depths: Vec<(String, u64)>) {
         let mut depth = self.lock();
-        for (partner, by) in moves.0 {
-            let d = depth.entry(partner).or_default();
-            *d = d.saturating_add_signed(by);
+        for (partner, d) in depths {
+            depth.insert(partner, d);
         }
     }
 
@@ -55,23 +71,76 @@ impl Moves {
     }
 }
 
+/// The depth record's value.
+pub(super) fn encode(depth: u64) -> [u8; 8] {
+    depth.to_be_bytes()
+}
+
+/// Every partner's depth as the last commit wrote it; `None` for a store
+/// that does not keep them yet. An unreadable record is an error naming it.
+pub(super) fn read(
+    db: &sled::Db,
+) -> Result<Option<HashMap<String, u64>>, crate::store::StoreError> {
+    use crate::store::{keys, StoreError};
+    if db.get(keys::DEPTH_KEPT)?.is_none() {
+        return Ok(None);
+    }
+    let mut depths = HashMap::new();
+    for item in db.scan_prefix(keys::DEPTH_PREFIX) {
+        let (key, value) = item?;
+        let depth = <[u8; 8]>::try_from(value.as_ref())
+            .map(u64::from_be_bytes)
+            .map_err(|_| StoreError::corrupt(&key, format!("{} bytes, not 8", value.len())))?;
+        let partner = String::from_utf8_lossy(&key[keys::DEPTH_PREFIX.len()..]).into_owned();
+        depths.insert(partner, depth);
+    }
+    Ok(Some(depths))
+}
+
+/// Writes counted depths (a store that did not keep them) and marks them kept.
+pub(super) fn write_counted(
+    db: &sled::Db,
+    counted: &HashMap<String, u64>,
+) -> Result<(), crate::store::StoreError> {
+    use crate::store::keys;
+    let mut batch = sled::Batch::default();
+    for (partner, depth) in counted {
+        batch.insert(keys::depth(partner), &encode(*depth));
+    }
+    batch.insert(keys::DEPTH_KEPT, &[]);
+    db.apply_batch(batch)?;
+    db.flush()?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn moves_apply_per_partner_and_never_below_zero() {
+    fn moves_give_each_partners_new_depth_never_below_zero() {
         let depth = Depth::new(HashMap::from([("acme".to_string(), 2)]));
         let mut moves = Moves::default();
         moves.add("acme", 3);
         moves.add("acme", -1);
         moves.add("globex", 1);
-        depth.apply(moves);
+        let mut after = depth.after(moves);
+        after.sort();
+        assert_eq!(after, [("acme".to_string(), 4), ("globex".to_string(), 1)]);
+        assert_eq!(depth.of("acme"), 2, "unchanged until the commit is durable");
+        depth.set(after);
         assert_eq!(depth.of("acme"), 4);
         assert_eq!(depth.of("globex"), 1);
         let mut moves = Moves::default();
         moves.add("globex", -5);
-        depth.apply(moves);
+        moves.add("initech", 0);
+        let after = depth.after(moves);
+        assert_eq!(
+            after,
+            [("globex".to_string(), 0)],
+            "no record for no change"
+        );
+        depth.set(after);
         assert_eq!(depth.of("globex"), 0);
         assert_eq!(depth.of("initech"), 0);
     }

@@ -53,6 +53,16 @@ pub const DEVICE_LINK: u8 = b'l';
 pub const CHUNK_STATE: u8 = b'g';
 /// The sequence number of the last group commit (see [`super::watermark`]).
 pub const COMMITS: &[u8] = b"mcommits";
+/// `mdepth/` + partner: the partner's queue depth as of the last group
+/// commit (see [`super::depth`]).
+pub const DEPTH_PREFIX: &[u8] = b"mdepth/";
+/// Present once the depth records are kept: a store written before they
+/// were is counted once by a scan of the schedule.
+pub const DEPTH_KEPT: &[u8] = b"mdepth-kept";
+
+pub fn depth(partner: &str) -> Vec<u8> {
+    [DEPTH_PREFIX, partner.as_bytes()].concat()
+}
 
 pub fn event(id: Uuid) -> [u8; 17] {
     prefixed_id(EVENT, id)

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::chunk;
-use super::depth::{Depth, Moves};
+use super::depth::{self, Depth, Moves};
 use super::event_format;
 use super::event_page::{self, Page};
 use super::gather::{Gatherer, OUTCOME_LINGER};
@@ -184,12 +184,16 @@ fn run(
                 }
             }
         }
-        let moves = std::mem::take(&mut pending.moves);
+        // The new depths commit with the changes they count.
+        let depths = shared.depth.after(std::mem::take(&mut pending.moves));
+        for (partner, depth) in &depths {
+            pending.put(keys::depth(partner), depth::encode(*depth).to_vec());
+        }
         // Ids given to a group that then failed stay given: still rising.
         last_event = pending.pages.last();
         let durable = pending.commit(&db, &mut watermark, &shared.visible);
         if durable.is_ok() {
-            shared.depth.apply(moves);
+            shared.depth.set(depths);
         }
         metrics::histogram!("herald_store_group_size").record(size as f64);
         metrics::histogram!("herald_store_group_seconds").record(started.elapsed().as_secs_f64());

@@ -421,6 +421,15 @@ impl Db {
         Ok(hasher.finalize())
     }
 
+    /// herald patch: writes a snapshot of the page table now, so that the
+    /// next open replays only the log written after this call instead of
+    /// everything since the last open. `Ok(false)` when a page being
+    /// allocated kept it from being taken; call again later. Safe to call
+    /// while the database is in use, from one thread at a time.
+    pub fn checkpoint(&self) -> Result<bool> {
+        self.context.pagecache.checkpoint()
+    }
+
     /// Returns the on-disk size of the storage files
     /// for this database.
     pub fn size_on_disk(&self) -> Result<u64> {

@@ -2135,6 +2135,41 @@ impl PageCache {
         Ok(())
     }
 
+    /// herald patch: writes a snapshot of the page table as it stands now,
+    /// so that the next open replays only the log written after it. sled
+    /// 0.34 writes a snapshot only while opening, so a store open for days
+    /// replayed its whole log (gigabytes with a large backlog) at every
+    /// restart.
+    ///
+    /// The snapshot is fuzzy: it records `stable_lsn` first and then reads
+    /// each page, so a page may already show writes at or after
+    /// `stable_lsn`. Recovery replays the log from `stable_lsn` on top of
+    /// it, and that is sound because
+    /// - every write below `stable_lsn` is in the page table: a log buffer
+    ///   is written only once all its reservations completed, and a
+    ///   reservation completes after its page-table CAS;
+    /// - every write the snapshot refers to is made durable (`make_stable`
+    ///   of the newest position it names) before the snapshot is written;
+    /// - replaying a write the snapshot already holds changes nothing: a
+    ///   link at or below a page's newest position is skipped
+    ///   (`PageState::push`), and a replayed older replace is followed in
+    ///   the log by the newer records the snapshot reflects.
+    ///
+    /// Returns `false` without writing when a page being allocated could
+    /// not be read (the next checkpoint tries again).
+    pub(crate) fn checkpoint(&self) -> Result<bool> {
+        let snapshot = match self.take_fuzzy_snapshot() {
+            Some(snapshot) => snapshot,
+            None => return Ok(false),
+        };
+        let newest = snapshot.pt.iter().filter_map(PageState::newest_lsn).max();
+        if let Some(newest) = newest {
+            self.log.make_stable(newest)?;
+        }
+        snapshot::write_snapshot(&self.config, &snapshot)?;
+        Ok(true)
+    }
+
     /// A snapshot is to recover the pageTable at a point in time.
     ///
     /// This is called fuzzy snapshot because while
@@ -2142,8 +2177,13 @@ impl PageCache {
     /// into the database will keep bumping up the Lsn.
     /// Therefore, the `stable_lsn` gives us the state
     /// of the world, when the snapshot was taken.
-    #[allow(unused)]
-    fn take_fuzzy_snapshot(self) -> Snapshot {
+    ///
+    /// herald patch: borrows the page cache, and gives up (`None`) on a
+    /// page still being allocated after a bounded wait instead of spinning.
+    fn take_fuzzy_snapshot(&self) -> Option<Snapshot> {
+        /// How many times a page still being allocated is looked at again.
+        const ALLOCATION_WAITS: usize = 10_000;
+
         let stable_lsn_now: Lsn = self.log.stable_offset();
 
         // This is how we determine the number of the pages we will snapshot.
@@ -2154,34 +2194,29 @@ impl PageCache {
         let mut page_states = Vec::<PageState>::with_capacity(pid_bound_usize);
         let guard = pin();
         for pid in 0..pid_bound {
-            'inner: loop {
+            let mut waits = 0;
+            loop {
                 if let Some(pg_view) = self.inner.get(pid, &guard) {
-                    if pg_view.cache_infos.is_empty() {
-                        // there is a benign race with the thread
-                        // that is allocating this page. the allocating
-                        // thread has not yet written the new page to disk,
-                        // and it does not yet have any storage tracking
-                        // information.
-                        std::thread::yield_now();
-                    } else {
-                        let page_state = pg_view.to_page_state();
-                        page_states.push(page_state);
-                        break 'inner;
+                    if !pg_view.cache_infos.is_empty() {
+                        page_states.push(pg_view.to_page_state());
+                        break;
                     }
-                } else {
-                    // there is a benign race with the thread
-                    // that bumped the next_pid_to_allocate
-                    // atomic counter above. it has not yet
-                    // installed the page that it is allocating.
-                    std::thread::yield_now();
                 }
+                // A benign race with the thread allocating this page: it
+                // has bumped the counter but not yet installed the page
+                // or written it.
+                waits += 1;
+                if waits > ALLOCATION_WAITS {
+                    return None;
+                }
+                std::thread::yield_now();
             }
         }
 
-        Snapshot {
+        Some(Snapshot {
             stable_lsn: Some(stable_lsn_now),
             active_segment: None,
             pt: page_states,
-        }
+        })
     }
 }

@@ -68,6 +68,18 @@ impl PageState {
         }
     }
 
+    /// The newest log position this state refers to (herald patch: a
+    /// checkpoint waits for it to be durable before it is written).
+    pub(crate) fn newest_lsn(&self) -> Option<Lsn> {
+        match *self {
+            PageState::Present { base, ref frags } => {
+                Some(frags.last().map_or(base.0, |f| f.0))
+            }
+            PageState::Free(lsn, _) => Some(lsn),
+            PageState::Uninitialized => None,
+        }
+    }
+
     pub(crate) fn is_free(&self) -> bool {
         match *self {
             PageState::Free(_, _) => true,
@@ -509,7 +521,10 @@ fn read_snapshot(config: &RunningConfig) -> Result<Option<Snapshot>> {
     Snapshot::deserialize(&mut bytes.as_slice()).map(Some)
 }
 
-fn write_snapshot(config: &RunningConfig, snapshot: &Snapshot) -> Result<()> {
+pub(crate) fn write_snapshot(
+    config: &RunningConfig,
+    snapshot: &Snapshot,
+) -> Result<()> {
     trace!("writing snapshot {:?}", snapshot);
 
     let raw_bytes = snapshot.serialize();
