@@ -22,7 +22,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::breaker::{Admit, Breaker, Health, State, Transition};
+use super::breaker::{Admit, Answer, Breaker, Health, State, Transition};
 use super::concurrency::{Aimd, AimdPolicy};
 use super::parked::Parked;
 use super::scheduler::{Held, Window};
@@ -328,7 +328,7 @@ impl Lane {
                     }
                 }
             }
-            let Some(due) = window.pop() else {
+            let Some(mut due) = window.pop() else {
                 let retry_at = self.retry_at.load(Ordering::Acquire);
                 // With a scan apart under way, the normal range's due time
                 // (what started it) waits for the scan, not for the clock.
@@ -359,7 +359,17 @@ impl Lane {
             self.note(transition);
             let probe = match admit {
                 Admit::Send => false,
-                Admit::Probe => true,
+                Admit::Probe => {
+                    // A delivery that failed before may be one the partner
+                    // refuses whatever its health: probe with one never
+                    // tried, if the window holds one.
+                    if due.entry.attempts > 0 {
+                        if let Some(untried) = window.take_untried() {
+                            window.put_back(std::mem::replace(&mut due, untried));
+                        }
+                    }
+                    true
+                }
                 Admit::Wait(until) => {
                     // Held by the breaker: nothing is sent, no attempt is used.
                     window.put_back(due);
@@ -422,7 +432,6 @@ impl Lane {
             if let Some(aimd) = &self.adaptive {
                 lock(aimd).sent(self.in_flight());
             }
-            let mut due = due;
             let companions = self.companions(&mut window, &mut due);
             let lane = Arc::clone(&self);
             let abandon = abandon.clone();
@@ -549,8 +558,21 @@ impl Lane {
         if let Some(sent) = &sent {
             self.learn(sent.started_ms, sent.status);
         }
-        let health = sent.map_or(Health::Unknown, |s| Health::of(s.status));
-        let transition = self.breaker.record(health, self.clock.now_ms(), probe);
+        let now_ms = self.clock.now_ms();
+        let answer = match &sent {
+            Some(s) => Answer {
+                health: Health::of(s.status),
+                sent_ms: s.sent_ms,
+                first_try: s.first_try,
+            },
+            // Nothing went out: nothing learned.
+            None => Answer {
+                health: Health::Unknown,
+                sent_ms: now_ms,
+                first_try: false,
+            },
+        };
+        let transition = self.breaker.record(answer, now_ms, probe);
         self.note(transition);
         self.record(outcomes).await;
         self.wake.notify_one();

@@ -276,6 +276,17 @@ impl Window {
         }
     }
 
+    /// Takes the first queued entry never tried before, critical first: the
+    /// breaker's probe (it stays held).
+    pub fn take_untried(&mut self) -> Option<Due> {
+        for queue in [&mut self.critical, &mut self.normal] {
+            if let Some(i) = queue.iter().position(|d| d.entry.attempts == 0) {
+                return queue.remove(i);
+            }
+        }
+        None
+    }
+
     /// Takes up to `limit` queued entries that `matches` accepts, critical
     /// first, looking at no more than `look` of each queue: the companions
     /// of a send that carries several deliveries. They stay held. `matches`

@@ -45,10 +45,16 @@ pub enum Reply {
     Hang,
 }
 
+/// Answers a request from what it carries: given it and every request so
+/// far (it included), the reply, or `None` for the default.
+pub type Responder = Arc<dyn Fn(&Recorded, &[Recorded]) -> Option<Reply> + Send + Sync>;
+
 struct MockState {
     clock: Clock,
     recorded: Mutex<Vec<Recorded>>,
     script: Mutex<VecDeque<Reply>>,
+    /// Consulted when the script is empty, before the default.
+    responder: Mutex<Option<Responder>>,
     /// The answer when the script is empty.
     default: Mutex<Reply>,
     arrived: Notify,
@@ -67,6 +73,7 @@ impl MockPartner {
             clock,
             recorded: Mutex::new(Vec::new()),
             script: Mutex::new(VecDeque::new()),
+            responder: Mutex::new(None),
             default: Mutex::new(Reply::Status(200)),
             arrived: Notify::new(),
         });
@@ -92,6 +99,15 @@ impl MockPartner {
     /// The next requests get these answers, in order; then 200 again.
     pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
         self.state.script.lock().unwrap().extend(replies);
+    }
+
+    /// A partner that answers by content: a type it refuses, an event it
+    /// fails a few times before taking it.
+    pub fn answer_with(
+        &self,
+        responder: impl Fn(&Recorded, &[Recorded]) -> Option<Reply> + Send + Sync + 'static,
+    ) {
+        *self.state.responder.lock().unwrap() = Some(Arc::new(responder));
     }
 
     /// Every request after the script gets this answer (a partner down, or back).
@@ -146,9 +162,17 @@ async fn receive(State(state): State<Arc<MockState>>, headers: HeaderMap, raw: B
         raw,
         at_ms: state.clock.now_ms(),
     };
-    state.recorded.lock().unwrap().push(recorded);
+    let responder = state.responder.lock().unwrap().clone();
+    let by_content = {
+        let mut seen = state.recorded.lock().unwrap();
+        seen.push(recorded);
+        let (this, all) = (seen.last().expect("just pushed"), seen.as_slice());
+        responder.and_then(|respond| respond(this, all))
+    };
     let scripted = state.script.lock().unwrap().pop_front();
-    let reply = scripted.unwrap_or_else(|| state.default.lock().unwrap().clone());
+    let reply = scripted
+        .or(by_content)
+        .unwrap_or_else(|| state.default.lock().unwrap().clone());
     state.arrived.notify_waiters();
     match reply {
         Reply::Status(code) => status(code).into_response(),

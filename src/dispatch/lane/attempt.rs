@@ -27,6 +27,11 @@ use crate::store::{Due, Next, Outcome};
 pub(super) struct Sent {
     pub started_ms: u64,
     pub status: Option<u16>,
+    /// When the request itself went out (after any token was prepared).
+    pub sent_ms: u64,
+    /// Whether it carried a delivery never tried before (what the breaker
+    /// counts, see [`super::super::breaker`]).
+    pub first_try: bool,
 }
 
 /// A delivery about to be sent, with its event and attempt number.
@@ -83,6 +88,8 @@ impl Lane {
         else {
             return (outcomes, None);
         };
+        let first_try = batch.iter().any(|s| s.number == 1);
+        let sent_ms = self.clock.now_ms();
         let (verdict, status) = self.send(request, &batch).await;
         let (verdict, status) = match (verdict, &link) {
             (Verdict::Refresh { reason }, Some(used)) => {
@@ -91,7 +98,13 @@ impl Lane {
             (verdict, _) => (verdict, status),
         };
         outcomes.extend(self.conclude_all(batch, started_ms, status, verdict));
-        (outcomes, Some(Sent { started_ms, status }))
+        let sent = Sent {
+            started_ms,
+            status,
+            sent_ms,
+            first_try,
+        };
+        (outcomes, Some(sent))
     }
 
     /// `due` ready to send, or already settled without a send.
