@@ -6,7 +6,8 @@
 //! printed; `HERALD_CRASH_SEED=<n>` replays a run), restarted on the same
 //! data dir each time, and in the end every accepted event id must have
 //! reached the partner. A delivery may arrive twice only if a kill fell
-//! between its two arrivals (it was in flight when herald died).
+//! between its two arrivals (it was in flight when herald died): the first
+//! arrived before herald was started again, the second after.
 
 mod common;
 
@@ -159,6 +160,10 @@ retry = { initial_ms = 50, max_interval_ms = 500, max_age = "1h" }"#,
         let after = Duration::from_millis(100 + rng.below(600));
         tokio::time::sleep(after).await;
         herald.kill().expect("herald was running until the kill");
+        // A request written just before the kill may be read by the partner
+        // after the process is gone; what tells the two processes' requests
+        // apart is when the next one starts, so that waits a little.
+        tokio::time::sleep(Duration::from_millis(50)).await;
         kills.push(Instant::now());
         println!(
             "kill {} after {after:?}: {} events posted so far",
