@@ -6,7 +6,10 @@
 //! printed; `HERALD_CRASH_SEED=<n>` replays a run), restarted on the same
 //! data dir each time, and in the end every accepted event id must have
 //! reached the partner. A delivery may arrive twice only if a kill fell
-//! between its two arrivals (it was in flight when herald died).
+//! between its two arrivals (it was in flight when herald died): the first
+//! arrived before herald was started again, the second after.
+
+mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -48,18 +51,6 @@ async fn receive(
         seen.events.insert(id.to_string());
     }
     StatusCode::OK
-}
-
-/// xorshift64*: enough randomness for kill timings, reproducible from a seed.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
-    }
 }
 
 /// Posts batches of 1..=8 events until `stop`; returns the ids that got a 202.
@@ -130,17 +121,8 @@ async fn client(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_accepted_event_survives_sigkill() {
-    let seed = std::env::var("HERALD_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        })
-        | 1;
-    println!("crash test seed: {seed} (HERALD_CRASH_SEED={seed} replays it)");
-    let mut rng = Rng(seed);
+    let seed = common::seed_from_env("HERALD_CRASH_SEED");
+    let mut rng = common::Rng(seed);
 
     let seen = Arc::new(Mutex::new(Seen::default()));
     let app = axum::Router::new()
@@ -178,6 +160,10 @@ retry = { initial_ms = 50, max_interval_ms = 500, max_age = "1h" }"#,
         let after = Duration::from_millis(100 + rng.below(600));
         tokio::time::sleep(after).await;
         herald.kill().expect("herald was running until the kill");
+        // A request written just before the kill may be read by the partner
+        // after the process is gone; what tells the two processes' requests
+        // apart is when the next one starts, so that waits a little.
+        tokio::time::sleep(Duration::from_millis(50)).await;
         kills.push(Instant::now());
         println!(
             "kill {} after {after:?}: {} events posted so far",

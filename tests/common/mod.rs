@@ -1,9 +1,11 @@
 //! What the integration tests share: a real mock partner (an axum server on
-//! loopback that records every request and answers from a script) and a
-//! herald started in-process on a temp data dir with a driven clock.
+//! loopback that records every request and answers from a script, and can
+//! stop listening to refuse connections), a herald started in-process on a
+//! temp data dir with a driven clock, and a seeded random source.
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,6 +36,8 @@ pub struct Recorded {
     pub body: serde_json::Value,
     /// On the shared clock, when the request arrived.
     pub at_ms: u64,
+    /// The status the mock answered with; `None` while it hangs.
+    pub answered: Option<u16>,
 }
 
 /// How the mock answers one request.
@@ -43,6 +47,16 @@ pub enum Reply {
     WithHeader(u16, &'static str, String),
     /// Never answers (until the test ends).
     Hang,
+}
+
+impl Reply {
+    /// The status it answers with; `None` for one that never answers.
+    fn status(&self) -> Option<u16> {
+        match self {
+            Reply::Status(code) | Reply::WithHeader(code, _, _) => Some(*code),
+            Reply::Hang => None,
+        }
+    }
 }
 
 /// Answers a request from what it carries: given it and every request so
@@ -60,10 +74,17 @@ struct MockState {
     arrived: Notify,
 }
 
+/// The server while it listens: what stops it, and its task.
+struct Listening {
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<()>,
+}
+
 pub struct MockPartner {
     pub url: String,
+    addr: SocketAddr,
     state: Arc<MockState>,
-    _server: tokio::task::JoinHandle<()>,
+    listening: Mutex<Option<Listening>>,
 }
 
 impl MockPartner {
@@ -77,23 +98,41 @@ impl MockPartner {
             default: Mutex::new(Reply::Status(200)),
             arrived: Notify::new(),
         });
-        let app = axum::Router::new()
-            .route("/hook", axum::routing::post(receive))
-            .with_state(Arc::clone(&state));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .await
-                .expect("mock partner serves");
-        });
+        let addr = listener.local_addr().expect("addr");
+        let listening = serve(listener, Arc::clone(&state));
         MockPartner {
-            url,
+            url: format!("http://{addr}/hook"),
+            addr,
             state,
-            _server: server,
+            listening: Mutex::new(Some(listening)),
         }
+    }
+
+    /// Stops listening, so that connecting is refused, and closes the open
+    /// connections once their requests are answered (waiting up to 5 s).
+    pub async fn refuse_connections(&self) {
+        let Some(listening) = self.listening.lock().unwrap().take() else {
+            return;
+        };
+        let _ = listening.stop.send(());
+        // The listener is closed first; a request left hanging only keeps
+        // its own connection open.
+        let _ = tokio::time::timeout(Duration::from_secs(5), listening.server).await;
+    }
+
+    /// Listens again on the same port after [`MockPartner::refuse_connections`].
+    pub async fn accept_connections(&self) {
+        if self.listening.lock().unwrap().is_some() {
+            return;
+        }
+        let listener = tokio::net::TcpListener::bind(self.addr)
+            .await
+            .expect("the mock partner's port is free again");
+        let listening = serve(listener, Arc::clone(&self.state));
+        *self.listening.lock().unwrap() = Some(listening);
     }
 
     /// The next requests get these answers, in order; then 200 again.
@@ -146,6 +185,22 @@ impl MockPartner {
     }
 }
 
+fn serve(listener: tokio::net::TcpListener, state: Arc<MockState>) -> Listening {
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(receive))
+        .with_state(state);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("mock partner serves");
+    });
+    Listening { stop, server }
+}
+
 async fn receive(State(state): State<Arc<MockState>>, headers: HeaderMap, raw: Bytes) -> Response {
     let header = |name: &str| {
         headers
@@ -154,25 +209,39 @@ async fn receive(State(state): State<Arc<MockState>>, headers: HeaderMap, raw: B
             .unwrap_or_default()
             .to_string()
     };
-    let recorded = Recorded {
+    let at_ms = state.clock.now_ms();
+    let body = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
+    let mut recorded = Recorded {
         webhook_id: header("webhook-id"),
         timestamp: header("webhook-timestamp"),
         signature: header("webhook-signature"),
-        body: serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null),
+        body,
         raw,
-        at_ms: state.clock.now_ms(),
-    };
-    let responder = state.responder.lock().unwrap().clone();
-    let by_content = {
-        let mut seen = state.recorded.lock().unwrap();
-        seen.push(recorded);
-        let (this, all) = (seen.last().expect("just pushed"), seen.as_slice());
-        responder.and_then(|respond| respond(this, all))
+        at_ms,
+        answered: None,
     };
     let scripted = state.script.lock().unwrap().pop_front();
-    let reply = scripted
-        .or(by_content)
-        .unwrap_or_else(|| state.default.lock().unwrap().clone());
+    let reply = match scripted {
+        Some(reply) => {
+            recorded.answered = reply.status();
+            state.recorded.lock().unwrap().push(recorded);
+            reply
+        }
+        None => {
+            let responder = state.responder.lock().unwrap().clone();
+            let mut seen = state.recorded.lock().unwrap();
+            seen.push(recorded);
+            let by_content = {
+                let (this, all) = (seen.last().expect("just pushed"), seen.as_slice());
+                responder.and_then(|respond| respond(this, all))
+            };
+            let reply = by_content.unwrap_or_else(|| state.default.lock().unwrap().clone());
+            if let Some(this) = seen.last_mut() {
+                this.answered = reply.status();
+            }
+            reply
+        }
+    };
     state.arrived.notify_waiters();
     match reply {
         Reply::Status(code) => status(code).into_response(),
@@ -392,4 +461,39 @@ pub async fn read(response: reqwest::Response) -> (u16, serde_json::Value) {
         serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
     });
     (status, json)
+}
+
+/// The seed for a randomised test: `var` from the environment to replay a
+/// run, else the time; printed so that a failure can be replayed.
+pub fn seed_from_env(var: &str) -> u64 {
+    let seed = std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        })
+        // xorshift never leaves 0.
+        | 1;
+    println!("seed: {seed} ({var}={seed} replays it)");
+    seed
+}
+
+/// xorshift64*: enough randomness for fault timings, reproducible from a seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
+    }
+
+    /// A duration in `from..to` milliseconds.
+    pub fn millis(&mut self, from: u64, to: u64) -> Duration {
+        Duration::from_millis(from + self.below(to - from))
+    }
 }
