@@ -208,6 +208,69 @@ fn unusable_data_dirs_are_refused_by_name() {
     );
 }
 
+#[test]
+fn data_dirs_that_are_not_heralds_are_refused_and_never_adopted() {
+    let dir = tempfile::tempdir().unwrap();
+    let refusal = |data: &Path| {
+        let config = serve_config(dir.path(), data);
+        let (code, output) = run(&["serve", "--config", &config], &[]);
+        assert_eq!(code, Some(1), "{output}");
+        assert!(
+            output.contains(&format!("data dir {}: it holds", data.display())),
+            "{output}"
+        );
+        assert!(
+            !data.join("herald-commits").exists(),
+            "herald adopted {}: {output}",
+            data.display()
+        );
+        output
+    };
+
+    // Another program's sled database, made by sled itself.
+    let other_sled = dir.path().join("other-sled");
+    {
+        let db = sled::open(&other_sled).unwrap();
+        db.insert(b"user:1", b"someone else's").unwrap();
+        db.flush().unwrap();
+    }
+    let output = refusal(&other_sled);
+    assert!(
+        output.contains("a sled database that is not herald's"),
+        "{output}"
+    );
+
+    // A directory of unrelated files: refused, and left as it was.
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    std::fs::write(home.join("notes.txt"), "mine").unwrap();
+    std::fs::write(home.join("photo.jpg"), "mine too").unwrap();
+    let output = refusal(&home);
+    assert!(
+        output.contains("files that are not herald's (notes.txt, photo.jpg)"),
+        "{output}"
+    );
+    assert_eq!(std::fs::read_dir(&home).unwrap().count(), 2);
+
+    // herald's own store whose marker was deleted: not started empty over.
+    let store_dir = dir.path().join("herald-store");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let options = herald::store::StoreOptions {
+            cache_bytes: 1 << 20,
+            queue: 16,
+        };
+        let store = herald::store::Store::open(&store_dir, options).unwrap();
+        store.shutdown().await.unwrap();
+    });
+    std::fs::remove_file(store_dir.join("herald-commits")).unwrap();
+    let output = refusal(&store_dir);
+    assert!(
+        output.contains("or a herald store whose marker was deleted"),
+        "{output}"
+    );
+}
+
 /// A partner that answers 200 and counts, on a port chosen by the caller.
 async fn partner_on(addr: std::net::SocketAddr) -> (Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
     let count = Arc::new(AtomicU64::new(0));

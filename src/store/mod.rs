@@ -11,6 +11,7 @@
 //! memory) is per key.
 
 mod chunk;
+mod data_dir;
 mod depth;
 mod event_format;
 mod event_page;
@@ -178,10 +179,7 @@ impl Store {
             path: dir.to_path_buf(),
             reason,
         };
-        if dir.exists() && !dir.is_dir() {
-            return Err(open_err("it exists but is not a directory".into()));
-        }
-        std::fs::create_dir_all(dir).map_err(|e| open_err(format!("cannot create it: {e}")))?;
+        data_dir::claim(dir).map_err(open_err)?;
         let config = sled::Config::new()
             .path(dir)
             .cache_capacity(options.cache_bytes)

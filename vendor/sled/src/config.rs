@@ -557,7 +557,9 @@ impl Config {
         let blob_dir: PathBuf = self.get_path().join("blobs");
 
         if !blob_dir.exists() {
-            fs::create_dir_all(blob_dir)?;
+            fs::create_dir_all(&blob_dir)?;
+            // herald patch: the new `blobs` directory's entry is durable.
+            crate::sync_dir(&self.get_path())?;
         }
 
         self.verify_config()?;
@@ -573,7 +575,14 @@ impl Config {
             options.create_new(true);
         }
 
-        self.try_lock(options.open(&self.db_path())?)
+        let db_existed = self.db_path().exists();
+        let file = self.try_lock(options.open(&self.db_path())?)?;
+        if !db_existed {
+            // herald patch: a new `db` file's entry is durable before
+            // anything is written into it and reported stable.
+            crate::sync_dir(&self.get_path())?;
+        }
+        Ok(file)
     }
 
     fn try_lock(&self, file: File) -> Result<File> {
@@ -678,6 +687,11 @@ impl Config {
         io_fail!(self, "write_config crc");
         f.write_all(&crc_arr)?;
         io_fail!(self, "write_config post");
+        // herald patch: a `conf` lost to a power cut makes the next open
+        // read the store with default parameters; make it and its name
+        // durable before the store is used.
+        f.sync_all()?;
+        crate::sync_dir(&self.get_path())?;
         Ok(())
     }
 

@@ -378,6 +378,13 @@ struct Conflict;
 
 type Conflictable<T> = std::result::Result<T, Conflict>;
 
+/// Makes a directory's entries durable: a file created, renamed or removed
+/// in it survives a power cut only once the directory itself is synced
+/// (herald patch: see HERALD.md, "files sled creates are durable").
+pub(crate) fn sync_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
 fn crc32(buf: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(buf);

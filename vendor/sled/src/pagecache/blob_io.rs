@@ -90,12 +90,17 @@ pub(crate) fn write_blob<T: Serialize>(
     io_fail!(config, "write_blob write kind_byte");
     f.write_all(kind_buf)?;
     io_fail!(config, "write_blob write buf");
-    f.write_all(&data)
-        .map(|r| {
-            trace!("successfully wrote blob at {:?}", path);
-            r
-        })
-        .map_err(|e| e.into())
+    f.write_all(&data)?;
+    // herald patch: the log record pointing at this blob is written (and
+    // fdatasync'ed) after this returns, so the blob and its name in the
+    // directory must be durable first; otherwise a power cut keeps the
+    // pointer and loses what it points at, and recovery stops there.
+    f.sync_all()?;
+    if let Some(blob_dir) = path.parent() {
+        crate::sync_dir(blob_dir)?;
+    }
+    trace!("successfully wrote blob at {:?}", path);
+    Ok(())
 }
 
 pub(crate) fn gc_blobs(config: &Config, stable_lsn: Lsn) -> Result<()> {

@@ -560,6 +560,9 @@ fn write_snapshot(config: &RunningConfig, snapshot: &Snapshot) -> Result<()> {
     io_fail!(config, "snap write mv");
     std::fs::rename(&path_1, &path_2)?;
     io_fail!(config, "snap write mv post");
+    // herald patch: the rename is durable before the older snapshots it
+    // replaces are removed below.
+    crate::sync_dir(parent)?;
 
     trace!("renamed snapshot to {}", path_2.to_string_lossy());
 
