@@ -150,11 +150,8 @@ fn log_tail(herald: &HeraldProcess) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_accepted_event_is_lost_to_a_power_cut() {
-    if !Path::new("/dev/fuse").exists() {
-        eprintln!(
-            "SKIPPED power_cut: /dev/fuse does not exist, so the power-cut filesystem \
-             cannot be mounted on this machine"
-        );
+    if let Err(why) = powercut_fs::can_mount() {
+        eprintln!("SKIPPED power_cut: the power-cut filesystem cannot be mounted here: {why}");
         return;
     }
     let cuts: usize = env_parse("HERALD_POWER_CUTS").unwrap_or(CI_CUTS);
@@ -182,14 +179,8 @@ async fn no_accepted_event_is_lost_to_a_power_cut() {
         metadata,
         ..Options::default()
     };
-    let mut mounted = match Mounted::mount(&backing, &mountpoint, &options) {
-        Ok(mounted) => mounted,
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            eprintln!("SKIPPED power_cut: mounting FUSE was refused ({e}): this test needs root");
-            return;
-        }
-        Err(e) => panic!("cannot mount the power-cut filesystem: {e}"),
-    };
+    let mut mounted =
+        Mounted::mount(&backing, &mountpoint, &options).expect("the power-cut filesystem mounts");
     let data_dir: PathBuf = mountpoint.join("data");
 
     let seen = Arc::new(Mutex::new(HashSet::new()));

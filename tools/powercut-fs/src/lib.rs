@@ -1211,6 +1211,21 @@ impl Filesystem for PowerCutFs {
     }
 }
 
+/// Whether this machine lets this process mount the filesystem: root (the
+/// mount is made with mount(2), without the setuid `fusermount`) and a
+/// /dev/fuse that opens. The error says what is missing.
+pub fn can_mount() -> std::result::Result<(), String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err("mounting FUSE without fusermount needs root".into());
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map(|_| ())
+        .map_err(|e| format!("/dev/fuse cannot be opened ({e}): no FUSE on this machine"))
+}
+
 /// A mounted powercut filesystem. Dropping it unmounts in order (as
 /// [`Mounted::unmount`]): nothing is lost then.
 pub struct Mounted {

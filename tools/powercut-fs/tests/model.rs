@@ -32,8 +32,8 @@ fn dirs() -> Dirs {
 
 /// Mounts, or says loudly why this machine cannot.
 fn mount(dirs: &Dirs, metadata: MetadataModel) -> Option<Mounted> {
-    if !Path::new("/dev/fuse").exists() {
-        eprintln!("SKIPPED: /dev/fuse does not exist, so no FUSE filesystem can be mounted here");
+    if let Err(why) = powercut_fs::can_mount() {
+        eprintln!("SKIPPED: the power-cut filesystem cannot be mounted here: {why}");
         return None;
     }
     let options = Options {
@@ -42,10 +42,6 @@ fn mount(dirs: &Dirs, metadata: MetadataModel) -> Option<Mounted> {
     };
     match Mounted::mount(&dirs.backing, &dirs.mount, &options) {
         Ok(mounted) => Some(mounted),
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            eprintln!("SKIPPED: mounting FUSE was refused ({e}): this test needs root");
-            None
-        }
         Err(e) => panic!("cannot mount the power-cut filesystem: {e}"),
     }
 }
@@ -267,8 +263,8 @@ fn a_torn_cut_keeps_a_seeded_share_and_an_orderly_unmount_keeps_everything() {
 #[test]
 fn the_command_cuts_on_sigusr1() {
     let dirs = dirs();
-    if !Path::new("/dev/fuse").exists() || !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: the command needs root and /dev/fuse to mount");
+    if let Err(why) = powercut_fs::can_mount() {
+        eprintln!("SKIPPED: the power-cut filesystem cannot be mounted here: {why}");
         return;
     }
     let mut child = Command::new(env!("CARGO_BIN_EXE_powercut-fs"))
