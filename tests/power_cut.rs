@@ -13,9 +13,9 @@
 //! on a fresh mount of the same backing dir. After the last cut every event
 //! answered 202 must be in the store (GET /v1/events/{id}) and at the
 //! partner, and every restart must have opened the store. A restart herald
-//! refuses is counted, and the run goes on without the commit watermark
-//! (or, if herald still refuses, on an empty data dir) so the losses can be
-//! counted too.
+//! refuses is counted, and the run goes on with the commit watermark
+//! emptied (or, if herald still refuses, on an empty data dir) so the
+//! losses can be counted too.
 //!
 //! CI form (6 cuts):
 //!
@@ -240,12 +240,14 @@ retry = { initial_ms = 50, max_interval_ms = 500, max_age = "1h" }"#,
         if let Err(e) = herald.wait_ready(Duration::from_secs(60)).await {
             refused += 1;
             println!("cut {cut}: restart refused: {e}\n{}", log_tail(&herald));
-            // Go on without the commit watermark, so the losses can be counted.
-            let _ = std::fs::remove_file(data_dir.join("herald-commits"));
+            // Go on with the commit watermark emptied ("no commit yet"; the
+            // file also marks the dir as herald's), so the losses can be
+            // counted.
+            let _ = std::fs::write(data_dir.join("herald-commits"), b"");
             herald.restart_stopped().expect("herald restarts");
             if let Err(e) = herald.wait_ready(Duration::from_secs(60)).await {
                 println!(
-                    "cut {cut}: refused without the watermark too: {e}\n{}\n\
+                    "cut {cut}: refused with the watermark emptied too: {e}\n{}\n\
                      going on with an empty data dir",
                     log_tail(&herald)
                 );
