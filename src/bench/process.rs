@@ -25,9 +25,21 @@ impl HeraldProcess {
         sink_url: &str,
         partner_extra: &str,
     ) -> Result<HeraldProcess, String> {
+        HeraldProcess::start_on(exe, sink_url, partner_extra, None).await
+    }
+
+    /// As [`HeraldProcess::start`], with the data dir at `data_dir` (on a
+    /// filesystem the caller controls) instead of in its temp dir.
+    pub async fn start_on(
+        exe: &std::path::Path,
+        sink_url: &str,
+        partner_extra: &str,
+        data_dir: Option<&std::path::Path>,
+    ) -> Result<HeraldProcess, String> {
         // Its own HTTP clients (readiness, metrics) need rustls's provider.
         crate::dispatch::client::install_crypto_provider();
         let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+        let data = data_dir.map_or_else(|| dir.path().join("data"), |d| d.to_path_buf());
         let port = free_port()?;
         let config = dir.path().join("herald.toml");
         let text = format!(
@@ -51,7 +63,7 @@ max_in_flight = 64
 timeout_ms = 5000
 {partner_extra}
 "#,
-            data = dir.path().join("data").display()
+            data = data.display()
         );
         std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;
         let mut process = HeraldProcess {
