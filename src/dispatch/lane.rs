@@ -627,8 +627,15 @@ impl Lane {
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
             }
-            // The entry stays in the index: it is sent again (at least once).
+            // The entry stays in the index: it is sent again (at least once),
+            // once a scan finds it; one is due in a second, when the store
+            // may be writable again (a full disk, a store being reopened).
             Err(e) => {
+                let again = self.clock.now_ms() + 1_000;
+                self.retry_at.fetch_min(again, Ordering::AcqRel);
+                if priority == Priority::Critical {
+                    self.critical_retry_at.fetch_min(again, Ordering::AcqRel);
+                }
                 if let Some(route) = park {
                     self.parked.remove(&route.device_id);
                 }
