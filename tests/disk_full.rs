@@ -315,6 +315,19 @@ breaker = {{ failures = 5, cool_down = "200ms", max_cool_down = "1s" }}
             .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
     }
 
+    /// `GET /v1/partners`: the sink's queue depth as herald counts it.
+    async fn queued(&self) -> u64 {
+        let r = self
+            .http
+            .get(format!("{}/v1/partners", self.url))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("partners");
+        let body: Value = serde_json::from_slice(&r.bytes().await.expect("body")).expect("json");
+        body["partners"][0]["queued"].as_u64().expect("queued")
+    }
+
     /// The event as herald shows it, or the status it answered.
     async fn event(&self, id: &str) -> Result<Value, u16> {
         let r = self
@@ -440,8 +453,18 @@ async fn all_delivered(partner: &Mutex<Partner>, accepted: &[String]) -> Duratio
     })
 }
 
-/// Every id answered 202 is in the store, each delivery delivered.
+/// Every id answered 202 is in the store, each delivery delivered, and
+/// herald's count of the queue (kept across the failed writes) is back to 0.
 async fn all_stored_and_delivered(herald: &Herald, accepted: &[String]) {
+    let drained = within(Duration::from_secs(10), || async {
+        herald.queued().await == 0
+    })
+    .await;
+    assert!(
+        drained.is_some(),
+        "queue depth {} with everything delivered",
+        herald.queued().await
+    );
     for id in accepted {
         let event = herald
             .event(id)
@@ -662,9 +685,27 @@ async fn a_group_commit_that_meets_a_full_disk_is_refused_and_the_store_recovers
             .await;
         later.insert(answer.status);
     }
-    println!("answers while full: {later:?}");
+    assert_eq!(
+        later,
+        HashSet::from([503]),
+        "answers while the disk is full"
+    );
     let (status, why) = herald.ready().await;
-    println!("readyz while full: {status} {why}");
+    assert_eq!(status, 503, "{why}");
+    assert!(
+        why.contains("store unavailable") && why.contains("No space left on device"),
+        "{why}"
+    );
+    assert_eq!(
+        herald
+            .http
+            .get(format!("{}/healthz", herald.url))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .ok(),
+        Some(200)
+    );
 
     // Space returns and the partner with it: ingest comes back without a
     // restart, and everything answered 202 is delivered.

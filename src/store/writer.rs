@@ -297,6 +297,15 @@ const RECOVERY_GRACE: Duration = Duration::from_secs(1);
 /// The longest wait between two attempts at opening the store again.
 const MAX_REOPEN_DELAY: Duration = Duration::from_secs(1);
 
+/// The free space an attempt at opening the store again waits for: sled
+/// writes out the rest of its last log segment (512 KiB) as it recovers,
+/// and a snapshot. Reading a large store back is not tried again and
+/// again on a disk that certainly cannot take that.
+const REOPEN_ROOM: u64 = 2 * 512 * 1024;
+
+/// How often the free space is looked at while there is too little of it.
+const ROOM_POLL: Duration = Duration::from_millis(100);
+
 /// Opens the store again after a group commit failed with `cause`: takes
 /// the database away from readers, waits for the last of them to let go of
 /// it, and opens the directory anew, as often as it takes (a disk that is
@@ -317,7 +326,17 @@ fn recover(
     let mut delay = Duration::from_millis(10);
     let mut reported: Option<Instant> = None;
     loop {
-        match reopen.open() {
+        let room = crate::disk::measure(&reopen.dir).map_or(u64::MAX, |space| space.free);
+        let no_room = room < REOPEN_ROOM;
+        let opened = match no_room {
+            true => Err(StoreError::Io(format!(
+                "waiting for {} KiB free on its disk ({} KiB now)",
+                REOPEN_ROOM / 1024,
+                room / 1024
+            ))),
+            false => reopen.open(),
+        };
+        match opened {
             Ok((db, watermark)) => {
                 reopen.handle.put(db.clone());
                 metrics::counter!("herald_store_reopens_total").increment(1);
@@ -334,9 +353,11 @@ fn recover(
                 }
             }
         }
-        let until = Instant::now() + delay;
+        // Free space is cheap to look at again; a failed opening is not.
+        let wait = if no_room { ROOM_POLL } else { delay };
+        let until = Instant::now() + wait;
         if started.elapsed() < RECOVERY_GRACE {
-            std::thread::sleep(delay);
+            std::thread::sleep(wait);
         } else {
             // Answer what arrives until the next attempt.
             while let Some(left) = until.checked_duration_since(Instant::now()) {
@@ -351,7 +372,9 @@ fn recover(
                 }
             }
         }
-        delay = (delay * 2).min(MAX_REOPEN_DELAY);
+        if !no_room {
+            delay = (delay * 2).min(MAX_REOPEN_DELAY);
+        }
     }
 }
 
