@@ -299,8 +299,11 @@ pub struct DiskWatch {
 
 impl DiskWatch {
     /// Reads the filesystem of `dir` once and resolves `policy` on it.
+    /// `dir` need not exist yet (a first start): its filesystem is the one
+    /// of the nearest directory above it that does.
     pub fn new(dir: &Path, policy: DiskPolicy) -> Result<Arc<DiskWatch>, String> {
-        let space = measure(dir)?;
+        let existing = dir.ancestors().find(|p| p.is_dir()).unwrap_or(dir);
+        let space = measure(existing)?;
         let thresholds = Thresholds::resolve(policy, space.total)?;
         let watch = Arc::new(DiskWatch {
             dir: dir.to_path_buf(),

@@ -66,6 +66,9 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
 /// Opens the store, starts a lane per partner and serves the API.
 pub async fn start(config: Config, clock: Clock) -> Result<Herald, StartError> {
     let config = Arc::new(config);
+    // Before the store: a policy the filesystem cannot meet creates nothing.
+    let disk = disk::DiskWatch::new(&config.server.data_dir, config.server.disk)
+        .map_err(StartError::Disk)?;
     let store = Store::open(
         &config.server.data_dir,
         StoreOptions {
@@ -73,8 +76,6 @@ pub async fn start(config: Config, clock: Clock) -> Result<Herald, StartError> {
             queue: config.server.ingest_queue,
         },
     )?;
-    let disk = disk::DiskWatch::new(&config.server.data_dir, config.server.disk)
-        .map_err(StartError::Disk)?;
     let links = links::Links::new(store.clone(), config.server.link_key.clone(), clock.clone());
     let dispatcher = Arc::new(
         Dispatcher::start(&config, store.clone(), links.clone(), clock.clone())

@@ -749,3 +749,35 @@ async fn a_group_commit_that_meets_a_full_disk_is_refused_and_the_store_recovers
     assert_eq!(herald.ready().await.0, 200);
     all_stored_and_delivered(&herald, &accepted).await;
 }
+
+#[test]
+fn a_limit_the_filesystem_cannot_meet_is_refused_at_start_and_creates_nothing() {
+    let work = tempfile::tempdir().expect("work dir");
+    let data = work.path().join("data");
+    let config = work.path().join("herald.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nmin_free_disk = \"5%\"\ncritical_disk_reserve = \"1000TiB\"\n",
+            data.display()
+        ),
+    )
+    .expect("config");
+    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .env("HERALD_LOG", "warn")
+        .output()
+        .expect("herald runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "herald: cannot start: server.critical_disk_reserve: 1000.0 TiB is not below \
+             server.min_free_disk ("
+        ),
+        "{stderr}"
+    );
+    assert!(!data.exists(), "a data dir was created for a refused start");
+}
