@@ -143,6 +143,9 @@ async fn accept(
         StoreError::Closed => Problem::unavailable("herald is shutting down"),
         other => {
             tracing::error!(error = %other, "an ingest write failed; answered 503");
+            // sled may have made the batch durable and still reported
+            // the failure: its deliveries must not wait for a hand-over.
+            state.dispatcher.rescan_soon();
             Problem::unavailable(format!("the events could not be stored: {other}"))
         }
     })?;
