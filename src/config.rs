@@ -62,6 +62,8 @@ pub struct ServerConfig {
     pub link_key: Option<crate::links::LinkKey>,
     /// How long shutdown waits for requests in flight.
     pub shutdown_grace: Duration,
+    /// `min_free_disk` and `critical_disk_reserve` (see src/disk.rs).
+    pub disk: crate::disk::DiskPolicy,
 }
 
 #[derive(Clone)]
@@ -154,6 +156,9 @@ struct FileServer {
     shutdown_grace: String,
     /// The variable holding the link key (default `HERALD_LINK_KEY`).
     link_key_env: Option<String>,
+    min_free_disk: String,
+    /// Default: half of `min_free_disk`.
+    critical_disk_reserve: Option<String>,
 }
 
 impl Default for FileServer {
@@ -168,6 +173,8 @@ impl Default for FileServer {
             retention: "24h".into(),
             shutdown_grace: "10s".into(),
             link_key_env: None,
+            min_free_disk: "5%".into(),
+            critical_disk_reserve: None,
         }
     }
 }
@@ -448,6 +455,39 @@ fn server_config(
         retention: parse_duration("server.retention", &s.retention)?,
         shutdown_grace: parse_duration("server.shutdown_grace", &s.shutdown_grace)?,
         link_key: link_key(s.link_key_env.as_deref(), env)?,
+        disk: disk_policy(&s.min_free_disk, s.critical_disk_reserve.as_deref())?,
+    })
+}
+
+/// `server.min_free_disk` and `server.critical_disk_reserve`: each a size
+/// or a share of the filesystem, the reserve below the limit. Where one is
+/// a size and the other a share, that is checked at start, on the
+/// filesystem's real size.
+fn disk_policy(
+    min_free: &str,
+    reserve: Option<&str>,
+) -> Result<crate::disk::DiskPolicy, ConfigError> {
+    use crate::disk::{DiskPolicy, Limit};
+    let min_free =
+        Limit::parse(min_free).map_err(|e| ConfigError::new("server.min_free_disk", e))?;
+    let reserve = reserve
+        .map(Limit::parse)
+        .transpose()
+        .map_err(|e| ConfigError::new("server.critical_disk_reserve", e))?;
+    if let Some(reserve) = reserve {
+        if !reserve.is_zero() && reserve.at_least(min_free) == Some(true) {
+            return Err(ConfigError::new(
+                "server.critical_disk_reserve",
+                format!(
+                    "{reserve} is not below server.min_free_disk ({min_free}): the reserve is \
+                     the part of min_free_disk that critical events may still use"
+                ),
+            ));
+        }
+    }
+    Ok(DiskPolicy {
+        min_free,
+        critical_reserve: reserve,
     })
 }
 
@@ -906,12 +946,66 @@ retry = { initial_ms = 1000, multiplier = 2.0, max_interval_ms = 600000, max_age
                 "server.listen",
             ),
             ("[server]", "[sever]", "sever"),
+            (
+                "data_dir = \"/tmp/x\"",
+                "data_dir = \"/tmp/x\"\nmin_free_disk = \"lots\"",
+                "server.min_free_disk",
+            ),
+            (
+                "data_dir = \"/tmp/x\"",
+                "data_dir = \"/tmp/x\"\nmin_free_disk = 5",
+                "server.min_free_disk",
+            ),
+            (
+                "data_dir = \"/tmp/x\"",
+                "data_dir = \"/tmp/x\"\ncritical_disk_reserve = \"120%\"",
+                "server.critical_disk_reserve",
+            ),
         ];
         for (from, to, key) in cases {
             let err = error_for(from, to);
             assert_eq!(err.key, *key, "{to}: {err}");
             assert!(!err.reason.is_empty());
         }
+    }
+
+    #[test]
+    fn disk_limits_are_sizes_or_shares_with_the_reserve_inside_the_limit() {
+        use crate::disk::Limit;
+        let server = |keys: &str| parse(&format!("[server]\n{keys}\n"));
+        let config = parse(EMBEDDED_DEFAULT).expect("valid");
+        assert_eq!(config.server.disk.min_free, Limit::Percent(5.0));
+        assert_eq!(config.server.disk.critical_reserve, None);
+        let config = server("min_free_disk = \"256MiB\"\ncritical_disk_reserve = \"64 MiB\"")
+            .expect("valid");
+        assert_eq!(config.server.disk.min_free, Limit::Bytes(256 << 20));
+        assert_eq!(
+            config.server.disk.critical_reserve,
+            Some(Limit::Bytes(64 << 20))
+        );
+        // A size against a share depends on the filesystem: checked at start.
+        assert!(server("min_free_disk = \"5%\"\ncritical_disk_reserve = \"1GiB\"").is_ok());
+        assert!(server("min_free_disk = \"0\"\ncritical_disk_reserve = \"0\"").is_ok());
+
+        let err = server("min_free_disk = \"5%\"\ncritical_disk_reserve = \"5%\"")
+            .expect_err("reserve as large as the limit");
+        assert_eq!(err.key, "server.critical_disk_reserve");
+        assert_eq!(
+            err.reason,
+            "5% is not below server.min_free_disk (5%): the reserve is the part of \
+             min_free_disk that critical events may still use"
+        );
+        let err = server("min_free_disk = \"0\"\ncritical_disk_reserve = \"1MiB\"")
+            .expect_err("a reserve with the check off");
+        assert_eq!(err.key, "server.critical_disk_reserve");
+        let err = server("min_free_disk = \"256 parsecs\"").expect_err("bad unit");
+        assert_eq!(err.key, "server.min_free_disk");
+        assert_eq!(
+            err.reason,
+            "\"256 parsecs\" is not a size like \"256MiB\" or a share of the filesystem like \"5%\""
+        );
+        let err = server("min_free_disk = \"100%\"").expect_err("all of it");
+        assert!(err.reason.contains("under 100%"), "{err}");
     }
 
     #[test]

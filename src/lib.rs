@@ -8,6 +8,7 @@ pub mod api;
 pub mod bench;
 pub mod clock;
 pub mod config;
+pub mod disk;
 pub mod dispatch;
 pub mod links;
 pub mod model;
@@ -39,6 +40,8 @@ pub enum StartError {
     Listen { addr: SocketAddr, reason: String },
     #[error("{0}")]
     Dispatch(String),
+    #[error("{0}")]
+    Disk(String),
 }
 
 /// A running herald.
@@ -48,6 +51,7 @@ pub struct Herald {
     stop_http: CancellationToken,
     server: JoinHandle<std::io::Result<()>>,
     retention: JoinHandle<()>,
+    disk_watch: JoinHandle<()>,
 }
 
 /// The process-wide Prometheus recorder (installed once, shared by every
@@ -62,6 +66,9 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
 /// Opens the store, starts a lane per partner and serves the API.
 pub async fn start(config: Config, clock: Clock) -> Result<Herald, StartError> {
     let config = Arc::new(config);
+    // Before the store: a policy the filesystem cannot meet creates nothing.
+    let disk = disk::DiskWatch::new(&config.server.data_dir, config.server.disk)
+        .map_err(StartError::Disk)?;
     let store = Store::open(
         &config.server.data_dir,
         StoreOptions {
@@ -91,6 +98,7 @@ pub async fn start(config: Config, clock: Clock) -> Result<Herald, StartError> {
         dispatcher,
         clock.clone(),
         metrics_handle(),
+        Arc::clone(&disk),
     ));
     let stop_http = CancellationToken::new();
     let server = tokio::spawn({
@@ -102,6 +110,7 @@ pub async fn start(config: Config, clock: Clock) -> Result<Herald, StartError> {
                 .await
         }
     });
+    let disk_watch = tokio::spawn(disk.run(store.clone()));
     let retention = tokio::spawn(retention::run(store, clock, config.server.retention));
     tracing::info!(%addr, partners = config.partners.len(), data_dir = %config.server.data_dir.display(), "herald is serving");
     Ok(Herald {
@@ -110,6 +119,7 @@ pub async fn start(config: Config, clock: Clock) -> Result<Herald, StartError> {
         stop_http,
         server,
         retention,
+        disk_watch,
     })
 }
 
@@ -146,8 +156,10 @@ impl Herald {
         };
         tokio::join!(http, self.state.dispatcher.shutdown(grace));
         self.retention.abort();
-        // Joined so its handle on the store is gone before the store stops.
+        self.disk_watch.abort();
+        // Joined so their handles on the store are gone before it stops.
         let _ = self.retention.await;
+        let _ = self.disk_watch.await;
         let result = self.state.store.shutdown().await;
         tracing::info!("herald stopped");
         result

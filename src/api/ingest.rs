@@ -127,12 +127,25 @@ async fn accept(
         })?;
         records.push(record);
     }
+    let all_critical = records.iter().all(|r| r.priority == Priority::Critical);
+    if let Some(why) = state.disk.refusal(all_critical) {
+        return Err(Problem::disk_low(why));
+    }
+    if let Some(why) = state.store.out_because() {
+        // Answered now rather than after the writer's wait for the store.
+        return Err(Problem::unavailable(format!(
+            "the store is being opened again after a failed write ({why})"
+        )));
+    }
     let count = records.len();
     let accepted = state.store.enqueue(records).await.map_err(|e| match e {
         StoreError::Busy => Problem::unavailable("the write queue is full; retry shortly"),
         StoreError::Closed => Problem::unavailable("herald is shutting down"),
         other => {
             tracing::error!(error = %other, "an ingest write failed; answered 503");
+            // sled may have made the batch durable and still reported
+            // the failure: its deliveries must not wait for a hand-over.
+            state.dispatcher.rescan_soon();
             Problem::unavailable(format!("the events could not be stored: {other}"))
         }
     })?;

@@ -21,6 +21,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::disk::DiskWatch;
 use crate::dispatch::Dispatcher;
 use crate::links::Links;
 use crate::store::Store;
@@ -33,6 +34,8 @@ pub struct AppState {
     pub clock: Clock,
     pub tokens: auth::Tokens,
     pub metrics: Option<PrometheusHandle>,
+    /// The data dir's free space: which events ingest takes now.
+    pub disk: Arc<DiskWatch>,
     draining: AtomicBool,
 }
 
@@ -44,6 +47,7 @@ impl AppState {
         dispatcher: Arc<Dispatcher>,
         clock: Clock,
         metrics: Option<PrometheusHandle>,
+        disk: Arc<DiskWatch>,
     ) -> AppState {
         AppState {
             tokens: auth::Tokens::new(&config.tokens),
@@ -53,6 +57,7 @@ impl AppState {
             dispatcher,
             clock,
             metrics,
+            disk,
             draining: AtomicBool::new(false),
         }
     }
@@ -100,11 +105,21 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// 200 "ready", or 503 and why not: shutting down, the store out after a
+/// failed write, or the disk too full for normal events.
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let not_ready = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
     if state.is_draining() {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
-    } else {
-        "ready".into_response()
+        return not_ready("draining".into());
+    }
+    if let Some(why) = state.store.out_because() {
+        return not_ready(format!(
+            "store unavailable: it is being opened again after a failed write ({why})"
+        ));
+    }
+    match state.disk.not_ready() {
+        Some(why) => not_ready(why),
+        None => "ready".into_response(),
     }
 }
 

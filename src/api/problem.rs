@@ -87,6 +87,18 @@ impl Problem {
         .retry_after(1)
     }
 
+    /// The data dir's disk is under `server.min_free_disk`: ingest waits
+    /// while deliveries drain (see src/disk.rs).
+    pub fn disk_low(detail: impl Into<String>) -> Problem {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "disk-low",
+            "herald's disk is nearly full",
+            detail,
+        )
+        .retry_after(crate::disk::RETRY_AFTER_SECS)
+    }
+
     pub fn not_found(detail: impl Into<String>) -> Problem {
         Problem::new(
             StatusCode::NOT_FOUND,

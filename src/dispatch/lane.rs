@@ -165,6 +165,18 @@ impl Lane {
         self.wake.notify_one();
     }
 
+    /// The schedule may hold work this lane was not handed and will not be
+    /// woken for (a write that failed, or failed to say it landed): the
+    /// lane scans all of it in a second, when a store being opened again
+    /// after a failed write is likely back (a scan that fails is tried
+    /// again each second).
+    pub fn rescan_soon(&self) {
+        let at = self.clock.now_ms() + 1_000;
+        self.retry_at.fetch_min(at, Ordering::AcqRel);
+        self.critical_retry_at.fetch_min(at, Ordering::AcqRel);
+        self.wake.notify_one();
+    }
+
     /// Hands over a delivery `commit` just made durable: the lane takes it
     /// without scanning the index for it.
     pub fn offer(&self, due: Due, commit: u64) {
@@ -649,8 +661,10 @@ impl Lane {
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
             }
-            // The entry stays in the index: it is sent again (at least once).
+            // The entry stays in the index: it is sent again (at least once),
+            // once a scan finds it.
             Err(e) => {
+                self.rescan_soon();
                 if let Some(route) = park {
                     self.parked.remove(&route.device_id);
                 }

@@ -89,6 +89,11 @@ impl Dispatcher {
         }
     }
 
+    /// Every lane scans its whole schedule soon (see [`Lane::rescan_soon`]).
+    pub fn rescan_soon(&self) {
+        self.lanes.values().for_each(|lane| lane.rescan_soon());
+    }
+
     /// Hands freshly durable deliveries to their lanes (see [`Lane::offer`]).
     pub fn offer(&self, scheduled: Vec<crate::store::Due>, commit: u64) {
         for due in scheduled {

@@ -19,6 +19,8 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::handle::Handle;
+
 /// How often a checkpoint is taken while the store is written to.
 pub const INTERVAL: Duration = Duration::from_secs(5);
 
@@ -30,8 +32,14 @@ pub struct Checkpoints {
 }
 
 impl Checkpoints {
-    /// Starts checkpointing `db` whenever `visible_commit` has moved on.
-    pub fn start(db: sled::Db, visible_commit: Arc<AtomicU64>) -> std::io::Result<Checkpoints> {
+    /// Starts checkpointing the store's database whenever `visible_commit`
+    /// has moved on. It takes the database from `handle` for each
+    /// checkpoint only, so a reopen after a failed write is never kept
+    /// waiting for sled's file lock.
+    pub(super) fn start(
+        handle: Handle,
+        visible_commit: Arc<AtomicU64>,
+    ) -> std::io::Result<Checkpoints> {
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("herald-checkpoint".into())
@@ -43,6 +51,8 @@ impl Checkpoints {
                         continue;
                     }
                     let started = Instant::now();
+                    // While the store is out, the next interval tries again.
+                    let Ok(db) = handle.db() else { continue };
                     match db.checkpoint() {
                         Ok(true) => {
                             checkpointed_at = commit;
@@ -114,7 +124,7 @@ mod tests {
         // Checkpoints as fast as they go, while groups are committed.
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         let checkpointing = {
-            let (db, stop) = (store.db.clone(), std::sync::Arc::clone(&stop));
+            let (db, stop) = (store.db().expect("open"), std::sync::Arc::clone(&stop));
             std::thread::spawn(move || {
                 let mut taken = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {

@@ -87,6 +87,25 @@ impl Gatherer {
     }
 }
 
+impl Gatherer {
+    /// The next request to arrive within `wait`: `Ok(None)` if none did,
+    /// `Err(())` once every sender is gone.
+    pub fn next_within(
+        &self,
+        rx: &mut mpsc::Receiver<Command>,
+        wait: Duration,
+    ) -> Result<Option<Command>, ()> {
+        let waited = self
+            .timer
+            .block_on(async { tokio::time::timeout(wait, rx.recv()).await });
+        match waited {
+            Ok(Some(command)) => Ok(Some(command)),
+            Ok(None) => Err(()),
+            Err(_) => Ok(None),
+        }
+    }
+}
+
 /// Whether `command` can wait for company: outcomes nobody waits on.
 fn may_wait(command: &Command) -> bool {
     match command {

@@ -92,7 +92,7 @@ impl Store {
     }
 
     pub fn link(&self, partner: &str, device_id: &str) -> Result<Option<StoredLink>, StoreError> {
-        get_json(&self.db, &keys::link(partner, device_id))
+        get_json(&self.db()?, &keys::link(partner, device_id))
     }
 
     /// Up to `limit` links of `partner` in device order, after device
@@ -114,7 +114,7 @@ impl Store {
             None => prefix.clone(),
         };
         let mut out = Vec::new();
-        for item in self.db.range(start..).take(limit) {
+        for item in self.db()?.range(start..).take(limit) {
             let (k, v) = item?;
             if !k.starts_with(&prefix) {
                 break;
@@ -128,7 +128,7 @@ impl Store {
     pub fn linked_partners(&self, device_id: &str) -> Result<Vec<String>, StoreError> {
         let prefix = keys::device_links_prefix(device_id);
         let mut out = Vec::new();
-        for item in self.db.scan_prefix(&prefix) {
+        for item in self.db()?.scan_prefix(&prefix) {
             let (k, _) = item?;
             let partner = std::str::from_utf8(&k[prefix.len()..])
                 .map_err(|e| StoreError::corrupt(&k, e.to_string()))?;

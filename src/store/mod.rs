@@ -17,6 +17,7 @@ mod depth;
 mod event_format;
 mod event_page;
 mod gather;
+mod handle;
 pub mod keys;
 pub use replay::Replayed;
 mod links;
@@ -163,7 +164,8 @@ pub struct StoreOptions {
 
 #[derive(Clone)]
 pub struct Store {
-    db: sled::Db,
+    /// Read through [`Store::db`]: the writer swaps it after a failed write.
+    db: handle::Handle,
     commands: mpsc::Sender<Command>,
     /// The number of the latest group commit whose writes readers may see
     /// (set before the group is applied): see [`Store::visible_commit`].
@@ -189,17 +191,7 @@ impl Store {
             .mode(sled::Mode::HighThroughput)
             // herald flushes after each group itself; sled's timer would add fsyncs.
             .flush_every_ms(None);
-        let open_once = || -> Result<sled::Db, StoreError> {
-            // sled 0.34 panics on some corruptions instead of returning an error.
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open())) {
-                Ok(Ok(db)) => Ok(db),
-                Ok(Err(sled::Error::Io(e))) => Err(StoreError::Io(e.to_string())),
-                Ok(Err(e)) => Err(open_err(format!("sled cannot open it: {e}"))),
-                Err(_) => Err(open_err(
-                    "sled panicked reading it: the data is corrupt".into(),
-                )),
-            }
-        };
+        let open_once = || open_sled(&config, dir);
         let opening = std::time::Instant::now();
         let db = open_once
             .retry(
@@ -237,9 +229,15 @@ impl Store {
             visible: Arc::clone(&visible),
             depth: Arc::clone(&depth),
         };
-        writer::spawn(db.clone(), watermark, last_event, shared, rx)
+        let reopen = writer::Reopen {
+            dir: dir.to_path_buf(),
+            config,
+            handle: handle::Handle::new(db.clone()),
+        };
+        let handle = reopen.handle.clone();
+        writer::spawn(db, reopen, watermark, last_event, shared, rx)
             .map_err(|e| open_err(format!("cannot start the writer: {e}")))?;
-        let checkpoints = checkpoint::Checkpoints::start(db.clone(), Arc::clone(&visible))
+        let checkpoints = checkpoint::Checkpoints::start(handle.clone(), Arc::clone(&visible))
             .map_err(|e| open_err(format!("cannot start checkpoints: {e}")))?;
         // A restart's time to the first delivery starts with this.
         tracing::info!(
@@ -248,12 +246,30 @@ impl Store {
             "store opened"
         );
         Ok(Store {
-            db,
+            db: handle,
             commands,
             visible,
             depth,
             _checkpoints: Arc::new(checkpoints),
         })
+    }
+
+    /// The database to read now; an error while the writer opens it
+    /// again after a failed write (see [`handle`]).
+    fn db(&self) -> Result<sled::Db, StoreError> {
+        self.db.db()
+    }
+
+    /// Resolves once a group commit has failed since the last call (a
+    /// full disk, a failing device): the moment to look at the disk again.
+    pub async fn write_failed(&self) {
+        self.db.failed.notified().await
+    }
+
+    /// Why the store cannot be read or written now, while the writer opens
+    /// it again after a failed write; `None` when it is open.
+    pub fn out_because(&self) -> Option<String> {
+        self.db.out_because()
     }
 
     // ---- writes: through the writer ----------------------------------------
@@ -295,7 +311,7 @@ impl Store {
     /// Every parked route of `partner`.
     pub fn parked(&self, partner: &str) -> Result<Vec<ParkedRoute>, StoreError> {
         let mut out = Vec::new();
-        for item in self.db.scan_prefix(keys::parked_prefix(partner)) {
+        for item in self.db()?.scan_prefix(keys::parked_prefix(partner)) {
             let (k, v) = item?;
             out.push(decode(&k, &v)?);
         }
@@ -347,8 +363,9 @@ impl Store {
 
     /// The event with every delivery's current state.
     pub fn event(&self, id: Uuid) -> Result<Option<EventRecord>, StoreError> {
-        let get = |key: &[u8]| Ok(self.db.get(key)?.map(|v| v.to_vec()));
-        let Some((mut event, _)) = current_event(&self.db, id, get)? else {
+        let db = self.db()?;
+        let get = |key: &[u8]| Ok(db.get(key)?.map(|v| v.to_vec()));
+        let Some((mut event, _)) = current_event(&db, id, get)? else {
             return Ok(None);
         };
         settle_delivered(&mut event, get)?;
@@ -359,22 +376,23 @@ impl Store {
     /// stale (a success is kept apart, see [`keys::DELIVERED`] and
     /// [`keys::CHUNK_STATE`], and a later change in [`keys::REWRITTEN`]).
     pub fn event_payload(&self, id: Uuid) -> Result<Option<EventRecord>, StoreError> {
-        if let Some(event) = event_page::find(&self.db, id)? {
+        let db = self.db()?;
+        if let Some(event) = event_page::find(&db, id)? {
             return Ok(Some(event));
         }
         let key = keys::event(id);
-        match self.db.get(key)? {
+        match db.get(key)? {
             None => Ok(None),
             Some(v) => event_format::decode(&key, &v).map(Some),
         }
     }
 
     pub fn attempt_log(&self, delivery: Uuid) -> Result<Option<AttemptLog>, StoreError> {
-        get_json(&self.db, &keys::attempts(delivery))
+        get_json(&self.db()?, &keys::attempts(delivery))
     }
 
     pub fn dead_letter(&self, id: Uuid) -> Result<Option<DeadLetter>, StoreError> {
-        get_json(&self.db, &keys::dead_letter(id))
+        get_json(&self.db()?, &keys::dead_letter(id))
     }
 
     /// Dead letters in the order they died, after `after`, at most `limit`
@@ -394,7 +412,7 @@ impl Store {
             None => vec![keys::DEAD],
         };
         let mut out = Vec::new();
-        for item in self.db.range(start..vec![keys::DEAD + 1]) {
+        for item in self.db()?.range(start..vec![keys::DEAD + 1]) {
             let (k, v) = item?;
             let dead: DeadLetter = decode(&k, &v)?;
             if keep(&dead) {
@@ -421,11 +439,12 @@ impl Store {
         limit: usize,
         held: &dyn Fn(Uuid) -> bool,
     ) -> Result<DueScan, StoreError> {
+        let db = self.db()?;
         let mut scan = DueScan::default();
         for &priority in priorities {
             let (start, end) = keys::due_range(partner, priority, now_ms);
             let mut exhausted = true;
-            for item in self.db.range(start.clone()..end.clone()) {
+            for item in db.range(start.clone()..end.clone()) {
                 if scan.found.len() >= limit {
                     exhausted = false;
                     break;
@@ -453,7 +472,7 @@ impl Store {
                 match decode::<ScheduledDelivery>(&k, &v) {
                     Ok(entry) if !self.is_first_of_device(partner, &entry)? => {}
                     // Settled (and released) since the walk read it.
-                    Ok(_) if !self.db.contains_key(&k)? => {}
+                    Ok(_) if !db.contains_key(&k)? => {}
                     Ok(entry) => scan.found.push(Due {
                         key,
                         entry,
@@ -467,7 +486,7 @@ impl Store {
             }
             scan.exhausted.push(priority);
             let (_, all) = keys::due_range(partner, priority, u64::MAX);
-            if let Some(item) = self.db.range(end..all).next() {
+            if let Some(item) = db.range(end..all).next() {
                 let (k, _) = item?;
                 if let Some(key) = ScheduleKey::decode(&k) {
                     scan.next_due_ms =
@@ -504,10 +523,10 @@ impl Store {
         }
         // Read after `held` was asked: a member released meanwhile was
         // settled before its release, so the state says so.
-        let state = chunk_state(&self.db, chunk.delivery, members.list.len())?;
+        let state = chunk_state(&self.db()?, chunk.delivery, members.list.len())?;
         // A state that is gone reads as all pending: that holds only while
         // the entry is still there (the last settle removes both).
-        if !self.db.contains_key(key)? {
+        if !self.db()?.contains_key(key)? {
             return Ok(true);
         }
         let mut added = 0;
@@ -555,12 +574,12 @@ impl Store {
         let (Some(&first), Some(&last)) = (wanted.keys().min(), wanted.keys().max()) else {
             return Ok(());
         };
-        let Some((start, _)) = event_page::page_for(&self.db, first)? else {
+        let Some((start, _)) = event_page::page_for(&self.db()?, first)? else {
             return Ok(());
         };
         let budget = wanted.len() + 8;
         let pages = self
-            .db
+            .db()?
             .range(start..=sled::IVec::from(&keys::event_page(last)));
         for item in pages.take(budget) {
             let (key, value) = item?;
@@ -590,7 +609,10 @@ impl Store {
         state: &str,
     ) -> Result<Option<Uuid>, StoreError> {
         let key = keys::latest_state(partner, device, state);
-        Ok(self.db.get(&key)?.and_then(|v| Uuid::from_slice(&v).ok()))
+        Ok(self
+            .db()?
+            .get(&key)?
+            .and_then(|v| Uuid::from_slice(&v).ok()))
     }
 
     /// Whether nothing of the same device is ahead of this delivery (always,
@@ -604,7 +626,7 @@ impl Store {
             return Ok(true);
         };
         let first = self
-            .db
+            .db()?
             .scan_prefix(keys::device_queue_prefix(partner, &order.device))
             .next()
             .transpose()?;
@@ -620,14 +642,14 @@ impl Store {
     /// The same, counted by a full scan of `partner`'s range: for tests and
     /// tooling, not for hot paths.
     pub fn scheduled_count(&self, partner: &str) -> usize {
+        let Ok(db) = self.db() else { return 0 };
         Priority::ALL
             .iter()
             .map(|&p| {
                 let (start, end) = keys::due_range(partner, p, u64::MAX);
-                self.db
-                    .range(start..end)
+                db.range(start..end)
                     .filter_map(Result::ok)
-                    .map(|(k, v)| entry_depth(&self.db, &k, &v))
+                    .map(|(k, v)| entry_depth(&db, &k, &v))
                     .sum::<usize>()
             })
             .sum()
@@ -636,8 +658,10 @@ impl Store {
     /// How many records of each kind the store holds, by key prefix; for
     /// `e`, how many events (stored alone or in pages).
     pub fn record_counts(&self) -> Vec<(char, usize)> {
-        let paged: usize = self
-            .db
+        let Ok(db) = self.db() else {
+            return Vec::new();
+        };
+        let paged: usize = db
             .scan_prefix([keys::EVENT_PAGE])
             .filter_map(Result::ok)
             .filter_map(|(k, v)| event_page::Page::parse(&k, &v).ok().map(|p| p.len()))
@@ -655,10 +679,29 @@ impl Store {
         ]
         .iter()
         .map(|&p| {
-            let stored = self.db.scan_prefix([p]).count();
+            let stored = db.scan_prefix([p]).count();
             (p as char, stored + if p == keys::EVENT { paged } else { 0 })
         })
         .collect()
+    }
+}
+
+/// One attempt at opening sled in `dir`. sled 0.34 panics on some
+/// corruptions instead of returning an error: that is an error naming the
+/// directory too. `Io` (a lock still held, a full disk) may pass if tried
+/// again.
+fn open_sled(config: &sled::Config, dir: &Path) -> Result<sled::Db, StoreError> {
+    let open_err = |reason: String| StoreError::Open {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open())) {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(sled::Error::Io(e))) => Err(StoreError::Io(e.to_string())),
+        Ok(Err(e)) => Err(open_err(format!("sled cannot open it: {e}"))),
+        Err(_) => Err(open_err(
+            "sled panicked reading it: the data is corrupt".into(),
+        )),
     }
 }
 
@@ -927,7 +970,7 @@ mod tests {
 
     /// Replaces event `id`'s record in its page with bytes that do not decode.
     fn damage_in_its_page(store: &Store, id: Uuid) {
-        let (key, value) = event_page::page_for(&store.db, id)
+        let (key, value) = event_page::page_for(&store.db().expect("open"), id)
             .expect("read")
             .expect("its page");
         let page = event_page::Page::parse(&key, &value).expect("parse");
@@ -942,7 +985,11 @@ mod tests {
             })
             .collect();
         let damaged = event_page::encode(records.into_iter());
-        store.db.insert(key, damaged).expect("write");
+        store
+            .db()
+            .expect("open")
+            .insert(key, damaged)
+            .expect("write");
     }
 
     #[tokio::test]
@@ -979,7 +1026,8 @@ mod tests {
         // What a scan's walk read just before the last members settled.
         let (start, end) = keys::due_range("acme", Priority::Normal, 2_000);
         let (k, v) = store
-            .db
+            .db()
+            .expect("open")
             .range(start..end)
             .next()
             .expect("the chunk's entry")
@@ -1009,7 +1057,8 @@ mod tests {
         let first = due_now(&store).remove(0);
         // An unreadable rewrite of its event: the retry cannot be recorded.
         store
-            .db
+            .db()
+            .expect("open")
             .insert(keys::rewritten(first.entry.event), &b"{not json"[..])
             .expect("write");
         let failed = store.record(retried(&first)).await;
@@ -1040,11 +1089,12 @@ mod tests {
             match damage {
                 "garbage" => drop(
                     store
-                        .db
+                        .db()
+                        .expect("open")
                         .insert(key, &b"\x01not a state"[..])
                         .expect("write"),
                 ),
-                _ => drop(store.db.remove(key).expect("remove")),
+                _ => drop(store.db().expect("open").remove(key).expect("remove")),
             }
             // Nothing is stranded: all members are sent again (at least once).
             let again = due_now(&store);
@@ -1123,11 +1173,13 @@ mod tests {
             chunk: None,
         };
         store
-            .db
+            .db()
+            .expect("open")
             .insert(keys::event(old.id), event_format::encode(&old))
             .expect("write");
         store
-            .db
+            .db()
+            .expect("open")
             .insert(key.encode(), encode(&entry))
             .expect("write");
         store.shutdown().await.expect("shutdown");
@@ -1155,7 +1207,8 @@ mod tests {
         store.record(retried(old_due)).await.expect("recorded");
         assert!(
             store
-                .db
+                .db()
+                .expect("open")
                 .get(keys::rewritten(old.id))
                 .expect("read")
                 .is_none(),
@@ -1246,7 +1299,11 @@ mod tests {
         let due = due_now(&store);
         deliver(&store, &due[0]).await;
         assert_eq!(store.queued("acme"), 2);
-        let on_disk = store.db.get(keys::depth("acme")).expect("read");
+        let on_disk = store
+            .db()
+            .expect("open")
+            .get(keys::depth("acme"))
+            .expect("read");
         assert_eq!(on_disk.as_deref(), Some(&2u64.to_be_bytes()[..]));
         store.shutdown().await.expect("shutdown");
         drop(store);
@@ -1256,7 +1313,8 @@ mod tests {
         let store = testing::reopen(&dir);
         assert_eq!(store.queued("acme"), 2);
         store
-            .db
+            .db()
+            .expect("open")
             .insert(keys::depth("acme"), &7u64.to_be_bytes()[..])
             .expect("write");
         store.shutdown().await.expect("shutdown");
@@ -1265,13 +1323,26 @@ mod tests {
         assert_eq!(store.queued("acme"), 7, "the record is what is read");
 
         // A store from before the depth was kept is counted once.
-        store.db.remove(keys::DEPTH_KEPT).expect("remove");
+        store
+            .db()
+            .expect("open")
+            .remove(keys::DEPTH_KEPT)
+            .expect("remove");
         store.shutdown().await.expect("shutdown");
         drop(store);
         let store = testing::reopen(&dir);
         assert_eq!(store.queued("acme"), 2, "counted from the schedule");
-        assert!(store.db.get(keys::DEPTH_KEPT).expect("read").is_some());
-        let on_disk = store.db.get(keys::depth("acme")).expect("read");
+        assert!(store
+            .db()
+            .expect("open")
+            .get(keys::DEPTH_KEPT)
+            .expect("read")
+            .is_some());
+        let on_disk = store
+            .db()
+            .expect("open")
+            .get(keys::depth("acme"))
+            .expect("read");
         assert_eq!(on_disk.as_deref(), Some(&2u64.to_be_bytes()[..]));
     }
 
@@ -1300,7 +1371,8 @@ mod tests {
         let (dir, store) = open();
         let stored = store.enqueue(vec![event(1)]).await.expect("enqueue");
         store
-            .db
+            .db()
+            .expect("open")
             .insert(keys::event_page(stored[0].id), &b"\x07garbage"[..])
             .expect("write");
         store.shutdown().await.expect("shutdown");
@@ -1326,7 +1398,11 @@ mod tests {
         }
         damage_in_its_page(&store, events[1]);
         let stray = keys::event(Uuid::now_v7());
-        store.db.insert(stray, &b"\x09garbage"[..]).expect("write");
+        store
+            .db()
+            .expect("open")
+            .insert(stray, &b"\x09garbage"[..])
+            .expect("write");
 
         let (removed, _) = collect_all(&store, 2_000, 100).await;
         assert_eq!(removed, 2, "the readable finished events go");
@@ -1336,7 +1412,12 @@ mod tests {
             "the page stays for its unreadable event"
         );
         assert!(
-            store.db.get(stray).expect("read").is_some(),
+            store
+                .db()
+                .expect("open")
+                .get(stray)
+                .expect("read")
+                .is_some(),
             "an unreadable record is left for on-call"
         );
         let read = store.event(events[1]);

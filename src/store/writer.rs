@@ -9,11 +9,18 @@
 //! does it answer, so a 202 always means "on disk". Being the only writer, it can read-modify-write records
 //! without locks; an overlay makes writes earlier in the same group visible
 //! to later ones.
+//!
+//! A group commit that fails (a full disk, a failing device) is answered
+//! with errors, never 202, and leaves nothing behind: sled applies a batch
+//! whole or not at all. sled then refuses every later write until the
+//! database is opened again, so the writer does that itself
+//! ([`recover`]) and goes on: no restart needed.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -23,6 +30,7 @@ use super::depth::{self, Depth, Moves};
 use super::event_format;
 use super::event_page::{self, Page};
 use super::gather::{Gatherer, OUTCOME_LINGER};
+use super::handle::{self, Handle};
 use super::keys::{self, ScheduleKey};
 use super::watermark::{self, Watermark};
 use super::{
@@ -80,8 +88,28 @@ pub(super) struct Shared {
     pub depth: Arc<Depth>,
 }
 
+/// What the writer needs to open the store again after a failed commit.
+pub(super) struct Reopen {
+    pub dir: PathBuf,
+    pub config: sled::Config,
+    /// Where readers find the database.
+    pub handle: Handle,
+}
+
+impl Reopen {
+    fn open(&self) -> Result<(sled::Db, Watermark), StoreError> {
+        let db = super::open_sled(&self.config, &self.dir)?;
+        let watermark = Watermark::open(&self.dir, &db).map_err(|reason| StoreError::Open {
+            path: self.dir.clone(),
+            reason,
+        })?;
+        Ok((db, watermark))
+    }
+}
+
 pub(super) fn spawn(
     db: sled::Db,
+    reopen: Reopen,
     watermark: Watermark,
     last_event: Uuid,
     shared: Shared,
@@ -95,7 +123,10 @@ pub(super) fn spawn(
         .spawn(move || match Gatherer::new(OUTCOME_LINGER) {
             Ok(gatherer) => {
                 let _ = started.send(Ok(()));
-                let writing = || run(db, watermark, last_event, shared, gatherer, rx);
+                let writing = || {
+                    let opened = Opened { db, watermark };
+                    run(opened, reopen, last_event, shared, gatherer, rx)
+                };
                 crate::supervise::run_or(writing, || crate::supervise::exit("the store writer"));
             }
             Err(e) => drop(started.send(Err(e))),
@@ -103,6 +134,12 @@ pub(super) fn spawn(
     ready
         .recv()
         .map_err(|_| std::io::Error::other("the writer thread ended before it started"))?
+}
+
+/// The open database and its commit watermark.
+struct Opened {
+    db: sled::Db,
+    watermark: Watermark,
 }
 
 /// A reply to send once the group is durable (or failed).
@@ -124,13 +161,17 @@ enum Answer {
 }
 
 fn run(
-    db: sled::Db,
-    mut watermark: Watermark,
+    opened: Opened,
+    reopen: Reopen,
     mut last_event: Uuid,
     shared: Shared,
     gatherer: Gatherer,
     mut rx: mpsc::Receiver<Command>,
 ) {
+    let Opened {
+        mut db,
+        mut watermark,
+    } = opened;
     while let Some(group) = gatherer.next(&mut rx) {
         let started = Instant::now();
         let mut pending = Pending::new(&db, watermark.next(), last_event);
@@ -191,9 +232,12 @@ fn run(
         }
         // Ids given to a group that then failed stay given: still rising.
         last_event = pending.pages.last();
+        let number = pending.commit_number();
         let durable = pending.commit(&db, &mut watermark, &shared.visible);
-        if durable.is_ok() {
-            shared.depth.set(depths);
+        let mut unsure = None;
+        match durable {
+            Ok(()) => shared.depth.set(depths),
+            Err(_) => unsure = Some(depths),
         }
         metrics::histogram!("herald_store_group_size").record(size as f64);
         metrics::histogram!("herald_store_group_seconds").record(started.elapsed().as_secs_f64());
@@ -219,8 +263,23 @@ fn run(
                 (Answer::Shutdown(r), Err(e)) => drop(r.send(Err(failed(e)))),
             }
         }
-        if let Err(e) = durable {
+        if let Err(e) = &durable {
             tracing::error!(error = %e, "store group commit failed; its requests were answered with errors");
+            reopen.handle.failed.notify_one();
+        }
+        if let (Err(e), false) = (&durable, stop) {
+            let Some(again) = recover(&reopen, db, e, &gatherer, &mut rx) else {
+                tracing::info!("store writer stopped while the store was out");
+                return;
+            };
+            // sled applies a batch whole or not at all: if the failed one
+            // is on disk after all, so are its changes to the queue depth.
+            let landed = again.watermark.next() > number;
+            if let (true, Some(depths)) = (landed, unsure) {
+                shared.depth.set(depths);
+            }
+            Opened { db, watermark } = again;
+            continue;
         }
         if stop {
             rx.close();
@@ -231,6 +290,108 @@ fn run(
             tracing::info!("store writer stopped");
             return;
         }
+    }
+}
+
+/// Until the store opens again, requests wait this long before they are
+/// answered with an error: opening usually takes a moment, and an outcome
+/// refused is a delivery sent again.
+const RECOVERY_GRACE: Duration = Duration::from_secs(1);
+
+/// The longest wait between two attempts at opening the store again.
+const MAX_REOPEN_DELAY: Duration = Duration::from_secs(1);
+
+/// The free space an attempt at opening the store again waits for: sled
+/// writes out the rest of its last log segment (512 KiB) as it recovers,
+/// and a snapshot. Reading a large store back is not tried again and
+/// again on a disk that certainly cannot take that.
+const REOPEN_ROOM: u64 = 2 * 512 * 1024;
+
+/// How often the free space is looked at while there is too little of it.
+const ROOM_POLL: Duration = Duration::from_millis(100);
+
+/// Opens the store again after a group commit failed with `cause`: takes
+/// the database away from readers, waits for the last of them to let go of
+/// it, and opens the directory anew, as often as it takes (a disk that is
+/// still full fails the opening too: sled writes as it recovers).
+/// Requests that arrive meanwhile wait [`RECOVERY_GRACE`], then are
+/// answered with the error; `None` if shutdown was asked for first.
+fn recover(
+    reopen: &Reopen,
+    db: sled::Db,
+    cause: &StoreError,
+    gatherer: &Gatherer,
+    rx: &mut mpsc::Receiver<Command>,
+) -> Option<Opened> {
+    let mut reason = cause.to_string();
+    drop(reopen.handle.take(reason.clone()));
+    drop(db);
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(10);
+    let mut reported: Option<Instant> = None;
+    loop {
+        let room = crate::disk::measure(&reopen.dir).map_or(u64::MAX, |space| space.free);
+        let no_room = room < REOPEN_ROOM;
+        let opened = match no_room {
+            true => Err(StoreError::Io(format!(
+                "waiting for {} KiB free on its disk ({} KiB now)",
+                REOPEN_ROOM / 1024,
+                room / 1024
+            ))),
+            false => reopen.open(),
+        };
+        match opened {
+            Ok((db, watermark)) => {
+                reopen.handle.put(db.clone());
+                metrics::counter!("herald_store_reopens_total").increment(1);
+                tracing::warn!(after = ?started.elapsed(), cause = %cause,
+                    "the store was opened again after a failed write; writes go on");
+                return Some(Opened { db, watermark });
+            }
+            Err(e) => {
+                reason = format!("{cause}; opening it again: {e}");
+                reopen.handle.explain(reason.clone());
+                if reported.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                    tracing::error!(error = %e, "cannot open the store again yet; retrying");
+                    reported = Some(Instant::now());
+                }
+            }
+        }
+        // Free space is cheap to look at again; a failed opening is not.
+        let wait = if no_room { ROOM_POLL } else { delay };
+        let until = Instant::now() + wait;
+        if started.elapsed() < RECOVERY_GRACE {
+            std::thread::sleep(wait);
+        } else {
+            // Answer what arrives until the next attempt.
+            while let Some(left) = until.checked_duration_since(Instant::now()) {
+                match gatherer.next_within(rx, left) {
+                    Ok(Some(Command::Shutdown { reply })) => {
+                        drop(reply.send(Err(handle::out(&reason))));
+                        return None;
+                    }
+                    Ok(Some(command)) => refuse_with(command, handle::out(&reason)),
+                    Ok(None) => break,
+                    Err(()) => return None,
+                }
+            }
+        }
+        if !no_room {
+            delay = (delay * 2).min(MAX_REOPEN_DELAY);
+        }
+    }
+}
+
+fn refuse_with(command: Command, error: StoreError) {
+    match command {
+        Command::Enqueue { reply, .. } => drop(reply.send(Err(error))),
+        Command::Record { reply, .. } => drop(reply.send(Err(error))),
+        Command::Collect { reply, .. } => drop(reply.send(Err(error))),
+        Command::Unpark { reply, .. } => drop(reply.send(Err(error))),
+        Command::Link { reply, .. } => drop(reply.send(Err(error))),
+        Command::Replay { reply, .. } => drop(reply.send(Err(error))),
+        Command::Purge { reply, .. } => drop(reply.send(Err(error))),
+        Command::Shutdown { reply } => drop(reply.send(Err(error))),
     }
 }
 
