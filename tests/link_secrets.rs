@@ -78,7 +78,7 @@ fn start(dir: &Path, port: u16) -> Running {
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n\n[[tokens]]\nname = \"on-call\"\nrole = \"operator\"\ntoken_env = \"OPS_TOKEN\"\n\n{}\n{}",
+            "[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nmin_free_disk = \"16MiB\"\n\n[[tokens]]\nname = \"on-call\"\nrole = \"operator\"\ntoken_env = \"OPS_TOKEN\"\n\n{}\n{}",
             dir.join("data").display(),
             partner("st"),
             partner("st_gone"),

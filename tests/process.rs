@@ -168,7 +168,7 @@ fn serve_config(dir: &Path, data: &Path) -> String {
         dir,
         "herald.toml",
         &format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nmin_free_disk = \"16MiB\"\n",
             data.display()
         ),
     )
