@@ -2185,6 +2185,12 @@ impl PageCache {
         const ALLOCATION_WAITS: usize = 10_000;
 
         let stable_lsn_now: Lsn = self.log.stable_offset();
+        if stable_lsn_now < 0 {
+            // Nothing written yet (stable is -1 before the first byte): a
+            // snapshot named after a negative lsn would sort above every
+            // later one.
+            return None;
+        }
 
         // This is how we determine the number of the pages we will snapshot.
         let pid_bound = *self.next_pid_to_allocate.lock();
