@@ -473,6 +473,40 @@ mod exchange_tests {
     }
 
     #[tokio::test]
+    async fn a_public_only_client_refuses_ip_literals_without_connecting() {
+        let addr = partner().await;
+        let clients = Clients::new().expect("clients");
+        for host in ["127.0.0.1", "[::ffff:127.0.0.1]", "[::127.0.0.1]"] {
+            let url = format!("http://{host}:{}/hook", addr.port());
+            let sent = exchange(
+                clients.for_partner(false),
+                post(url.clone()),
+                Duration::from_secs(5),
+                &Clock::system(),
+            )
+            .await;
+            match sent {
+                Sent::Refused(e) => assert!(
+                    e.starts_with("not sent: the outbound address policy refuses ")
+                        && e.contains("in 127.0.0.0/8 (loopback)"),
+                    "{host}: {e}"
+                ),
+                Sent::Http { status, .. } => panic!("{host} was dialled: HTTP {status}"),
+                _ => panic!("{host}: not refused by the policy"),
+            }
+        }
+        // The partner is there: the client that may reach loopback gets its answer.
+        let sent = exchange(
+            clients.for_partner(true),
+            post(format!("http://[::ffff:127.0.0.1]:{}/hook", addr.port())),
+            Duration::from_secs(5),
+            &Clock::system(),
+        )
+        .await;
+        assert_eq!(sent.status(), Some(503));
+    }
+
+    #[tokio::test]
     async fn refused_connections_and_bad_requests_are_network_errors_that_say_why() {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
