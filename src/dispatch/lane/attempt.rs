@@ -240,11 +240,13 @@ impl Lane {
         request: OutboundRequest,
         batch: &[Sendable],
     ) -> Result<(Verdict, Option<u16>), Verdict> {
+        self.stats.sent.fetch_add(1, Ordering::Relaxed);
         let answer = exchange(&self.client, request, self.partner.timeout, &self.clock).await;
         if let Some(reason) = answer.refusal() {
+            // Counted while it was under way (as every send is); it never went out.
+            self.stats.sent.fetch_sub(1, Ordering::Relaxed);
             return Err(reason_only(reason));
         }
-        self.stats.sent.fetch_add(1, Ordering::Relaxed);
         // The answer is read as one for the batch's most-tried delivery.
         let number = batch.iter().map(|s| s.number).max().unwrap_or(1);
         let verdict = self.adapter.classify_attempt(
