@@ -650,23 +650,19 @@ fn partner_config(
     })
 }
 
-/// `text` as an http(s) URL a partner may be sent to: loopback and private
-/// addresses only with `allow_private`. The error names `key`.
+/// `text` as an http(s) URL a partner may be sent to: an IP literal (or
+/// `localhost`) only where the outbound address policy allows it. The error names `key`.
 pub fn check_url(key: &str, text: &str, allow_private: bool) -> Result<(), ConfigError> {
     let url = url::Url::parse(text)
         .map_err(|e| ConfigError::new(key, format!("{text:?} is not a URL ({e})")))?;
     if url.scheme() != "https" && url.scheme() != "http" {
         return Err(ConfigError::new(key, "must be http:// or https://"));
     }
-    if !allow_private {
-        if let Some(ip) = url_ip(&url) {
-            if !crate::dispatch::client::is_public(ip) {
-                return Err(ConfigError::new(
-                    key,
-                    format!("{ip} is a loopback or private address; set allow_private = true to allow it"),
-                ));
-            }
-        }
+    // The same policy every connection is put to; checked here too so a
+    // config or a link naming a refused address is an error at once.
+    if let Some(ip) = url_ip(&url) {
+        crate::outbound::check(ip, allow_private)
+            .map_err(|refused| ConfigError::new(key, refused.to_string()))?;
     }
     Ok(())
 }

@@ -13,6 +13,7 @@ pub mod dispatch;
 pub mod links;
 pub mod model;
 pub mod operator;
+pub mod outbound;
 pub mod retention;
 pub mod store;
 pub mod supervise;

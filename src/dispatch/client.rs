@@ -5,10 +5,11 @@
 //! (a redirect could carry a signed request somewhere the partner never
 //! agreed to), no retries (the queue owns retries), no URL re-parsing or
 //! header copies per request. reqwest did all of those on every delivery,
-//! about a fifth of herald's CPU at full load. Partners that may not reach
-//! private networks (the default) go through a client whose resolver drops
-//! loopback and private addresses, so a webhook URL cannot be used to probe
-//! herald's own network; IP literals are checked when the config is read.
+//! about a fifth of herald's CPU at full load. Every address dialled is put
+//! to the outbound address policy ([`crate::outbound::check`]) at connect
+//! time: IP literals by [`Guarded`] before the connector sees them, names
+//! by the [`Resolver`] after lookup. A refused address is never dialled;
+//! the send becomes [`Sent::Refused`], which the lane settles as permanent.
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -26,6 +27,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::clock::Clock;
+use crate::outbound::{self, NotDialled};
 
 /// How much of an answer's body is read: enough for any adapter to classify.
 const ANSWER_READ_BYTES: usize = 4096;
@@ -33,7 +35,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const AGENT: &str = concat!("herald/", env!("CARGO_PKG_VERSION"));
 
-type Connector = HttpsConnector<HttpConnector<Resolver>>;
+type Connector = HttpsConnector<Guarded>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One pooled client; cloning shares its connections.
 #[derive(Clone)]
@@ -76,7 +79,10 @@ impl Client {
             .try_with_platform_verifier()?
             .https_or_http()
             .enable_http1()
-            .wrap_connector(http);
+            .wrap_connector(Guarded {
+                inner: http,
+                allow_private,
+            });
         let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
@@ -91,52 +97,66 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Whether `ip` is a routable public address (not loopback, private,
-/// link-local, unspecified, CGNAT, multicast or documentation).
-pub fn is_public(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            !(v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || v4.is_documentation()
-                || (o[0] == 100 && (o[1] & 0xC0) == 64)
-                || o[0] == 0)
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_public(IpAddr::V4(v4));
+/// The dialler behind TLS: an IP literal is put to the policy here, since
+/// the connector dials literals without asking the [`Resolver`].
+#[derive(Clone)]
+struct Guarded {
+    inner: HttpConnector<Resolver>,
+    allow_private: bool,
+}
+
+type Dialling = Pin<
+    Box<
+        dyn Future<Output = Result<hyper_util::rt::TokioIo<tokio::net::TcpStream>, BoxError>>
+            + Send,
+    >,
+>;
+
+impl tower_service::Service<hyper::Uri> for Guarded {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = BoxError;
+    type Future = Dialling;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: hyper::Uri) -> Dialling {
+        let host = uri.host().unwrap_or_default();
+        let literal = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>();
+        if let Ok(ip) = literal {
+            if let Err(refused) = outbound::check(ip, self.allow_private) {
+                let refused = NotDialled {
+                    host: ip.to_string(),
+                    refused: vec![refused],
+                };
+                return Box::pin(async move { Err(refused.into()) });
             }
-            let first = v6.segments()[0];
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80)
         }
+        let dialling = self.inner.call(uri);
+        Box::pin(async move { dialling.await.map_err(Into::into) })
     }
 }
 
-/// Name lookups for the connector: with `allow_private` off, loopback and
-/// private answers are dropped, and a name with nothing else is an error.
+/// Name lookups for the connector: every address found is put to the
+/// policy; refused ones are dropped, and a name left with none is refused.
 #[derive(Clone)]
 struct Resolver {
     allow_private: bool,
 }
 
 type Resolving =
-    Pin<Box<dyn Future<Output = std::io::Result<std::vec::IntoIter<SocketAddr>>> + Send>>;
+    Pin<Box<dyn Future<Output = Result<std::vec::IntoIter<SocketAddr>, BoxError>> + Send>>;
 
 impl tower_service::Service<Name> for Resolver {
     type Response = std::vec::IntoIter<SocketAddr>;
-    type Error = std::io::Error;
+    type Error = BoxError;
     type Future = Resolving;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
     }
 
@@ -146,16 +166,21 @@ impl tower_service::Service<Name> for Resolver {
         Box::pin(async move {
             let found: Vec<SocketAddr> =
                 tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            if allow_private {
-                return Ok(found.into_iter());
+            let mut refused = Vec::new();
+            let mut allowed = Vec::new();
+            for addr in found {
+                match outbound::check(addr.ip(), allow_private) {
+                    Ok(()) => allowed.push(addr),
+                    Err(r) => refused.push(r),
+                }
             }
-            let public: Vec<SocketAddr> = found.into_iter().filter(|a| is_public(a.ip())).collect();
-            if public.is_empty() {
-                return Err(std::io::Error::other(format!(
-                    "{host} resolves only to loopback or private addresses; the partner needs allow_private = true"
-                )));
+            if allowed.is_empty() && !refused.is_empty() {
+                return Err(NotDialled { host, refused }.into());
             }
-            Ok(public.into_iter())
+            if !refused.is_empty() {
+                tracing::debug!(%host, refused = refused.len(), "some addresses of the name are refused by the outbound address policy; dialling the others");
+            }
+            Ok(allowed.into_iter())
         })
     }
 }
@@ -169,6 +194,8 @@ pub enum Sent {
     },
     Timeout,
     Network(String),
+    /// Not dialled: the outbound address policy refused every address.
+    Refused(String),
 }
 
 impl Sent {
@@ -184,7 +211,15 @@ impl Sent {
                 body,
             },
             Sent::Timeout => Answer::Timeout,
-            Sent::Network(e) => Answer::Network(e),
+            Sent::Network(e) | Sent::Refused(e) => Answer::Network(e),
+        }
+    }
+
+    /// Why nothing was sent, when the policy refused the address.
+    pub fn refusal(&self) -> Option<&str> {
+        match self {
+            Sent::Refused(reason) => Some(reason),
+            _ => None,
         }
     }
 
@@ -217,7 +252,12 @@ async fn send(client: &Client, request: OutboundRequest) -> Sent {
     };
     let response = match client.0.request(request).await {
         Ok(r) => r,
-        Err(e) => return Sent::Network(error_chain(&e)),
+        Err(e) => {
+            return match not_dialled(&e) {
+                Some(refused) => Sent::Refused(refused.to_string()),
+                None => Sent::Network(error_chain(&e)),
+            }
+        }
     };
     let (head, mut answer) = response.into_parts();
     let headers = head
@@ -271,6 +311,18 @@ fn ascii_url(url: String) -> String {
     url::Url::parse(&url).map(String::from).unwrap_or(url)
 }
 
+/// The policy's refusal somewhere in `e`'s causes.
+fn not_dialled<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a NotDialled> {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if let Some(refused) = e.downcast_ref::<NotDialled>() {
+            return Some(refused);
+        }
+        cause = e.source();
+    }
+    None
+}
+
 /// "client error (Connect): tcp connect error: Connection refused": the
 /// whole cause, on one line.
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -298,28 +350,6 @@ mod tests {
             "https://xn--bcher-kva.example/hook?x=1"
         );
         assert_eq!(ascii_url("http://a.example/".into()), "http://a.example/");
-    }
-
-    #[test]
-    fn private_ranges_are_not_public() {
-        for private in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.1.1",
-            "100.64.0.1",
-            "0.0.0.0",
-            "::1",
-            "fd00::1",
-            "fe80::1",
-            "::ffff:10.0.0.1",
-        ] {
-            assert!(!is_public(private.parse().unwrap()), "{private}");
-        }
-        for public in ["8.8.8.8", "1.1.1.1", "2606:4700::1111"] {
-            assert!(is_public(public.parse().unwrap()), "{public}");
-        }
     }
 }
 
@@ -423,13 +453,52 @@ mod exchange_tests {
         )
         .await;
         match sent {
-            Sent::Network(e) => assert!(e.contains("resolves only to loopback"), "{e}"),
+            Sent::Refused(e) => assert!(
+                e.contains(
+                    "localhost resolves only to addresses the outbound address policy refuses"
+                ) && e.contains("(loopback)"),
+                "{e}"
+            ),
             _ => panic!("localhost was dialled"),
         }
         // The same name through the client that may reach private ranges.
         let sent = exchange(
             clients.for_partner(true),
             post(url),
+            Duration::from_secs(5),
+            &Clock::system(),
+        )
+        .await;
+        assert_eq!(sent.status(), Some(503));
+    }
+
+    #[tokio::test]
+    async fn a_public_only_client_refuses_ip_literals_without_connecting() {
+        let addr = partner().await;
+        let clients = Clients::new().expect("clients");
+        for host in ["127.0.0.1", "[::ffff:127.0.0.1]", "[::127.0.0.1]"] {
+            let url = format!("http://{host}:{}/hook", addr.port());
+            let sent = exchange(
+                clients.for_partner(false),
+                post(url.clone()),
+                Duration::from_secs(5),
+                &Clock::system(),
+            )
+            .await;
+            match sent {
+                Sent::Refused(e) => assert!(
+                    e.starts_with("not sent: the outbound address policy refuses ")
+                        && e.contains("in 127.0.0.0/8 (loopback)"),
+                    "{host}: {e}"
+                ),
+                Sent::Http { status, .. } => panic!("{host} was dialled: HTTP {status}"),
+                _ => panic!("{host}: not refused by the policy"),
+            }
+        }
+        // The partner is there: the client that may reach loopback gets its answer.
+        let sent = exchange(
+            clients.for_partner(true),
+            post(format!("http://[::ffff:127.0.0.1]:{}/hook", addr.port())),
             Duration::from_secs(5),
             &Clock::system(),
         )

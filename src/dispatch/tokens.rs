@@ -177,6 +177,11 @@ impl Tokens {
                 ),
             })?;
         let answer = exchange(&self.client, request, self.timeout, &self.clock).await;
+        if let Some(refused) = answer.refusal() {
+            return Err(Verdict::Permanent {
+                reason: format!("refreshing the link's token: {refused}"),
+            });
+        }
         let verdict = adapter.read_refresh(&answer.as_answer(), self.clock.now_system_time());
         self.count(&verdict);
         match verdict {
@@ -256,6 +261,13 @@ impl Tokens {
                 reason: format!("the {} adapter mints no partner token", adapter.kind()),
             })?;
         let answer = exchange(&self.client, request, self.timeout, &self.clock).await;
+        if let Some(refused) = answer.refusal() {
+            tracing::error!(partner = %self.partner, %refused,
+                "the partner token endpoint is refused by the outbound address policy; check token_url or the key's token_uri");
+            return Err(Verdict::Permanent {
+                reason: format!("minting the partner token: {refused}"),
+            });
+        }
         let verdict = adapter.read_partner_token(&answer.as_answer(), self.clock.now_system_time());
         self.count(&verdict);
         match verdict {

@@ -90,7 +90,14 @@ impl Lane {
         };
         let first_try = batch.iter().any(|s| s.number == 1);
         let sent_ms = self.clock.now_ms();
-        let (verdict, status) = self.send(request, &batch).await;
+        let (verdict, status) = match self.send(request, &batch).await {
+            Ok(answered) => answered,
+            // Nothing went out: not a send the partner's health learns from.
+            Err(refused) => {
+                outcomes.extend(self.conclude_all(batch, started_ms, None, refused));
+                return (outcomes, None);
+            }
+        };
         let (verdict, status) = match (verdict, &link) {
             (Verdict::Refresh { reason }, Some(used)) => {
                 self.refresh_and_resend(&batch, used, reason, status).await
@@ -168,7 +175,8 @@ impl Lane {
         };
         self.wait_for_token().await;
         match self.send(request, batch).await {
-            (Verdict::Refresh { reason: again }, status) => {
+            Err(refused) => (refused, None),
+            Ok((Verdict::Refresh { reason: again }, status)) => {
                 let reason = format!(
                     "the platform refused the renewed token too ({again}); first: {reason}"
                 );
@@ -180,7 +188,7 @@ impl Lane {
                     status,
                 )
             }
-            answered => answered,
+            Ok(answered) => answered,
         }
     }
 
@@ -224,10 +232,21 @@ impl Lane {
         }
     }
 
-    /// Sends one request for `batch`; the verdict on its answer and the status.
-    async fn send(&self, request: OutboundRequest, batch: &[Sendable]) -> (Verdict, Option<u16>) {
+    /// Sends one request for `batch`; the verdict on its answer and the
+    /// status, or, when the outbound address policy refused to dial, the
+    /// permanent verdict saying so (nothing was sent).
+    async fn send(
+        &self,
+        request: OutboundRequest,
+        batch: &[Sendable],
+    ) -> Result<(Verdict, Option<u16>), Verdict> {
         self.stats.sent.fetch_add(1, Ordering::Relaxed);
         let answer = exchange(&self.client, request, self.partner.timeout, &self.clock).await;
+        if let Some(reason) = answer.refusal() {
+            // Counted while it was under way (as every send is); it never went out.
+            self.stats.sent.fetch_sub(1, Ordering::Relaxed);
+            return Err(reason_only(reason));
+        }
         // The answer is read as one for the batch's most-tried delivery.
         let number = batch.iter().map(|s| s.number).max().unwrap_or(1);
         let verdict = self.adapter.classify_attempt(
@@ -235,7 +254,7 @@ impl Lane {
             &answer.as_answer(),
             self.clock.now_system_time(),
         );
-        (verdict, answer.status())
+        Ok((verdict, answer.status()))
     }
 
     /// A rate-limit token for a send the lane did not plan (the one after a
