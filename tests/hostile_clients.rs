@@ -88,14 +88,19 @@ async fn unauthenticated_unfinished_bodies_take_no_memory_and_get_401_before_the
                 .await
                 .expect("an answer within 10 s while the body is unfinished")
                 .expect("read");
+            let body_unfinished = !sender.is_finished();
             let (status, body) = parse(&answer[..n]);
-            (status, body, sender)
+            (status, body, body_unfinished, sender)
         }));
     }
     let mut senders = Vec::new();
     for client in clients {
-        let (status, body, sender) = client.await.expect("client");
+        let (status, body, body_unfinished, sender) = client.await.expect("client");
         assert_eq!(status, 401, "{body}");
+        assert!(
+            body_unfinished,
+            "the 401 came while the body was still being sent"
+        );
         assert!(body.contains("unauthorized"), "{body}");
         senders.push(sender);
     }
@@ -497,5 +502,43 @@ async fn metrics_need_an_operator_token_unless_metrics_auth_is_off() {
             "{metrics_auth:?}"
         );
         herald.herald.shutdown().await.expect("shutdown");
+    }
+}
+
+#[test]
+fn bad_client_limits_are_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (extra, expected) in [
+        (
+            "header_timeout = \"0s\"",
+            "server.header_timeout: must be more than 0s",
+        ),
+        (
+            "body_timeout = \"soon\"",
+            "server.body_timeout: \"soon\" is not a duration",
+        ),
+        (
+            "max_connections = 0",
+            "server.max_connections: must be at least 1",
+        ),
+        (
+            "token_concurrency = 0",
+            "server.token_concurrency: must be at least 1",
+        ),
+        (
+            "token_rate = { per_second = 0 }",
+            "server.token_rate.per_second: must be at least 1",
+        ),
+        (
+            "token_rate = { per_second = 5, burst = 0 }",
+            "server.token_rate.burst: must be at least 1",
+        ),
+        ("metrics_auth = \"yes\"", "metrics_auth"),
+    ] {
+        let toml = config_toml(dir.path(), "", extra);
+        let error = herald::config::Config::parse(&toml, &common::test_env)
+            .expect_err(extra)
+            .to_string();
+        assert!(error.contains(expected), "{extra}: {error}");
     }
 }
