@@ -118,7 +118,8 @@ async fn unauthenticated_unfinished_bodies_take_no_memory_and_get_401_before_the
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unfinished_header_is_closed_within_the_header_timeout_while_good_clients_are_served() {
+async fn an_unfinished_header_or_idle_connection_is_closed_within_the_header_timeout_while_good_clients_are_served(
+) {
     let partner = MockPartner::start(Clock::system()).await;
     let dir = tempfile::tempdir().unwrap();
     let toml = config_toml(
@@ -135,6 +136,13 @@ async fn an_unfinished_header_is_closed_within_the_header_timeout_while_good_cli
         .await
         .expect("half a header");
     let mut idle = TcpStream::connect(&addr).await.expect("connect");
+    // A keep-alive connection that was answered once, then goes quiet.
+    let mut kept = TcpStream::connect(&addr).await.expect("connect");
+    let health = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    kept.write_all(health.as_bytes()).await.expect("request");
+    let mut first = vec![0u8; 1024];
+    let n = kept.read(&mut first).await.expect("answer");
+    assert_eq!(parse(&first[..n]).0, 200);
 
     // A good client meanwhile is served at once.
     let (status, body) = herald
@@ -146,7 +154,11 @@ async fn an_unfinished_header_is_closed_within_the_header_timeout_while_good_cli
         "served while the unfinished header was still open"
     );
 
-    for (what, stream) in [("half a header", &mut slow), ("nothing", &mut idle)] {
+    for (what, stream) in [
+        ("half a header", &mut slow),
+        ("nothing", &mut idle),
+        ("nothing after its answer", &mut kept),
+    ] {
         let mut rest = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest));
         assert!(
