@@ -167,6 +167,12 @@ async fn an_unfinished_header_or_idle_connection_is_closed_within_the_header_tim
         );
     }
     let took = started.elapsed();
+    // A header past 16 KiB is refused, not buffered.
+    let big = format!(
+        "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nx-filler: {}\r\n\r\n",
+        "a".repeat(32 * 1024)
+    );
+    assert_eq!(raw(&addr, &big).await.0, 431);
     assert!(
         took >= Duration::from_millis(1900),
         "closed only after the timeout: {took:?}"

@@ -26,6 +26,8 @@ use crate::config::Config;
 /// Descriptors kept back from the connection cap for the store, partner
 /// connections and the process itself.
 const RESERVED_DESCRIPTORS: u64 = 128;
+/// The most a request's header may be (431 over it).
+const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Connections refused at the cap that may be waiting to close at once.
 const MAX_REFUSING: usize = 64;
 
@@ -70,7 +72,10 @@ pub async fn serve(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(header_timeout)
+        // hyper's default lets a header grow to ~400 KiB; a request to
+        // herald needs a fraction, and a slow client holds what it sent.
+        .max_header_size(MAX_HEADER_BYTES);
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
