@@ -64,6 +64,27 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// `min_free_disk` and `critical_disk_reserve` (see src/disk.rs).
     pub disk: crate::disk::DiskPolicy,
+    /// Timeouts, the connection cap and per-token limits (src/api/guard.rs).
+    pub http: HttpPolicy,
+}
+
+/// How the HTTP server treats its clients: how long each may take, how many
+/// may be connected, how fast one ingest token may call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpPolicy {
+    /// From a connection's open (or its previous answer) to a complete
+    /// request header; also how long an idle keep-alive connection stays.
+    pub header_timeout: Duration,
+    /// From a request's header to the end of its body.
+    pub body_timeout: Duration,
+    pub max_connections: usize,
+    /// Requests per second (and burst) each token may send to ingest;
+    /// `None`: no rate limit.
+    pub token_rate: Option<Rate>,
+    /// Requests one ingest token may have in flight at once.
+    pub token_concurrency: usize,
+    /// Whether `/metrics` needs an operator token when tokens are configured.
+    pub metrics_auth: bool,
 }
 
 #[derive(Clone)]
@@ -159,6 +180,12 @@ struct FileServer {
     min_free_disk: String,
     /// Default: half of `min_free_disk`.
     critical_disk_reserve: Option<String>,
+    header_timeout: String,
+    body_timeout: String,
+    max_connections: usize,
+    token_rate: Option<FileRate>,
+    token_concurrency: usize,
+    metrics_auth: bool,
 }
 
 impl Default for FileServer {
@@ -175,6 +202,12 @@ impl Default for FileServer {
             link_key_env: None,
             min_free_disk: "5%".into(),
             critical_disk_reserve: None,
+            header_timeout: "10s".into(),
+            body_timeout: "30s".into(),
+            max_connections: 1024,
+            token_rate: None,
+            token_concurrency: 64,
+            metrics_auth: true,
         }
     }
 }
@@ -445,6 +478,7 @@ fn server_config(
             ),
         ));
     }
+    let http = http_policy(&s)?;
     Ok(ServerConfig {
         listen,
         data_dir: s.data_dir,
@@ -456,6 +490,57 @@ fn server_config(
         shutdown_grace: parse_duration("server.shutdown_grace", &s.shutdown_grace)?,
         link_key: link_key(s.link_key_env.as_deref(), env)?,
         disk: disk_policy(&s.min_free_disk, s.critical_disk_reserve.as_deref())?,
+        http,
+    })
+}
+
+/// `server.header_timeout`, `body_timeout`, `max_connections`,
+/// `token_rate`, `token_concurrency` and `metrics_auth`.
+fn http_policy(s: &FileServer) -> Result<HttpPolicy, ConfigError> {
+    let positive = |key: &'static str, text: &str| {
+        let value = parse_duration(key, text)?;
+        match value.is_zero() {
+            true => Err(ConfigError::new(key, "must be more than 0s")),
+            false => Ok(value),
+        }
+    };
+    for (key, value) in [
+        ("server.max_connections", s.max_connections),
+        ("server.token_concurrency", s.token_concurrency),
+    ] {
+        if value == 0 {
+            return Err(ConfigError::new(key, "must be at least 1"));
+        }
+    }
+    let token_rate = match &s.token_rate {
+        None => None,
+        Some(r) => {
+            if r.per_second == 0 {
+                return Err(ConfigError::new(
+                    "server.token_rate.per_second",
+                    "must be at least 1",
+                ));
+            }
+            let burst = r.burst.unwrap_or(r.per_second);
+            if burst == 0 {
+                return Err(ConfigError::new(
+                    "server.token_rate.burst",
+                    "must be at least 1",
+                ));
+            }
+            Some(Rate {
+                per_second: r.per_second,
+                burst,
+            })
+        }
+    };
+    Ok(HttpPolicy {
+        header_timeout: positive("server.header_timeout", &s.header_timeout)?,
+        body_timeout: positive("server.body_timeout", &s.body_timeout)?,
+        max_connections: s.max_connections,
+        token_rate,
+        token_concurrency: s.token_concurrency,
+        metrics_auth: s.metrics_auth,
     })
 }
 

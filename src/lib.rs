@@ -100,16 +100,15 @@ pub async fn start(config: Config, clock: Clock) -> Result<Herald, StartError> {
         clock.clone(),
         metrics_handle(),
         Arc::clone(&disk),
+        addr,
     ));
     let stop_http = CancellationToken::new();
     let server = tokio::spawn({
         let app = api::router(Arc::clone(&state));
         let stop = stop_http.clone();
-        async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        }
+        let header_timeout = config.server.http.header_timeout;
+        let cap = api::serve::connection_cap(&config);
+        api::serve::serve(listener, app, header_timeout, cap, stop)
     });
     let disk_watch = tokio::spawn(disk.run(store.clone()));
     let retention = tokio::spawn(retention::run(store, clock, config.server.retention));

@@ -304,6 +304,7 @@ breaker = {{ failures = 5, cool_down = "200ms", max_cool_down = "1s" }}
         let text = self
             .http
             .get(format!("{}/metrics", self.url))
+            .bearer_auth(TOKEN)
             .send()
             .await
             .ok()?

@@ -3,11 +3,13 @@
 
 pub mod admin;
 pub mod auth;
+pub mod guard;
 pub mod ingest;
 pub mod links;
 pub mod partners;
 pub mod problem;
 pub mod replay;
+pub mod serve;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -33,6 +35,8 @@ pub struct AppState {
     pub dispatcher: Arc<Dispatcher>,
     pub clock: Clock,
     pub tokens: auth::Tokens,
+    /// Origin, role and per-token limits, checked before a body is read.
+    pub guard: guard::Guard,
     pub metrics: Option<PrometheusHandle>,
     /// The data dir's free space: which events ingest takes now.
     pub disk: Arc<DiskWatch>,
@@ -40,6 +44,9 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// `addr` is where the listener is bound (its port may differ from
+    /// `server.listen`'s 0): the `Host` the open mode answers for.
+    #[allow(clippy::too_many_arguments)] // one per piece start() wires together
     pub fn new(
         config: Arc<Config>,
         store: Store,
@@ -48,9 +55,11 @@ impl AppState {
         clock: Clock,
         metrics: Option<PrometheusHandle>,
         disk: Arc<DiskWatch>,
+        addr: std::net::SocketAddr,
     ) -> AppState {
         AppState {
             tokens: auth::Tokens::new(&config.tokens),
+            guard: guard::Guard::new(&config, addr, clock.clone()),
             config,
             store,
             links,
@@ -102,6 +111,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { problem::Problem::not_found("no such endpoint").into_response() })
         .layer(DefaultBodyLimit::max(max_body))
+        // After routing (it reads the matched route), before any handler.
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            guard::guard,
+        ))
         .with_state(state)
 }
 

@@ -138,6 +138,7 @@ timeout_ms = 5000
         let mut out = HashMap::new();
         let Ok(response) = reqwest::Client::new()
             .get(format!("{}/metrics", self.url))
+            .bearer_auth(TOKEN)
             .send()
             .await
         else {
