@@ -474,7 +474,12 @@ fn server_config(
     Ok(ServerConfig {
         listen,
         data_dir: s.data_dir,
-        cache_bytes: s.cache_mb * 1024 * 1024,
+        cache_bytes: s.cache_mb.checked_mul(1024 * 1024).ok_or_else(|| {
+            ConfigError::new(
+                "server.cache_mb",
+                format!("{} MiB is too large", s.cache_mb),
+            )
+        })?,
         ingest_queue: s.ingest_queue,
         max_batch: s.max_batch,
         max_body_bytes: s.max_body_bytes,

@@ -8,7 +8,7 @@
 //! CI runs a short pass (256 configs per property). The long run:
 //!
 //! ```text
-//! PROPTEST_CASES=100000 cargo test --release --test fuzz_config
+//! PROPTEST_CASES=100000 cargo test --test fuzz_config
 //! ```
 
 use herald::config::Config;
@@ -198,4 +198,16 @@ proptest! {
             }
         }
     }
+}
+
+/// Found by `an_edited_config_is_parsed_or_refused_by_key`: a `cache_mb`
+/// whose bytes overflow a u64 panicked (debug) or wrapped to a tiny cache
+/// (release); it is refused by key.
+#[test]
+fn a_cache_mb_too_large_for_bytes_is_refused_by_key() {
+    let text = EXAMPLE.replace("cache_mb = 32 ", "cache_mb = 18446744073709551615 ");
+    assert_ne!(text, EXAMPLE);
+    let err = Config::parse(&text, &env).expect_err("refused");
+    assert_eq!(err.key, "server.cache_mb", "{err}");
+    assert!(err.reason.contains("too large"), "{err}");
 }

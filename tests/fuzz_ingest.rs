@@ -7,7 +7,7 @@
 //! CI runs a short pass (96 bodies per property). The long run:
 //!
 //! ```text
-//! PROPTEST_CASES=20000 cargo test --release --test fuzz_ingest
+//! PROPTEST_CASES=10000 cargo test --test fuzz_ingest
 //! ```
 
 mod common;

@@ -9,7 +9,7 @@
 //! CI runs a short pass (256 cases per property). The long run:
 //!
 //! ```text
-//! PROPTEST_CASES=200000 cargo test --release -p herald-adapters --test fuzz
+//! PROPTEST_CASES=100000 cargo test -p herald-adapters --test fuzz
 //! ```
 
 mod common;
