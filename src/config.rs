@@ -351,12 +351,38 @@ impl Config {
         for (i, t) in file.tokens.into_iter().enumerate() {
             let key = format!("tokens[{i}].token_env");
             let secret = read_secret(env, &key, &t.token_env)?;
+            // A value pasted with its newline could never match what a
+            // client sends: refused, not trimmed, so the value herald holds
+            // is exactly the variable's.
+            if secret.trim() != secret {
+                return Err(ConfigError::new(
+                    key,
+                    format!(
+                        "the token in ${} has leading or trailing whitespace (a newline left by `echo` or a file?); set it without",
+                        t.token_env
+                    ),
+                ));
+            }
             if secret.len() < 16 {
                 return Err(ConfigError::new(
                     key,
                     format!(
                         "the token in ${} is shorter than 16 characters",
                         t.token_env
+                    ),
+                ));
+            }
+            // One secret under two names (or two roles) would make the
+            // caller's identity a matter of order: refused, by name.
+            if let Some(twin) = tokens
+                .iter()
+                .find(|other: &&TokenConfig| other.secret == secret)
+            {
+                return Err(ConfigError::new(
+                    key,
+                    format!(
+                        "tokens {:?} and {:?} have the same secret (${}); give each its own",
+                        twin.name, t.name, t.token_env
                     ),
                 ));
             }
@@ -482,7 +508,12 @@ fn server_config(
     Ok(ServerConfig {
         listen,
         data_dir: s.data_dir,
-        cache_bytes: s.cache_mb * 1024 * 1024,
+        cache_bytes: s.cache_mb.checked_mul(1024 * 1024).ok_or_else(|| {
+            ConfigError::new(
+                "server.cache_mb",
+                format!("{} MiB is too large", s.cache_mb),
+            )
+        })?,
         ingest_queue: s.ingest_queue,
         max_batch: s.max_batch,
         max_body_bytes: s.max_body_bytes,

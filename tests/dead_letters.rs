@@ -158,7 +158,7 @@ async fn bad_replay_requests_are_refused_by_name() {
         OPERATOR_TOKEN,
     )
     .await;
-    assert_eq!(status, 404);
+    assert_eq!(status, 400, "a malformed id is the caller's error");
     let (status, _) = call(
         &h,
         reqwest::Method::POST,

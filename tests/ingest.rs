@@ -39,7 +39,7 @@ async fn bad_bodies_get_a_problem_naming_the_field_and_store_nothing() {
         (r#"{"device_id":"lock-1","type":"door.forced_open","data":[1,2],"partners":["acme"]}"#.into(), 422, Some("/data"), "object"),
         (r#"{"device_id":"lock-1","type":"door.forced_open","partners":["acme","initech"]}"#.into(), 422, Some("/partners/1"), "initech"),
         (r#"{"device_id":"lock-1","type":"motion"}"#.into(), 422, Some("/partners"), "no partner subscribes"),
-        (format!(r#"{{"device_id":"lock-1","type":"door.forced_open","data":{{"blob":"{big}"}},"partners":["acme"]}}"#), 413, Some(""), "limit"),
+        (format!(r#"{{"device_id":"lock-1","type":"door.forced_open","data":{{"blob":"{big}"}},"partners":["acme"]}}"#), 413, Some("/data"), "limit"),
         (
             r#"[{"device_id":"a","type":"door.forced_open","partners":["acme"]},{"device_id":"b","partners":["acme"]}]"#.into(),
             422,
@@ -170,8 +170,8 @@ async fn a_batch_answers_one_entry_per_event_in_order_and_routes_by_subscription
 async fn unknown_ids_and_paths_are_problems_too() {
     let (h, _mock, _dir) = setup().await;
     let (status, problem) = h.get("/v1/events/not-a-uuid").await;
-    assert_eq!(status, 404);
-    assert_eq!(problem["type"], "/problems/not-found");
+    assert_eq!(status, 400, "a malformed id is the caller's error");
+    assert_eq!(problem["type"], "/problems/bad-path-parameter");
     let (status, _) = h.get(&format!("/v1/events/{}", uuid::Uuid::now_v7())).await;
     assert_eq!(status, 404);
     let (status, _) = h.get("/v1/nothing-here").await;

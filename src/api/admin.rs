@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -86,8 +86,18 @@ impl From<&Attempt> for AttemptView {
     }
 }
 
+/// A path's id: a malformed one is the caller's mistake (400, naming the
+/// parameter), not a resource that is missing (404).
 pub(super) fn parse_id(text: &str, what: &str) -> Result<Uuid, Problem> {
-    Uuid::parse_str(text).map_err(|_| Problem::not_found(format!("{text:?} is not a {what} id")))
+    Uuid::parse_str(text).map_err(|e| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "bad-path-parameter",
+            "A path parameter is malformed",
+            format!("the path parameter id ({text:?}) is not a {what} id, a UUID: {e}"),
+        )
+        .with_field("/id")
+    })
 }
 
 pub(super) fn store_failed(e: crate::store::StoreError) -> Problem {
@@ -174,7 +184,7 @@ fn delivery_view(state: &AppState, d: &DeliveryRecord) -> Result<DeliveryView, P
 
 #[derive(Deserialize)]
 pub struct DeadLetterQuery {
-    partner: Option<String>,
+    pub(super) partner: Option<String>,
     #[serde(rename = "type")]
     event_type: Option<String>,
     priority: Option<Priority>,

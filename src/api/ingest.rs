@@ -117,7 +117,7 @@ async fn accept(
                 "the event is {} bytes; the limit is {MAX_EVENT_BYTES}",
                 raw.get().len()
             ))
-            .with_field(at("")));
+            .with_field(at(&largest_member(raw.get()))));
         }
         let incoming = parse_json::<IncomingEvent>(raw.get())
             .map_err(|(field, detail)| Problem::invalid(at(&field), detail))?;
@@ -200,6 +200,63 @@ fn split(body: &[u8], max_batch: usize) -> Result<(Vec<&RawValue>, bool), Proble
     }
 }
 
+/// The pointer of an oversize event's largest member (`/device_id`, `/data`),
+/// so the caller knows what to shorten; empty when the event is not an object.
+fn largest_member(event: &str) -> String {
+    serde_json::from_str::<std::collections::BTreeMap<String, &RawValue>>(event)
+        .ok()
+        .and_then(|members| {
+            members
+                .into_iter()
+                .max_by_key(|(_, value)| value.get().len())
+                .map(|(name, _)| format!("/{name}"))
+        })
+        .unwrap_or_default()
+}
+
+/// Whether a field may hold a secret (a token, a key, credentials): a
+/// problem about it must not repeat the value sent.
+fn holds_secret(pointer: &str) -> bool {
+    pointer.split('/').any(|segment| {
+        let segment = segment.to_ascii_lowercase();
+        ["credentials", "token", "secret", "password"]
+            .iter()
+            .any(|word| segment.contains(word))
+    })
+}
+
+/// A serde message without the value it quotes: `invalid type: string
+/// "s3cr3t", expected a map` becomes `invalid type: string, expected a map`.
+/// The field's path and the expected type stay; the value never does.
+fn redact_value(message: &str) -> String {
+    // These quote a field's name, not its value.
+    if message.starts_with("missing field") || message.starts_with("unknown field") {
+        return message.to_string();
+    }
+    let expected = message
+        .find(", expected ")
+        .map(|at| &message[at..])
+        .unwrap_or("");
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            let kind = rest
+                .split([' ', ','])
+                .next()
+                .filter(|kind| kind.chars().all(|c| c.is_ascii_alphabetic()))
+                .unwrap_or("value");
+            return format!(
+                "{prefix}{kind}{expected} (the value is not repeated: the field holds a secret)"
+            );
+        }
+    }
+    if message.contains(['"', '`', '\'']) {
+        return format!(
+            "bad value{expected} (the value is not repeated: the field holds a secret)"
+        );
+    }
+    message.to_string()
+}
+
 /// Parses one JSON document (an event, a link); on failure, the field's
 /// JSON pointer and what is wrong.
 pub(super) fn parse_json<T: serde::de::DeserializeOwned>(
@@ -231,7 +288,12 @@ pub(super) fn parse_json<T: serde::de::DeserializeOwned>(
             pointer.push('/');
             pointer.push_str(missing);
         }
-        (pointer, strip_position(&message))
+        let message = strip_position(&message);
+        let message = match holds_secret(&pointer) {
+            true => redact_value(&message),
+            false => message,
+        };
+        (pointer, message)
     })
 }
 

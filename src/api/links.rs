@@ -31,6 +31,10 @@ use crate::model::StoredLink;
 const MAX_FIELD: usize = 256;
 const MAX_URL: usize = 2048;
 const MAX_TOKEN: usize = 8192;
+/// The largest a link's `options` may be, as JSON: with the other capped
+/// fields, a link record stays far below sled's ~128 KiB blob threshold
+/// (blob files are never fsynced).
+pub const MAX_OPTIONS_BYTES: usize = 16 * 1024;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -272,11 +276,17 @@ fn validate(
                 .map_err(|e| Problem::invalid(field, e.reason))?;
         }
     }
-    if b.options
-        .as_ref()
-        .is_some_and(|o| !o.get().trim_start().starts_with('{'))
-    {
-        return Err(Problem::invalid("/options", "must be a JSON object"));
+    if let Some(options) = &b.options {
+        if !options.get().trim_start().starts_with('{') {
+            return Err(Problem::invalid("/options", "must be a JSON object"));
+        }
+        if options.get().len() > MAX_OPTIONS_BYTES {
+            return Err(Problem::too_large(format!(
+                "options is {} bytes of JSON; the limit is {MAX_OPTIONS_BYTES}",
+                options.get().len()
+            ))
+            .with_field("/options"));
+        }
     }
     let credentials = match b.credentials {
         None => None,

@@ -115,6 +115,14 @@ pub async fn replay_many(
                 "replays always start from the oldest letter not yet replayed; leave it out",
             ));
         }
+        if let Some(partner) = &q.partner {
+            if state.config.partner(partner).is_none() {
+                return Err(Problem::invalid(
+                    "/partner",
+                    format!("no partner {partner:?} in the config"),
+                ));
+            }
+        }
         let keep = q.filter()?;
         let chosen = state
             .store
