@@ -82,39 +82,12 @@ async fn client(
         } else {
             serde_json::Value::Array(events)
         };
-        let answer = http
-            .post(format!("{url}/v1/events"))
-            .bearer_auth(TOKEN)
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await;
-        let Ok(answer) = answer else {
-            // herald is down (killed, restarting): not accepted, try later.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let Some(ids) =
+            common::post_accepted(&http, &url, TOKEN, &body, Duration::from_secs(5)).await
+        else {
             continue;
         };
-        if answer.status() != StatusCode::ACCEPTED {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        }
-        // A 202 whose body is cut off by the kill is still a 202: herald
-        // answered only after the events were on disk. Without the body
-        // the ids are unknown, so such a batch is not counted.
-        let Ok(body) = answer.bytes().await else {
-            continue;
-        };
-        let body: serde_json::Value =
-            serde_json::from_slice(&body).expect("a 202 carries a JSON body");
-        let answered = match body {
-            serde_json::Value::Array(items) => items,
-            one => vec![one],
-        };
-        for item in answered {
-            let id = item["id"].as_str().expect("202 names the event id");
-            accepted.insert(id.to_string());
-        }
+        accepted.extend(ids);
     }
     accepted
 }

@@ -35,6 +35,8 @@
 //! journals do. Needs root and /dev/fuse; skipped with a message where the
 //! machine cannot mount FUSE.
 
+mod common;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -102,37 +104,12 @@ async fn client(
             _ => serde_json::Value::Array(events),
         };
         let base = url.lock().unwrap().clone();
-        let answer = http
-            .post(format!("{base}/v1/events"))
-            .bearer_auth(TOKEN)
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await;
-        let Ok(answer) = answer else {
-            // herald is down (cut, restarting): not accepted, try later.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let Some(ids) =
+            common::post_accepted(&http, &base, TOKEN, &body, Duration::from_secs(10)).await
+        else {
             continue;
         };
-        if answer.status() != StatusCode::ACCEPTED {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        }
-        // A 202 whose body the cut took is not counted: its ids are unknown.
-        let Ok(body) = answer.bytes().await else {
-            continue;
-        };
-        let body: serde_json::Value =
-            serde_json::from_slice(&body).expect("a 202 carries a JSON body");
-        let answered = match body {
-            serde_json::Value::Array(items) => items,
-            one => vec![one],
-        };
-        for item in answered {
-            let id = item["id"].as_str().expect("202 names the event id");
-            accepted.insert(id.to_string());
-        }
+        accepted.extend(ids);
     }
     accepted
 }

@@ -505,3 +505,48 @@ impl Rng {
         Duration::from_millis(from + self.below(to - from))
     }
 }
+
+/// Posts `body` (one event or a batch) to herald's ingest at `url` and
+/// returns the ids of the events a `202` accepted; `None` if herald was
+/// down or refused (after a short pause), or if a kill cut the `202`'s body
+/// off (herald answered only once the events were on disk, but without the
+/// body their ids are unknown, so the caller does not count them).
+pub async fn post_accepted(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    body: &serde_json::Value,
+    timeout: Duration,
+) -> Option<Vec<String>> {
+    let answer = http
+        .post(format!("{url}/v1/events"))
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .timeout(timeout)
+        .send()
+        .await;
+    let answer = match answer {
+        Ok(answer) if answer.status() == reqwest::StatusCode::ACCEPTED => answer,
+        _ => {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            return None;
+        }
+    };
+    let body = answer.bytes().await.ok()?;
+    let body: serde_json::Value = serde_json::from_slice(&body).expect("a 202 carries a JSON body");
+    let answered = match body {
+        serde_json::Value::Array(items) => items,
+        one => vec![one],
+    };
+    let ids = answered
+        .iter()
+        .map(|item| {
+            item["id"]
+                .as_str()
+                .expect("202 names the event id")
+                .to_string()
+        })
+        .collect();
+    Some(ids)
+}
