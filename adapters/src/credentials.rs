@@ -53,9 +53,17 @@ pub enum RefreshVerdict {
         after: Option<Duration>,
         reason: String,
     },
-    /// The grant is dead (revoked, user must log in again, bad client): park
-    /// the link (or, for a partner-wide token, the partner's deliveries).
+    /// The grant is dead (revoked, the user must log in again): park the
+    /// link. For a partner-wide token herald treats it as
+    /// [`RefreshVerdict::Misconfigured`]: there is no user to blame.
     Park {
+        reason: String,
+    },
+    /// herald's own client is refused (`invalid_client`,
+    /// `unauthorized_client`, a wrong secret): retry later and alert
+    /// on-call; the user's grant may be fine.
+    Misconfigured {
+        after: Option<Duration>,
         reason: String,
     },
 }

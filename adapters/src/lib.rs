@@ -227,6 +227,16 @@ pub enum Verdict {
     Refresh {
         reason: String,
     },
+    /// herald's own setup is refused (its OAuth client or secret, its
+    /// project's permissions, the wrong region's gateway, its API quota):
+    /// no user did anything and no user can fix it. Retry under the
+    /// partner's policy like [`Verdict::Retry`], and raise the partner's
+    /// alert condition for on-call; never park a link for it, or one
+    /// rotated secret would park every device.
+    Misconfigured {
+        after: Option<Duration>,
+        reason: String,
+    },
     /// The route itself is gone (HTTP 410, the platform's "integration
     /// deleted"): park the link; this delivery and every later one to it
     /// become dead letters with this reason until the link is put again.

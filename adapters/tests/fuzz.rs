@@ -177,6 +177,7 @@ fn check_verdict(kind: &str, status: Option<u16>, verdict: &Verdict) -> Result<(
             return Ok(());
         }
         Verdict::Retry { reason, .. }
+        | Verdict::Misconfigured { reason, .. }
         | Verdict::Permanent { reason }
         | Verdict::Refresh { reason }
         | Verdict::Park { reason } => reason,
@@ -196,7 +197,9 @@ fn check_verdict(kind: &str, status: Option<u16>, verdict: &Verdict) -> Result<(
 fn check_refresh(kind: &str, verdict: &RefreshVerdict) -> Result<(), TestCaseError> {
     match verdict {
         RefreshVerdict::Renewed(_) => Ok(()),
-        RefreshVerdict::Retry { reason, .. } | RefreshVerdict::Park { reason } => {
+        RefreshVerdict::Retry { reason, .. }
+        | RefreshVerdict::Misconfigured { reason, .. }
+        | RefreshVerdict::Park { reason } => {
             prop_assert!(!reason.trim().is_empty(), "{kind}: an empty reason");
             prop_assert!(
                 reason.len() <= MAX_REASON,

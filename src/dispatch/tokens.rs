@@ -233,6 +233,14 @@ impl Tokens {
             RefreshVerdict::Park { reason } => Err(Verdict::Park {
                 reason: format!("the platform refused to refresh the link's token: {reason}"),
             }),
+            RefreshVerdict::Misconfigured { after, reason } => {
+                tracing::error!(partner = %self.partner, device = %device_id, %reason,
+                    "the platform refused herald's OAuth client while refreshing a link's token; check client_id_env and client_secret_env");
+                Err(Verdict::Misconfigured {
+                    after,
+                    reason: format!("the platform refused herald's OAuth client: {reason}"),
+                })
+            }
         }
     }
 
@@ -287,14 +295,21 @@ impl Tokens {
             // herald's own client credentials are refused: a config problem
             // for on-call, not a reason to park every device. Deliveries
             // wait and retry until the credentials are fixed.
-            RefreshVerdict::Park { reason } => {
-                tracing::error!(partner = %self.partner, %reason,
-                    "the platform refused herald's partner credentials; check client_id_env, client_secret_env or service_account_key_env");
-                Err(Verdict::Retry {
-                    after: None,
-                    reason: format!("the platform refused herald's partner credentials: {reason}"),
-                })
+            RefreshVerdict::Park { reason } => Err(self.partner_refused(None, reason)),
+            RefreshVerdict::Misconfigured { after, reason } => {
+                Err(self.partner_refused(after, reason))
             }
+        }
+    }
+
+    /// The verdict for deliveries when the platform refuses herald's
+    /// partner-wide credentials.
+    fn partner_refused(&self, after: Option<Duration>, reason: String) -> Verdict {
+        tracing::error!(partner = %self.partner, %reason,
+            "the platform refused herald's partner credentials; check client_id_env, client_secret_env or service_account_key_env");
+        Verdict::Misconfigured {
+            after,
+            reason: format!("the platform refused herald's partner credentials: {reason}"),
         }
     }
 
@@ -337,6 +352,7 @@ impl Tokens {
             RefreshVerdict::Renewed(_) => "renewed",
             RefreshVerdict::Retry { .. } => "retry",
             RefreshVerdict::Park { .. } => "refused",
+            RefreshVerdict::Misconfigured { .. } => "misconfigured",
         };
         metrics::counter!("herald_token_requests_total", "partner" => self.partner.clone(), "outcome" => outcome)
             .increment(1);

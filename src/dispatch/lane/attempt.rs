@@ -414,7 +414,7 @@ impl Lane {
             Verdict::Park { reason } => {
                 (AttemptOutcome::Failed, Next::Dead(reason.clone()), reason)
             }
-            Verdict::Retry { after, reason } => {
+            Verdict::Retry { after, reason } | Verdict::Misconfigured { after, reason } => {
                 self.retry_or_give_up(&due, number, now_ms, after, reason)
             }
         };
