@@ -262,6 +262,9 @@ struct FilePartner {
     breaker: FileBreaker,
     #[serde(default)]
     subscribe: Vec<String>,
+    /// Webhook partners: statuses to dead-letter at once instead of retrying.
+    #[serde(default)]
+    permanent_statuses: Vec<u16>,
 }
 
 /// `concurrency = "fixed"` (always up to `max_in_flight`) or `"adaptive"`.
@@ -607,6 +610,33 @@ fn disk_policy(
     })
 }
 
+/// `permanent_statuses`: only for webhook partners (platforms have their
+/// own verdict tables), and only statuses a retry could otherwise be spent
+/// on: not 2xx (delivered) and not 410 (which parks the route).
+fn check_permanent_statuses(key: &str, adapter: &str, statuses: &[u16]) -> Result<(), ConfigError> {
+    if statuses.is_empty() {
+        return Ok(());
+    }
+    if adapter != "webhook" {
+        return Err(ConfigError::new(
+            key,
+            format!("only webhook partners take it; the {adapter} adapter reads its platform's answers by the platform's documents"),
+        ));
+    }
+    for &status in statuses {
+        let why = match status {
+            200..=299 => Some("is a success"),
+            410 => Some("already parks the route"),
+            300..=599 => None,
+            _ => Some("is not an HTTP status a receiver answers (300 to 599)"),
+        };
+        if let Some(why) = why {
+            return Err(ConfigError::new(key, format!("{status} {why}")));
+        }
+    }
+    Ok(())
+}
+
 /// The link key from the named variable (which must then be set) or from
 /// `HERALD_LINK_KEY` when it is.
 fn link_key(
@@ -737,6 +767,11 @@ fn partner_config(
             "must be at least breaker.cool_down",
         ));
     }
+    check_permanent_statuses(
+        &key("permanent_statuses"),
+        &p.adapter,
+        &p.permanent_statuses,
+    )?;
     let settings = adapters::PartnerSettings {
         name: name.to_string(),
         url: p.url.clone(),
@@ -745,6 +780,7 @@ fn partner_config(
         client_secret,
         token_url: p.token_url.clone(),
         service_account_key,
+        permanent_statuses: p.permanent_statuses.clone(),
     };
     // Build it once now so a bad secret or unknown adapter fails at start.
     adapters::build_adapter(&p.adapter, &settings)
@@ -1046,6 +1082,16 @@ retry = { initial_ms = 1000, multiplier = 2.0, max_interval_ms = 600000, max_age
                 "max_in_flight = 32",
                 "max_in_flight = 32\nordering = \"per_user\"",
                 "partners.acme.ordering",
+            ),
+            (
+                "max_in_flight = 32",
+                "max_in_flight = 32\npermanent_statuses = [400, 410]",
+                "partners.acme.permanent_statuses",
+            ),
+            (
+                "max_in_flight = 32",
+                "max_in_flight = 32\npermanent_statuses = [204]",
+                "partners.acme.permanent_statuses",
             ),
             (
                 "timeout_ms = 5000",

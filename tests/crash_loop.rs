@@ -56,10 +56,12 @@ const POISON: &str = "sensor.malformed";
 const IN_FLIGHT_MS: i64 = 3000;
 
 /// The partner's config: a backlog builds while it fails, retries come fast,
-/// the breaker opens and probes within the run, and nothing dies of age.
+/// the breaker opens and probes within the run, nothing dies of age, and the
+/// poison type's 400 is a dead letter at once (a receiver that says so).
 const PARTNER: &str = r#"rate = { per_second = 2000, burst = 100 }
 retry = { initial_ms = 50, max_interval_ms = 500, max_age = "1h" }
-breaker = { failures = 5, cool_down = "100ms", max_cool_down = "1s" }"#;
+breaker = { failures = 5, cool_down = "100ms", max_cool_down = "1s" }
+permanent_statuses = [400]"#;
 
 fn event(n: u64) -> Value {
     json!({

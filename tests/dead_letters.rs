@@ -19,6 +19,10 @@ async fn call(h: &TestHerald, method: reqwest::Method, path: &str, token: &str) 
     read(response).await
 }
 
+/// The partner's config: its receiver's 400 means "never" (webhook
+/// receivers are otherwise retried on every non-2xx but 410).
+const REFUSES_400: &str = "permanent_statuses = [400]";
+
 /// Posts an event the partner refuses for good (400); its dead letter id.
 async fn dead_one(h: &TestHerald, mock: &MockPartner, event_type: &str) -> (String, String) {
     mock.script([Reply::Status(400)]);
@@ -40,7 +44,7 @@ async fn dead_one(h: &TestHerald, mock: &MockPartner, event_type: &str) -> (Stri
 
 #[tokio::test]
 async fn a_replayed_dead_letter_is_delivered_once_and_cannot_be_replayed_twice() {
-    let (h, mock, _dir) = setup("", "").await;
+    let (h, mock, _dir) = setup(REFUSES_400, "").await;
     let (event_id, letter) = dead_one(&h, &mock, "door.forced_open").await;
     let path = format!("/v1/dead-letters/{letter}/replay");
     let (status, body) = call(&h, reqwest::Method::POST, &path, OPERATOR_TOKEN).await;
@@ -84,7 +88,7 @@ async fn a_replayed_dead_letter_is_delivered_once_and_cannot_be_replayed_twice()
 
 #[tokio::test]
 async fn bulk_replay_takes_what_the_filters_select_and_purge_removes_one() {
-    let (h, mock, _dir) = setup("", "").await;
+    let (h, mock, _dir) = setup(REFUSES_400, "").await;
     let (_, first) = dead_one(&h, &mock, "door.forced_open").await;
     let (_, second) = dead_one(&h, &mock, "door.forced_open").await;
     let (_, other) = dead_one(&h, &mock, "motion").await;
@@ -132,7 +136,7 @@ async fn bulk_replay_takes_what_the_filters_select_and_purge_removes_one() {
 
 #[tokio::test]
 async fn bad_replay_requests_are_refused_by_name() {
-    let (h, _mock, _dir) = setup("", "").await;
+    let (h, _mock, _dir) = setup(REFUSES_400, "").await;
     let cases = [
         ("/v1/dead-letters/replay?limit=0", 422, "/limit"),
         ("/v1/dead-letters/replay?limit=10001", 422, "/limit"),

@@ -164,8 +164,8 @@ async fn retry_after_as_http_date_is_read_on_herald_clock() {
 }
 
 #[tokio::test]
-async fn a_client_error_is_a_dead_letter_at_once() {
-    let (h, mock, _dir) = setup("", "").await;
+async fn a_status_the_partner_names_permanent_is_a_dead_letter_at_once() {
+    let (h, mock, _dir) = setup("permanent_statuses = [400]", "").await;
     mock.script([Reply::Status(400)]);
     let (event_id, delivery_id) = h.send_one("acme", "critical").await;
     mock.wait_for(1).await;
@@ -409,7 +409,7 @@ async fn one_batch_shares_a_chunk_and_each_delivery_keeps_its_own_outcome() {
         &partner_toml(
             "acme",
             &mock.url,
-            "max_in_flight = 1\nretry = { initial_ms = 1000, multiplier = 2.0, max_interval_ms = 1000 }",
+            "max_in_flight = 1\nretry = { initial_ms = 1000, multiplier = 2.0, max_interval_ms = 1000 }\npermanent_statuses = [400]",
         ),
         r#"retention = "1h""#,
     );
@@ -495,4 +495,84 @@ async fn one_batch_shares_a_chunk_and_each_delivery_keeps_its_own_outcome() {
     assert_eq!(count('e'), 0, "finished events are collected");
     assert_eq!(count('g'), 0, "and the chunk state with its last event");
     assert_eq!(count('o'), 0, "and the retried deliveries' markers");
+}
+
+/// Standard Webhooks asks senders to retry every non-2xx answer and to stop
+/// only at 410 Gone (the specification's "Retry schedule" and "Disabling
+/// failing endpoints"): a receiver mid-deploy (404), mid secret rotation
+/// (401) or behind a stray redirect (302) must not cost an alert. Every
+/// request is checked with the Standard Webhooks project's own library.
+#[tokio::test]
+async fn a_receiver_answering_404_401_302_500_is_retried_until_it_takes_the_event() {
+    // The library checks the timestamp against the real time (five
+    // minutes either way), so herald's driven clock starts at it.
+    let real_now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as u64;
+    let clock = Clock::manual(real_now_ms);
+    let mock = MockPartner::start(clock.clone()).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let toml = config_toml(
+        dir.path(),
+        &partner_toml(
+            "acme",
+            &mock.url,
+            "retry = { initial_ms = 1000, multiplier = 2.0, max_interval_ms = 4000 }",
+        ),
+        "",
+    );
+    let h = TestHerald::start(&toml, clock.clone()).await;
+    mock.script([404, 401, 302, 500, 200].map(Reply::Status));
+    let (event_id, delivery_id) = h.send_one("acme", "critical").await;
+    let id = Uuid::parse_str(&event_id).expect("uuid");
+    let mut delivered = false;
+    for _ in 0..400 {
+        let event = h.herald.store().event(id).expect("store reads");
+        if event.is_some_and(|e| e.deliveries[0].state == DeliveryState::Delivered) {
+            delivered = true;
+            break;
+        }
+        clock.advance(Duration::from_millis(500));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(delivered, "requests: {:?}", answered(&mock));
+    assert_eq!(answered(&mock), [404, 401, 302, 500, 200]);
+
+    // Gone for good: the route is parked and nothing is retried.
+    mock.script([Reply::Status(410)]);
+    let (gone_event, _) = h.send_one("acme", "critical").await;
+    h.wait_event(&gone_event, "dead", |e| {
+        e.deliveries[0].state == DeliveryState::Dead
+    })
+    .await;
+    let (_, parked) = h.get("/v1/partners/acme/parked").await;
+    assert_eq!(parked["parked"][0]["device_id"], "lock-7f3a", "{parked}");
+
+    let verifier = standardwebhooks::Webhook::new(SECRET).expect("the test secret");
+    let requests = mock.requests();
+    assert_eq!(requests.len(), 6);
+    for (n, request) in requests.iter().enumerate() {
+        if n < 5 {
+            assert_eq!(
+                request.webhook_id, delivery_id,
+                "the same webhook-id on every try"
+            );
+        }
+        let mut headers = axum::http::HeaderMap::new();
+        for (name, value) in [
+            ("webhook-id", &request.webhook_id),
+            ("webhook-timestamp", &request.timestamp),
+            ("webhook-signature", &request.signature),
+        ] {
+            headers.insert(name, value.parse().expect("a header value"));
+        }
+        if let Err(e) = verifier.verify(&request.raw, &headers) {
+            panic!("request {n} does not verify with standardwebhooks: {e}");
+        }
+    }
+}
+
+fn answered(mock: &MockPartner) -> Vec<u16> {
+    mock.requests().iter().filter_map(|r| r.answered).collect()
 }

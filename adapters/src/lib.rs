@@ -278,6 +278,9 @@ pub struct PartnerSettings {
     pub token_url: Option<String>,
     /// A service-account key file's JSON (Google Home Graph).
     pub service_account_key: Option<String>,
+    /// Webhook receivers: statuses to dead-letter at once instead of
+    /// retrying (`permanent_statuses`).
+    pub permanent_statuses: Vec<u16>,
 }
 
 impl fmt::Debug for PartnerSettings {

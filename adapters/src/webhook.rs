@@ -14,13 +14,16 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::{
-    classify_http, Adapter, Answer, BuildError, DeliveryContext, Method, OutboundRequest,
-    PartnerSettings, SetupError, Verdict,
+    classify_http, retry_after, snippet, Adapter, Answer, BuildError, DeliveryContext, Method,
+    OutboundRequest, PartnerSettings, SetupError, Verdict,
 };
 
 pub struct WebhookAdapter {
     url: String,
     key: Vec<u8>,
+    /// Statuses the receiver's owner asked to be dead letters at once
+    /// (`permanent_statuses`); every other non-2xx but 410 is retried.
+    permanent_statuses: Vec<u16>,
 }
 
 impl WebhookAdapter {
@@ -28,6 +31,7 @@ impl WebhookAdapter {
         Ok(WebhookAdapter {
             url: url.to_string(),
             key: decode_secret(secret)?,
+            permanent_statuses: Vec::new(),
         })
     }
 
@@ -36,7 +40,9 @@ impl WebhookAdapter {
             key: "secret_env",
             reason: "a webhook partner needs a signing secret (whsec_...)".into(),
         })?;
-        Ok(Box::new(WebhookAdapter::new(&settings.url, secret)?))
+        let mut adapter = WebhookAdapter::new(&settings.url, secret)?;
+        adapter.permanent_statuses = settings.permanent_statuses.clone();
+        Ok(Box::new(adapter))
     }
 }
 
@@ -97,8 +103,47 @@ impl Adapter for WebhookAdapter {
         })
     }
 
+    /// The Standard Webhooks verdict table (the specification's "Retry
+    /// schedule" and "Disabling failing endpoints",
+    /// https://github.com/standard-webhooks/standard-webhooks/blob/main/spec/standard-webhooks.md):
+    ///
+    /// | answer | verdict |
+    /// |---|---|
+    /// | 2xx | delivered |
+    /// | 410 Gone | park: the receiver says the endpoint is gone for good |
+    /// | a status in the partner's `permanent_statuses` | permanent |
+    /// | any other status (3xx, 401, 404, 429, 5xx...), a timeout, a network error | retry under the partner's policy, with its Retry-After |
+    ///
+    /// A receiver mid-deploy (404), mid secret rotation (401) or behind a
+    /// misconfigured redirect (3xx) is retried, not dead-lettered.
     fn classify(&self, answer: &Answer<'_>, now: SystemTime) -> Verdict {
-        classify_http(answer, now)
+        match *answer {
+            Answer::Http {
+                status,
+                headers,
+                body,
+            } => match status {
+                200..=299 => Verdict::Delivered,
+                410 => Verdict::Park {
+                    reason: format!("HTTP 410 Gone: {}", snippet(body)),
+                },
+                _ if self.permanent_statuses.contains(&status) => Verdict::Permanent {
+                    reason: format!(
+                        "HTTP {status} (in the partner's permanent_statuses): {}",
+                        snippet(body)
+                    ),
+                },
+                300..=399 => Verdict::Retry {
+                    after: retry_after::from_headers(headers, now),
+                    reason: format!("HTTP {status}: redirects are not followed"),
+                },
+                _ => Verdict::Retry {
+                    after: retry_after::from_headers(headers, now),
+                    reason: format!("HTTP {status}: {}", snippet(body)),
+                },
+            },
+            _ => classify_http(answer, now),
+        }
     }
 }
 
@@ -119,6 +164,33 @@ mod tests {
             br#"{"email":"test@example.com","username":"test_user"}"#,
         );
         assert_eq!(signature, "v1,tZ1I4/hDygAJgO5TYxiSd6Sd0kDW6hPenDe+bTa3Kkw=");
+    }
+
+    #[test]
+    fn every_non_2xx_but_410_is_retried_unless_named_permanent() {
+        let mut adapter =
+            WebhookAdapter::new("http://x", "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD").unwrap();
+        let verdict = |adapter: &WebhookAdapter, status| {
+            adapter.classify(
+                &Answer::Http {
+                    status,
+                    headers: &[],
+                    body: b"x",
+                },
+                SystemTime::UNIX_EPOCH,
+            )
+        };
+        assert_eq!(verdict(&adapter, 204), Verdict::Delivered);
+        assert!(matches!(verdict(&adapter, 410), Verdict::Park { .. }));
+        for retried in [302, 400, 401, 403, 404, 422, 429, 500, 503] {
+            assert!(
+                matches!(verdict(&adapter, retried), Verdict::Retry { .. }),
+                "{retried}"
+            );
+        }
+        adapter.permanent_statuses = vec![400, 422];
+        assert!(matches!(verdict(&adapter, 422), Verdict::Permanent { .. }));
+        assert!(matches!(verdict(&adapter, 404), Verdict::Retry { .. }));
     }
 
     #[test]
