@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 
 const GOOGLE_KEY: &str = include_str!("../fixtures/google/service-account.test.json");
 const DEVICE: &str = "lock-7f3a";
+const ROTATED_SECRET: &str = "herald-client-secret-rotated";
 
 /// Platforms whose token is one for the whole partner (minted by herald),
 /// not the link's own user token.
@@ -90,6 +91,9 @@ fn env(name: &str) -> Option<String> {
     match name {
         "TEST_CLIENT_ID" => Some("herald-client".into()),
         "TEST_CLIENT_SECRET" => Some("herald-client-secret".into()),
+        // The secret after the platform rotated it: what on-call puts in
+        // the config to fix a refused client.
+        "TEST_ROTATED_CLIENT_SECRET" => Some(ROTATED_SECRET.into()),
         "TEST_GOOGLE_KEY" => Some(GOOGLE_KEY.into()),
         "TEST_THINQ_API_KEY" => Some("thinq-api-key".into()),
         other => test_env(other),
@@ -192,6 +196,21 @@ impl Stage {
                 e.deliveries[0].state == state
             })
             .await
+    }
+
+    /// [`Stage::wait_state`], moving herald's clock on a second at a time
+    /// so retries (Google's grace for a 404) come due.
+    async fn wait_state_advancing(&self, id: &str, state: DeliveryState) -> EventRecord {
+        let uuid = uuid::Uuid::parse_str(id).expect("uuid");
+        for _ in 0..600 {
+            let event = self.h().herald.store().event(uuid).expect("store reads");
+            if let Some(event) = event.filter(|e| e.deliveries[0].state == state) {
+                return event;
+            }
+            self.h().clock.advance(Duration::from_secs(1));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{}: event {id} never reached {state:?}", self.platform);
     }
 
     fn deliveries_seen(&self) -> usize {
@@ -325,7 +344,9 @@ async fn terminal_code_parks_the_link(platform: &'static str) {
     };
     let stage = Stage::start(platform, scenario).await;
     let first = stage.alert().await;
-    let event = stage.wait_state(&first, DeliveryState::Dead).await;
+    let event = stage
+        .wait_state_advancing(&first, DeliveryState::Dead)
+        .await;
     let reason = event.deliveries[0]
         .last_attempt
         .as_ref()
@@ -353,9 +374,14 @@ async fn terminal_code_parks_the_link(platform: &'static str) {
         why.contains("parked") && why.contains(reason.as_str()),
         "{platform}: {why:?} should say the route is parked and why ({reason:?})"
     );
+    let sends_before_parking = if platform == "google" {
+        adapters::google::NOT_FOUND_ATTEMPTS as usize
+    } else {
+        1
+    };
     assert_eq!(
         stage.deliveries_seen(),
-        1,
+        sends_before_parking,
         "{platform}: nothing sent once parked"
     );
     // Putting the link again is how on-call says it works now.
@@ -394,6 +420,158 @@ async fn revoked_grant_parks_the_link(platform: &'static str) {
         parked["parked"][0]["device_id"], DEVICE,
         "{platform}: {parked}"
     );
+}
+
+impl Stage {
+    /// The partner's `alert` in `GET /v1/partners`, waited for (real time,
+    /// bounded) until it is present (`true`) or absent (`false`).
+    async fn wait_alert(&self, present: bool) -> Value {
+        for _ in 0..1000 {
+            let (status, body) = self.h().get("/v1/partners").await;
+            assert_eq!(status, 200, "{body}");
+            let partner = body["partners"]
+                .as_array()
+                .and_then(|all| all.iter().find(|p| p["name"] == self.platform))
+                .cloned()
+                .expect("the partner is listed");
+            if partner.get("alert").is_some() == present {
+                return partner;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "{}: the alert never became present={present}",
+            self.platform
+        );
+    }
+
+    async fn assert_nothing_parked(&self) {
+        let (_, parked) = self
+            .h()
+            .get(&format!("/v1/partners/{}/parked", self.platform))
+            .await;
+        assert_eq!(parked["parked"], json!([]), "{}: {parked}", self.platform);
+    }
+}
+
+/// The platform rotated herald's client secret: the refresh is answered
+/// with the platform's "client refused" (RFC 6749 `invalid_client`, LWA's
+/// and Kakao's KOE010 form, st-schema `INVALID-CLIENT-SECRET`). Nothing is
+/// parked, the partner shows the alert, and once on-call puts the new
+/// secret in the config and restarts, the queued alert is delivered.
+async fn refused_client_parks_nothing(platform: &'static str) {
+    let scenario = Scenario {
+        expire_after: Some(0),
+        client_secret: Some(ROTATED_SECRET.into()),
+        ..Scenario::default()
+    };
+    let mut stage = Stage::start(platform, scenario).await;
+    let id = stage.alert().await;
+    let partner = stage.wait_alert(true).await;
+    let reason = partner["alert"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("client"), "{platform}: {partner}");
+    stage.assert_nothing_parked().await;
+    let event = stage.h().herald.store().event(id.parse().expect("uuid"));
+    let event = event.expect("store reads").expect("event");
+    assert_eq!(
+        event.deliveries[0].state,
+        DeliveryState::Pending,
+        "{platform}"
+    );
+
+    stage.toml = stage
+        .toml
+        .replace("TEST_CLIENT_SECRET", "TEST_ROTATED_CLIENT_SECRET");
+    stage.restart().await;
+    stage
+        .wait_state_advancing(&id, DeliveryState::Delivered)
+        .await;
+    stage.wait_alert(false).await;
+}
+
+/// The platform refuses herald's setup on every delivery, as it documents
+/// it (Alexa 403 INSUFFICIENT_PERMISSION_EXCEPTION, Google 403
+/// PERMISSION_DENIED, Kakao -3, ThinQ 1306; the answers are in
+/// adapters/src/mock). Nothing is parked, the alert shows, and once the
+/// platform side is fixed the alert is delivered and the alert cleared.
+async fn refused_setup_parks_nothing(platform: &'static str) {
+    let scenario = Scenario {
+        misconfigured: true,
+        ..Scenario::default()
+    };
+    let stage = Stage::start(platform, scenario).await;
+    let id = stage.alert().await;
+    let partner = stage.wait_alert(true).await;
+    assert!(partner["alert"]["count"].as_u64() >= Some(1), "{partner}");
+    stage.assert_nothing_parked().await;
+    stage.mock.set_misconfigured(false);
+    stage
+        .wait_state_advancing(&id, DeliveryState::Delivered)
+        .await;
+    stage.wait_alert(false).await;
+}
+
+macro_rules! refused_client_tests {
+    ($($module:ident: $platform:literal),* $(,)?) => {$(
+        mod $module {
+            use super::super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_refused_client_parks_nothing_and_delivers_once_fixed() {
+                refused_client_parks_nothing($platform).await;
+            }
+        }
+    )*};
+}
+
+mod refused_client {
+    refused_client_tests! {
+        smartthings: "smartthings",
+        alexa: "alexa",
+        thinq: "thinq",
+        kakao: "kakao",
+        clova: "clova",
+        genie: "genie",
+    }
+}
+
+macro_rules! refused_setup_tests {
+    ($($module:ident: $platform:literal),* $(,)?) => {$(
+        mod $module {
+            use super::super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_refused_setup_parks_nothing_and_delivers_once_fixed() {
+                refused_setup_parks_nothing($platform).await;
+            }
+        }
+    )*};
+}
+
+mod refused_setup {
+    refused_setup_tests! {
+        alexa: "alexa",
+        google: "google",
+        thinq: "thinq",
+        kakao: "kakao",
+    }
+}
+
+/// SmartThings' token endpoint answers a dead refresh token with a bare
+/// 401 (st-schema-nodejs `lib/callbacks/RefreshTokenRequest.js` checks
+/// only the status): the link is parked, not retried for days.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_401_from_the_smartthings_token_endpoint_parks_the_link() {
+    let scenario = Scenario {
+        expire_after: Some(0),
+        refresh_answer: Some(adapters::mock::Reply::empty(401)),
+        ..Scenario::default()
+    };
+    let stage = Stage::start("smartthings", scenario).await;
+    let id = stage.alert().await;
+    stage.wait_state(&id, DeliveryState::Dead).await;
+    let (_, parked) = stage.h().get("/v1/partners/smartthings/parked").await;
+    assert_eq!(parked["parked"][0]["device_id"], DEVICE, "{parked}");
 }
 
 macro_rules! platform_tests {

@@ -143,20 +143,42 @@ impl Adapter for Alexa {
             .and_then(|e| e.payload.code)
             .unwrap_or_default();
         let reason = format!("HTTP {status} {code}: {}", snippet(body));
-        match status {
-            200..=299 => Verdict::Delivered,
-            401 => Verdict::Refresh { reason },
-            // The user disabled the skill, never enabled it in this region,
-            // or revoked the permission: nothing we send will get through.
-            403 | 404 => Verdict::Park { reason },
-            429 | 500..=599 => Verdict::Retry {
-                after: Some(
-                    retry_after::from_headers(headers, now)
-                        .unwrap_or(MIN_RETRY)
-                        .max(MIN_RETRY),
-                ),
+        let retry_after = || {
+            Some(
+                retry_after::from_headers(headers, now)
+                    .unwrap_or(MIN_RETRY)
+                    .max(MIN_RETRY),
+            )
+        };
+        // The Event Gateway's answers, from "Send Events to the Alexa Event
+        // Gateway", Error codes
+        // (https://developer.amazon.com/en-US/docs/alexa/smarthome/send-events-to-the-alexa-event-gateway.html#error-codes).
+        match (status, code.as_str()) {
+            // 202 Accepted.
+            (200..=299, _) => Verdict::Delivered,
+            // 401 INVALID_ACCESS_TOKEN_EXCEPTION: the user's token expired.
+            (401, _) => Verdict::Refresh { reason },
+            // 403 INSUFFICIENT_PERMISSION_EXCEPTION: the skill lacks the
+            // permission to send events (the skill's setup, every user alike).
+            // 404 SKILL_NEVER_ENABLED_EXCEPTION: the user never enabled the
+            // skill *in this region*: herald sent to the wrong gateway.
+            (403, "INSUFFICIENT_PERMISSION_EXCEPTION") | (404, "SKILL_NEVER_ENABLED_EXCEPTION") => {
+                Verdict::Misconfigured {
+                    after: retry_after(),
+                    reason,
+                }
+            }
+            // 403 SKILL_DISABLED_EXCEPTION: the user disabled the skill.
+            // 404 ACCOUNT_NOT_FOUND_EXCEPTION: the token's account is gone.
+            (403 | 404, _) => Verdict::Park { reason },
+            // 429 THROTTLING_EXCEPTION, 500 INTERNAL_SERVICE_EXCEPTION,
+            // 503 SERVICE_UNAVAILABLE_EXCEPTION: retry, at least a second apart.
+            (429 | 500..=599, _) => Verdict::Retry {
+                after: retry_after(),
                 reason,
             },
+            // 400 INVALID_REQUEST_EXCEPTION, 413 REQUEST_ENTITY_TOO_LARGE_EXCEPTION:
+            // the body herald built cannot be taken.
             _ => Verdict::Permanent { reason },
         }
     }
@@ -230,6 +252,14 @@ mod tests {
         assert!(matches!(
             classify(400, "INVALID_REQUEST_EXCEPTION"),
             Verdict::Permanent { .. }
+        ));
+        assert!(matches!(
+            classify(403, "INSUFFICIENT_PERMISSION_EXCEPTION"),
+            Verdict::Misconfigured { .. }
+        ));
+        assert!(matches!(
+            classify(404, "SKILL_NEVER_ENABLED_EXCEPTION"),
+            Verdict::Misconfigured { .. }
         ));
         assert_eq!(
             classify(429, "THROTTLING_EXCEPTION"),

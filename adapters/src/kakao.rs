@@ -172,16 +172,37 @@ impl Adapter for Kakao {
             .ok()
             .and_then(|e| e.code);
         let reason = format!("HTTP {status}: {}", snippet(body));
+        let retry = |reason| Verdict::Retry {
+            after: retry_after::from_headers(headers, now),
+            reason,
+        };
+        // Kakao's API answers, from "REST API reference: Response code"
+        // (https://developers.kakao.com/docs/latest/en/rest-api/reference#response-code).
+        // The code decides; the HTTP status only where no code came.
         match (status, code) {
             (200..=299, _) => Verdict::Delivered,
-            (401, _) | (_, Some(-401)) => Verdict::Refresh { reason },
-            // -402: the user withdrew the talk_message consent; 403: app or user blocked.
-            (403, _) | (_, Some(-402)) => Verdict::Park { reason },
-            // -10: the app's quota is spent for now.
-            (_, Some(-10)) | (429, _) | (500..=599, _) => Verdict::Retry {
+            // -401: the access token is invalid or expired.
+            (_, Some(-401)) => Verdict::Refresh { reason },
+            // -402: the user has not agreed (or withdrew) the talk_message
+            // scope; -406, -501: the account cannot receive (a minor's
+            // account, not a KakaoTalk user). The user's doing: park.
+            (_, Some(-402 | -406 | -501)) => Verdict::Park { reason },
+            // -3: the API is not enabled for the app; -5: the app lacks the
+            // permission; -12: the API is blocked for the app (e.g. the
+            // app's platform or domain settings). herald's app, every user.
+            (_, Some(-3 | -5 | -12)) => Verdict::Misconfigured {
                 after: retry_after::from_headers(headers, now),
                 reason,
             },
+            // -1: an internal error at Kakao; -7: the service is under
+            // maintenance; -10: the app's quota is spent for now. All come
+            // with HTTP 400 and all say "try again".
+            (_, Some(-1 | -7 | -10)) | (429 | 500..=599, _) => retry(reason),
+            (401, _) => Verdict::Refresh { reason },
+            // 403 without a code: the user blocked the app.
+            (403, None) => Verdict::Park { reason },
+            // -2: an invalid parameter, and anything else: the request
+            // herald built.
             _ => Verdict::Permanent { reason },
         }
     }
@@ -239,6 +260,18 @@ mod tests {
         assert!(matches!(classify(403, -402), Verdict::Park { .. }));
         assert!(matches!(classify(400, -10), Verdict::Retry { .. }));
         assert!(matches!(classify(400, -2), Verdict::Permanent { .. }));
+        for retried in [-1, -7, -10] {
+            assert!(
+                matches!(classify(400, retried), Verdict::Retry { .. }),
+                "{retried}"
+            );
+        }
+        for setup in [-3, -5, -12] {
+            assert!(
+                matches!(classify(403, setup), Verdict::Misconfigured { .. }),
+                "{setup}"
+            );
+        }
     }
 
     #[test]

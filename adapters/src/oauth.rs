@@ -135,11 +135,21 @@ struct TokenBody {
     error_code: Option<String>,
 }
 
-/// Reads an RFC 6749 token answer: 200 with `access_token` renews; an
-/// `error` (`invalid_grant`, Kakao's KOE322...) parks (the grant is dead and
-/// no retry can revive it); 429, 5xx and answers that say neither (a proxy's
-/// page, a 2xx without a token) retry, so one garbled answer does not park
-/// a user's link.
+/// Reads an RFC 6749 token answer. The verdict table, by `error` (RFC 6749
+/// §5.2, <https://www.rfc-editor.org/rfc/rfc6749#section-5.2>; Login with
+/// Amazon and Kakao answer with the same codes, Kakao adding its own
+/// `error_code`):
+///
+/// | answer | verdict | why |
+/// |---|---|---|
+/// | 2xx with `access_token` | renewed | §5.1 |
+/// | `invalid_grant` (Kakao KOE322, KOE320) | park | the user's grant is dead: revoked, expired, or refreshed by someone else |
+/// | `invalid_client`, `unauthorized_client` (LWA 401 `invalid_client`, Kakao KOE010, KOE101) | misconfigured | herald's OAuth client or secret is refused: every user's refresh would fail alike |
+/// | `invalid_request`, `unsupported_grant_type`, `invalid_scope`, any other `error` | misconfigured | herald built a request the endpoint does not take: a setup or herald fault, not the user's |
+/// | 429, 5xx (with Retry-After) | retry | the endpoint is throttling or down |
+/// | anything else (a proxy's page, a 2xx without a token) | retry | not a verdict on the grant, so one garbled answer parks no link |
+///
+/// Only `invalid_grant` parks: it is the one answer about the user.
 pub fn read_token_answer(answer: &Answer<'_>, now: SystemTime) -> RefreshVerdict {
     let (status, headers, body) = match *answer {
         Answer::Http {
@@ -183,15 +193,23 @@ pub fn read_token_answer(answer: &Answer<'_>, now: SystemTime) -> RefreshVerdict
             error_description,
             error_code,
             ..
-        }) => RefreshVerdict::Park {
-            reason: format!(
+        }) => {
+            let reason = format!(
                 "token endpoint HTTP {status}: {}{error}{}",
                 error_code.map(|c| format!("{c} ")).unwrap_or_default(),
                 error_description
                     .map(|d| format!(" ({d})"))
                     .unwrap_or_default()
-            ),
-        },
+            );
+            if error == "invalid_grant" {
+                RefreshVerdict::Park { reason }
+            } else {
+                RefreshVerdict::Misconfigured {
+                    after: retry_after::from_headers(headers, now),
+                    reason,
+                }
+            }
+        }
         _ => RefreshVerdict::Retry {
             after: None,
             reason: format!(
@@ -288,6 +306,21 @@ mod tests {
             read(400, r#"{"error":"invalid_grant"}"#),
             RefreshVerdict::Park { .. }
         ));
+        // RFC 6749 §5.2: the client, not the user, is refused.
+        for client_fault in [
+            r#"{"error":"invalid_client","error_description":"Client authentication failed"}"#,
+            r#"{"error":"unauthorized_client"}"#,
+            r#"{"error":"invalid_client","error_description":"Bad client credentials","error_code":"KOE010"}"#,
+            r#"{"error":"invalid_request"}"#,
+        ] {
+            assert!(
+                matches!(
+                    read(401, client_fault),
+                    RefreshVerdict::Misconfigured { .. }
+                ),
+                "{client_fault}"
+            );
+        }
         assert!(matches!(read(503, "down"), RefreshVerdict::Retry { .. }));
         assert!(matches!(read(200, "{}"), RefreshVerdict::Retry { .. }));
         assert!(matches!(

@@ -236,8 +236,31 @@ impl Adapter for SmartThings {
                 expires_at_unix: expires_in.map(|s| unix(now) + s),
             }),
             _ => match parsed.global_error {
+                // herald's connector is refused, not the user.
+                Some(e)
+                    if matches!(
+                        e.error_enum.as_str(),
+                        "INVALID-CLIENT" | "INVALID-CLIENT-SECRET" | "UNSUPPORTED-GRANT-TYPE"
+                    ) =>
+                {
+                    RefreshVerdict::Misconfigured {
+                        after: retry_after::from_headers(headers, now),
+                        reason: format!("oauthToken {}: {}", e.error_enum, e.detail),
+                    }
+                }
                 Some(e) => RefreshVerdict::Park {
                     reason: format!("oauthToken {}: {}", e.error_enum, e.detail),
+                },
+                // A bare 400 or 401: st-schema-nodejs's refresh only checks
+                // the status (`lib/callbacks/RefreshTokenRequest.js` through
+                // `checkFetchStatus`: a non-2xx throws), so the
+                // SmartThings token endpoint need not say more than that the
+                // refresh token is refused. The user must link again.
+                None if matches!(status, 400 | 401) => RefreshVerdict::Park {
+                    reason: format!(
+                        "oauthToken HTTP {status}: the refresh token was refused: {}",
+                        snippet(body)
+                    ),
                 },
                 // Neither tokens nor an st-schema error: not a verdict on the grant.
                 None => RefreshVerdict::Retry {
@@ -252,26 +275,28 @@ impl Adapter for SmartThings {
     }
 }
 
-/// Reads st-schema's error enums; the HTTP status only breaks ties.
+/// Reads st-schema's error enums; the HTTP status only breaks ties. The
+/// enums are st-schema's `GlobalErrorEnum` / `DeviceErrorEnum`
+/// (SmartThingsCommunity/st-schema-nodejs, `lib/errors/global-error-types.js`
+/// and `lib/errors/device-error-types.js`).
 fn by_enum(error: &StError, status: u16, headers: &[(String, String)], now: SystemTime) -> Verdict {
     let reason = format!("{}: {}", error.error_enum, error.detail);
+    let after = retry_after::from_headers(headers, now);
     match error.error_enum.as_str() {
+        // The user's callback token expired or was replaced.
         "TOKEN-EXPIRED" | "INVALID-TOKEN" => Verdict::Refresh { reason },
+        // The user removed the integration or the device.
         "INTEGRATION-DELETED" | "DEVICE-DELETED" => Verdict::Park { reason },
-        "DEVICE-UNAVAILABLE" | "DEVICE-OFFLINE" => Verdict::Retry {
-            after: retry_after::from_headers(headers, now),
-            reason,
-        },
-        // Our bug or our config (request shape, client, capability): no retry fixes it.
+        "DEVICE-UNAVAILABLE" | "DEVICE-OFFLINE" => Verdict::Retry { after, reason },
+        // herald's connector credentials (client id, secret) are refused:
+        // the same for every user until the config is fixed.
+        "INVALID-CLIENT" | "INVALID-CLIENT-SECRET" => Verdict::Misconfigured { after, reason },
+        // The request herald built (shape, capability, limits): no retry fixes it.
         "BAD-REQUEST"
-        | "INVALID-CLIENT"
-        | "INVALID-CLIENT-SECRET"
         | "CAPABILITY-NOT-SUPPORTED"
-        | "RESOURCE-CONSTRAINT-VIOLATION" => Verdict::Permanent { reason },
-        _ if status == 429 || status >= 500 => Verdict::Retry {
-            after: retry_after::from_headers(headers, now),
-            reason,
-        },
+        | "RESOURCE-CONSTRAINT-VIOLATION"
+        | "INVALID-INTERACTION-TYPE" => Verdict::Permanent { reason },
+        _ if status == 429 || status >= 500 => Verdict::Retry { after, reason },
         _ => Verdict::Permanent { reason },
     }
 }
@@ -366,5 +391,52 @@ mod tests {
         assert!(matches!(classify(401, ""), Verdict::Refresh { .. }));
         assert!(matches!(classify(429, ""), Verdict::Retry { .. }));
         assert_eq!(classify(200, "{}"), Verdict::Delivered);
+        for setup in ["INVALID-CLIENT", "INVALID-CLIENT-SECRET"] {
+            assert!(
+                matches!(classify(401, &global(setup)), Verdict::Misconfigured { .. }),
+                "{setup}"
+            );
+        }
+    }
+
+    fn read_refresh(status: u16, body: &str) -> RefreshVerdict {
+        let adapter = SmartThings {
+            client_id: None,
+            client_secret: None,
+        };
+        adapter.read_refresh(
+            &Answer::Http {
+                status,
+                headers: &[],
+                body: body.as_bytes(),
+            },
+            SystemTime::UNIX_EPOCH,
+        )
+    }
+
+    #[test]
+    fn reads_the_token_endpoints_answers() {
+        let global = |e: &str| format!(r#"{{"globalError":{{"errorEnum":"{e}","detail":"x"}}}}"#);
+        assert!(matches!(read_refresh(401, ""), RefreshVerdict::Park { .. }));
+        assert!(matches!(
+            read_refresh(400, "Bad Request"),
+            RefreshVerdict::Park { .. }
+        ));
+        assert!(matches!(
+            read_refresh(401, &global("INVALID-CLIENT-SECRET")),
+            RefreshVerdict::Misconfigured { .. }
+        ));
+        assert!(matches!(
+            read_refresh(400, &global("INVALID-TOKEN")),
+            RefreshVerdict::Park { .. }
+        ));
+        assert!(matches!(
+            read_refresh(503, ""),
+            RefreshVerdict::Retry { .. }
+        ));
+        assert!(matches!(
+            read_refresh(403, "<html>proxy</html>"),
+            RefreshVerdict::Retry { .. }
+        ));
     }
 }

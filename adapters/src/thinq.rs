@@ -7,7 +7,9 @@
 //! (base64url of a UUIDv4, no padding, 22 chars, unique per call),
 //! `x-country-code`, `x-service-id`, `x-api-key`; answers carry
 //! `responseCode` (`"0000"` OK; 1103 invalid token; 1104 invalid message id;
-//! 12xx not registered; 13xx no authority; 2000 server error).
+//! 12xx not registered (park); 13xx no authority or, 1306, the API quota
+//! spent (herald's setup: retried and alerted, never parked); 2000 server
+//! error).
 //!
 //! Assumed:
 //! - the call: `POST {base}/devices/{externalId}/events` (base: the link's
@@ -163,7 +165,15 @@ impl Adapter for ThinQ {
             Some("1103") => Verdict::Refresh { reason },
             // The message id was refused: the next attempt gets a new one.
             Some("1104") | Some("2000") => retry(),
-            Some(c) if c.starts_with("12") || c.starts_with("13") => Verdict::Park { reason },
+            // 12xx: the user or device is not registered with ThinQ.
+            Some(c) if c.starts_with("12") => Verdict::Park { reason },
+            // 13xx: herald's service is not allowed the call (its service
+            // key or client's authority), 1306 EXCEEDED_API_CALLS its quota:
+            // herald's setup, every user alike. Retried, and on-call alerted.
+            Some(c) if c.starts_with("13") => Verdict::Misconfigured {
+                after: retry_after::from_headers(headers, now),
+                reason,
+            },
             Some(c) if c.starts_with('1') => Verdict::Permanent { reason },
             _ => match status {
                 401 => Verdict::Refresh { reason },
@@ -226,7 +236,14 @@ mod tests {
         assert!(matches!(classify(500, "2000"), Verdict::Retry { .. }));
         assert!(matches!(classify(400, "1104"), Verdict::Retry { .. }));
         assert!(matches!(classify(404, "1201"), Verdict::Park { .. }));
-        assert!(matches!(classify(403, "1301"), Verdict::Park { .. }));
+        assert!(matches!(
+            classify(403, "1301"),
+            Verdict::Misconfigured { .. }
+        ));
+        assert!(matches!(
+            classify(429, "1306"),
+            Verdict::Misconfigured { .. }
+        ));
         assert!(matches!(classify(400, "1000"), Verdict::Permanent { .. }));
     }
 }

@@ -1,7 +1,8 @@
 //! Partners as on-call sees them: queue depth, limits, breaker, counts,
 //! parked routes.
 //!
-//! `GET /v1/partners` answers "is this partner OK right now?";
+//! `GET /v1/partners` answers "is this partner OK right now?" (its
+//! `alert`, when present, says the platform refuses herald's own setup);
 //! `GET /v1/partners/{name}/parked` lists the devices whose route the
 //! partner said is gone, and `DELETE .../parked/{device_id}` clears one once
 //! the integration is back, so deliveries to it are sent again.
@@ -47,6 +48,11 @@ struct PartnerView {
     dead: u64,
     /// Replaced by a newer state before being sent (`coalesce_state`).
     superseded: u64,
+    /// Present while the platform refuses herald's own setup (client
+    /// secret, permission, region, quota): deliveries are retried, not
+    /// parked, until someone fixes the config.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    alert: Option<crate::dispatch::alert::AlertView>,
 }
 
 pub async fn list_partners(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
@@ -72,6 +78,7 @@ pub async fn list_partners(State(state): State<Arc<AppState>>, headers: HeaderMa
             retried: count(&lane.stats.retried),
             dead: count(&lane.stats.dead),
             superseded: count(&lane.stats.superseded),
+            alert: lane.alert.view(),
         })
         .collect();
     partners.sort_by(|a, b| a.name.cmp(&b.name));

@@ -81,6 +81,8 @@ pub struct Lane {
     pub breaker: Breaker,
     /// Devices whose route to this partner is gone (410): not sent to.
     pub parked: Parked,
+    /// Raised while the platform refuses herald's own setup.
+    pub alert: super::alert::PartnerAlert,
     /// The links' credentials, kept fresh for platform adapters.
     tokens: Tokens,
     pub stats: LaneStats,
@@ -127,6 +129,7 @@ impl Lane {
             partner.timeout,
         );
         Lane {
+            alert: super::alert::PartnerAlert::new(&partner.name),
             tokens,
             // Each refill walks from the head of the due range past chunks
             // still held: with 4 per permit a backlog came 128 at a time,

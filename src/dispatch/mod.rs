@@ -6,6 +6,7 @@
 //! again. Shutdown: stop taking work, let sends in flight finish within the
 //! grace period, and leave everything else in the index for the next start.
 
+pub mod alert;
 pub mod breaker;
 pub mod client;
 pub mod concurrency;

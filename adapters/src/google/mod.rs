@@ -133,10 +133,23 @@ impl Adapter for Google {
             .and_then(|e| e.error.status)
             .unwrap_or_default();
         let reason = format!("HTTP {status} {code}: {}", snippet(body));
+        // Home Graph's answers: google.rpc codes as Google APIs return them
+        // ("Errors", https://cloud.google.com/apis/design/errors; Report
+        // State troubleshooting,
+        // https://developers.home.google.com/cloud-to-cloud/integration/report-state).
         match status {
             200..=299 => Verdict::Delivered,
+            // UNAUTHENTICATED: the service-account token expired.
             401 => Verdict::Refresh { reason },
-            403 => Verdict::Park { reason },
+            // PERMISSION_DENIED: the service account has no Home Graph
+            // access in this project (its key, its role, the API not
+            // enabled): herald's setup, the same for every user.
+            403 => Verdict::Misconfigured {
+                after: retry_after::from_headers(headers, now),
+                reason,
+            },
+            // NOT_FOUND: no such agentUserId. Right after a SYNC Home Graph
+            // may not know the user yet, so only a lasting 404 parks.
             404 if attempt < NOT_FOUND_ATTEMPTS => Verdict::Retry {
                 after: Some(NOT_FOUND_DELAY),
                 reason,
@@ -211,7 +224,7 @@ mod tests {
             Verdict::Park { .. }
         ));
         assert!(matches!(classify(1, 401), Verdict::Refresh { .. }));
-        assert!(matches!(classify(1, 403), Verdict::Park { .. }));
+        assert!(matches!(classify(1, 403), Verdict::Misconfigured { .. }));
         assert!(matches!(classify(1, 400), Verdict::Permanent { .. }));
         assert!(matches!(classify(1, 429), Verdict::Retry { .. }));
     }

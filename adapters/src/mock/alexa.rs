@@ -73,7 +73,26 @@ impl Dialect for Alexa {
         error(503, "SERVICE_UNAVAILABLE_EXCEPTION")
     }
 
+    /// "Send Events to the Alexa Event Gateway", Error codes
+    /// (https://developer.amazon.com/en-US/docs/alexa/smarthome/send-events-to-the-alexa-event-gateway.html#error-codes):
+    /// 403 SKILL_DISABLED_EXCEPTION, the user disabled the skill.
     fn terminal(&self) -> Reply {
         error(403, "SKILL_DISABLED_EXCEPTION")
+    }
+
+    /// Same table: 403 INSUFFICIENT_PERMISSION_EXCEPTION, the skill lacks
+    /// the permission to send Alexa events.
+    fn misconfigured(&self) -> Option<Reply> {
+        Some(error(403, "INSUFFICIENT_PERMISSION_EXCEPTION"))
+    }
+
+    /// Login with Amazon, "Access Token Errors"
+    /// (https://developer.amazon.com/docs/login-with-amazon/authorization-code-grant.html#access-token-errors):
+    /// 401 `invalid_client`.
+    fn client_refused(&self) -> Reply {
+        Reply::json(
+            401,
+            serde_json::json!({"error": "invalid_client", "error_description": "Client authentication failed"}),
+        )
     }
 }

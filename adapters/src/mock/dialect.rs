@@ -163,6 +163,26 @@ pub trait Dialect: Send + Sync + 'static {
         Reply::json(200, body)
     }
 
+    /// The platform's answer to a delivery when herald's own setup is
+    /// refused; `None` where the platform documents none.
+    fn misconfigured(&self) -> Option<Reply> {
+        None
+    }
+
+    /// The secret a token request presents for herald's client.
+    fn client_secret(&self, req: &Incoming) -> Option<String> {
+        req.form("client_secret")
+    }
+
+    /// A token endpoint's "this client is refused": RFC 6749 §5.2
+    /// `invalid_client`, answered 401.
+    fn client_refused(&self) -> Reply {
+        Reply::json(
+            401,
+            json!({"error": "invalid_client", "error_description": "Client authentication failed"}),
+        )
+    }
+
     /// A token endpoint's "this grant is dead" (RFC 6749 §5.2).
     fn grant_dead(&self, why: &str) -> Reply {
         Reply::json(

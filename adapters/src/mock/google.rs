@@ -61,8 +61,27 @@ impl Dialect for Google {
         error(503, "UNAVAILABLE")
     }
 
+    /// Home Graph answers an agentUserId it does not know (the user
+    /// unlinked) with google.rpc NOT_FOUND, HTTP 404
+    /// (https://cloud.google.com/apis/design/errors#handling_errors).
     fn terminal(&self) -> Reply {
-        error(403, "PERMISSION_DENIED")
+        Reply::json(
+            404,
+            error_body(404, "NOT_FOUND", "Requested entity was not found."),
+        )
+    }
+
+    /// PERMISSION_DENIED, HTTP 403: the service account may not call Home
+    /// Graph for this project (same source).
+    fn misconfigured(&self) -> Option<Reply> {
+        Some(Reply::json(
+            403,
+            error_body(
+                403,
+                "PERMISSION_DENIED",
+                "The caller does not have permission",
+            ),
+        ))
     }
 
     fn issued(&self, access_token: &str, _refresh: Option<&str>, expires_in: u64) -> Reply {

@@ -79,6 +79,27 @@ impl Dialect for Kakao {
         error(403, -402, "insufficient scopes: talk_message")
     }
 
+    /// Kakao REST API response codes
+    /// (https://developers.kakao.com/docs/latest/en/rest-api/reference#response-code):
+    /// -3, HTTP 403, the API is not enabled for the app (herald's app).
+    fn misconfigured(&self) -> Option<Reply> {
+        Some(error(
+            403,
+            -3,
+            "App disabled [talk_message] scopes for [talk_memo_default_send] API on developers.kakao.com. Enable it first.",
+        ))
+    }
+
+    /// Kakao Login error codes
+    /// (https://developers.kakao.com/docs/latest/en/kakaologin/trouble-shooting):
+    /// KOE010, a wrong client secret, with RFC 6749 `invalid_client`.
+    fn client_refused(&self) -> Reply {
+        Reply::json(
+            401,
+            json!({"error": "invalid_client", "error_description": "Bad client credentials", "error_code": "KOE010"}),
+        )
+    }
+
     fn grant_dead(&self, why: &str) -> Reply {
         Reply::json(
             400,

@@ -245,6 +245,12 @@ impl MockHandle {
         self.shared.lock().tokens.refresh.clone()
     }
 
+    /// Makes the platform refuse (or stop refusing) herald's setup on
+    /// every delivery (`Scenario::misconfigured`).
+    pub fn set_misconfigured(&self, misconfigured: bool) {
+        self.shared.lock().scenario.misconfigured = misconfigured;
+    }
+
     /// Expires the current access token now.
     pub fn expire_token(&self) {
         self.shared.lock().tokens.expired = true;
@@ -334,6 +340,11 @@ fn answer_delivery(shared: &Shared, req: &Incoming) -> (Reply, bool) {
             return (throttled(dialect, RetryAfter::Seconds(1)), false);
         }
     }
+    if state.scenario.misconfigured {
+        if let Some(reply) = dialect.misconfigured() {
+            return (reply, false);
+        }
+    }
     if state.scenario.terminal {
         return (dialect.terminal(), false);
     }
@@ -367,6 +378,14 @@ fn throttled(dialect: &dyn Dialect, retry_after: RetryAfter) -> Reply {
 fn answer_token(shared: &Shared, req: &Incoming) -> Reply {
     let dialect = &*shared.dialect;
     let mut state = shared.lock();
+    if let Some(reply) = &state.scenario.refresh_answer {
+        return reply.clone();
+    }
+    if let Some(expected) = &state.scenario.client_secret {
+        if dialect.client_secret(req).as_ref() != Some(expected) {
+            return dialect.client_refused();
+        }
+    }
     if state.scenario.refresh_terminal {
         return dialect.grant_dead("the user revoked the grant");
     }

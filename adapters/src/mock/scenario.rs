@@ -41,6 +41,17 @@ pub struct Scenario {
     pub refresh_terminal: bool,
     /// Google only: the DER `RSAPublicKey` assertions must verify against.
     pub public_key_der: Option<Vec<u8>>,
+    /// Every delivery gets the platform's documented answer for "herald's
+    /// own setup is refused" (a skill without the permission, a project
+    /// without the API, an app without the feature), until
+    /// `MockHandle::set_misconfigured(false)`.
+    pub misconfigured: bool,
+    /// The client secret the token endpoint takes; another one is answered
+    /// with the platform's "client refused" (RFC 6749 `invalid_client`).
+    pub client_secret: Option<String>,
+    /// Every token request gets exactly this answer (a platform's answer
+    /// that no dialect method covers, e.g. a bare status).
+    pub refresh_answer: Option<super::Reply>,
 }
 
 impl Default for Scenario {
@@ -58,6 +69,9 @@ impl Default for Scenario {
             terminal: false,
             refresh_terminal: false,
             public_key_der: None,
+            misconfigured: false,
+            client_secret: None,
+            refresh_answer: None,
         }
     }
 }

@@ -133,6 +133,23 @@ impl Dialect for SmartThings {
         )
     }
 
+    /// The connector's client secret refused: st-schema's
+    /// `INVALID-CLIENT-SECRET` global error (st-schema-nodejs
+    /// `lib/errors/global-error-types.js`; the status is assumed).
+    fn client_refused(&self) -> Reply {
+        result(
+            401,
+            "INVALID-CLIENT-SECRET",
+            "the client secret is not valid",
+        )
+    }
+
+    fn client_secret(&self, req: &Incoming) -> Option<String> {
+        req.json()?["callbackAuthentication"]["clientSecret"]
+            .as_str()
+            .map(str::to_string)
+    }
+
     fn grant_dead(&self, why: &str) -> Reply {
         result(401, "INVALID-TOKEN", why)
     }

@@ -69,4 +69,10 @@ impl Dialect for ThinQ {
         // 12xx: the device is not registered (any more).
         answer(404, "1201")
     }
+
+    /// 13xx, here 1306 EXCEEDED_API_CALLS: herald's service is over its
+    /// API quota (LG ThinQ Connect error codes; the status is assumed).
+    fn misconfigured(&self) -> Option<Reply> {
+        Some(answer(429, "1306"))
+    }
 }

@@ -403,7 +403,10 @@ impl Lane {
     ) -> Outcome {
         let now_ms = self.clock.now_ms();
         let (outcome, next, detail) = match verdict {
-            Verdict::Delivered => (AttemptOutcome::Delivered, Next::Delivered, String::new()),
+            Verdict::Delivered => {
+                self.alert.clear();
+                (AttemptOutcome::Delivered, Next::Delivered, String::new())
+            }
             Verdict::Permanent { reason } => {
                 (AttemptOutcome::Failed, Next::Dead(reason.clone()), reason)
             }
@@ -414,7 +417,11 @@ impl Lane {
             Verdict::Park { reason } => {
                 (AttemptOutcome::Failed, Next::Dead(reason.clone()), reason)
             }
-            Verdict::Retry { after, reason } | Verdict::Misconfigured { after, reason } => {
+            Verdict::Retry { after, reason } => {
+                self.retry_or_give_up(&due, number, now_ms, after, reason)
+            }
+            Verdict::Misconfigured { after, reason } => {
+                self.alert.raise(&reason, now_ms);
                 self.retry_or_give_up(&due, number, now_ms, after, reason)
             }
         };
