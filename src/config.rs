@@ -265,6 +265,9 @@ struct FilePartner {
     /// Webhook partners: statuses to dead-letter at once instead of retrying.
     #[serde(default)]
     permanent_statuses: Vec<u16>,
+    /// Per-region endpoints for platforms that route links by region (Alexa).
+    #[serde(default)]
+    gateways: std::collections::BTreeMap<String, String>,
 }
 
 /// `concurrency = "fixed"` (always up to `max_in_flight`) or `"adaptive"`.
@@ -679,6 +682,9 @@ fn partner_config(
     if let Some(token_url) = &p.token_url {
         check_url(&key("token_url"), token_url, p.allow_private)?;
     }
+    for (region, url) in &p.gateways {
+        check_url(&key(&format!("gateways.{region}")), url, p.allow_private)?;
+    }
     let secret_of = |name: &str, var: &Option<String>| match var {
         Some(var) => read_secret(env, &key(name), var).map(Some),
         None => Ok(None),
@@ -781,6 +787,7 @@ fn partner_config(
         token_url: p.token_url.clone(),
         service_account_key,
         permanent_statuses: p.permanent_statuses.clone(),
+        gateways: p.gateways.clone(),
     };
     // Build it once now so a bad secret or unknown adapter fails at start.
     adapters::build_adapter(&p.adapter, &settings)

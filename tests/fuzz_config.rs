@@ -211,3 +211,52 @@ fn a_cache_mb_too_large_for_bytes_is_refused_by_key() {
     assert_eq!(err.key, "server.cache_mb", "{err}");
     assert!(err.reason.contains("too large"), "{err}");
 }
+
+/// The shipped example's Alexa partner sends each link to its own region's
+/// event gateway, as "Send Events to the Alexa Event Gateway" lists them:
+/// one partner-wide URL would send North American and Far East users to
+/// the EU gateway, which answers SKILL_NEVER_ENABLED_EXCEPTION.
+#[test]
+fn the_example_alexa_partner_reaches_each_regions_own_gateway() {
+    let config = Config::parse(EXAMPLE, &env).expect("the example is valid");
+    let partner = config
+        .partners
+        .iter()
+        .find(|p| p.adapter_kind == "alexa")
+        .expect("the example has an Alexa partner");
+    let adapter = adapters::build_adapter("alexa", &partner.adapter).expect("it builds");
+    let data = serde_json::value::RawValue::from_string(
+        r#"{"capability":"lock","attribute":"lock","value":"locked"}"#.into(),
+    )
+    .expect("json");
+    for (region, host) in [
+        ("na", "https://api.amazonalexa.com/v3/events"),
+        ("eu", "https://api.eu.amazonalexa.com/v3/events"),
+        ("fe", "https://api.fe.amazonalexa.com/v3/events"),
+    ] {
+        let ctx = adapters::DeliveryContext {
+            delivery_id: "d-1",
+            attempt: 1,
+            now_unix: 1_700_000_000,
+            event: adapters::EventView {
+                id: "e-1",
+                event_type: "lock.changed",
+                device_id: "lock-1",
+                priority: "normal",
+                occurred_at: "2026-11-25T06:00:00Z",
+                data: &data,
+            },
+            link: Some(adapters::LinkView {
+                external_id: "lock-42",
+                account: None,
+                region: Some(region),
+                callback_url: None,
+                token_url: None,
+                access_token: Some("token"),
+                options: None,
+            }),
+        };
+        let request = adapter.build(&ctx).expect("builds");
+        assert_eq!(request.url, host, "{region}");
+    }
+}

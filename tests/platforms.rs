@@ -29,7 +29,9 @@ fn partner_scoped(platform: &str) -> bool {
 fn platform_toml(platform: &str, base: &str, extra: &str) -> String {
     let lines = match platform {
         "smartthings" => String::new(),
-        "alexa" => format!("url = \"{base}/v3/events\""),
+        "alexa" => format!(
+            "gateways = {{ na = \"{base}/na/v3/events\", eu = \"{base}/eu/v3/events\", fe = \"{base}/fe/v3/events\" }}"
+        ),
         "google" => format!(
             "url = \"{base}/v1/devices:reportStateAndNotification\"\ntoken_url = \"{base}/token\"\nservice_account_key_env = \"TEST_GOOGLE_KEY\""
         ),
@@ -713,12 +715,18 @@ async fn a_link_missing_what_its_platform_needs_is_refused_by_field() {
         assert_eq!(problem["field"], field, "{platform}: {problem}");
     }
     let stage = Stage::start("alexa", Scenario::default()).await;
-    // With a partner url the region does not pick the gateway: any is fine;
-    // without one it must be a region Alexa has.
+    // The region picks the gateway: it must be one Alexa has.
     let mut body = link_body("alexa", &stage.base, "at-0", "rt-0");
     body["region"] = "mars".into();
     let (status, problem) = stage.put_link(&body).await;
-    assert_eq!(status, 200, "{problem}");
+    assert_eq!(status, 422, "{problem}");
+    assert_eq!(problem["field"], "/region", "{problem}");
+    // Amazon's model.EndpointId: letters, digits and _-=#;:?@& only.
+    let mut body = link_body("alexa", &stage.base, "at-0", "rt-0");
+    body["external_id"] = "front door".into();
+    let (status, problem) = stage.put_link(&body).await;
+    assert_eq!(status, 422, "{problem}");
+    assert_eq!(problem["field"], "/external_id", "{problem}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -817,4 +825,88 @@ fn states_per_callback(mock: &MockHandle) -> Vec<usize> {
                 .map_or(0, Vec::len)
         })
         .collect()
+}
+
+/// Amazon's message schema (fixtures/alexa/schema, JSON5 as published).
+fn alexa_schema() -> jsonschema::Validator {
+    let text = include_str!("../fixtures/alexa/schema/alexa_smart_home_message_schema.json");
+    let schema: Value = json5::from_str(text).expect("Amazon's schema reads as JSON5");
+    jsonschema::draft4::new(&schema).expect("Amazon's schema compiles")
+}
+
+/// Links in `na`, `eu` and `fe` each reach their own region's gateway (one
+/// mock path per region), and an event whose `occurred_at` has
+/// microseconds arrives as a ChangeReport that validates against Amazon's
+/// published schema (its `timeOfSample` takes at most milliseconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alexa_links_reach_their_regions_gateway_with_bodies_amazons_schema_takes() {
+    let stage = Stage::start("alexa", Scenario::default()).await;
+    for region in ["na", "fe"] {
+        let mut body = link_body("alexa", &stage.base, "at-0", "rt-0");
+        body["region"] = region.into();
+        let response = stage
+            .h()
+            .http
+            .put(stage.h().url(&format!("/v1/links/alexa/lock-{region}")))
+            .bearer_auth(OPERATOR_TOKEN)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("herald answers");
+        let (status, answer) = read(response).await;
+        assert_eq!(status, 201, "{answer}");
+    }
+    for device in ["lock-na", DEVICE, "lock-fe"] {
+        let (status, body) = stage
+            .h()
+            .post_events(&format!(
+                r#"{{"device_id":"{device}","type":"door.forced_open","priority":"critical","occurred_at":"2026-11-25T06:00:00.123456+09:00","data":{{"capability":"lock","attribute":"lock","value":"forced_open"}}}}"#
+            ))
+            .await;
+        assert_eq!(status, 202, "{body}");
+    }
+    stage.wait_deliveries(3).await;
+    let schema = alexa_schema();
+    let mut paths = Vec::new();
+    for request in stage.mock.accepted() {
+        let body: Value = serde_json::from_slice(&request.request.body).expect("JSON");
+        let endpoint = body["event"]["endpoint"]["endpointId"].clone();
+        paths.push((endpoint, request.request.path.clone()));
+        let errors: Vec<String> = schema.iter_errors(&body).map(|e| e.to_string()).collect();
+        assert!(
+            errors.is_empty(),
+            "Amazon's schema refuses {body}: {errors:?}"
+        );
+        let sample = &body["event"]["payload"]["change"]["properties"][0]["timeOfSample"];
+        assert_eq!(sample, "2026-11-24T21:00:00.123Z", "{body}");
+    }
+    paths.sort_by_key(|(_, path)| path.clone());
+    assert_eq!(
+        paths,
+        [
+            (json!("lock-42"), "/eu/v3/events".to_string()),
+            (json!("lock-42"), "/fe/v3/events".to_string()),
+            (json!("lock-42"), "/na/v3/events".to_string()),
+        ]
+    );
+}
+
+/// Amazon's schema also refuses what herald must not send: the check above
+/// would pass on anything if the schema accepted every body.
+#[test]
+fn amazons_schema_refuses_microsecond_samples() {
+    let schema = alexa_schema();
+    let body = json!({
+        "event": {
+            "header": {"namespace": "Alexa", "name": "ChangeReport", "messageId": "m-1", "payloadVersion": "3"},
+            "endpoint": {"scope": {"type": "BearerToken", "token": "t"}, "endpointId": "lock-42"},
+            "payload": {"change": {"cause": {"type": "PHYSICAL_INTERACTION"}, "properties": [{
+                "namespace": "Alexa.LockController", "name": "lockState", "value": "JAMMED",
+                "timeOfSample": "2026-11-24T21:00:00.123456Z", "uncertaintyInMilliseconds": 0
+            }]}}
+        },
+        "context": {"properties": []}
+    });
+    assert!(!schema.is_valid(&body));
 }

@@ -3,8 +3,13 @@
 //!
 //! - `POST /v3/events` on the link's region: `na` → api.amazonalexa.com,
 //!   `eu`/`in` → api.eu.amazonalexa.com, `fe`/`au`/`jp` →
-//!   api.fe.amazonalexa.com. A non-empty partner `url` replaces the gateway
-//!   (tests, proxies).
+//!   api.fe.amazonalexa.com ("Send Events to the Alexa Event Gateway").
+//!   The partner's `gateways = { na = "...", eu = "...", fe = "..." }`
+//!   replaces a region's gateway (tests, proxies); a single partner `url`
+//!   is refused, since it would send every region's users to one gateway
+//!   and Alexa answers the others SKILL_NEVER_ENABLED_EXCEPTION.
+//! - `endpointId` must match Amazon's `model.EndpointId` (1 to 256 of
+//!   `a-zA-Z0-9_-=#;:?@&`), checked when the link is put.
 //! - The LWA access token goes both in `Authorization: Bearer` and in
 //!   `event.endpoint.scope.token`. `messageId` is the delivery id.
 //! - `cause` is `PERIODIC_POLL` for numeric readings and
@@ -33,7 +38,8 @@ pub const LWA_TOKEN_URL: &str = "https://api.amazon.com/auth/o2/token";
 const MIN_RETRY: Duration = Duration::from_secs(1);
 
 pub struct Alexa {
-    url: Option<String>,
+    /// `na`, `eu`, `fe` → the gateway configured for that region.
+    gateways: std::collections::BTreeMap<String, String>,
     token_url: String,
     client: OAuthClient,
 }
@@ -41,8 +47,26 @@ pub struct Alexa {
 impl Alexa {
     pub fn boxed(settings: &PartnerSettings) -> Result<Box<dyn Adapter>, SetupError> {
         crate::oauth::require_client(settings, PLATFORM, true)?;
+        if !settings.url.is_empty() {
+            return Err(SetupError {
+                key: "url",
+                reason: "alexa routes each link to its region's gateway; one url would send every region's users to one of them. Name a gateway per region instead: gateways = { na = \"...\", eu = \"...\", fe = \"...\" }".into(),
+            });
+        }
+        if let Some(other) = settings
+            .gateways
+            .keys()
+            .find(|r| !matches!(r.as_str(), "na" | "eu" | "fe"))
+        {
+            return Err(SetupError {
+                key: "gateways",
+                reason: format!(
+                    "{other:?} is not an Alexa gateway region; the regions are na, eu and fe"
+                ),
+            });
+        }
         Ok(Box::new(Alexa {
-            url: Some(settings.url.clone()).filter(|u| !u.is_empty()),
+            gateways: settings.gateways.clone(),
             token_url: settings
                 .token_url
                 .clone()
@@ -52,21 +76,41 @@ impl Alexa {
     }
 
     fn gateway(&self, link: &LinkView<'_>) -> Result<String, BuildError> {
-        if let Some(url) = &self.url {
-            return Ok(url.clone());
-        }
         let region = required(link.region, "region (na, eu, fe)", PLATFORM)?;
-        let host = match region.to_ascii_lowercase().as_str() {
-            "na" | "us" => "api.amazonalexa.com",
-            "eu" | "in" => "api.eu.amazonalexa.com",
-            "fe" | "au" | "jp" => "api.fe.amazonalexa.com",
+        let (gateway_region, host) = match region.to_ascii_lowercase().as_str() {
+            "na" | "us" => ("na", "api.amazonalexa.com"),
+            "eu" | "in" => ("eu", "api.eu.amazonalexa.com"),
+            "fe" | "au" | "jp" => ("fe", "api.fe.amazonalexa.com"),
             other => {
                 return Err(BuildError(format!(
                     "alexa region {other:?} is none of na, eu, in, fe, au, jp"
                 )))
             }
         };
-        Ok(format!("https://{host}/v3/events"))
+        Ok(match self.gateways.get(gateway_region) {
+            Some(url) => url.clone(),
+            None => format!("https://{host}/v3/events"),
+        })
+    }
+}
+
+/// Amazon's `model.EndpointId`: `^[a-zA-Z0-9_\-=#;:?@&]*$`, 1 to 256 long
+/// (alexa/alexa-smarthome, validation_schemas/alexa_smart_home_message_schema.json).
+fn check_endpoint_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 256 {
+        return Err(format!(
+            "an Alexa endpointId is 1 to 256 characters; this one is {}",
+            id.len()
+        ));
+    }
+    match id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "_-=#;:?@&".contains(*c)))
+    {
+        Some(bad) => Err(format!(
+            "an Alexa endpointId takes letters, digits and _-=#;:?@& only; {bad:?} is not one"
+        )),
+        None => Ok(()),
     }
 }
 
@@ -76,6 +120,10 @@ impl Adapter for Alexa {
     }
 
     fn check_link(&self, link: &LinkView<'_>) -> Result<(), SetupError> {
+        check_endpoint_id(link.external_id).map_err(|reason| SetupError {
+            key: "external_id",
+            reason,
+        })?;
         self.gateway(link).map(|_| ()).map_err(|e| SetupError {
             key: "region",
             reason: e.0,
@@ -118,7 +166,7 @@ impl Adapter for Alexa {
                             "namespace": mapped.name,
                             "name": name,
                             "value": mapped.value,
-                            "timeOfSample": event_time::utc(ctx.event.occurred_at)?,
+                            "timeOfSample": event_time::utc_millis(ctx.event.occurred_at)?,
                             "uncertaintyInMilliseconds": 0,
                         }],
                     },

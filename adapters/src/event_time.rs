@@ -26,6 +26,19 @@ pub fn utc(occurred_at: &str) -> Result<String, BuildError> {
         .map_err(|e| BuildError(format!("cannot format occurred_at: {e}")))
 }
 
+/// RFC 3339 in UTC cut to whole milliseconds: what Alexa's `timeOfSample`
+/// takes (Amazon's message schema, `model.StatePropertyBase.TimeOfSample`,
+/// allows at most three fractional digits; a producer's microseconds would
+/// make every Alexa event a 400).
+pub fn utc_millis(occurred_at: &str) -> Result<String, BuildError> {
+    let at = parse(occurred_at)?.to_offset(time::UtcOffset::UTC);
+    let cut = at
+        .replace_nanosecond(at.nanosecond() / 1_000_000 * 1_000_000)
+        .map_err(|e| BuildError(format!("cannot cut occurred_at to milliseconds: {e}")))?;
+    cut.format(&Rfc3339)
+        .map_err(|e| BuildError(format!("cannot format occurred_at: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -38,5 +51,13 @@ mod tests {
             "2026-11-24T21:00:00Z"
         );
         assert!(unix_ms("yesterday").is_err());
+        assert_eq!(
+            utc_millis("2026-11-25T06:00:00.123456789+09:00").unwrap(),
+            "2026-11-24T21:00:00.123Z"
+        );
+        assert_eq!(
+            utc_millis("2026-11-25T06:00:00.000999Z").unwrap(),
+            "2026-11-25T06:00:00Z"
+        );
     }
 }

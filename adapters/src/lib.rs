@@ -281,6 +281,9 @@ pub struct PartnerSettings {
     /// Webhook receivers: statuses to dead-letter at once instead of
     /// retrying (`permanent_statuses`).
     pub permanent_statuses: Vec<u16>,
+    /// Per-region endpoints (`gateways = { na = "...", ... }`), for
+    /// platforms that route each link by its region (Alexa).
+    pub gateways: std::collections::BTreeMap<String, String>,
 }
 
 impl fmt::Debug for PartnerSettings {

@@ -55,8 +55,9 @@ impl Google {
             reason,
         })?;
         if let Some(token_url) = &settings.token_url {
-            // The partner's `token_url` wins over the key's `token_uri`
-            // (a proxy, a test double).
+            // The partner's `token_url` wins over the key's `token_uri` as
+            // where the request goes (a proxy, a test double); the JWT's
+            // `aud` stays the key's.
             account.token_uri = token_url.clone();
         }
         Ok(Box::new(Google {
@@ -240,6 +241,31 @@ mod tests {
         let mut tampered = jwt.clone();
         tampered.insert(10, 'x');
         assert!(service_account::verify(&tampered, &account.public_key_der()).is_err());
+    }
+
+    #[test]
+    fn a_token_url_override_moves_the_request_not_the_audience() {
+        let account = {
+            let adapter = Google::boxed(&PartnerSettings {
+                service_account_key: Some(KEY.into()),
+                token_url: Some("https://token-proxy.example/token".into()),
+                ..PartnerSettings::default()
+            })
+            .unwrap();
+            adapter
+                .partner_token_request(1_700_000_000)
+                .unwrap()
+                .unwrap()
+        };
+        assert_eq!(account.url, "https://token-proxy.example/token");
+        let body = String::from_utf8(account.body).unwrap();
+        let jwt = form_urlencoded::parse(body.as_bytes())
+            .find(|(k, _)| k == "assertion")
+            .map(|(_, v)| v.into_owned())
+            .unwrap();
+        let public = ServiceAccount::from_json(KEY).unwrap().public_key_der();
+        let claims = service_account::verify(&jwt, &public).unwrap();
+        assert_eq!(claims["aud"], "https://oauth2.googleapis.com/token");
     }
 
     #[test]

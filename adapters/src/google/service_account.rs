@@ -28,7 +28,13 @@ struct KeyFile {
 
 pub struct ServiceAccount {
     pub client_email: String,
+    /// Where the token request goes: the key's `token_uri`, or the
+    /// partner's `token_url` (a proxy, a test double).
     pub token_uri: String,
+    /// The assertion's `aud`: always the key's own `token_uri` (Google's
+    /// token endpoint). Google refuses an assertion addressed elsewhere, so
+    /// a proxy in front of it must not change what the JWT says.
+    audience: String,
     key_id: Option<String>,
     key: RsaKeyPair,
 }
@@ -51,11 +57,13 @@ impl ServiceAccount {
         let der = pem_body(&file.private_key)?;
         let key = RsaKeyPair::from_pkcs8(&der)
             .map_err(|e| format!("private_key is not a PKCS#8 RSA key: {e}"))?;
+        let token_uri = file
+            .token_uri
+            .unwrap_or_else(|| "https://oauth2.googleapis.com/token".into());
         Ok(ServiceAccount {
             client_email: file.client_email,
-            token_uri: file
-                .token_uri
-                .unwrap_or_else(|| "https://oauth2.googleapis.com/token".into()),
+            audience: token_uri.clone(),
+            token_uri,
             key_id: file.private_key_id,
             key,
         })
@@ -76,7 +84,7 @@ impl ServiceAccount {
         let claims = json!({
             "iss": self.client_email,
             "scope": scope,
-            "aud": self.token_uri,
+            "aud": self.audience,
             "iat": now_unix,
             "exp": now_unix + LIFETIME_SECS,
         });

@@ -169,7 +169,9 @@ pub fn endpoints(platform: &str, base: &str) -> Vec<(&'static str, String)> {
             ("link token_url", at("/oauth/token")),
         ],
         "alexa" => vec![
-            ("partner url", at("/v3/events")),
+            ("partner gateways.na", at("/na/v3/events")),
+            ("partner gateways.eu", at("/eu/v3/events")),
+            ("partner gateways.fe", at("/fe/v3/events")),
             ("link token_url", at("/auth/o2/token")),
         ],
         "google" => vec![

@@ -155,8 +155,13 @@ pub fn settings(platform: &str, base: Option<&str>) -> PartnerSettings {
             s.service_account_key = Some(key.to_string());
         }
         "alexa" => {
+            // Alexa takes a gateway per region, never one url.
+            s.url.clear();
             if let Some(base) = base {
-                s.url = format!("{base}/v3/events");
+                for region in ["na", "eu", "fe"] {
+                    s.gateways
+                        .insert(region.into(), format!("{base}/{region}/v3/events"));
+                }
             }
         }
         "thinq" => {
