@@ -256,6 +256,18 @@ pub struct StoredLink {
     /// nobody put the link again meanwhile.
     pub generation: u64,
     pub updated_ms: u64,
+    /// When the link's current refresh token was obtained (herald's clock,
+    /// ms), for the keep-alive refresh. Absent on links written before
+    /// herald kept it: their `updated_ms` stands in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_obtained_ms: Option<u64>,
+}
+
+impl StoredLink {
+    /// When the refresh token held was obtained, as well as herald knows.
+    pub fn refresh_obtained_ms(&self) -> u64 {
+        self.refresh_obtained_ms.unwrap_or(self.updated_ms)
+    }
 }
 
 /// The value of a schedule entry: what a lane needs to make the next attempt.
