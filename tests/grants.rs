@@ -44,6 +44,7 @@ timeout_ms = 2000
 "#;
     let toml = config_toml(dir.path(), partner, "");
     let herald = TestHerald::start_with_env(&toml, Clock::manual(START_MS), &env).await;
+    let original_refresh = mock.refresh_token();
     let link = json!({
         "external_id": "leak-42",
         "callback_url": format!("{base}/device/events"),
@@ -85,8 +86,9 @@ timeout_ms = 2000
         mock.requests().iter().all(|r| r.token_request),
         "no event was sent"
     );
-    let rotated = mock.access_token();
-    assert_ne!(rotated, "at-0");
+    assert_ne!(mock.access_token(), "at-0");
+    // SmartThings refresh tokens are single-use: the old one is dead now.
+    assert_ne!(mock.refresh_token(), original_refresh);
 
     // The next delivery presents the rotated pair: the mock takes it at
     // once, with no second refresh.
@@ -116,5 +118,18 @@ timeout_ms = 2000
     );
     assert_eq!(mock.refreshes(), 1, "the rotated token was used as stored");
     assert_eq!(mock.accepted().len(), 1);
+
+    // The rotated refresh token's age was stored with it: after a restart
+    // on the same data dir and another day, no second keep-alive is due.
+    let clock = herald.clock.clone();
+    herald.herald.shutdown().await.expect("clean shutdown");
+    let herald = TestHerald::start_with_env(&toml, clock, &env).await;
+    herald.clock.advance(Duration::from_secs(86_400));
+    settle().await;
+    assert_eq!(
+        mock.refreshes(),
+        1,
+        "a fresh refresh token is not refreshed again"
+    );
     herald.herald.shutdown().await.expect("clean shutdown");
 }
