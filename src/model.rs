@@ -308,6 +308,19 @@ pub struct DeviceOrder {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_link_written_before_refresh_ages_were_kept_dates_its_token_by_its_update() {
+        // The record as herald wrote it before `refresh_obtained_ms`.
+        let old = r#"{"partner":"smartthings","device_id":"lock-1","external_id":"x",
+            "account":null,"region":null,"callback_url":null,"token_url":null,
+            "sealed_credentials":"c2VhbGVk","expires_at_unix":1,"options":null,
+            "generation":3,"updated_ms":1234}"#;
+        let link: StoredLink = serde_json::from_str(old).expect("old record reads");
+        assert_eq!(link.refresh_obtained_ms(), 1234);
+        let rewritten = serde_json::to_string(&link).expect("writes");
+        assert!(!rewritten.contains("refresh_obtained_ms"), "{rewritten}");
+    }
+
     fn attempt(number: u32) -> Attempt {
         Attempt {
             number,
