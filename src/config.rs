@@ -132,6 +132,27 @@ pub struct PartnerConfig {
     /// Event types this partner receives when an event names no partners
     /// (`"*"` for all, `"door.*"` for a prefix).
     pub subscribe: Vec<String>,
+    /// Keep-alive refresh: a grant's refresh token is refreshed without an
+    /// event once `lifetime - ahead` has passed since it was issued. `None`:
+    /// no keep-alive (the platform's refresh tokens do not expire, or
+    /// `refresh_token_lifetime = "off"`).
+    pub keep_alive: Option<KeepAlive>,
+}
+
+/// When a grant's refresh token is refreshed before it dies unused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepAlive {
+    /// How long a refresh token lives after it was issued.
+    pub lifetime: Duration,
+    /// How long before the end of `lifetime` herald refreshes it.
+    pub ahead: Duration,
+}
+
+impl KeepAlive {
+    /// How old a refresh token may grow before herald refreshes it.
+    pub fn refresh_at_age(&self) -> Duration {
+        self.lifetime.saturating_sub(self.ahead)
+    }
 }
 
 impl PartnerConfig {
@@ -268,7 +289,17 @@ struct FilePartner {
     /// Per-region endpoints for platforms that route links by region (Alexa).
     #[serde(default)]
     gateways: std::collections::BTreeMap<String, String>,
+    /// A refresh token's lifetime (`"30d"`), or `"off"`; default: the
+    /// platform's documented one, if any.
+    #[serde(default)]
+    refresh_token_lifetime: Option<String>,
+    /// How long before that lifetime ends herald refreshes (default 7d).
+    #[serde(default)]
+    refresh_ahead: Option<String>,
 }
+
+/// `refresh_ahead` where a partner sets none.
+const DEFAULT_REFRESH_AHEAD: Duration = Duration::from_secs(7 * 86_400);
 
 /// `concurrency = "fixed"` (always up to `max_in_flight`) or `"adaptive"`.
 #[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
@@ -790,8 +821,14 @@ fn partner_config(
         gateways: p.gateways.clone(),
     };
     // Build it once now so a bad secret or unknown adapter fails at start.
-    adapters::build_adapter(&p.adapter, &settings)
+    let adapter = adapters::build_adapter(&p.adapter, &settings)
         .map_err(|e| ConfigError::new(key(e.key), e.reason))?;
+    let keep_alive = keep_alive(
+        &key,
+        p.refresh_token_lifetime.as_deref(),
+        p.refresh_ahead.as_deref(),
+        adapter.refresh_token_lifetime(),
+    )?;
     Ok(PartnerConfig {
         name: name.to_string(),
         adapter: settings,
@@ -806,7 +843,56 @@ fn partner_config(
         retry,
         breaker,
         subscribe: p.subscribe,
+        keep_alive,
     })
+}
+
+/// A partner's keep-alive from its `refresh_token_lifetime` and
+/// `refresh_ahead`, the adapter's documented lifetime as the default.
+fn keep_alive(
+    key: &dyn Fn(&str) -> String,
+    lifetime: Option<&str>,
+    ahead: Option<&str>,
+    platform_lifetime: Option<Duration>,
+) -> Result<Option<KeepAlive>, ConfigError> {
+    let lifetime = match lifetime {
+        Some("off") => None,
+        Some(text) => {
+            let lifetime = parse_duration(&key("refresh_token_lifetime"), text)?;
+            if lifetime.is_zero() {
+                return Err(ConfigError::new(
+                    key("refresh_token_lifetime"),
+                    "must be longer than zero (or \"off\")",
+                ));
+            }
+            Some(lifetime)
+        }
+        None => platform_lifetime,
+    };
+    let Some(lifetime) = lifetime else {
+        if ahead.is_some() {
+            return Err(ConfigError::new(
+                key("refresh_ahead"),
+                "this partner has no refresh token lifetime to refresh ahead of; \
+                 set refresh_token_lifetime too",
+            ));
+        }
+        return Ok(None);
+    };
+    let ahead = match ahead {
+        Some(text) => parse_duration(&key("refresh_ahead"), text)?,
+        None => DEFAULT_REFRESH_AHEAD,
+    };
+    if ahead.is_zero() || ahead >= lifetime {
+        return Err(ConfigError::new(
+            key("refresh_ahead"),
+            format!(
+                "must be longer than zero and shorter than the refresh token lifetime ({})",
+                humantime::format_duration(lifetime)
+            ),
+        ));
+    }
+    Ok(Some(KeepAlive { lifetime, ahead }))
 }
 
 /// `text` as an http(s) URL a partner may be sent to: an IP literal (or
@@ -905,6 +991,82 @@ max_in_flight = 32
 timeout_ms = 5000
 retry = { initial_ms = 1000, multiplier = 2.0, max_interval_ms = 600000, max_age = "72h" }
 "#;
+
+    fn keep_alive_of(keys: &str) -> Result<Option<KeepAlive>, ConfigError> {
+        let text = format!(
+            // Any set variable serves as the OAuth client here.
+            "[partners.st]\nadapter = \"smartthings\"\n\
+             client_id_env = \"DOOR_TOKEN\"\nclient_secret_env = \"ACME_SECRET\"\n{keys}\n"
+        );
+        let env = |name: &str| match name {
+            "HERALD_LINK_KEY" => Some(LINK_KEY.to_string()),
+            other => env(other),
+        };
+        Ok(Config::parse(&text, &env)?
+            .partner("st")
+            .expect("st")
+            .keep_alive)
+    }
+
+    #[test]
+    fn keep_alive_defaults_to_the_platforms_lifetime_and_a_week_ahead() {
+        let day = Duration::from_secs(86_400);
+        assert_eq!(
+            keep_alive_of("").expect("valid"),
+            Some(KeepAlive {
+                lifetime: 30 * day,
+                ahead: 7 * day
+            })
+        );
+        let config = parse(GOOD).expect("valid");
+        assert_eq!(config.partner("acme").expect("acme").keep_alive, None);
+        let set = keep_alive_of("refresh_token_lifetime = \"10d\"\nrefresh_ahead = \"2d\"")
+            .expect("valid")
+            .expect("on");
+        assert_eq!(set.refresh_at_age(), 8 * day);
+        assert_eq!(
+            keep_alive_of("refresh_token_lifetime = \"off\"").expect("valid"),
+            None
+        );
+    }
+
+    #[test]
+    fn keep_alive_errors_name_the_key() {
+        for (keys, at, says) in [
+            (
+                "refresh_token_lifetime = \"soon\"",
+                "partners.st.refresh_token_lifetime",
+                "not a duration",
+            ),
+            (
+                "refresh_token_lifetime = \"0s\"",
+                "partners.st.refresh_token_lifetime",
+                "longer than zero",
+            ),
+            (
+                "refresh_ahead = \"30d\"",
+                "partners.st.refresh_ahead",
+                "shorter than the refresh token lifetime (30days)",
+            ),
+            (
+                "refresh_ahead = \"0s\"",
+                "partners.st.refresh_ahead",
+                "longer than zero",
+            ),
+            (
+                "refresh_token_lifetime = \"off\"\nrefresh_ahead = \"1d\"",
+                "partners.st.refresh_ahead",
+                "no refresh token lifetime",
+            ),
+        ] {
+            let err = keep_alive_of(keys).expect_err(keys);
+            let shown = err.to_string();
+            assert!(
+                shown.contains(at) && shown.contains(says),
+                "{keys}: {shown}"
+            );
+        }
+    }
 
     #[test]
     fn the_contracts_example_parses() {

@@ -182,9 +182,25 @@ impl Links {
         Ok(self.store.link(partner, device_id)?)
     }
 
+    /// Up to `limit` of `partner`'s links after device `after`, stored
+    /// form (see [`Store::links_page`]).
+    pub fn page_stored(
+        &self,
+        partner: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StoredLink>, LinkError> {
+        Ok(self.store.links_page(partner, after, limit)?)
+    }
+
     /// Creates or replaces a link; true if it is new. Durable when it returns.
     pub async fn put(&self, link: Link) -> Result<bool, LinkError> {
-        let stored = self.seal(link)?;
+        let obtained = link
+            .credentials
+            .as_ref()
+            .and_then(|c| c.refresh_token.as_ref())
+            .map(|_| self.clock.now_ms());
+        let stored = self.seal(link, obtained)?;
         Ok(self.store.put_link(stored).await?)
     }
 
@@ -203,9 +219,15 @@ impl Links {
         generation: u64,
         fresh: Credentials,
     ) -> Result<bool, LinkError> {
-        let Some(mut link) = self.get(partner, device_id)? else {
+        let Some(stored) = self.store.link(partner, device_id)? else {
             return Ok(false);
         };
+        // A refresh token the platform did not rotate keeps its age.
+        let obtained = match fresh.refresh_token {
+            Some(_) => Some(self.clock.now_ms()),
+            None => Some(stored.refresh_obtained_ms()),
+        };
+        let mut link = self.open(stored)?;
         if link.generation != generation {
             return Ok(false);
         }
@@ -214,11 +236,11 @@ impl Links {
             refresh_token: fresh.refresh_token.or(kept),
             ..fresh
         });
-        let stored = self.seal(link)?;
+        let stored = self.seal(link, obtained)?;
         Ok(self.store.replace_link(stored).await?)
     }
 
-    fn seal(&self, link: Link) -> Result<StoredLink, LinkError> {
+    fn seal(&self, link: Link, refresh_obtained_ms: Option<u64>) -> Result<StoredLink, LinkError> {
         let expires_at_unix = link.credentials.as_ref().and_then(|c| c.expires_at_unix);
         let sealed_credentials = match link.credentials {
             None => None,
@@ -254,6 +276,7 @@ impl Links {
             expires_at_unix,
             generation: link.generation,
             updated_ms: self.clock.now_ms(),
+            refresh_obtained_ms,
         })
     }
 

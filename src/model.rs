@@ -256,6 +256,18 @@ pub struct StoredLink {
     /// nobody put the link again meanwhile.
     pub generation: u64,
     pub updated_ms: u64,
+    /// When the link's current refresh token was obtained (herald's clock,
+    /// ms), for the keep-alive refresh. Absent on links written before
+    /// herald kept it: their `updated_ms` stands in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_obtained_ms: Option<u64>,
+}
+
+impl StoredLink {
+    /// When the refresh token held was obtained, as well as herald knows.
+    pub fn refresh_obtained_ms(&self) -> u64 {
+        self.refresh_obtained_ms.unwrap_or(self.updated_ms)
+    }
 }
 
 /// The value of a schedule entry: what a lane needs to make the next attempt.
@@ -295,6 +307,19 @@ pub struct DeviceOrder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_link_written_before_refresh_ages_were_kept_dates_its_token_by_its_update() {
+        // The record as herald wrote it before `refresh_obtained_ms`.
+        let old = r#"{"partner":"smartthings","device_id":"lock-1","external_id":"x",
+            "account":null,"region":null,"callback_url":null,"token_url":null,
+            "sealed_credentials":"c2VhbGVk","expires_at_unix":1,"options":null,
+            "generation":3,"updated_ms":1234}"#;
+        let link: StoredLink = serde_json::from_str(old).expect("old record reads");
+        assert_eq!(link.refresh_obtained_ms(), 1234);
+        let rewritten = serde_json::to_string(&link).expect("writes");
+        assert!(!rewritten.contains("refresh_obtained_ms"), "{rewritten}");
+    }
 
     fn attempt(number: u32) -> Attempt {
         Attempt {

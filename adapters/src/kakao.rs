@@ -23,7 +23,7 @@
 //! - KakaoTalk messages carry no request id: a retried alert after a lost
 //!   answer can arrive twice (there is nothing to dedupe on).
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -207,6 +207,17 @@ impl Adapter for Kakao {
         }
     }
 
+    /// Kakao's user refresh token is valid for two months and is replaced
+    /// (the old one expiring) by a refresh made when less than one month is
+    /// left: https://developers.kakao.com/docs/latest/ko/kakaologin/rest-api#refresh-token
+    /// ("refresh_token_expires_in"; restated by Kakao's developer support at
+    /// https://devtalk.kakao.com/t/koe322-expired-or-invalid-refresh-token/126899).
+    /// Two months counted as 60 days: the shorter reading, so a keep-alive
+    /// comes early rather than late.
+    fn refresh_token_lifetime(&self) -> Option<Duration> {
+        Some(Duration::from_secs(60 * 24 * 3600))
+    }
+
     fn refresh_request(
         &self,
         link: &LinkView<'_>,
@@ -240,6 +251,14 @@ mod tests {
             ..PartnerSettings::default()
         })
         .unwrap()
+    }
+
+    #[test]
+    fn refresh_tokens_live_two_months() {
+        assert_eq!(
+            adapter().refresh_token_lifetime(),
+            Some(Duration::from_secs(60 * 86_400))
+        );
     }
 
     fn classify(status: u16, code: i64) -> Verdict {

@@ -353,6 +353,15 @@ pub trait Adapter: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// How long one of this platform's refresh tokens lives after it was
+    /// issued, for herald's keep-alive refresh: a grant whose deliveries are
+    /// rare is refreshed before its refresh token dies unused. `None`: the
+    /// platform's refresh tokens do not expire, or their lifetime is not
+    /// documented (a partner's `refresh_token_lifetime` can still set one).
+    fn refresh_token_lifetime(&self) -> Option<Duration> {
+        None
+    }
+
     /// What the answer to [`Adapter::refresh_request`] means.
     fn read_refresh(&self, answer: &Answer<'_>, now: SystemTime) -> RefreshVerdict {
         oauth::read_token_answer(answer, now)

@@ -14,7 +14,7 @@
 //! Assumed: the HTTP status of error answers (SmartThings documents the
 //! `globalError` / `deviceError` enums, not statuses), so both are read.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -178,6 +178,13 @@ impl Adapter for SmartThings {
             },
             _ => crate::classify_http(answer, now),
         }
+    }
+
+    /// "A refresh token expires in 30 days" and "is invalidated after being
+    /// used to successfully obtain a new access token":
+    /// https://smartthings.developer.samsung.com/docs/how-to/refresh-token.html
+    fn refresh_token_lifetime(&self) -> Option<Duration> {
+        Some(Duration::from_secs(30 * 24 * 3600))
     }
 
     fn refresh_request(
@@ -365,6 +372,18 @@ mod tests {
             },
             SystemTime::UNIX_EPOCH,
         )
+    }
+
+    #[test]
+    fn refresh_tokens_live_thirty_days() {
+        let adapter = SmartThings {
+            client_id: None,
+            client_secret: None,
+        };
+        assert_eq!(
+            adapter.refresh_token_lifetime(),
+            Some(Duration::from_secs(30 * 86_400))
+        );
     }
 
     #[test]

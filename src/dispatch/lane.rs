@@ -97,6 +97,9 @@ pub struct LaneStats {
     pub dead: AtomicU64,
 }
 
+/// The longest wait between keep-alive passes.
+const KEEP_ALIVE_MAX_INTERVAL: Duration = Duration::from_secs(3600);
+
 impl Lane {
     pub fn new(
         partner: PartnerConfig,
@@ -268,6 +271,38 @@ impl Lane {
             metrics::gauge!("herald_partner_concurrency_limit", "partner" => self.partner.name.clone())
                 .set(limit as f64);
             tracing::debug!(partner = %self.partner.name, limit, "adaptive concurrency limit changed");
+        }
+    }
+
+    /// The partner's keep-alive: every `interval` on herald's clock, the
+    /// links whose refresh token nears its lifetime are refreshed, each
+    /// refresh taking one of the partner's rate-limit tokens like a send.
+    pub async fn keep_alive(self: Arc<Self>, stop: CancellationToken) {
+        let Some(keep_alive) = self.partner.keep_alive else {
+            return;
+        };
+        // Often enough that a refresh comes well inside `ahead`.
+        let interval =
+            (keep_alive.ahead / 4).clamp(Duration::from_secs(1), KEEP_ALIVE_MAX_INTERVAL);
+        loop {
+            let pace = || async {
+                matches!(
+                    self.take_token(&stop, Priority::Normal, false).await,
+                    Token::Taken
+                )
+            };
+            if let Err(e) = self
+                .tokens
+                .keep_alive(self.adapter.as_ref(), keep_alive, pace)
+                .await
+            {
+                tracing::warn!(partner = %self.partner.name, error = %e,
+                    "keep-alive: cannot read the partner's links; the next pass tries again");
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.clock.sleep(interval) => {}
+            }
         }
     }
 

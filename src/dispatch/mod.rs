@@ -66,6 +66,9 @@ impl Dispatcher {
                 clock.clone(),
                 parked,
             ));
+            if partner.keep_alive.is_some() {
+                loops.spawn(Arc::clone(&lane).keep_alive(stop.clone()));
+            }
             let running = Arc::clone(&lane).run(stop.clone(), abandon.clone(), sends.clone());
             let name = partner.name.clone();
             loops.spawn(crate::supervise::run_task_or(running, move || {

@@ -19,12 +19,16 @@ use backon::{ExponentialBuilder, Retryable};
 
 use super::client::exchange;
 use crate::clock::Clock;
+use crate::config::KeepAlive;
 use crate::links::{Link, LinkError, Links};
 use crate::store::StoreError;
 use crate::sync::lock;
 
 /// A token with this little life left is renewed before it is used.
 const EXPIRY_MARGIN_SECS: u64 = 60;
+
+/// Links read at a time by a keep-alive pass.
+const KEEP_ALIVE_PAGE: usize = 256;
 
 /// A link ready for a send: the link and the access token to present.
 #[derive(Debug, Clone)]
@@ -139,6 +143,76 @@ impl Tokens {
                 };
                 self.release_gate(device_id, gate);
                 renewed
+            }
+        }
+    }
+
+    /// One keep-alive pass: every link whose refresh token is older than
+    /// `keep_alive` allows is refreshed, one at a time, through the same
+    /// single flight as a delivery's refresh, and no event is sent. The
+    /// caller paces the refreshes with `pace` (the partner's rate limit).
+    /// Returns how many were refreshed.
+    pub async fn keep_alive<F, Fut>(
+        &self,
+        adapter: &dyn Adapter,
+        keep_alive: KeepAlive,
+        mut pace: F,
+    ) -> Result<u64, LinkError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        if adapter.token_scope() != TokenScope::Link {
+            return Ok(0);
+        }
+        let refresh_at_age_ms = keep_alive.refresh_at_age().as_millis() as u64;
+        let mut refreshed = 0;
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .links
+                .page_stored(&self.partner, after.as_deref(), KEEP_ALIVE_PAGE)?;
+            let Some(last) = page.last() else {
+                return Ok(refreshed);
+            };
+            after = Some(last.device_id.clone());
+            for stored in page {
+                let age_ms = self
+                    .clock
+                    .now_ms()
+                    .saturating_sub(stored.refresh_obtained_ms());
+                if stored.sealed_credentials.is_none() || age_ms < refresh_at_age_ms {
+                    continue;
+                }
+                let Some(link) = self.links.get(&self.partner, &stored.device_id)? else {
+                    continue;
+                };
+                if link
+                    .credentials
+                    .as_ref()
+                    .is_none_or(|c| c.refresh_token.is_none())
+                {
+                    continue;
+                }
+                if !pace().await {
+                    return Ok(refreshed);
+                }
+                let device_id = link.device_id.clone();
+                let outcome = match self.renew(adapter, &Prepared::own(link)).await {
+                    Ok(_) => {
+                        refreshed += 1;
+                        tracing::info!(partner = %self.partner, device = %device_id,
+                            age_s = age_ms / 1000, "keep-alive: refreshed a link's token before its refresh token expires");
+                        "renewed"
+                    }
+                    Err(verdict) => {
+                        tracing::warn!(partner = %self.partner, device = %device_id, ?verdict,
+                            "keep-alive: refreshing a link's token failed; the next pass tries again");
+                        "failed"
+                    }
+                };
+                metrics::counter!("herald_keep_alive_refreshes_total", "partner" => self.partner.clone(), "outcome" => outcome)
+                    .increment(1);
             }
         }
     }
