@@ -237,6 +237,7 @@ fn the_example_alexa_partner_reaches_each_regions_own_gateway() {
         let ctx = adapters::DeliveryContext {
             delivery_id: "d-1",
             attempt: 1,
+            send: 0,
             now_unix: 1_700_000_000,
             event: adapters::EventView {
                 id: "e-1",

@@ -284,6 +284,21 @@ async fn delivered_and_refreshed_once_then_persisted(platform: &'static str) {
         last.number, 1,
         "{platform}: the resend after a refresh is the same attempt"
     );
+    if platform == "thinq" {
+        // LG wants a new x-message-id on every call
+        // (thinq-connect/pythinqconnect thinqconnect/thinq_api.py
+        // `_generate_message_id`), the resend after the refresh included.
+        let message_ids: Vec<String> = stage
+            .mock
+            .requests()
+            .iter()
+            .filter(|r| !r.token_request)
+            .filter_map(|r| r.request.header("x-message-id").map(str::to_string))
+            .collect();
+        assert!(message_ids.len() >= 3, "{message_ids:?}");
+        let distinct: std::collections::HashSet<&String> = message_ids.iter().collect();
+        assert_eq!(distinct.len(), message_ids.len(), "{message_ids:?}");
+    }
     if !partner_scoped(platform) {
         let stored = stage.stored_credentials().expect("credentials");
         assert_eq!(stored.access_token, stage.mock.access_token(), "{platform}");

@@ -1,15 +1,20 @@
-//! Naver Clova. **Assumed shape**: the public Clova Home Extension API is
-//! pull-only (Clova asks the partner) and closed to new registrations; this
-//! push shape is an assumption to swap when a partner agreement brings one.
+//! Naver Clova. **Assumed throughout**: the public Clova Home Extension API
+//! is pull-only (Clova sends directives to the partner and reads its
+//! answers) and closed to new registrations; NAVER documents no push
+//! (partner → Clova) call. Nothing below is Clova's documented format.
 //!
 //! Assumed:
 //! - `POST {base}/events` (base: the link's `callback_url`, else the partner
 //!   `url`) with a per-link OAuth2 user token in `Authorization: Bearer`,
-//!   `x-request-id` = the delivery id (stable: the receiver dedupes on it),
-//!   and `{"ts": <unix ms>, "payload": {"user_id": <account>, "devices":
-//!   [{"id": <externalId>, "capabilities": [{"name", "property", "value"}]}]}}`
-//!   with the Home Extension's capability names (see the mapping table), plus
-//!   `"alert": <kind>` on alerts;
+//!   `x-request-id` = the delivery id (stable: the receiver dedupes on it);
+//! - the body `{"ts": <unix ms>, "payload": {"user_id": <account>, "devices":
+//!   [{"id": <externalId>, "capabilities": [{"name", "property", "value"}]}]}}`,
+//!   plus `"alert": <kind>` on alerts. This is the shape of another
+//!   platform's state callback (Yandex smart home's `ts` / `payload.user_id`
+//!   / `devices`), not one Clova defines;
+//! - capability names and values from the mapping table (`LockState`,
+//!   `lockState`, `locked` / `unlocked`...): herald's own, not values taken
+//!   from Clova's Home Extension interface;
 //! - refresh: RFC 6749 `refresh_token` grant at the link's `token_url` (else
 //!   the partner's), client id and secret in the form;
 //! - answers: 2xx delivered, 401 refresh, 403 park, 429/5xx retry.

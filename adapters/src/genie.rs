@@ -1,14 +1,15 @@
-//! KT GiGA Genie. **Assumed shape**: "Home Skills" connects third-party IoT
-//! servers over OAuth 2.0 with a Capability / Resource / Value model, but no
-//! public push API was found; this is an assumption to swap when a partner
-//! agreement brings the spec.
+//! KT GiGA Genie. **Assumed throughout**: KT's "Home Skills" connect
+//! third-party IoT servers over OAuth 2.0 with a Capability / Resource /
+//! Value model, but KT publishes no push (partner → Genie) API; nothing below
+//! is KT's documented format.
 //!
 //! Assumed:
 //! - `POST {base}/events` (base: the link's `callback_url`, else the partner
 //!   `url`) with a per-link OAuth2 user token in `Authorization: Bearer`,
 //!   `x-request-id` = the delivery id (the receiver dedupes on it), and
 //!   `{"deviceId", "capability", "resource", "value", "eventTime", "alert"?}`
-//!   (`eventTime` in RFC 3339 UTC; capability/resource from the mapping);
+//!   (`eventTime` in RFC 3339 UTC; capability/resource names and values from
+//!   herald's mapping table, not from KT);
 //! - refresh: RFC 6749 `refresh_token` grant at the link's `token_url` (else
 //!   the partner's), client id and secret in the form;
 //! - answers: 2xx delivered, 401 refresh, 403 park, 429/5xx retry.

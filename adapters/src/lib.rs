@@ -110,6 +110,11 @@ pub struct DeliveryContext<'a> {
     pub delivery_id: &'a str,
     /// 1 for the first attempt.
     pub attempt: u32,
+    /// Which send within this attempt: 0 for the first, 1 for the resend
+    /// after a token refresh. With `delivery_id` and `attempt` it names one
+    /// call, for platforms that want a new id per call (ThinQ
+    /// `x-message-id`); deduplication stays on `delivery_id`.
+    pub send: u32,
     /// Unix seconds of this attempt, from herald's clock.
     pub now_unix: u64,
     pub event: EventView<'a>,

@@ -1,27 +1,38 @@
-//! LG ThinQ. **Assumed shape**: LG publishes no inbound (partner → ThinQ)
-//! device API; this follows the conventions of LG's published partner APIs
-//! and is meant to be swapped for the real spec when a partner agreement
-//! brings it.
+//! LG ThinQ. LG's public ThinQ Connect API (and its SDK,
+//! thinq-connect/pythinqconnect `thinqconnect/thinq_api.py`) is for reading
+//! and controlling a user's devices; LG publishes no inbound (partner →
+//! ThinQ) event API. The call itself is therefore **assumed**; the headers
+//! follow LG's SDK.
 //!
-//! Documented conventions used: `Authorization: Bearer`, `x-message-id`
-//! (base64url of a UUIDv4, no padding, 22 chars, unique per call),
-//! `x-country-code`, `x-service-id`, `x-api-key`; answers carry
-//! `responseCode` (`"0000"` OK; 1103 invalid token; 1104 invalid message id;
-//! 12xx not registered (park); 13xx no authority or, 1306, the API quota
-//! spent (herald's setup: retried and alerted, never parked); 2000 server
-//! error).
+//! Followed (from `thinq_api.py` `_generate_headers`):
+//! - `Authorization: Bearer <token>`;
+//! - `x-message-id`: base64url of a UUID, no padding, 22 characters, new for
+//!   every call. herald derives it from the delivery id, the attempt and the
+//!   send within the attempt, so the resend after a token refresh gets a new
+//!   one too; receivers dedupe on the body's `eventId`, never on it;
+//! - `x-country`: the link's `region`, upper-cased (a country code);
+//! - `x-client-id`: the partner's client id;
+//! - `x-api-key`: the partner secret, when one is configured (the SDK sends
+//!   its own fixed key here);
+//! - `x-service-phase: OP`.
+//!
+//! Answers carry `responseCode` (assumed to be read as in LG's partner
+//! APIs): `"0000"` OK; 1103 invalid token (refresh); 1104 invalid message
+//! id and 2000 server error (retry); 12xx not registered (park); 13xx no
+//! authority or, 1306, the API quota spent (herald's setup: retried and
+//! alerted, never parked).
 //!
 //! Assumed:
 //! - the call: `POST {base}/devices/{externalId}/events` (base: the link's
 //!   `callback_url`, else the partner `url`) with
 //!   `{"deviceId", "eventId", "timestamp", "state": {<resource>: {<property>: value}}, "alert"?}`;
-//!   `eventId` (the delivery id) is what a receiver dedupes on, since
-//!   `x-message-id` changes every call (derived from delivery id + attempt);
 //! - auth: a partner-wide OAuth2 client-credentials token
 //!   ([`TokenScope::Partner`]) from the partner's `token_url`, else
-//!   `{url}/oauth2/token`; `x-service-id` is the client id, `x-api-key` the
-//!   partner secret when one is configured;
-//! - `x-country-code`: the link's `region`, upper-cased.
+//!   `{url}/oauth2/token`. LG's SDK instead uses the user's own token (a
+//!   personal access token): a per-user token would be the link's;
+//! - answers: `responseCode` as read by `classify` (LG's SDK reads
+//!   `error.code` with its own code table, in which `0000` is an unknown
+//!   error).
 
 use std::time::SystemTime;
 
@@ -124,12 +135,10 @@ impl Adapter for ThinQ {
         let mut headers = vec![
             ("authorization".into(), format!("Bearer {token}")),
             ("content-type".into(), "application/json".into()),
-            (
-                "x-message-id".into(),
-                ids::uuid_base64url(&[ctx.delivery_id, &ctx.attempt.to_string()]),
-            ),
-            ("x-country-code".into(), country.to_ascii_uppercase()),
-            ("x-service-id".into(), self.client_id.clone()),
+            ("x-message-id".into(), message_id(ctx)),
+            ("x-country".into(), country.to_ascii_uppercase()),
+            ("x-client-id".into(), self.client_id.clone()),
+            ("x-service-phase".into(), "OP".into()),
         ];
         if let Some(key) = &self.api_key {
             headers.push(("x-api-key".into(), key.clone()));
@@ -191,6 +200,19 @@ impl Adapter for ThinQ {
     }
 }
 
+/// A new `x-message-id` for every call: derived from the delivery, the
+/// attempt and the send within it (the resend after a token refresh is a
+/// new call). A first send keeps the id it has always had.
+fn message_id(ctx: &DeliveryContext<'_>) -> String {
+    let attempt = ctx.attempt.to_string();
+    let send = ctx.send.to_string();
+    if ctx.send == 0 {
+        ids::uuid_base64url(&[ctx.delivery_id, &attempt])
+    } else {
+        ids::uuid_base64url(&[ctx.delivery_id, &attempt, &send])
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct ThinQAnswer {
@@ -227,6 +249,65 @@ mod tests {
             },
             SystemTime::UNIX_EPOCH,
         )
+    }
+
+    #[test]
+    fn every_call_gets_a_new_message_id_and_the_event_id_stays() {
+        let adapter = ThinQ::boxed(&PartnerSettings {
+            url: "http://x".into(),
+            client_id: Some("c".into()),
+            client_secret: Some("s".into()),
+            ..PartnerSettings::default()
+        })
+        .unwrap();
+        let data = serde_json::value::RawValue::from_string(
+            r#"{"capability":"lock","attribute":"lock","value":"locked"}"#.into(),
+        )
+        .unwrap();
+        let link = LinkView {
+            external_id: "lock-42",
+            account: None,
+            region: Some("kr"),
+            callback_url: None,
+            token_url: None,
+            access_token: Some("at-0"),
+            options: None,
+        };
+        let call = |attempt: u32, send: u32| {
+            let request = adapter
+                .build(&DeliveryContext {
+                    delivery_id: "d-1",
+                    attempt,
+                    send,
+                    now_unix: 1_700_000_000,
+                    event: crate::EventView {
+                        id: "e-1",
+                        event_type: "lock.changed",
+                        device_id: "lock-7f3a",
+                        priority: "normal",
+                        occurred_at: "2026-11-25T06:00:00Z",
+                        data: &data,
+                    },
+                    link: Some(link),
+                })
+                .unwrap();
+            let message_id = request
+                .headers
+                .iter()
+                .find(|(name, _)| name == "x-message-id")
+                .map(|(_, value)| value.clone())
+                .expect("an x-message-id");
+            let body: Value = serde_json::from_slice(&request.body).unwrap();
+            (message_id, body["eventId"].clone())
+        };
+        let (first, first_event) = call(1, 0);
+        let (resent, resent_event) = call(1, 1);
+        let (retried, _) = call(2, 0);
+        assert_eq!(first.len(), 22, "{first}");
+        assert_ne!(first, resent, "the resend after a refresh is a new call");
+        assert_ne!(first, retried);
+        assert_ne!(resent, retried);
+        assert_eq!(first_event, resent_event, "receivers dedupe on eventId");
     }
 
     #[test]

@@ -214,6 +214,7 @@ mod tests {
         let ctx = DeliveryContext {
             delivery_id: "d-1",
             attempt: 2,
+            send: 0,
             now_unix: 1_700_000_000,
             event: EventView {
                 id: "e-1",

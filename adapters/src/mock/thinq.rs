@@ -26,11 +26,16 @@ impl Dialect for ThinQ {
         if message_id.len() > 22 || raw.len() != 16 {
             return Err("x-message-id is not a 16-byte id in 22 chars".into());
         }
-        let country = req.header("x-country-code").ok_or("no x-country-code")?;
+        // The headers LG's SDK sends on every call:
+        // thinq-connect/pythinqconnect thinqconnect/thinq_api.py `_generate_headers`.
+        let country = req.header("x-country").ok_or("no x-country")?;
         if country.len() != 2 || !country.bytes().all(|b| b.is_ascii_uppercase()) {
-            return Err("x-country-code is not two capitals".into());
+            return Err("x-country is not two capitals".into());
         }
-        req.header("x-service-id").ok_or("no x-service-id")?;
+        req.header("x-client-id").ok_or("no x-client-id")?;
+        if req.header("x-service-phase") != Some("OP") {
+            return Err("x-service-phase is not OP".into());
+        }
         let body = req.json().ok_or("body is not JSON")?;
         body["deviceId"].as_str().ok_or("no deviceId")?;
         body["eventId"].as_str().ok_or("no eventId")?;

@@ -186,6 +186,7 @@ pub fn context<'a>(
     DeliveryContext {
         delivery_id,
         attempt,
+        send: 0,
         now_unix: NOW_UNIX,
         event: sample.view(),
         link: Some(link.view()),

@@ -21,6 +21,12 @@ use crate::clock::rfc3339;
 use crate::model::{Attempt, AttemptOutcome, EventRecord, ParkedRoute, Priority};
 use crate::store::{Due, Next, Outcome};
 
+/// `DeliveryContext::send` of an attempt's first send.
+const FIRST_SEND: u32 = 0;
+/// `DeliveryContext::send` of the resend after a token refresh: the same
+/// delivery and attempt, a new call.
+const RESEND_AFTER_REFRESH: u32 = 1;
+
 /// A request that went out: when, and the status that came back (none on
 /// a timeout or a network error). What the lane learns the partner's health
 /// and latency from, whatever the deliveries it carried became.
@@ -169,7 +175,7 @@ impl Lane {
             Ok(renewed) => renewed,
             Err(verdict) => return (verdict, status),
         };
-        let request = match self.build(batch, Some(&renewed)) {
+        let request = match self.build(batch, Some(&renewed), RESEND_AFTER_REFRESH) {
             Ok(request) => request,
             Err(why) => return (reason_only(&why), None),
         };
@@ -205,7 +211,7 @@ impl Lane {
         let give_up = |batch: Vec<Sendable>, reason: &str, outcomes: &mut Vec<Outcome>| {
             outcomes.extend(self.conclude_all(batch, started_ms, None, reason_only(reason)));
         };
-        let reason = match self.build(batch, link) {
+        let reason = match self.build(batch, link, FIRST_SEND) {
             Ok(request) => return Some(request),
             Err(reason) if batch.len() > 1 => reason,
             Err(reason) => {
@@ -215,7 +221,7 @@ impl Lane {
         };
         // One delivery that cannot be built must not sink the others.
         for s in std::mem::take(batch) {
-            match self.build(std::slice::from_ref(&s), link) {
+            match self.build(std::slice::from_ref(&s), link, FIRST_SEND) {
                 Ok(_) => batch.push(s),
                 Err(own) => give_up(vec![s], &own, outcomes),
             }
@@ -223,7 +229,7 @@ impl Lane {
         if batch.is_empty() {
             return None;
         }
-        match self.build(batch, link) {
+        match self.build(batch, link, FIRST_SEND) {
             Ok(request) => Some(request),
             Err(_) => {
                 give_up(std::mem::take(batch), &reason, outcomes);
@@ -333,6 +339,7 @@ impl Lane {
         &self,
         batch: &[Sendable],
         link: Option<&Prepared>,
+        send: u32,
     ) -> Result<OutboundRequest, String> {
         let ids: Vec<(String, String)> = batch
             .iter()
@@ -346,6 +353,7 @@ impl Lane {
             .map(|(s, (event_id, delivery_id))| DeliveryContext {
                 delivery_id,
                 attempt: s.number,
+                send,
                 now_unix,
                 event: EventView {
                     id: event_id,
