@@ -11,6 +11,7 @@
 //! `herald_partner_misconfigured_total` per answer) and in the log, once
 //! when raised and once when cleared. The next delivered answer clears it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use serde::Serialize;
@@ -37,6 +38,9 @@ struct Raised {
 
 pub struct PartnerAlert {
     partner: String,
+    /// Whether `raised` holds one: every delivered answer asks, so the
+    /// common case (nothing raised) reads an atomic, not the lock.
+    is_raised: AtomicBool,
     raised: Mutex<Option<Raised>>,
 }
 
@@ -45,6 +49,7 @@ impl PartnerAlert {
         metrics::gauge!("herald_partner_misconfigured", "partner" => partner.to_string()).set(0.0);
         PartnerAlert {
             partner: partner.to_string(),
+            is_raised: AtomicBool::new(false),
             raised: Mutex::new(None),
         }
     }
@@ -57,9 +62,7 @@ impl PartnerAlert {
         match raised.as_mut() {
             Some(held) => {
                 held.count += 1;
-                if held.reason != reason {
-                    held.reason = reason.to_string();
-                }
+                reason.clone_into(&mut held.reason);
             }
             None => {
                 tracing::error!(partner = %self.partner, %reason,
@@ -71,13 +74,18 @@ impl PartnerAlert {
                     since_ms: now_ms,
                     count: 1,
                 });
+                self.is_raised.store(true, Ordering::Release);
             }
         }
     }
 
     /// A delivery was taken: whatever was wrong is fixed.
     pub fn clear(&self) {
+        if !self.is_raised.load(Ordering::Acquire) {
+            return;
+        }
         let mut raised = lock(&self.raised);
+        self.is_raised.store(false, Ordering::Release);
         if let Some(held) = raised.take() {
             tracing::info!(partner = %self.partner, answers = held.count,
                 "the platform takes herald's deliveries again; the misconfiguration alert is cleared");
