@@ -713,6 +713,15 @@ fn partner_config(
     if let Some(token_url) = &p.token_url {
         check_url(&key("token_url"), token_url, p.allow_private)?;
     }
+    if !p.gateways.is_empty() && p.adapter != "alexa" {
+        return Err(ConfigError::new(
+            key("gateways"),
+            format!(
+                "only Alexa partners route links by region; the {} adapter takes url",
+                p.adapter
+            ),
+        ));
+    }
     for (region, url) in &p.gateways {
         check_url(&key(&format!("gateways.{region}")), url, p.allow_private)?;
     }
@@ -1261,6 +1270,11 @@ retry = { initial_ms = 1000, multiplier = 2.0, max_interval_ms = 600000, max_age
                 "max_in_flight = 32",
                 "max_in_flight = 32\npermanent_statuses = [204]",
                 "partners.acme.permanent_statuses",
+            ),
+            (
+                "max_in_flight = 32",
+                "max_in_flight = 32\ngateways = { na = \"https://gw.example/v3/events\" }",
+                "partners.acme.gateways",
             ),
             (
                 "timeout_ms = 5000",
