@@ -172,10 +172,6 @@ impl Adapter for Kakao {
             .ok()
             .and_then(|e| e.code);
         let reason = format!("HTTP {status}: {}", snippet(body));
-        let retry = |reason| Verdict::Retry {
-            after: retry_after::from_headers(headers, now),
-            reason,
-        };
         // Kakao's API answers, from "REST API reference: Response code"
         // (https://developers.kakao.com/docs/latest/en/rest-api/reference#response-code).
         // The code decides; the HTTP status only where no code came.
@@ -197,7 +193,10 @@ impl Adapter for Kakao {
             // -1: an internal error at Kakao; -7: the service is under
             // maintenance; -10: the app's quota is spent for now. All come
             // with HTTP 400 and all say "try again".
-            (_, Some(-1 | -7 | -10)) | (429 | 500..=599, _) => retry(reason),
+            (_, Some(-1 | -7 | -10)) | (429 | 500..=599, _) => Verdict::Retry {
+                after: retry_after::from_headers(headers, now),
+                reason,
+            },
             (401, _) => Verdict::Refresh { reason },
             // 403 without a code: the user blocked the app.
             (403, None) => Verdict::Park { reason },
