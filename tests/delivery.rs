@@ -6,7 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{config_toml, partner_toml, setup, MockPartner, Reply, TestHerald, SECRET, START_MS};
+use common::{
+    config_toml, partner_toml, setup, setup_on, MockPartner, Reply, TestHerald, SECRET, START_MS,
+};
 use herald::clock::Clock;
 use herald::dispatch::retry::RetryPolicy;
 use herald::model::DeliveryState;
@@ -510,19 +512,13 @@ async fn a_receiver_answering_404_401_302_500_is_retried_until_it_takes_the_even
         .duration_since(std::time::UNIX_EPOCH)
         .expect("after 1970")
         .as_millis() as u64;
-    let clock = Clock::manual(real_now_ms);
-    let mock = MockPartner::start(clock.clone()).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let toml = config_toml(
-        dir.path(),
-        &partner_toml(
-            "acme",
-            &mock.url,
-            "retry = { initial_ms = 1000, multiplier = 2.0, max_interval_ms = 4000 }",
-        ),
+    let (h, mock, _dir) = setup_on(
+        Clock::manual(real_now_ms),
+        "retry = { initial_ms = 1000, multiplier = 2.0, max_interval_ms = 4000 }",
         "",
-    );
-    let h = TestHerald::start(&toml, clock.clone()).await;
+    )
+    .await;
+    let clock = h.clock.clone();
     mock.script([404, 401, 302, 500, 200].map(Reply::Status));
     let (event_id, delivery_id) = h.send_one("acme", "critical").await;
     let id = Uuid::parse_str(&event_id).expect("uuid");

@@ -151,12 +151,16 @@ impl Stage {
     }
 
     async fn put_link(&self, body: &Value) -> (u16, Value) {
+        self.put_link_of(DEVICE, body).await
+    }
+
+    async fn put_link_of(&self, device: &str, body: &Value) -> (u16, Value) {
         let response = self
             .h()
             .http
             .put(
                 self.h()
-                    .url(&format!("/v1/links/{}/{DEVICE}", self.platform)),
+                    .url(&format!("/v1/links/{}/{device}", self.platform)),
             )
             .bearer_auth(OPERATOR_TOKEN)
             .header("content-type", "application/json")
@@ -528,50 +532,34 @@ async fn refused_setup_parks_nothing(platform: &'static str) {
     stage.wait_alert(false).await;
 }
 
-macro_rules! refused_client_tests {
-    ($($module:ident: $platform:literal),* $(,)?) => {$(
-        mod $module {
+/// One test per platform of `$case`, in a module per platform.
+macro_rules! per_platform {
+    ($test:ident, $case:ident, [$($platform:ident),* $(,)?]) => {$(
+        mod $platform {
             use super::super::*;
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn a_refused_client_parks_nothing_and_delivers_once_fixed() {
-                refused_client_parks_nothing($platform).await;
+            async fn $test() {
+                $case(stringify!($platform)).await;
             }
         }
     )*};
 }
 
 mod refused_client {
-    refused_client_tests! {
-        smartthings: "smartthings",
-        alexa: "alexa",
-        thinq: "thinq",
-        kakao: "kakao",
-        clova: "clova",
-        genie: "genie",
-    }
-}
-
-macro_rules! refused_setup_tests {
-    ($($module:ident: $platform:literal),* $(,)?) => {$(
-        mod $module {
-            use super::super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn a_refused_setup_parks_nothing_and_delivers_once_fixed() {
-                refused_setup_parks_nothing($platform).await;
-            }
-        }
-    )*};
+    per_platform!(
+        a_refused_client_parks_nothing_and_delivers_once_fixed,
+        refused_client_parks_nothing,
+        [smartthings, alexa, thinq, kakao, clova, genie]
+    );
 }
 
 mod refused_setup {
-    refused_setup_tests! {
-        alexa: "alexa",
-        google: "google",
-        thinq: "thinq",
-        kakao: "kakao",
-    }
+    per_platform!(
+        a_refused_setup_parks_nothing_and_delivers_once_fixed,
+        refused_setup_parks_nothing,
+        [alexa, google, thinq, kakao]
+    );
 }
 
 /// SmartThings' token endpoint answers a dead refresh token with a bare
@@ -859,17 +847,7 @@ async fn alexa_links_reach_their_regions_gateway_with_bodies_amazons_schema_take
     for region in ["na", "fe"] {
         let mut body = link_body("alexa", &stage.base, "at-0", "rt-0");
         body["region"] = region.into();
-        let response = stage
-            .h()
-            .http
-            .put(stage.h().url(&format!("/v1/links/alexa/lock-{region}")))
-            .bearer_auth(OPERATOR_TOKEN)
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-            .expect("herald answers");
-        let (status, answer) = read(response).await;
+        let (status, answer) = stage.put_link_of(&format!("lock-{region}"), &body).await;
         assert_eq!(status, 201, "{answer}");
     }
     for device in ["lock-na", DEVICE, "lock-fe"] {

@@ -359,36 +359,38 @@ fn st_post(url: &str, body: &Value, what: &str) -> Result<OutboundRequest, Build
 mod tests {
     use super::*;
 
+    const ADAPTER: SmartThings = SmartThings {
+        client_id: None,
+        client_secret: None,
+    };
+
+    fn http(status: u16, body: &str) -> Answer<'_> {
+        Answer::Http {
+            status,
+            headers: &[],
+            body: body.as_bytes(),
+        }
+    }
+
+    /// An st-schema answer carrying one global error.
+    fn global(error_enum: &str) -> String {
+        format!(r#"{{"globalError":{{"errorEnum":"{error_enum}","detail":"x"}}}}"#)
+    }
+
     fn classify(status: u16, body: &str) -> Verdict {
-        let adapter = SmartThings {
-            client_id: None,
-            client_secret: None,
-        };
-        adapter.classify(
-            &Answer::Http {
-                status,
-                headers: &[],
-                body: body.as_bytes(),
-            },
-            SystemTime::UNIX_EPOCH,
-        )
+        ADAPTER.classify(&http(status, body), SystemTime::UNIX_EPOCH)
     }
 
     #[test]
     fn refresh_tokens_live_thirty_days() {
-        let adapter = SmartThings {
-            client_id: None,
-            client_secret: None,
-        };
         assert_eq!(
-            adapter.refresh_token_lifetime(),
+            ADAPTER.refresh_token_lifetime(),
             Some(Duration::from_secs(30 * 86_400))
         );
     }
 
     #[test]
     fn reads_global_and_device_errors() {
-        let global = |e: &str| format!(r#"{{"globalError":{{"errorEnum":"{e}","detail":"x"}}}}"#);
         assert!(matches!(
             classify(401, &global("TOKEN-EXPIRED")),
             Verdict::Refresh { .. }
@@ -419,23 +421,11 @@ mod tests {
     }
 
     fn read_refresh(status: u16, body: &str) -> RefreshVerdict {
-        let adapter = SmartThings {
-            client_id: None,
-            client_secret: None,
-        };
-        adapter.read_refresh(
-            &Answer::Http {
-                status,
-                headers: &[],
-                body: body.as_bytes(),
-            },
-            SystemTime::UNIX_EPOCH,
-        )
+        ADAPTER.read_refresh(&http(status, body), SystemTime::UNIX_EPOCH)
     }
 
     #[test]
     fn reads_the_token_endpoints_answers() {
-        let global = |e: &str| format!(r#"{{"globalError":{{"errorEnum":"{e}","detail":"x"}}}}"#);
         assert!(matches!(read_refresh(401, ""), RefreshVerdict::Park { .. }));
         assert!(matches!(
             read_refresh(400, "Bad Request"),

@@ -232,14 +232,18 @@ pub fn answer_body(code: &str, message: &str) -> Value {
 mod tests {
     use super::*;
 
-    fn classify(status: u16, code: &str) -> Verdict {
-        let adapter = ThinQ::boxed(&PartnerSettings {
+    fn adapter() -> Box<dyn Adapter> {
+        ThinQ::boxed(&PartnerSettings {
             url: "http://x".into(),
             client_id: Some("c".into()),
             client_secret: Some("s".into()),
             ..PartnerSettings::default()
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    fn classify(status: u16, code: &str) -> Verdict {
+        let adapter = adapter();
         let body = serde_json::to_vec(&answer_body(code, "x")).unwrap();
         adapter.classify(
             &Answer::Http {
@@ -253,13 +257,7 @@ mod tests {
 
     #[test]
     fn every_call_gets_a_new_message_id_and_the_event_id_stays() {
-        let adapter = ThinQ::boxed(&PartnerSettings {
-            url: "http://x".into(),
-            client_id: Some("c".into()),
-            client_secret: Some("s".into()),
-            ..PartnerSettings::default()
-        })
-        .unwrap();
+        let adapter = adapter();
         let data = serde_json::value::RawValue::from_string(
             r#"{"capability":"lock","attribute":"lock","value":"locked"}"#.into(),
         )

@@ -446,7 +446,15 @@ pub async fn setup(
     partner_extra: &str,
     server_extra: &str,
 ) -> (TestHerald, MockPartner, tempfile::TempDir) {
-    let clock = Clock::manual(START_MS);
+    setup_on(Clock::manual(START_MS), partner_extra, server_extra).await
+}
+
+/// [`setup`] on `clock`.
+pub async fn setup_on(
+    clock: Clock,
+    partner_extra: &str,
+    server_extra: &str,
+) -> (TestHerald, MockPartner, tempfile::TempDir) {
     let mock = MockPartner::start(clock.clone()).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let toml = config_toml(
