@@ -1,13 +1,20 @@
 //! Device links: which partner platforms a device is linked into, and the
 //! credentials herald presents there on the user's behalf.
 //!
-//! A link's tokens are someone's access to their home, so they are sealed
+//! Platforms issue tokens per user, not per device, so credentials belong
+//! to a grant: the links of one partner that name the same `account` share
+//! one (`account/<account>`), and a link without an account has one of its
+//! own (`device/<device_id>`). One refresh renews the tokens of all the
+//! user's devices, and a single-use refresh token is spent once.
+//!
+//! A grant's tokens are someone's access to their home, so they are sealed
 //! before they reach the store (AES-256-GCM, key from `HERALD_LINK_KEY` or
 //! the variable `[server] link_key_env` names, bound to the partner and
-//! device so a sealed blob cannot be moved to another link) and opened only
+//! grant so a sealed blob cannot be moved to another) and opened only
 //! when a delivery needs them. Nothing here logs them; [`Link`]'s `Debug`
 //! and every API view leave them out.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -19,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::clock::Clock;
-use crate::model::StoredLink;
+use crate::model::{grant_id, StoredGrant, StoredLink};
 use crate::store::{Store, StoreError};
 
 /// The environment variable holding the link key when the config names none.
@@ -31,10 +38,12 @@ pub enum LinkError {
     Store(#[from] StoreError),
     #[error("link credentials need a key: set {DEFAULT_KEY_ENV} (or the variable [server] link_key_env names) to the base64 of 32 random bytes")]
     NoKey,
-    #[error("the credentials of link {partner}/{device_id} cannot be opened: {reason}")]
+    /// `owner` is `grant <grant id>`, or `link <device id>` for a link
+    /// written before grants.
+    #[error("the credentials of {owner} at {partner} cannot be opened: {reason}")]
     Unsealable {
         partner: String,
-        device_id: String,
+        owner: String,
         reason: String,
     },
 }
@@ -109,7 +118,7 @@ struct SealedCredentials {
     expires_at_unix: Option<u64>,
 }
 
-/// A link as herald uses it, credentials opened.
+/// A link as herald uses it, its grant's credentials opened.
 #[derive(Clone)]
 pub struct Link {
     pub partner: String,
@@ -119,11 +128,18 @@ pub struct Link {
     pub region: Option<String>,
     pub callback_url: Option<String>,
     pub token_url: Option<String>,
+    /// The grant's credentials: on a `PUT`, the grant's new ones (none:
+    /// keep the account's grant as it is).
     pub credentials: Option<Credentials>,
     pub options: Option<Box<RawValue>>,
     /// The store's count of writes to this link; a new link's is set by
-    /// the store (see [`Links::rotate`]).
+    /// the store.
     pub generation: u64,
+    /// The store's count of writes to the link's grant when it was read (0:
+    /// none stored): a refresh stores its tokens only if it is unchanged.
+    pub grant_generation: u64,
+    /// When the grant's refresh token was obtained (herald's clock, ms).
+    pub refresh_obtained_ms: u64,
 }
 
 impl fmt::Debug for Link {
@@ -132,6 +148,7 @@ impl fmt::Debug for Link {
             .field("partner", &self.partner)
             .field("device_id", &self.device_id)
             .field("external_id", &self.external_id)
+            .field("grant", &self.grant())
             .field("credentials", &self.credentials)
             .field("generation", &self.generation)
             .finish_non_exhaustive()
@@ -151,7 +168,44 @@ impl Link {
             options: self.options.as_deref(),
         }
     }
+
+    /// The id of the grant whose credentials this link presents.
+    pub fn grant(&self) -> String {
+        grant_id(self.account.as_deref(), &self.device_id)
+    }
 }
+
+/// A link as stored, with its grant: what a view shows, no secret opened.
+#[derive(Debug, Clone)]
+pub struct StoredView {
+    pub link: StoredLink,
+    pub grant: Option<StoredGrant>,
+}
+
+impl StoredView {
+    pub fn has_credentials(&self) -> bool {
+        self.grant.is_some() || self.link.sealed_credentials.is_some()
+    }
+
+    pub fn expires_at_unix(&self) -> Option<u64> {
+        match &self.grant {
+            Some(grant) => grant.expires_at_unix,
+            None => self.link.expires_at_unix,
+        }
+    }
+}
+
+/// What a `PUT` of a link did.
+#[derive(Debug)]
+pub struct PutOutcome {
+    pub created: bool,
+    /// The devices whose parked routes are cleared: the link's, and with
+    /// new credentials every other link of its grant.
+    pub relinked: Vec<String>,
+}
+
+/// Links read at a time while links written before grants are adopted.
+const ADOPT_PAGE: usize = 256;
 
 /// Links in the store, sealed on the way in and opened on the way out.
 #[derive(Clone)]
@@ -166,11 +220,13 @@ impl Links {
         Links { store, key, clock }
     }
 
+    /// The link with its grant's credentials opened.
     pub fn get(&self, partner: &str, device_id: &str) -> Result<Option<Link>, LinkError> {
-        match self.store.link(partner, device_id)? {
-            Some(stored) => self.open(stored).map(Some),
-            None => Ok(None),
-        }
+        let Some(link) = self.store.link(partner, device_id)? else {
+            return Ok(None);
+        };
+        let grant = self.store.grant(partner, &link.grant())?;
+        self.open(StoredView { link, grant }).map(Some)
     }
 
     /// The stored form, for views: no secrets to open.
@@ -178,8 +234,12 @@ impl Links {
         &self,
         partner: &str,
         device_id: &str,
-    ) -> Result<Option<StoredLink>, LinkError> {
-        Ok(self.store.link(partner, device_id)?)
+    ) -> Result<Option<StoredView>, LinkError> {
+        let Some(link) = self.store.link(partner, device_id)? else {
+            return Ok(None);
+        };
+        let grant = self.store.grant(partner, &link.grant())?;
+        Ok(Some(StoredView { link, grant }))
     }
 
     /// Up to `limit` of `partner`'s links after device `after`, stored
@@ -189,81 +249,47 @@ impl Links {
         partner: &str,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<StoredLink>, LinkError> {
-        Ok(self.store.links_page(partner, after, limit)?)
+    ) -> Result<Vec<StoredView>, LinkError> {
+        let mut out = Vec::new();
+        for link in self.store.links_page(partner, after, limit)? {
+            let grant = self.store.grant(partner, &link.grant())?;
+            out.push(StoredView { link, grant });
+        }
+        Ok(out)
     }
 
-    /// Creates or replaces a link; true if it is new. Durable when it returns.
-    pub async fn put(&self, link: Link) -> Result<bool, LinkError> {
-        let obtained = link
-            .credentials
-            .as_ref()
-            .and_then(|c| c.refresh_token.as_ref())
-            .map(|_| self.clock.now_ms());
-        let stored = self.seal(link, obtained)?;
-        Ok(self.store.put_link(stored).await?)
-    }
-
-    pub async fn delete(&self, partner: &str, device_id: &str) -> Result<bool, LinkError> {
-        Ok(self.store.delete_link(partner, device_id).await?)
-    }
-
-    /// Stores refreshed credentials unless the link changed since
-    /// `generation` (a `PUT` meanwhile wins); a refresh token the platform
-    /// did not rotate is kept. Durable before it returns, because a rotated
-    /// refresh token may be the only one that still works.
-    pub async fn rotate(
+    /// Up to `limit` of `partner`'s grants after grant `after`.
+    pub fn grants_page(
         &self,
         partner: &str,
-        device_id: &str,
-        generation: u64,
-        fresh: Credentials,
-    ) -> Result<bool, LinkError> {
-        let Some(stored) = self.store.link(partner, device_id)? else {
-            return Ok(false);
-        };
-        // A refresh token the platform did not rotate keeps its age.
-        let obtained = match fresh.refresh_token {
-            Some(_) => Some(self.clock.now_ms()),
-            None => Some(stored.refresh_obtained_ms()),
-        };
-        let mut link = self.open(stored)?;
-        if link.generation != generation {
-            return Ok(false);
-        }
-        let kept = link.credentials.and_then(|c| c.refresh_token);
-        link.credentials = Some(Credentials {
-            refresh_token: fresh.refresh_token.or(kept),
-            ..fresh
-        });
-        let stored = self.seal(link, obtained)?;
-        Ok(self.store.replace_link(stored).await?)
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StoredGrant>, LinkError> {
+        Ok(self.store.grants_page(partner, after, limit)?)
     }
 
-    fn seal(&self, link: Link, refresh_obtained_ms: Option<u64>) -> Result<StoredLink, LinkError> {
-        let expires_at_unix = link.credentials.as_ref().and_then(|c| c.expires_at_unix);
-        let sealed_credentials = match link.credentials {
+    /// One link that uses `grant`, opened: what a refresh of the grant
+    /// is built from when no delivery asks for it.
+    pub fn a_link_of(&self, partner: &str, grant: &str) -> Result<Option<Link>, LinkError> {
+        for device_id in self.store.grant_links(partner, grant, 1)? {
+            if let Some(link) = self.get(partner, &device_id)? {
+                return Ok(Some(link));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Creates or replaces a link and, when it carries credentials, its
+    /// grant's (for every link of the grant). Durable when it returns.
+    pub async fn put(&self, link: Link) -> Result<PutOutcome, LinkError> {
+        let now_ms = self.clock.now_ms();
+        let grant = match &link.credentials {
             None => None,
-            Some(c) => {
-                let key = self.key.as_ref().ok_or(LinkError::NoKey)?;
-                let unsealable = |reason: String| LinkError::Unsealable {
-                    partner: link.partner.clone(),
-                    device_id: link.device_id.clone(),
-                    reason,
-                };
-                let plain = serde_json::to_vec(&SealedCredentials {
-                    access_token: c.access_token,
-                    refresh_token: c.refresh_token,
-                    expires_at_unix: c.expires_at_unix,
-                })
-                .map_err(|e| unsealable(e.to_string()))?;
-                Some(
-                    key.seal(&aad(&link.partner, &link.device_id), &plain)
-                        .map_err(unsealable)?,
-                )
+            Some(credentials) => {
+                Some(self.seal_grant(&link.partner, &link.grant(), credentials, 0, now_ms)?)
             }
         };
-        Ok(StoredLink {
+        let stored = StoredLink {
             options: link.options,
             partner: link.partner,
             device_id: link.device_id,
@@ -272,57 +298,266 @@ impl Links {
             region: link.region,
             callback_url: link.callback_url,
             token_url: link.token_url,
-            sealed_credentials,
-            expires_at_unix,
+            sealed_credentials: None,
+            expires_at_unix: None,
             generation: link.generation,
+            updated_ms: now_ms,
+            refresh_obtained_ms: None,
+        };
+        let outcome = self.store.put_link(stored, grant).await?;
+        Ok(PutOutcome {
+            created: outcome.applied,
+            relinked: outcome.relinked,
+        })
+    }
+
+    /// Removes a link (and its grant, with the grant's last link).
+    pub async fn delete(&self, partner: &str, device_id: &str) -> Result<bool, LinkError> {
+        Ok(self.store.delete_link(partner, device_id).await?)
+    }
+
+    /// Stores refreshed credentials for `refreshed`'s grant unless the
+    /// grant changed since it was read (a `PUT` meanwhile wins); a refresh
+    /// token the platform did not rotate is kept, with its age. Durable
+    /// before it returns, because a rotated refresh token may be the only
+    /// one that still works.
+    pub async fn rotate(&self, refreshed: &Link, fresh: Credentials) -> Result<bool, LinkError> {
+        let kept = refreshed
+            .credentials
+            .as_ref()
+            .and_then(|c| c.refresh_token.clone());
+        let obtained_ms = match fresh.refresh_token {
+            Some(_) => self.clock.now_ms(),
+            None => refreshed.refresh_obtained_ms,
+        };
+        let credentials = Credentials {
+            refresh_token: fresh.refresh_token.or(kept),
+            ..fresh
+        };
+        let grant = self.seal_grant(
+            &refreshed.partner,
+            &refreshed.grant(),
+            &credentials,
+            refreshed.grant_generation,
+            obtained_ms,
+        )?;
+        Ok(self.store.rotate_grant(grant).await?)
+    }
+
+    /// Moves links written before grants existed onto grants, once: each
+    /// link is indexed under its grant, and the credentials a link held are
+    /// resealed as its grant's, the most recently updated link's copy when
+    /// several links of one account held them (a copy of a spent
+    /// single-use refresh token is worth nothing). Without the key, or if
+    /// any link's credentials cannot be opened, nothing moves: those links
+    /// keep their own credentials and this runs again at the next start.
+    pub async fn adopt_grants(&self) -> Result<(), LinkError> {
+        if self.store.grants_kept()? {
+            return Ok(());
+        }
+        // First pass: the newest copy of each grant's credentials, checked
+        // to open before anything is rewritten.
+        let mut newest: HashMap<(String, String), (u64, String)> = HashMap::new();
+        let mut legacy = 0usize;
+        self.each_link_page(|page| {
+            for link in page {
+                if link.sealed_credentials.is_none() {
+                    continue;
+                }
+                legacy += 1;
+                self.open_legacy(link)?;
+                let entry = newest
+                    .entry((link.partner.clone(), link.grant()))
+                    .or_insert((0, String::new()));
+                if link.updated_ms >= entry.0 {
+                    *entry = (link.updated_ms, link.device_id.clone());
+                }
+            }
+            Ok(())
+        })?;
+        // Second pass: each page's links and the grants they carry.
+        let mut pages = Vec::new();
+        self.each_link_page(|page| {
+            let mut links = Vec::with_capacity(page.len());
+            let mut grants = Vec::new();
+            for link in page {
+                let mut adopted = link.clone();
+                if let Some(credentials) = self.open_legacy(link)? {
+                    let grant = link.grant();
+                    let chosen = newest.get(&(link.partner.clone(), grant.clone()));
+                    if chosen.is_some_and(|(_, device)| *device == link.device_id) {
+                        grants.push(self.seal_grant(
+                            &link.partner,
+                            &grant,
+                            &credentials,
+                            0,
+                            link.refresh_obtained_ms(),
+                        )?);
+                    }
+                }
+                adopted.sealed_credentials = None;
+                adopted.expires_at_unix = None;
+                adopted.refresh_obtained_ms = None;
+                links.push(adopted);
+            }
+            pages.push((links, grants));
+            Ok(())
+        })?;
+        for (links, grants) in pages {
+            self.store.adopt_links(links, grants).await?;
+        }
+        self.store.mark_grants_kept().await?;
+        if legacy > 0 {
+            tracing::info!(
+                links = legacy,
+                grants = newest.len(),
+                "link credentials moved into grants"
+            );
+        }
+        Ok(())
+    }
+
+    /// Calls `visit` with every page of links in the store.
+    fn each_link_page(
+        &self,
+        mut visit: impl FnMut(&[StoredLink]) -> Result<(), LinkError>,
+    ) -> Result<(), LinkError> {
+        let mut after: Option<(String, String)> = None;
+        loop {
+            let page = self.store.all_links_page(
+                after.as_ref().map(|(p, d)| (p.as_str(), d.as_str())),
+                ADOPT_PAGE,
+            )?;
+            let Some(last) = page.last() else {
+                return Ok(());
+            };
+            after = Some((last.partner.clone(), last.device_id.clone()));
+            visit(&page)?;
+        }
+    }
+
+    fn seal_grant(
+        &self,
+        partner: &str,
+        grant: &str,
+        credentials: &Credentials,
+        generation: u64,
+        refresh_obtained_ms: u64,
+    ) -> Result<StoredGrant, LinkError> {
+        let key = self.key.as_ref().ok_or(LinkError::NoKey)?;
+        let unsealable = |reason: String| LinkError::Unsealable {
+            partner: partner.to_string(),
+            owner: format!("grant {grant}"),
+            reason,
+        };
+        let plain = serde_json::to_vec(&SealedCredentials {
+            access_token: credentials.access_token.clone(),
+            refresh_token: credentials.refresh_token.clone(),
+            expires_at_unix: credentials.expires_at_unix,
+        })
+        .map_err(|e| unsealable(e.to_string()))?;
+        let sealed_credentials = key
+            .seal(&grant_aad(partner, grant), &plain)
+            .map_err(unsealable)?;
+        Ok(StoredGrant {
+            partner: partner.to_string(),
+            grant: grant.to_string(),
+            sealed_credentials,
+            expires_at_unix: credentials.expires_at_unix,
+            generation,
             updated_ms: self.clock.now_ms(),
             refresh_obtained_ms,
         })
     }
 
-    fn open(&self, stored: StoredLink) -> Result<Link, LinkError> {
-        let unsealable = |reason: String| LinkError::Unsealable {
-            partner: stored.partner.clone(),
-            device_id: stored.device_id.clone(),
-            reason,
-        };
-        let credentials = match &stored.sealed_credentials {
-            None => None,
-            Some(text) => {
-                let key = self.key.as_ref().ok_or(LinkError::NoKey)?;
-                let plain = key
-                    .open(&aad(&stored.partner, &stored.device_id), text)
-                    .map_err(unsealable)?;
-                let c: SealedCredentials =
-                    serde_json::from_slice(&plain).map_err(|e| unsealable(e.to_string()))?;
-                Some(Credentials {
-                    access_token: c.access_token,
-                    refresh_token: c.refresh_token,
-                    expires_at_unix: c.expires_at_unix,
-                })
-            }
+    fn open(&self, stored: StoredView) -> Result<Link, LinkError> {
+        let StoredView { link, grant } = stored;
+        // The grant's, once there is one; until the link is adopted, the
+        // credentials it was written with.
+        let (credentials, grant_generation, refresh_obtained_ms) = match &grant {
+            Some(grant) => (
+                Some(self.open_sealed(
+                    &link.partner,
+                    &format!("grant {}", grant.grant),
+                    &grant_aad(&grant.partner, &grant.grant),
+                    &grant.sealed_credentials,
+                )?),
+                grant.generation,
+                grant.refresh_obtained_ms,
+            ),
+            None => (self.open_legacy(&link)?, 0, link.refresh_obtained_ms()),
         };
         Ok(Link {
-            partner: stored.partner,
-            device_id: stored.device_id,
-            external_id: stored.external_id,
-            account: stored.account,
-            region: stored.region,
-            callback_url: stored.callback_url,
-            token_url: stored.token_url,
+            partner: link.partner,
+            device_id: link.device_id,
+            external_id: link.external_id,
+            account: link.account,
+            region: link.region,
+            callback_url: link.callback_url,
+            token_url: link.token_url,
             credentials,
-            options: stored.options,
-            generation: stored.generation,
+            options: link.options,
+            generation: link.generation,
+            grant_generation,
+            refresh_obtained_ms,
+        })
+    }
+
+    /// The credentials a link written before grants holds itself.
+    fn open_legacy(&self, link: &StoredLink) -> Result<Option<Credentials>, LinkError> {
+        match &link.sealed_credentials {
+            None => Ok(None),
+            Some(text) => self
+                .open_sealed(
+                    &link.partner,
+                    &format!("link {}", link.device_id),
+                    &link_aad(&link.partner, &link.device_id),
+                    text,
+                )
+                .map(Some),
+        }
+    }
+
+    fn open_sealed(
+        &self,
+        partner: &str,
+        owner: &str,
+        aad: &[u8],
+        text: &str,
+    ) -> Result<Credentials, LinkError> {
+        let unsealable = |reason: String| LinkError::Unsealable {
+            partner: partner.to_string(),
+            owner: owner.to_string(),
+            reason,
+        };
+        let key = self.key.as_ref().ok_or(LinkError::NoKey)?;
+        let plain = key.open(aad, text).map_err(unsealable)?;
+        let c: SealedCredentials =
+            serde_json::from_slice(&plain).map_err(|e| unsealable(e.to_string()))?;
+        Ok(Credentials {
+            access_token: c.access_token,
+            refresh_token: c.refresh_token,
+            expires_at_unix: c.expires_at_unix,
         })
     }
 }
 
-/// Binds a sealed blob to its link.
-fn aad(partner: &str, device_id: &str) -> Vec<u8> {
+/// Binds a sealed blob to the link it was written for (links written
+/// before grants existed).
+fn link_aad(partner: &str, device_id: &str) -> Vec<u8> {
     let mut out = b"herald-link\0".to_vec();
     out.extend_from_slice(partner.as_bytes());
     out.push(0);
     out.extend_from_slice(device_id.as_bytes());
+    out
+}
+
+/// Binds a sealed blob to its grant, so it cannot be moved to another.
+fn grant_aad(partner: &str, grant: &str) -> Vec<u8> {
+    let mut out = b"herald-grant\0".to_vec();
+    out.extend_from_slice(partner.as_bytes());
+    out.push(0);
+    out.extend_from_slice(grant.as_bytes());
     out
 }
 
@@ -337,18 +572,141 @@ mod tests {
     #[test]
     fn sealed_credentials_open_only_for_their_link_and_key() {
         let k = key();
-        let sealed = k.seal(&aad("st", "lock-1"), b"secret-token").unwrap();
+        let sealed = k.seal(&link_aad("st", "lock-1"), b"secret-token").unwrap();
         assert!(!sealed.contains("secret-token"));
         assert_eq!(
-            k.open(&aad("st", "lock-1"), &sealed).unwrap(),
+            k.open(&link_aad("st", "lock-1"), &sealed).unwrap(),
             b"secret-token"
         );
-        assert!(k.open(&aad("st", "lock-2"), &sealed).is_err());
+        assert!(k.open(&link_aad("st", "lock-2"), &sealed).is_err());
         let other =
             LinkKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([8u8; 32]))
                 .unwrap();
-        assert!(other.open(&aad("st", "lock-1"), &sealed).is_err());
-        assert!(k.open(&aad("st", "lock-1"), "AAAA").is_err());
+        assert!(other.open(&link_aad("st", "lock-1"), &sealed).is_err());
+        assert!(k.open(&link_aad("st", "lock-1"), "AAAA").is_err());
+    }
+
+    /// A link as a herald from before grants stored it, its credentials
+    /// sealed to the link itself.
+    fn link_before_grants(
+        key: &LinkKey,
+        device_id: &str,
+        account: Option<&str>,
+        tokens: Option<(&str, &str)>,
+        updated_ms: u64,
+    ) -> StoredLink {
+        let sealed_credentials = tokens.map(|(access, refresh)| {
+            let plain = serde_json::to_vec(&SealedCredentials {
+                access_token: access.into(),
+                refresh_token: Some(refresh.into()),
+                expires_at_unix: Some(1_800_000_000),
+            })
+            .unwrap();
+            key.seal(&link_aad("st", device_id), &plain).unwrap()
+        });
+        StoredLink {
+            partner: "st".into(),
+            device_id: device_id.into(),
+            external_id: format!("ext-{device_id}"),
+            account: account.map(str::to_string),
+            region: None,
+            callback_url: None,
+            token_url: None,
+            expires_at_unix: sealed_credentials.as_ref().map(|_| 1_800_000_000),
+            sealed_credentials,
+            options: None,
+            generation: 3,
+            updated_ms,
+            refresh_obtained_ms: None,
+        }
+    }
+
+    fn tokens_of(links: &Links, device_id: &str) -> Option<(String, Option<String>)> {
+        let link = links.get("st", device_id).unwrap().expect("link");
+        link.credentials.map(|c| (c.access_token, c.refresh_token))
+    }
+
+    #[tokio::test]
+    async fn links_from_before_grants_move_onto_them_once_newest_copy_first() {
+        let (_dir, store) = crate::store::testing::open();
+        let k = key();
+        let before = [
+            // One user's two devices: the newer copy holds the live pair.
+            link_before_grants(
+                &k,
+                "lock-1",
+                Some("user-7"),
+                Some(("at-old", "rt-old")),
+                1_000,
+            ),
+            link_before_grants(
+                &k,
+                "lock-2",
+                Some("user-7"),
+                Some(("at-new", "rt-new")),
+                2_000,
+            ),
+            link_before_grants(&k, "cam-1", None, Some(("at-cam", "rt-cam")), 1_500),
+            link_before_grants(&k, "lock-3", Some("user-8"), None, 1_500),
+        ];
+        for link in &before {
+            crate::store::testing::put_link_as_before_grants(&store, link);
+        }
+
+        // Without the key nothing can move, and nothing does.
+        let keyless = Links::new(store.clone(), None, Clock::manual(5_000));
+        assert!(matches!(
+            keyless.adopt_grants().await,
+            Err(LinkError::NoKey)
+        ));
+        assert!(!store.grants_kept().unwrap());
+        let untouched = store.link("st", "lock-1").unwrap().unwrap();
+        assert_eq!(untouched.sealed_credentials, before[0].sealed_credentials);
+
+        let links = Links::new(store.clone(), Some(k.clone()), Clock::manual(5_000));
+        // Until they move, links present the credentials they were written with.
+        assert_eq!(
+            tokens_of(&links, "lock-1"),
+            Some(("at-old".into(), Some("rt-old".into())))
+        );
+        links.adopt_grants().await.unwrap();
+        assert!(store.grants_kept().unwrap());
+        let live = Some(("at-new".to_string(), Some("rt-new".to_string())));
+        assert_eq!(tokens_of(&links, "lock-1"), live);
+        assert_eq!(tokens_of(&links, "lock-2"), live);
+        assert_eq!(
+            tokens_of(&links, "cam-1"),
+            Some(("at-cam".into(), Some("rt-cam".into())))
+        );
+        assert_eq!(tokens_of(&links, "lock-3"), None);
+        let grant = store.grant("st", "account/user-7").unwrap().expect("grant");
+        assert_eq!(grant.refresh_obtained_ms, 2_000, "the copy's age is kept");
+        assert_eq!(
+            store.grant_links("st", "account/user-7", 10).unwrap(),
+            vec!["lock-1".to_string(), "lock-2".to_string()]
+        );
+        assert_eq!(
+            store.grant_links("st", "account/user-8", 10).unwrap(),
+            vec!["lock-3".to_string()]
+        );
+        for link in &before {
+            let stored = store.link("st", &link.device_id).unwrap().unwrap();
+            assert_eq!(stored.sealed_credentials, None, "{}", link.device_id);
+            assert_eq!(stored.generation, link.generation, "{}", link.device_id);
+        }
+        // The next start finds it done and leaves a renewed grant alone.
+        let renewed = links.get("st", "lock-1").unwrap().unwrap();
+        let fresh = Credentials {
+            access_token: "at-2".into(),
+            refresh_token: Some("rt-2".into()),
+            expires_at_unix: None,
+        };
+        assert!(links.rotate(&renewed, fresh).await.unwrap());
+        links.adopt_grants().await.unwrap();
+        assert_eq!(
+            tokens_of(&links, "lock-2"),
+            Some(("at-2".into(), Some("rt-2".into())))
+        );
     }
 
     #[test]

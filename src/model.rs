@@ -245,10 +245,14 @@ pub struct StoredLink {
     pub region: Option<String>,
     pub callback_url: Option<String>,
     pub token_url: Option<String>,
-    /// base64 of nonce and AEAD ciphertext of the credentials' JSON.
+    /// Only on a link written before grants existed: base64 of nonce and
+    /// AEAD ciphertext of the credentials' JSON, bound to the partner and
+    /// device. Moved into the link's grant at start (see
+    /// [`crate::links::Links::adopt_grants`]); never written now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_credentials: Option<String>,
-    /// When the access token expires (unix seconds), kept in clear so a
-    /// view can say so without opening the credentials.
+    /// Only beside `sealed_credentials`: when that access token expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at_unix: Option<u64>,
     /// Adapter-specific, as given; kept raw so a send reads it as is.
     pub options: Option<Box<RawValue>>,
@@ -256,18 +260,56 @@ pub struct StoredLink {
     /// nobody put the link again meanwhile.
     pub generation: u64,
     pub updated_ms: u64,
-    /// When the link's current refresh token was obtained (herald's clock,
-    /// ms), for the keep-alive refresh. Absent on links written before
-    /// herald kept it: their `updated_ms` stands in.
+    /// Only beside `sealed_credentials`: when that refresh token was
+    /// obtained (herald's clock, ms); absent, `updated_ms` stands in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_obtained_ms: Option<u64>,
 }
 
 impl StoredLink {
-    /// When the refresh token held was obtained, as well as herald knows.
+    /// The grant whose credentials this link presents: its account's, or
+    /// one of its own when it names no account.
+    pub fn grant(&self) -> String {
+        grant_id(self.account.as_deref(), &self.device_id)
+    }
+
+    /// When the refresh token in `sealed_credentials` was obtained, as well
+    /// as herald knows.
     pub fn refresh_obtained_ms(&self) -> u64 {
         self.refresh_obtained_ms.unwrap_or(self.updated_ms)
     }
+}
+
+/// The id of the grant a link with `account` (or none) on `device_id` uses:
+/// `account/<account>`, or `device/<device_id>` for a grant of its own.
+pub fn grant_id(account: Option<&str>, device_id: &str) -> String {
+    match account {
+        Some(account) => format!("account/{account}"),
+        None => format!("device/{device_id}"),
+    }
+}
+
+/// One user's credentials at one platform, shared by every link that
+/// names the same account (a link without one has a grant of its own).
+/// Platforms issue tokens per user, and a single-use refresh token spent
+/// by one link would otherwise strand every other copy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredGrant {
+    pub partner: String,
+    /// See [`grant_id`].
+    pub grant: String,
+    /// base64 of nonce and AEAD ciphertext of the credentials' JSON, bound
+    /// to this partner and grant id.
+    pub sealed_credentials: String,
+    /// When the access token expires (unix seconds), in clear for views.
+    pub expires_at_unix: Option<u64>,
+    /// Raised by every write: a token refresh stores its result only if
+    /// nobody put new credentials meanwhile.
+    pub generation: u64,
+    pub updated_ms: u64,
+    /// When the current refresh token was obtained (herald's clock, ms),
+    /// for the keep-alive refresh.
+    pub refresh_obtained_ms: u64,
 }
 
 /// The value of a schedule entry: what a lane needs to make the next attempt.

@@ -106,6 +106,89 @@ async fn links_are_put_shown_without_secrets_and_deleted() {
 }
 
 #[tokio::test]
+async fn links_of_one_account_share_its_grant_and_a_link_without_one_has_its_own() {
+    let (h, _mock, _dir) = setup("", "").await;
+    let delete = |path: &'static str| {
+        let h = &h;
+        async move {
+            call(h, reqwest::Method::DELETE, path, Some(OPERATOR_TOKEN), None)
+                .await
+                .0
+        }
+    };
+    let with_tokens = |access: &str, expires_at: &str| {
+        json!({
+            "external_id": "lock-42",
+            "account": "user-7",
+            "credentials": { "access_token": access, "refresh_token": "ref-T0ken", "expires_at": expires_at }
+        })
+    };
+    let (status, first) = put(
+        &h,
+        "/v1/links/acme/lock-1",
+        &with_tokens("acc-T0ken-A", "2026-11-26T06:00:00Z"),
+    )
+    .await;
+    assert_eq!(status, 201, "{first}");
+    assert_eq!(first["grant"], "account/user-7", "{first}");
+
+    // The user's second device: the account service names the account and
+    // needs no tokens of its own.
+    let (status, second) = put(
+        &h,
+        "/v1/links/acme/lock-2",
+        &json!({ "external_id": "window-9", "account": "user-7" }),
+    )
+    .await;
+    assert_eq!(status, 201, "{second}");
+    assert_eq!(second["grant"], "account/user-7", "{second}");
+    assert_eq!(second["has_credentials"], true, "{second}");
+    assert_eq!(second["expires_at"], "2026-11-26T06:00:00Z", "{second}");
+
+    // New tokens put with either link are the account's, for both.
+    let (status, _) = put(
+        &h,
+        "/v1/links/acme/lock-2",
+        &with_tokens("acc-T0ken-B", "2026-12-01T00:00:00Z"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (_, first) = h.get("/v1/links/acme/lock-1").await;
+    assert_eq!(first["expires_at"], "2026-12-01T00:00:00Z", "{first}");
+    assert!(!first.to_string().contains("T0ken"), "{first}");
+
+    // Without an account a link has a grant of its own, and a PUT without
+    // credentials leaves it with none, as before grants.
+    let own = json!({ "external_id": "cam-1", "credentials": { "access_token": "acc-T0ken-C" } });
+    let (_, third) = put(&h, "/v1/links/acme/cam-1", &own).await;
+    assert_eq!(
+        (third["grant"].clone(), third["has_credentials"].clone()),
+        (json!("device/cam-1"), json!(true)),
+        "{third}"
+    );
+    let (_, third) = put(
+        &h,
+        "/v1/links/acme/cam-1",
+        &json!({ "external_id": "cam-1" }),
+    )
+    .await;
+    assert_eq!(third["has_credentials"], false, "{third}");
+
+    // The grant stays while a link uses it and goes with the last one.
+    assert_eq!(delete("/v1/links/acme/lock-1").await, 204);
+    let (_, second) = h.get("/v1/links/acme/lock-2").await;
+    assert_eq!(second["has_credentials"], true, "{second}");
+    assert_eq!(delete("/v1/links/acme/lock-2").await, 204);
+    let (_, later) = put(
+        &h,
+        "/v1/links/acme/lock-3",
+        &json!({ "external_id": "lock-43", "account": "user-7" }),
+    )
+    .await;
+    assert_eq!(later["has_credentials"], false, "{later}");
+}
+
+#[tokio::test]
 async fn bad_links_name_the_field_and_change_nothing() {
     let (h, _mock, _dir) = setup("", "").await;
     let (status, _) = put(&h, "/v1/links/acme/lock-7f3a", &good_link()).await;

@@ -185,15 +185,30 @@ impl Stage {
 
     /// A forced-open door, routed by the device's link (no `partners`).
     async fn alert(&self) -> String {
+        self.alert_of(DEVICE).await
+    }
+
+    async fn alert_of(&self, device: &str) -> String {
         let (status, body) = self
             .h()
             .post_events(&format!(
-                r#"{{"device_id":"{DEVICE}","type":"door.forced_open","priority":"critical","data":{{"capability":"lock","attribute":"lock","value":"forced_open","kind":"forced_open"}}}}"#
+                r#"{{"device_id":"{device}","type":"door.forced_open","priority":"critical","data":{{"capability":"lock","attribute":"lock","value":"forced_open","kind":"forced_open"}}}}"#
             ))
             .await;
         assert_eq!(status, 202, "{body}");
         assert_eq!(body["deliveries"][0]["partner"], self.platform, "{body}");
         body["id"].as_str().expect("id").to_string()
+    }
+
+    /// An alert from each device at once, then waits until all delivered.
+    async fn alert_each_until_delivered(&self, devices: &[&str]) {
+        let mut ids = Vec::new();
+        for device in devices {
+            ids.push(self.alert_of(device).await);
+        }
+        for id in &ids {
+            self.wait_state(id, DeliveryState::Delivered).await;
+        }
     }
 
     async fn wait_state(&self, id: &str, state: DeliveryState) -> EventRecord {
@@ -244,6 +259,10 @@ impl Stage {
 
     /// The link's credentials as the store holds them, opened with the key.
     fn stored_credentials(&self) -> Option<adapters::Credentials> {
+        self.stored_credentials_of(DEVICE)
+    }
+
+    fn stored_credentials_of(&self, device: &str) -> Option<adapters::Credentials> {
         let config = herald::config::Config::parse(&self.toml, &env).expect("config");
         let links = herald::links::Links::new(
             self.h().herald.store().clone(),
@@ -251,7 +270,7 @@ impl Stage {
             self.h().clock.clone(),
         );
         links
-            .get(self.platform, DEVICE)
+            .get(self.platform, device)
             .expect("link reads")
             .expect("link exists")
             .credentials
@@ -733,6 +752,59 @@ async fn a_link_missing_what_its_platform_needs_is_refused_by_field() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_devices_of_one_user_spend_a_single_use_refresh_token_once() {
+    // SmartThings callback tokens belong to the connector installation, one
+    // user, and a refresh answers a new refresh token that replaces the old
+    // one (st-schema-nodejs lib/callbacks/RefreshTokenRequest.js; "the
+    // refresh token is single-use", smartthings.developer.samsung.com
+    // docs/how-to/refresh-token.html). The mock is that user: it accepts
+    // only the newest refresh token.
+    const SECOND: &str = "window-2c1d";
+    let mut stage = Stage::start("smartthings", Scenario::default()).await;
+    // The account service puts the user's two devices with the same
+    // account and token pair, the access token expired an hour ago.
+    let mut expired = link_body("smartthings", &stage.base, "at-0", "rt-0");
+    expired["credentials"]["expires_at"] = "2026-11-25T05:00:00Z".into();
+    for device in [DEVICE, SECOND] {
+        let (status, body) = stage.put_link_of(device, &expired).await;
+        assert!(status == 200 || status == 201, "{body}");
+    }
+    for device in [DEVICE, SECOND] {
+        let (status, link) = stage
+            .h()
+            .get(&format!("/v1/links/smartthings/{device}"))
+            .await;
+        assert_eq!(status, 200, "{link}");
+        assert_eq!(link["grant"], "account/user-7", "{link}");
+        assert_eq!(link["has_credentials"], true, "{link}");
+        assert!(!link.to_string().contains("rt-0"), "{link}");
+    }
+    stage.alert_each_until_delivered(&[DEVICE, SECOND]).await;
+    assert_eq!(
+        stage.mock.refreshes(),
+        1,
+        "one refresh for the user's two devices"
+    );
+    for device in [DEVICE, SECOND] {
+        let stored = stage.stored_credentials_of(device).expect("credentials");
+        assert_eq!(stored.access_token, stage.mock.access_token(), "{device}");
+        assert_eq!(
+            stored.refresh_token.as_deref(),
+            Some(stage.mock.refresh_token().as_str()),
+            "{device}: the rotated pair is what the store holds"
+        );
+    }
+    stage.restart().await;
+    stage.alert_each_until_delivered(&[DEVICE, SECOND]).await;
+    assert_eq!(
+        stage.mock.refreshes(),
+        1,
+        "the rotated pair came back from disk"
+    );
+    assert_eq!(stage.mock.duplicates(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_sealed_under_another_key_is_not_sent_and_says_why() {
     let mut stage = Stage::start("smartthings", Scenario::default()).await;
     let old = stage.herald.take().expect("running");
@@ -755,7 +827,7 @@ async fn a_link_sealed_under_another_key_is_not_sent_and_says_why() {
     assert_eq!(d.state, DeliveryState::Pending, "kept for a retry");
     let detail = &d.last_attempt.as_ref().expect("attempt").detail;
     assert!(
-        detail.contains("smartthings/lock-7f3a") && detail.contains("wrong key"),
+        detail.contains("grant account/user-7 at smartthings") && detail.contains("wrong key"),
         "{detail}"
     );
     assert_eq!(stage.deliveries_seen(), 0, "nothing sent without its token");

@@ -4,8 +4,12 @@
 //! The device maker's account service puts a link when a user connects a
 //! device to a platform (and again whenever the platform hands out new
 //! tokens); herald then routes the device's events there and keeps the
-//! tokens fresh. Operator role only. No answer ever carries a credential:
-//! the view says which ones are held and when the access token expires.
+//! tokens fresh. Credentials belong to the link's grant (see
+//! [`crate::links`]): a `PUT` with credentials replaces them for every link
+//! of the same account, and one without leaves the account's as they are.
+//! Operator role only. No answer ever carries a credential: the view names
+//! the grant, says whether it holds credentials and when its access token
+//! expires.
 
 use std::sync::Arc;
 
@@ -24,8 +28,7 @@ use super::problem::Problem;
 use super::AppState;
 use crate::clock::rfc3339;
 use crate::config::{check_url, PartnerConfig, Role};
-use crate::links::{Link, LinkError};
-use crate::model::StoredLink;
+use crate::links::{Link, LinkError, StoredView};
 
 /// Bounds on what a link may hold: generous for any platform's tokens.
 const MAX_FIELD: usize = 256;
@@ -75,7 +78,10 @@ struct LinkView<'a> {
     region: Option<&'a str>,
     callback_url: Option<&'a str>,
     token_url: Option<&'a str>,
-    /// Whether the link holds credentials (sealed at rest).
+    /// The grant whose credentials the link presents: `account/<account>`,
+    /// shared by the account's links, or `device/<device_id>`.
+    grant: String,
+    /// Whether the grant holds credentials (sealed at rest).
     has_credentials: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     expires_at: Option<String>,
@@ -84,8 +90,9 @@ struct LinkView<'a> {
     updated_at: String,
 }
 
-impl<'a> From<&'a StoredLink> for LinkView<'a> {
-    fn from(l: &'a StoredLink) -> Self {
+impl<'a> From<&'a StoredView> for LinkView<'a> {
+    fn from(view: &'a StoredView) -> Self {
+        let l = &view.link;
         LinkView {
             partner: &l.partner,
             device_id: &l.device_id,
@@ -94,8 +101,11 @@ impl<'a> From<&'a StoredLink> for LinkView<'a> {
             region: l.region.as_deref(),
             callback_url: l.callback_url.as_deref(),
             token_url: l.token_url.as_deref(),
-            has_credentials: l.sealed_credentials.is_some(),
-            expires_at: l.expires_at_unix.map(|s| rfc3339(s.saturating_mul(1000))),
+            grant: l.grant(),
+            has_credentials: view.has_credentials(),
+            expires_at: view
+                .expires_at_unix()
+                .map(|s| rfc3339(s.saturating_mul(1000))),
             options: l.options.as_deref(),
             generation: l.generation,
             updated_at: rfc3339(l.updated_ms),
@@ -142,9 +152,12 @@ pub async fn put_link(
             lane.check_link(&link)
                 .map_err(|e| Problem::invalid(format!("/{}", e.key), e.reason))?;
         }
-        let created = state.links.put(link).await.map_err(link_failed)?;
+        let put = state.links.put(link).await.map_err(link_failed)?;
+        let created = put.created;
         if let Some(lane) = state.dispatcher.lane(&name) {
-            lane.relinked(&device_id);
+            for device in &put.relinked {
+                lane.relinked(device);
+            }
         }
         tracing::info!(partner = %name, device = %device_id, caller = %caller.name, created, "link put");
         let stored = stored(&state, &name, &device_id)?;
@@ -183,11 +196,11 @@ pub async fn list_links(
             return Err(Problem::invalid("/limit", "must be between 1 and 1000"));
         }
         let links = state
-            .store
-            .links_page(&name, q.after.as_deref(), limit)
-            .map_err(store_failed)?;
+            .links
+            .page_stored(&name, q.after.as_deref(), limit)
+            .map_err(link_failed)?;
         let next = (links.len() == limit)
-            .then(|| links.last().map(|l| l.device_id.clone()))
+            .then(|| links.last().map(|l| l.link.device_id.clone()))
             .flatten();
         let views: Vec<LinkView> = links.iter().map(LinkView::from).collect();
         Ok::<_, Problem>(
@@ -234,7 +247,7 @@ pub async fn delete_link(
     delete.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-fn stored(state: &AppState, partner: &str, device_id: &str) -> Result<StoredLink, Problem> {
+fn stored(state: &AppState, partner: &str, device_id: &str) -> Result<StoredView, Problem> {
     state
         .links
         .get_stored(partner, device_id)
@@ -325,6 +338,8 @@ fn validate(
         credentials,
         options: b.options,
         generation: 0,
+        grant_generation: 0,
+        refresh_obtained_ms: 0,
     })
 }
 

@@ -3,10 +3,11 @@
 //! Adapters build token requests and read the answers; this module decides
 //! when to send them and what to do with the result. However many
 //! deliveries hit an expired token at once, one refresh is in flight per
-//! link (per partner for a partner-wide token): the others wait for it and
-//! find the token already renewed. A renewed link token is stored, sealed
-//! and durable, before anything uses it, because a rotated refresh token
-//! may be the only one that still works. Partner-wide tokens (client
+//! grant (a user's tokens, shared by all their devices' links; per partner
+//! for a partner-wide token): the others wait for it and find the token
+//! already renewed. A renewed grant is stored, sealed and durable, before
+//! anything uses it, because a rotated refresh token may be the only one
+//! that still works. Partner-wide tokens (client
 //! credentials, service-account JWT) live in memory only: they are minted
 //! again after a restart.
 
@@ -27,7 +28,7 @@ use crate::sync::lock;
 /// A token with this little life left is renewed before it is used.
 const EXPIRY_MARGIN_SECS: u64 = 60;
 
-/// Links read at a time by a keep-alive pass.
+/// Grants read at a time by a keep-alive pass.
 const KEEP_ALIVE_PAGE: usize = 256;
 
 /// A link ready for a send: the link and the access token to present.
@@ -53,7 +54,7 @@ pub struct Tokens {
     client: super::client::Client,
     clock: Clock,
     timeout: Duration,
-    /// One refresh at a time per link (by device id).
+    /// One refresh at a time per grant (by grant id).
     gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The partner-wide token, for adapters with [`TokenScope::Partner`]:
     /// read by every delivery under a plain lock held for a clone.
@@ -134,20 +135,20 @@ impl Tokens {
                 })
             }
             TokenScope::Link => {
-                let device_id = used.link.device_id.as_str();
-                let gate = self.gate(device_id);
+                let grant = used.link.grant();
+                let gate = self.gate(&grant);
                 let renewed = {
                     let _turn = gate.lock().await;
-                    self.refresh_link(adapter, device_id, used.token.as_deref())
+                    self.refresh_link(adapter, &used.link.device_id, used.token.as_deref())
                         .await
                 };
-                self.release_gate(device_id, gate);
+                self.release_gate(&grant, gate);
                 renewed
             }
         }
     }
 
-    /// One keep-alive pass: every link whose refresh token is older than
+    /// One keep-alive pass: every grant whose refresh token is older than
     /// `keep_alive` allows is refreshed, one at a time, through the same
     /// single flight as a delivery's refresh, and no event is sent. The
     /// caller paces the refreshes with `pace` (the partner's rate limit).
@@ -171,20 +172,22 @@ impl Tokens {
         loop {
             let page = self
                 .links
-                .page_stored(&self.partner, after.as_deref(), KEEP_ALIVE_PAGE)?;
+                .grants_page(&self.partner, after.as_deref(), KEEP_ALIVE_PAGE)?;
             let Some(last) = page.last() else {
                 return Ok(refreshed);
             };
-            after = Some(last.device_id.clone());
+            after = Some(last.grant.clone());
             for stored in page {
                 let age_ms = self
                     .clock
                     .now_ms()
-                    .saturating_sub(stored.refresh_obtained_ms());
-                if stored.sealed_credentials.is_none() || age_ms < refresh_at_age_ms {
+                    .saturating_sub(stored.refresh_obtained_ms);
+                if age_ms < refresh_at_age_ms {
                     continue;
                 }
-                let Some(link) = self.links.get(&self.partner, &stored.device_id)? else {
+                // The refresh is built from one of the grant's links: they
+                // all carry the user's callback and token URLs.
+                let Some(link) = self.links.a_link_of(&self.partner, &stored.grant)? else {
                     continue;
                 };
                 if link
@@ -197,17 +200,16 @@ impl Tokens {
                 if !pace().await {
                     return Ok(refreshed);
                 }
-                let device_id = link.device_id.clone();
                 let outcome = match self.renew(adapter, &Prepared::own(link)).await {
                     Ok(_) => {
                         refreshed += 1;
-                        tracing::info!(partner = %self.partner, device = %device_id,
-                            age_s = age_ms / 1000, "keep-alive: refreshed a link's token before its refresh token expires");
+                        tracing::info!(partner = %self.partner, grant = %stored.grant,
+                            age_s = age_ms / 1000, "keep-alive: refreshed a grant's token before its refresh token expires");
                         "renewed"
                     }
                     Err(verdict) => {
-                        tracing::warn!(partner = %self.partner, device = %device_id, ?verdict,
-                            "keep-alive: refreshing a link's token failed; the next pass tries again");
+                        tracing::warn!(partner = %self.partner, grant = %stored.grant, ?verdict,
+                            "keep-alive: refreshing a grant's token failed; the next pass tries again");
                         "failed"
                     }
                 };
@@ -217,7 +219,8 @@ impl Tokens {
         }
     }
 
-    /// Refreshes the link's token unless someone already did since `used`.
+    /// Refreshes the token of the device's grant unless someone already
+    /// did since `used`.
     async fn refresh_link(
         &self,
         adapter: &dyn Adapter,
@@ -263,10 +266,7 @@ impl Tokens {
                 // The platform may have rotated the refresh token already: a
                 // failed write loses the only one that works, so it is tried
                 // again a few times before the delivery gives up for now.
-                let store = || {
-                    self.links
-                        .rotate(&self.partner, device_id, link.generation, fresh.clone())
-                };
+                let store = || self.links.rotate(&link, fresh.clone());
                 let clock = self.clock.clone();
                 let stored = store
                     .retry(
@@ -290,14 +290,14 @@ impl Tokens {
                         }
                     })?;
                 if !stored {
-                    tracing::info!(partner = %self.partner, device = %device_id,
-                        "the link changed while its token was refreshed; using the link as it is now");
+                    tracing::info!(partner = %self.partner, device = %device_id, grant = %link.grant(),
+                        "the grant got new credentials while its token was refreshed; using them");
                 }
                 // What is stored now: ours, or the PUT that won over it.
                 let link = self.read(device_id)?.ok_or_else(|| Verdict::Permanent {
                     reason: "the device's link was deleted".into(),
                 })?;
-                tracing::info!(partner = %self.partner, device = %device_id, "link token refreshed");
+                tracing::info!(partner = %self.partner, device = %device_id, grant = %link.grant(), "link token refreshed");
                 Ok(Prepared::own(link))
             }
             RefreshVerdict::Retry { after, reason } => Err(Verdict::Retry {
@@ -407,17 +407,17 @@ impl Tokens {
             })
     }
 
-    fn gate(&self, device_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn gate(&self, grant: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut gates = lock(&self.gates);
-        Arc::clone(gates.entry(device_id.to_string()).or_default())
+        Arc::clone(gates.entry(grant.to_string()).or_default())
     }
 
-    /// Forgets a link's gate once nobody waits on it.
-    fn release_gate(&self, device_id: &str, gate: Arc<tokio::sync::Mutex<()>>) {
+    /// Forgets a grant's gate once nobody waits on it.
+    fn release_gate(&self, grant: &str, gate: Arc<tokio::sync::Mutex<()>>) {
         let mut gates = lock(&self.gates);
         // Ours and the map's: nobody else holds or waits on it.
         if Arc::strong_count(&gate) == 2 {
-            gates.remove(device_id);
+            gates.remove(grant);
         }
     }
 

@@ -48,6 +48,12 @@ pub const LINK: u8 = b'k';
 /// `l` + device id + partner: which partners a device is linked to, for
 /// routing events that name no partners.
 pub const DEVICE_LINK: u8 = b'l';
+/// `t` + partner + grant id: the credentials the links of one grant share
+/// (one user's tokens at a platform, see [`crate::links`]).
+pub const GRANT: u8 = b't';
+/// `u` + partner + grant id + device id: which links use a grant, so the
+/// last link's delete removes it and a new token clears all their parked routes.
+pub const GRANT_LINK: u8 = b'u';
 /// `g` + chunk id: the state of a schedule chunk's members (see
 /// [`super::chunk`]); the chunk's own entry is an `s` key with its id.
 pub const CHUNK_STATE: u8 = b'g';
@@ -59,6 +65,9 @@ pub const DEPTH_PREFIX: &[u8] = b"mdepth/";
 /// Present once the depth records are kept: a store written before they
 /// were is counted once by a scan of the schedule.
 pub const DEPTH_KEPT: &[u8] = b"mdepth-kept";
+/// Present once every link's credentials live in its grant: a store
+/// written before grants existed is moved over once, at start.
+pub const GRANTS_KEPT: &[u8] = b"mgrants-kept";
 
 pub fn depth(partner: &str) -> Vec<u8> {
     [DEPTH_PREFIX, partner.as_bytes()].concat()
@@ -117,6 +126,35 @@ pub fn parked(partner: &str, device_id: &str) -> Vec<u8> {
 pub fn link(partner: &str, device_id: &str) -> Vec<u8> {
     let mut out = parked(partner, device_id);
     out[0] = LINK;
+    out
+}
+
+/// Every grant of `partner`: the prefix of their keys.
+pub fn grants_prefix(partner: &str) -> Vec<u8> {
+    let mut out = parked_prefix(partner);
+    out[0] = GRANT;
+    out
+}
+
+pub fn grant(partner: &str, grant: &str) -> Vec<u8> {
+    let mut out = grants_prefix(partner);
+    out.extend_from_slice(grant.as_bytes());
+    out
+}
+
+/// Every link using `grant`: the prefix of their `u` keys.
+pub fn grant_links_prefix(partner: &str, grant: &str) -> Vec<u8> {
+    let mut out = parked_prefix(partner);
+    out[0] = GRANT_LINK;
+    // Grant ids are an account or a device id, both capped far below 64 KiB.
+    out.extend_from_slice(&(grant.len() as u16).to_be_bytes());
+    out.extend_from_slice(grant.as_bytes());
+    out
+}
+
+pub fn grant_link(partner: &str, grant: &str, device_id: &str) -> Vec<u8> {
+    let mut out = grant_links_prefix(partner, grant);
+    out.extend_from_slice(device_id.as_bytes());
     out
 }
 

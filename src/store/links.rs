@@ -1,6 +1,12 @@
-//! Device links in the store: one record per (partner, device) and an index
-//! by device, written through the writer like everything else so a link
-//! change is durable before it is answered.
+//! Device links and their grants in the store, written through the writer
+//! like everything else so a link change is durable before it is answered.
+//!
+//! A link is one record per (partner, device) with an index by device. Its
+//! credentials live in its grant (one record per (partner, grant id), see
+//! [`crate::model::StoredGrant`]), with an index of the links using each
+//! grant: a link's change and its grant's are one atomic change, so a link
+//! never points at a grant its index does not know, and the last link to
+//! leave a grant removes it.
 //!
 //! The store only keeps what [`crate::links`] hands it: credentials arrive
 //! sealed. What this module adds is the generation check that lets a token
@@ -9,81 +15,238 @@
 use super::keys;
 use super::writer::Pending;
 use super::{decode, encode, get_json, Store, StoreError};
-use crate::model::StoredLink;
+use crate::model::{StoredGrant, StoredLink};
 
-/// A change to one link, applied by the writer.
+/// A change to links and grants, applied by the writer.
+// It travels boxed in the writer's command, so a large variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum LinkChange {
-    /// Creates or replaces the link; clears a parked route of the device,
-    /// since putting the link again is how on-call says it works now.
-    Put(StoredLink),
+    /// Creates or replaces the link and clears a parked route of the
+    /// device, since putting the link again is how on-call says it works
+    /// now. With `grant`, the grant's credentials are replaced for all its
+    /// links, and their parked routes cleared too (the user linked again);
+    /// without, a link of its own grant (no account) is left without
+    /// credentials, as its `PUT` said.
+    Put {
+        link: StoredLink,
+        grant: Option<StoredGrant>,
+    },
     Delete {
         partner: String,
         device_id: String,
     },
-    /// Stores `0` only if the link is still at `0.generation`.
-    Replace(StoredLink),
+    /// Stores the grant only if it is still at `generation` (a grant not
+    /// stored yet is at 0).
+    Rotate(StoredGrant),
+    /// Moves links written before grants existed onto their grants: each
+    /// link, unless it changed since it was read, is stored as given (its
+    /// own credentials dropped) and indexed under its grant; `grants` are
+    /// stored where no grant is yet.
+    Adopt {
+        links: Vec<StoredLink>,
+        grants: Vec<StoredGrant>,
+    },
+    /// Every link of the store has been adopted.
+    GrantsKept,
 }
 
-/// Applies `change`; the answer is: created (Put), found (Delete), applied (Replace).
-pub(super) fn apply(p: &mut Pending<'_>, change: LinkChange) -> Result<bool, StoreError> {
+/// What a link change did.
+#[derive(Debug, Default)]
+pub struct LinkOutcome {
+    /// Put: the link is new. Delete: there was one. Rotate: stored.
+    pub applied: bool,
+    /// The devices whose parked routes a `Put` cleared.
+    pub relinked: Vec<String>,
+}
+
+/// Applies `change`.
+pub(super) fn apply(p: &mut Pending<'_>, change: LinkChange) -> Result<LinkOutcome, StoreError> {
     match change {
-        LinkChange::Put(mut link) => {
-            let key = keys::link(&link.partner, &link.device_id);
-            let current: Option<StoredLink> = p.get_json(&key)?;
-            link.generation = current.as_ref().map_or(0, |c| c.generation) + 1;
-            p.put(
-                keys::device_link(&link.device_id, &link.partner),
-                Vec::new(),
-            );
-            p.remove(keys::parked(&link.partner, &link.device_id));
-            p.put(key, encode(&link));
-            Ok(current.is_none())
-        }
+        LinkChange::Put { link, grant } => put(p, link, grant),
         LinkChange::Delete { partner, device_id } => {
             let key = keys::link(&partner, &device_id);
-            let found = p.get(&key)?.is_some();
+            let current: Option<StoredLink> = p.get_json(&key)?;
             p.remove(key);
             p.remove(keys::device_link(&device_id, &partner));
-            Ok(found)
-        }
-        LinkChange::Replace(mut link) => {
-            let key = keys::link(&link.partner, &link.device_id);
-            let current: Option<StoredLink> = p.get_json(&key)?;
-            match current {
-                Some(c) if c.generation == link.generation => {
-                    link.generation += 1;
-                    p.put(key, encode(&link));
-                    Ok(true)
-                }
-                _ => Ok(false),
+            if let Some(current) = &current {
+                leave_grant(p, &partner, &current.grant(), &device_id)?;
             }
+            Ok(LinkOutcome {
+                applied: current.is_some(),
+                relinked: Vec::new(),
+            })
+        }
+        LinkChange::Rotate(mut grant) => {
+            let key = keys::grant(&grant.partner, &grant.grant);
+            let current: Option<StoredGrant> = p.get_json(&key)?;
+            let stored_generation = current.map_or(0, |c| c.generation);
+            let applied = stored_generation == grant.generation;
+            if applied {
+                grant.generation += 1;
+                p.put(key, encode(&grant));
+            }
+            Ok(LinkOutcome {
+                applied,
+                relinked: Vec::new(),
+            })
+        }
+        LinkChange::Adopt { links, grants } => {
+            for link in links {
+                let key = keys::link(&link.partner, &link.device_id);
+                let current: Option<StoredLink> = p.get_json(&key)?;
+                if current.is_none_or(|c| c.generation != link.generation) {
+                    continue;
+                }
+                p.put(
+                    keys::grant_link(&link.partner, &link.grant(), &link.device_id),
+                    Vec::new(),
+                );
+                p.put(key, encode(&link));
+            }
+            for mut grant in grants {
+                let key = keys::grant(&grant.partner, &grant.grant);
+                if p.get(&key)?.is_none() {
+                    grant.generation = 1;
+                    p.put(key, encode(&grant));
+                }
+            }
+            Ok(LinkOutcome {
+                applied: true,
+                relinked: Vec::new(),
+            })
+        }
+        LinkChange::GrantsKept => {
+            p.put(keys::GRANTS_KEPT.to_vec(), Vec::new());
+            Ok(LinkOutcome::default())
         }
     }
+}
+
+fn put(
+    p: &mut Pending<'_>,
+    mut link: StoredLink,
+    grant: Option<StoredGrant>,
+) -> Result<LinkOutcome, StoreError> {
+    let key = keys::link(&link.partner, &link.device_id);
+    let current: Option<StoredLink> = p.get_json(&key)?;
+    link.generation = current.as_ref().map_or(0, |c| c.generation) + 1;
+    let partner = link.partner.clone();
+    let device_id = link.device_id.clone();
+    let grant_id = link.grant();
+    if let Some(current) = &current {
+        let left = current.grant();
+        if left != grant_id {
+            leave_grant(p, &partner, &left, &device_id)?;
+        }
+    }
+    p.put(keys::device_link(&device_id, &partner), Vec::new());
+    p.put(
+        keys::grant_link(&partner, &grant_id, &device_id),
+        Vec::new(),
+    );
+    p.remove(keys::parked(&partner, &device_id));
+    let mut relinked = vec![device_id.clone()];
+    let grant_key = keys::grant(&partner, &grant_id);
+    match grant {
+        Some(mut grant) => {
+            let stored: Option<StoredGrant> = p.get_json(&grant_key)?;
+            grant.generation = stored.map_or(0, |g| g.generation) + 1;
+            p.put(grant_key, encode(&grant));
+            // New credentials for the user: every device of theirs works again.
+            let prefix = keys::grant_links_prefix(&partner, &grant_id);
+            for index_key in p.keys_with_prefix(&prefix)? {
+                let other = device_of(&index_key, prefix.len())?;
+                if other != device_id {
+                    p.remove(keys::parked(&partner, &other));
+                    relinked.push(other);
+                }
+            }
+        }
+        None if link.account.is_none() => p.remove(grant_key),
+        None => {}
+    }
+    p.put(key, encode(&link));
+    Ok(LinkOutcome {
+        applied: current.is_none(),
+        relinked,
+    })
+}
+
+/// `device_id` no longer uses `grant`; the grant goes with its last link.
+fn leave_grant(
+    p: &mut Pending<'_>,
+    partner: &str,
+    grant: &str,
+    device_id: &str,
+) -> Result<(), StoreError> {
+    p.remove(keys::grant_link(partner, grant, device_id));
+    if p.keys_with_prefix(&keys::grant_links_prefix(partner, grant))?
+        .is_empty()
+    {
+        p.remove(keys::grant(partner, grant));
+    }
+    Ok(())
+}
+
+/// The device id at the end of a grant index key.
+fn device_of(index_key: &[u8], prefix_len: usize) -> Result<String, StoreError> {
+    std::str::from_utf8(&index_key[prefix_len..])
+        .map(str::to_string)
+        .map_err(|e| StoreError::corrupt(index_key, e.to_string()))
 }
 
 impl Store {
-    /// Creates or replaces a link (its generation is set by the store);
-    /// true if it is new.
-    pub async fn put_link(&self, link: StoredLink) -> Result<bool, StoreError> {
-        self.link_change(LinkChange::Put(link)).await
+    /// Creates or replaces a link (its generation is set by the store) and,
+    /// with `grant`, its grant's credentials (see [`LinkChange::Put`]).
+    pub async fn put_link(
+        &self,
+        link: StoredLink,
+        grant: Option<StoredGrant>,
+    ) -> Result<LinkOutcome, StoreError> {
+        self.link_change(LinkChange::Put { link, grant }).await
     }
 
-    /// Removes a link; false if there was none.
+    /// Removes a link, and its grant if no other link uses it; false if
+    /// there was none.
     pub async fn delete_link(&self, partner: &str, device_id: &str) -> Result<bool, StoreError> {
-        self.link_change(LinkChange::Delete {
-            partner: partner.to_string(),
-            device_id: device_id.to_string(),
-        })
-        .await
+        let outcome = self
+            .link_change(LinkChange::Delete {
+                partner: partner.to_string(),
+                device_id: device_id.to_string(),
+            })
+            .await?;
+        Ok(outcome.applied)
     }
 
-    /// Stores `link` if the stored one is still at `link.generation`;
+    /// Stores `grant` if the stored one is still at `grant.generation`;
     /// false if it changed (or went) meanwhile.
-    pub async fn replace_link(&self, link: StoredLink) -> Result<bool, StoreError> {
-        self.link_change(LinkChange::Replace(link)).await
+    pub async fn rotate_grant(&self, grant: StoredGrant) -> Result<bool, StoreError> {
+        let outcome = self.link_change(LinkChange::Rotate(grant)).await?;
+        Ok(outcome.applied)
     }
 
-    async fn link_change(&self, change: LinkChange) -> Result<bool, StoreError> {
+    /// See [`LinkChange::Adopt`].
+    pub async fn adopt_links(
+        &self,
+        links: Vec<StoredLink>,
+        grants: Vec<StoredGrant>,
+    ) -> Result<(), StoreError> {
+        self.link_change(LinkChange::Adopt { links, grants })
+            .await
+            .map(drop)
+    }
+
+    /// Records that every link has been adopted by its grant.
+    pub async fn mark_grants_kept(&self) -> Result<(), StoreError> {
+        self.link_change(LinkChange::GrantsKept).await.map(drop)
+    }
+
+    /// Whether [`Store::mark_grants_kept`] has been recorded.
+    pub fn grants_kept(&self) -> Result<bool, StoreError> {
+        Ok(self.db()?.get(keys::GRANTS_KEPT)?.is_some())
+    }
+
+    async fn link_change(&self, change: LinkChange) -> Result<LinkOutcome, StoreError> {
         self.call(|reply| super::writer::Command::Link {
             change: Box::new(change),
             reply,
@@ -95,6 +258,10 @@ impl Store {
         get_json(&self.db()?, &keys::link(partner, device_id))
     }
 
+    pub fn grant(&self, partner: &str, grant: &str) -> Result<Option<StoredGrant>, StoreError> {
+        get_json(&self.db()?, &keys::grant(partner, grant))
+    }
+
     /// Up to `limit` links of `partner` in device order, after device
     /// `after` when given: a page of the partner's links.
     pub fn links_page(
@@ -104,19 +271,70 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<StoredLink>, StoreError> {
         let prefix = keys::link(partner, "");
+        let start = after.map(|device| keys::link(partner, device));
+        self.page(&prefix, start, limit)
+    }
+
+    /// Up to `limit` links of every partner, in (partner, device) key
+    /// order, after `after` (partner, device id) when given.
+    pub fn all_links_page(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<StoredLink>, StoreError> {
+        let start = after.map(|(partner, device)| keys::link(partner, device));
+        self.page(&[keys::LINK], start, limit)
+    }
+
+    /// Up to `limit` grants of `partner` in id order, after grant `after`
+    /// when given.
+    pub fn grants_page(
+        &self,
+        partner: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StoredGrant>, StoreError> {
+        let prefix = keys::grants_prefix(partner);
+        let start = after.map(|grant| keys::grant(partner, grant));
+        self.page(&prefix, start, limit)
+    }
+
+    /// Up to `limit` devices whose links use `grant`, in device order.
+    pub fn grant_links(
+        &self,
+        partner: &str,
+        grant: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let prefix = keys::grant_links_prefix(partner, grant);
+        let mut out = Vec::new();
+        for item in self.db()?.scan_prefix(&prefix).take(limit) {
+            let (key, _) = item?;
+            out.push(device_of(&key, prefix.len())?);
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` records under `prefix` in key order, strictly after
+    /// key `after` when given.
+    fn page<T: serde::de::DeserializeOwned>(
+        &self,
+        prefix: &[u8],
+        after: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<Vec<T>, StoreError> {
         let start = match after {
-            // Just past `after`'s key: the next device in byte order.
-            Some(device) => {
-                let mut k = keys::link(partner, device);
-                k.push(0);
-                k
+            // Just past `after`'s key: the next record in byte order.
+            Some(mut key) => {
+                key.push(0);
+                key
             }
-            None => prefix.clone(),
+            None => prefix.to_vec(),
         };
         let mut out = Vec::new();
         for item in self.db()?.range(start..).take(limit) {
             let (k, v) = item?;
-            if !k.starts_with(&prefix) {
+            if !k.starts_with(prefix) {
                 break;
             }
             out.push(decode(&k, &v)?);

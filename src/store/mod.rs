@@ -21,6 +21,7 @@ mod handle;
 pub mod keys;
 pub use replay::Replayed;
 mod links;
+pub use links::LinkOutcome;
 mod replay;
 mod watermark;
 mod writer;
@@ -891,6 +892,22 @@ pub(crate) mod testing {
             queue: 16,
         };
         Store::open(dir.path(), options).expect("store")
+    }
+
+    /// Writes `link` as a herald from before grants did: the link record
+    /// and its device index, no grant, no grant index.
+    pub fn put_link_as_before_grants(store: &Store, link: &crate::model::StoredLink) {
+        let db = store.db().expect("store open");
+        db.insert(
+            super::keys::link(&link.partner, &link.device_id),
+            super::encode(link),
+        )
+        .expect("link written");
+        db.insert(
+            super::keys::device_link(&link.device_id, &link.partner),
+            Vec::new(),
+        )
+        .expect("index written");
     }
 
     /// A first attempt that delivered, at 1,500 ms.

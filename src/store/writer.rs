@@ -65,7 +65,7 @@ pub(super) enum Command {
     },
     Link {
         change: Box<super::links::LinkChange>,
-        reply: Reply<bool>,
+        reply: Reply<super::links::LinkOutcome>,
     },
     Replay {
         ids: Vec<(Uuid, Uuid)>,
@@ -151,7 +151,10 @@ enum Answer {
     ),
     Collect(Reply<Collected>, Result<Collected, StoreError>),
     Unpark(Reply<bool>, Result<bool, StoreError>),
-    Link(Reply<bool>, Result<bool, StoreError>),
+    Link(
+        Reply<super::links::LinkOutcome>,
+        Result<super::links::LinkOutcome, StoreError>,
+    ),
     Replay(
         Reply<(Vec<super::replay::Replayed>, u64)>,
         Result<(Vec<super::replay::Replayed>, u64), StoreError>,
@@ -207,7 +210,9 @@ fn run(
                     answers.push(Answer::Unpark(reply, result));
                 }
                 Command::Link { change, reply } => {
-                    let result = super::links::apply(&mut pending, *change);
+                    // All of a link change or none: a link without the
+                    // grant index entry it needs would strand its grant.
+                    let result = pending.atomically(|p| super::links::apply(p, *change));
                     answers.push(Answer::Link(reply, result));
                 }
                 Command::Replay { ids, now_ms, reply } => {
@@ -475,6 +480,24 @@ impl<'a> Pending<'a> {
             None => Ok(None),
             Some(v) => decode(key, &v).map(Some),
         }
+    }
+
+    /// The keys under `prefix` as they stand, this group's writes
+    /// included, in key order.
+    pub(super) fn keys_with_prefix(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut found = std::collections::BTreeSet::new();
+        for item in self.db.scan_prefix(prefix) {
+            let (key, _) = item?;
+            if !matches!(self.overlay.get(key.as_ref()), Some(None)) {
+                found.insert(key.to_vec());
+            }
+        }
+        for (key, value) in &self.overlay {
+            if value.is_some() && key.starts_with(prefix) {
+                found.insert(key.clone());
+            }
+        }
+        Ok(found.into_iter().collect())
     }
 
     /// Event `id` as it stands, this group's writes included (see
