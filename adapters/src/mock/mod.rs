@@ -3,6 +3,13 @@
 //! error codes), with faults injected per [`Scenario`]. Every request is
 //! recorded for tests to assert on.
 //!
+//! A mock is one user of its platform: one token pair, however many of
+//! the user's devices are linked with it. With [`Scenario::rotate_refresh`]
+//! (the default) each refresh hands out a new refresh token and the old one
+//! is refused, as SmartThings documents its single-use refresh tokens
+//! (smartthings.developer.samsung.com/docs/how-to/refresh-token.html), so
+//! two links refreshing one user's pair apart lose one of them.
+//!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
 //! use adapters::mock::{MockPartner, Scenario};
