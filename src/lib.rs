@@ -1,8 +1,34 @@
 //! herald: a durable multi-platform webhook dispatcher for device events.
 //!
-//! [`start`] wires the pieces together (store → dispatcher → API) and hands
-//! back a [`Herald`] whose [`Herald::shutdown`] takes them down in the safe
-//! order. The binary and the integration tests both go through here.
+//! [`start`] wires the pieces together (store → links → dispatcher → API)
+//! and hands back a [`Herald`] whose [`Herald::shutdown`] takes them down in
+//! the safe order. The binary and the integration tests both go through here.
+//!
+//! # Layout
+//!
+//! - [`api`]: the HTTP API. [`api::guard`] runs before every handler (role,
+//!   limits, origin); one file per resource: `ingest`, `links`, `admin`,
+//!   `replay`, `partners`.
+//! - [`store`]: herald's only state and the only code that names sled; every
+//!   write goes through its one writer thread (group commit).
+//! - [`dispatch`]: one [`dispatch::lane::Lane`] per partner, composing the
+//!   window, breaker, adaptive concurrency, rate limit, retries and tokens
+//!   around the partner's adapter (the `adapters` crate).
+//! - [`links`]: device links and their grants, credentials sealed at rest.
+//! - [`config`], [`clock`], [`model`]: the contract, the injectable time and
+//!   the records.
+//! - [`disk`], [`retention`], [`supervise`], [`outbound`]: free space, old
+//!   events, crash-only loops, the outbound address policy.
+//! - [`bench`], [`operator`]: `herald bench` and `herald dlq`.
+//!
+//! `ARCHITECTURE.md` at the repository root has the flow of one event and
+//! the invariants each part keeps.
+//!
+//! # Shutdown
+//!
+//! Ingest answers 503, the HTTP server and the lanes stop taking work, sends
+//! in flight get `server.shutdown_grace`, then the store flushes and stops.
+//! Whatever was not sent stays in the schedule for the next start.
 
 pub mod api;
 pub mod bench;
