@@ -19,7 +19,7 @@
 //!   the records.
 //! - [`disk`], [`retention`], [`supervise`], [`outbound`]: free space, old
 //!   events, crash-only loops, the outbound address policy.
-//! - [`bench`], [`operator`]: `herald bench` and `herald dlq`.
+//! - [`mod@bench`], [`operator`]: `herald bench` and `herald dlq`.
 //!
 //! `ARCHITECTURE.md` at the repository root has the flow of one event and
 //! the invariants each part keeps.
