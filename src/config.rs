@@ -1,4 +1,5 @@
-//! The TOML contract (see DESIGN.md, *Configuration*) and its validation.
+//! The TOML contract (see ARCHITECTURE.md, *The public contract*, and
+//! fixtures/config/herald.toml) and its validation.
 //!
 //! Everything is checked at start, so a bad file fails there, naming the key
 //! and the reason, and never at 3 a.m. Secrets never sit in the file: the
