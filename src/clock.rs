@@ -107,10 +107,6 @@ impl Clock {
         }
     }
 
-    pub fn is_manual(&self) -> bool {
-        matches!(&*self.source, Source::Manual { .. })
-    }
-
     /// Waits until the clock reads `deadline_ms` (unix milliseconds) or later.
     pub async fn sleep_until_ms(&self, deadline_ms: u64) {
         let deadline_nanos = deadline_ms.saturating_mul(1_000_000);

@@ -162,15 +162,6 @@ impl Lane {
         }
     }
 
-    /// New work may be due now: look at the index again.
-    pub fn wake(&self, priority: Priority) {
-        if priority == Priority::Critical {
-            self.critical_waiting.store(true, Ordering::Release);
-            self.critical_arrived.notify_one();
-        }
-        self.wake.notify_one();
-    }
-
     /// The schedule may hold work this lane was not handed and will not be
     /// woken for (a write that failed, or failed to say it landed): the
     /// lane scans all of it in a second, when a store being opened again

@@ -26,7 +26,6 @@ use tokio_util::task::TaskTracker;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::links::Links;
-use crate::model::Priority;
 use crate::store::Store;
 use lane::Lane;
 
@@ -84,13 +83,6 @@ impl Dispatcher {
             sends,
             loops,
         })
-    }
-
-    /// Tells `partner`'s lane that new work of `priority` was written.
-    pub fn wake(&self, partner: &str, priority: Priority) {
-        if let Some(lane) = self.lanes.get(partner) {
-            lane.wake(priority);
-        }
     }
 
     /// Every lane scans its whole schedule soon (see [`Lane::rescan_soon`]).

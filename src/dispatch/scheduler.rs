@@ -28,14 +28,6 @@ impl Held {
         self.lock().remove(&id);
     }
 
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<Uuid>> {
         crate::sync::lock(&self.0)
     }
