@@ -6,17 +6,17 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
+use super::auth::Operator;
 use super::problem::Problem;
 use super::AppState;
 use crate::clock::rfc3339;
-use crate::config::Role;
 use crate::model::{
     Attempt, AttemptLog, DeadLetter, DeliveryRecord, DeliveryState, EventRecord, Priority,
 };
@@ -106,29 +106,25 @@ pub(super) fn store_failed(e: crate::store::StoreError) -> Problem {
 }
 
 pub async fn get_event(
+    _: Operator,
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-) -> Response {
-    let view = async {
-        state.tokens.authorize(&headers, Role::Operator)?;
-        let id = parse_id(&id, "event")?;
-        let event = state
-            .store
-            .event(id)
-            .map_err(store_failed)?
-            .ok_or_else(|| {
-                Problem::not_found(format!(
-                    "no event {id} (never accepted, or past server.retention)"
-                ))
-            })?;
-        let mut deliveries = Vec::with_capacity(event.deliveries.len());
-        for d in &event.deliveries {
-            deliveries.push(delivery_view(&state, d)?);
-        }
-        Ok::<_, Problem>(Json(event_view(&event, deliveries)).into_response())
-    };
-    view.await.unwrap_or_else(IntoResponse::into_response)
+) -> Result<Response, Problem> {
+    let id = parse_id(&id, "event")?;
+    let event = state
+        .store
+        .event(id)
+        .map_err(store_failed)?
+        .ok_or_else(|| {
+            Problem::not_found(format!(
+                "no event {id} (never accepted, or past server.retention)"
+            ))
+        })?;
+    let mut deliveries = Vec::with_capacity(event.deliveries.len());
+    for d in &event.deliveries {
+        deliveries.push(delivery_view(&state, d)?);
+    }
+    Ok(Json(event_view(&event, deliveries)).into_response())
 }
 
 fn event_view(event: &EventRecord, deliveries: Vec<DeliveryView>) -> EventView<'_> {
@@ -249,50 +245,46 @@ struct DeadLetterPage {
 }
 
 pub async fn list_dead_letters(
+    _: Operator,
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     query: Result<Query<DeadLetterQuery>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let page = async {
-        state.tokens.authorize(&headers, Role::Operator)?;
-        let Query(q) =
-            query.map_err(|e| Problem::invalid("", format!("bad query: {}", e.body_text())))?;
-        let limit = q.limit.unwrap_or(100);
-        if limit == 0 || limit > 1000 {
-            return Err(Problem::invalid("/limit", "must be between 1 and 1000"));
-        }
-        let after = q
-            .after
-            .as_deref()
-            .map(|a| parse_id(a, "dead letter"))
-            .transpose()?;
-        let keep = q.filter()?;
-        let found = state
-            .store
-            .dead_letters(after, limit, &keep)
-            .map_err(store_failed)?;
-        let next = (found.len() == limit)
-            .then(|| found.last().map(|d| d.id.to_string()))
-            .flatten();
-        let items = found
-            .into_iter()
-            .map(|d| DeadLetterSummary {
-                id: d.id.to_string(),
-                event_id: d.event.id.to_string(),
-                delivery_id: d.delivery_id.to_string(),
-                device_id: d.event.device_id.clone(),
-                event_type: d.event.event_type.clone(),
-                priority: d.event.priority,
-                died_at: rfc3339(d.died_ms),
-                attempts: d.attempts.attempts.len() as u32 + d.attempts.omitted,
-                reason: d.reason,
-                partner: d.partner,
-                replayed_as: d.replayed_as.map(|id| id.to_string()),
-            })
-            .collect();
-        Ok::<_, Problem>(Json(DeadLetterPage { items, next }).into_response())
-    };
-    page.await.unwrap_or_else(IntoResponse::into_response)
+) -> Result<Response, Problem> {
+    let Query(q) =
+        query.map_err(|e| Problem::invalid("", format!("bad query: {}", e.body_text())))?;
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > 1000 {
+        return Err(Problem::invalid("/limit", "must be between 1 and 1000"));
+    }
+    let after = q
+        .after
+        .as_deref()
+        .map(|a| parse_id(a, "dead letter"))
+        .transpose()?;
+    let keep = q.filter()?;
+    let found = state
+        .store
+        .dead_letters(after, limit, &keep)
+        .map_err(store_failed)?;
+    let next = (found.len() == limit)
+        .then(|| found.last().map(|d| d.id.to_string()))
+        .flatten();
+    let items = found
+        .into_iter()
+        .map(|d| DeadLetterSummary {
+            id: d.id.to_string(),
+            event_id: d.event.id.to_string(),
+            delivery_id: d.delivery_id.to_string(),
+            device_id: d.event.device_id.clone(),
+            event_type: d.event.event_type.clone(),
+            priority: d.event.priority,
+            died_at: rfc3339(d.died_ms),
+            attempts: d.attempts.attempts.len() as u32 + d.attempts.omitted,
+            reason: d.reason,
+            partner: d.partner,
+            replayed_as: d.replayed_as.map(|id| id.to_string()),
+        })
+        .collect();
+    Ok(Json(DeadLetterPage { items, next }).into_response())
 }
 
 #[derive(Serialize)]
@@ -313,36 +305,32 @@ struct DeadLetterView<'a> {
 }
 
 pub async fn get_dead_letter(
+    _: Operator,
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-) -> Response {
-    let view = async {
-        state.tokens.authorize(&headers, Role::Operator)?;
-        let id = parse_id(&id, "dead letter")?;
-        let dead = state
-            .store
-            .dead_letter(id)
-            .map_err(store_failed)?
-            .ok_or_else(|| Problem::not_found(format!("no dead letter {id}")))?;
-        let view = DeadLetterView {
-            id: dead.id.to_string(),
-            partner: &dead.partner,
-            delivery_id: dead.delivery_id.to_string(),
-            reason: &dead.reason,
-            died_at: rfc3339(dead.died_ms),
-            event: event_view(&dead.event, Vec::new()),
-            attempts: dead
-                .attempts
-                .attempts
-                .iter()
-                .map(AttemptView::from)
-                .collect(),
-            attempts_omitted: dead.attempts.omitted,
-            replayed_as: dead.replayed_as.map(|id| id.to_string()),
-            replayed_at: dead.replayed_ms.map(rfc3339),
-        };
-        Ok::<_, Problem>(Json(view).into_response())
+) -> Result<Response, Problem> {
+    let id = parse_id(&id, "dead letter")?;
+    let dead = state
+        .store
+        .dead_letter(id)
+        .map_err(store_failed)?
+        .ok_or_else(|| Problem::not_found(format!("no dead letter {id}")))?;
+    let view = DeadLetterView {
+        id: dead.id.to_string(),
+        partner: &dead.partner,
+        delivery_id: dead.delivery_id.to_string(),
+        reason: &dead.reason,
+        died_at: rfc3339(dead.died_ms),
+        event: event_view(&dead.event, Vec::new()),
+        attempts: dead
+            .attempts
+            .attempts
+            .iter()
+            .map(AttemptView::from)
+            .collect(),
+        attempts_omitted: dead.attempts.omitted,
+        replayed_as: dead.replayed_as.map(|id| id.to_string()),
+        replayed_at: dead.replayed_ms.map(rfc3339),
     };
-    view.await.unwrap_or_else(IntoResponse::into_response)
+    Ok(Json(view).into_response())
 }

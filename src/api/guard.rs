@@ -194,7 +194,13 @@ fn needed_role(method: &Method, route: Option<&str>, metrics_auth: bool) -> Opti
 }
 
 /// The middleware: everything here runs on the request's header alone.
-pub async fn guard(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+/// The caller it lets through goes with the request, for the handler's
+/// role extractor ([`super::auth::Operator`], [`super::auth::Ingest`]).
+pub async fn guard(
+    State(state): State<Arc<AppState>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let guard = &state.guard;
     if guard.open {
         if let Err(problem) = guard.check_open(request.method(), request.headers()) {
@@ -221,6 +227,7 @@ pub async fn guard(State(state): State<Arc<AppState>>, request: Request, next: N
         },
         Role::Operator => None,
     };
+    request.extensions_mut().insert(caller);
     next.run(with_deadline(request, guard.policy.body_timeout))
         .await
 }

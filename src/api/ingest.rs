@@ -7,17 +7,17 @@
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::sync::Arc;
 
+use super::auth::Ingest;
 use super::problem::Problem;
 use super::AppState;
 use crate::clock::rfc3339;
-use crate::config::Role;
 use crate::model::{DeliveryRecord, EventRecord, Priority};
 use crate::store::{Accepted, StoreError};
 
@@ -78,22 +78,10 @@ impl From<Accepted> for AcceptedBody {
 }
 
 pub async fn post_events(
+    Ingest(caller): Ingest,
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    match accept(&state, &headers, body).await {
-        Ok(answer) => answer,
-        Err(problem) => problem.into_response(),
-    }
-}
-
-async fn accept(
-    state: &AppState,
-    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
-    let caller = state.tokens.authorize(headers, Role::Ingest)?;
     if state.is_draining() {
         return Err(Problem::unavailable("herald is shutting down"));
     }
@@ -121,7 +109,7 @@ async fn accept(
         }
         let incoming = parse_json::<IncomingEvent>(raw.get())
             .map_err(|(field, detail)| Problem::invalid(at(&field), detail))?;
-        let record = validate(state, incoming, now_ms).map_err(|r| match r {
+        let record = validate(&state, incoming, now_ms).map_err(|r| match r {
             Rejected::Invalid(field, detail) => Problem::invalid(at(&field), detail),
             Rejected::Unavailable(detail) => Problem::unavailable(detail),
         })?;

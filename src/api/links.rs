@@ -16,18 +16,19 @@ use std::sync::Arc;
 use adapters::Credentials;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::admin::store_failed;
+use super::auth::Operator;
 use super::ingest::{check_text, parse_json, MAX_DEVICE_ID};
 use super::problem::Problem;
 use super::AppState;
 use crate::clock::rfc3339;
-use crate::config::{check_url, PartnerConfig, Role};
+use crate::config::{check_url, PartnerConfig};
 use crate::links::{Link, LinkError, StoredView};
 
 /// Bounds on what a link may hold: generous for any platform's tokens.
@@ -134,41 +135,37 @@ fn link_failed(e: LinkError) -> Problem {
 }
 
 pub async fn put_link(
+    Operator(caller): Operator,
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path((name, device_id)): Path<(String, String)>,
     body: Bytes,
-) -> Response {
-    let put = async {
-        let caller = state.tokens.authorize(&headers, Role::Operator)?;
-        let partner = partner(&state, &name)?;
-        let link = validate(
-            partner,
-            &device_id,
-            &body,
-            state.config.server.link_key.is_some(),
-        )?;
-        if let Some(lane) = state.dispatcher.lane(&name) {
-            lane.check_link(&link)
-                .map_err(|e| Problem::invalid(format!("/{}", e.key), e.reason))?;
+) -> Result<Response, Problem> {
+    let partner = partner(&state, &name)?;
+    let link = validate(
+        partner,
+        &device_id,
+        &body,
+        state.config.server.link_key.is_some(),
+    )?;
+    if let Some(lane) = state.dispatcher.lane(&name) {
+        lane.check_link(&link)
+            .map_err(|e| Problem::invalid(format!("/{}", e.key), e.reason))?;
+    }
+    let put = state.links.put(link).await.map_err(link_failed)?;
+    let created = put.created;
+    if let Some(lane) = state.dispatcher.lane(&name) {
+        for device in &put.relinked {
+            lane.relinked(device);
         }
-        let put = state.links.put(link).await.map_err(link_failed)?;
-        let created = put.created;
-        if let Some(lane) = state.dispatcher.lane(&name) {
-            for device in &put.relinked {
-                lane.relinked(device);
-            }
-        }
-        tracing::info!(partner = %name, device = %device_id, caller = %caller.name, created, "link put");
-        let stored = stored(&state, &name, &device_id)?;
-        let status = if created {
-            StatusCode::CREATED
-        } else {
-            StatusCode::OK
-        };
-        Ok::<_, Problem>((status, Json(LinkView::from(&stored))).into_response())
+    }
+    tracing::info!(partner = %name, device = %device_id, caller = %caller.name, created, "link put");
+    let stored = stored(&state, &name, &device_id)?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
     };
-    put.await.unwrap_or_else(IntoResponse::into_response)
+    Ok((status, Json(LinkView::from(&stored))).into_response())
 }
 
 #[derive(Deserialize)]
@@ -181,70 +178,55 @@ pub struct LinkPageQuery {
 /// `GET /v1/links/{partner}`: the partner's links in device order, a page
 /// at a time, without secrets.
 pub async fn list_links(
+    _: Operator,
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path(name): Path<String>,
     query: Result<Query<LinkPageQuery>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let page = || {
-        state.tokens.authorize(&headers, Role::Operator)?;
-        partner(&state, &name)?;
-        let Query(q) =
-            query.map_err(|e| Problem::invalid("", format!("bad query: {}", e.body_text())))?;
-        let limit = q.limit.unwrap_or(100);
-        if limit == 0 || limit > 1000 {
-            return Err(Problem::invalid("/limit", "must be between 1 and 1000"));
-        }
-        let links = state
-            .links
-            .page_stored(&name, q.after.as_deref(), limit)
-            .map_err(link_failed)?;
-        let next = (links.len() == limit)
-            .then(|| links.last().map(|l| l.link.device_id.clone()))
-            .flatten();
-        let views: Vec<LinkView> = links.iter().map(LinkView::from).collect();
-        Ok::<_, Problem>(
-            Json(serde_json::json!({ "partner": name, "links": views, "next": next }))
-                .into_response(),
-        )
-    };
-    page().unwrap_or_else(IntoResponse::into_response)
+) -> Result<Response, Problem> {
+    partner(&state, &name)?;
+    let Query(q) =
+        query.map_err(|e| Problem::invalid("", format!("bad query: {}", e.body_text())))?;
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > 1000 {
+        return Err(Problem::invalid("/limit", "must be between 1 and 1000"));
+    }
+    let links = state
+        .links
+        .page_stored(&name, q.after.as_deref(), limit)
+        .map_err(link_failed)?;
+    let next = (links.len() == limit)
+        .then(|| links.last().map(|l| l.link.device_id.clone()))
+        .flatten();
+    let views: Vec<LinkView> = links.iter().map(LinkView::from).collect();
+    Ok(Json(serde_json::json!({ "partner": name, "links": views, "next": next })).into_response())
 }
 
 pub async fn get_link(
+    _: Operator,
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path((name, device_id)): Path<(String, String)>,
-) -> Response {
-    let get = || {
-        state.tokens.authorize(&headers, Role::Operator)?;
-        partner(&state, &name)?;
-        let stored = stored(&state, &name, &device_id)?;
-        Ok::<_, Problem>(Json(LinkView::from(&stored)).into_response())
-    };
-    get().unwrap_or_else(IntoResponse::into_response)
+) -> Result<Response, Problem> {
+    partner(&state, &name)?;
+    let stored = stored(&state, &name, &device_id)?;
+    Ok(Json(LinkView::from(&stored)).into_response())
 }
 
 pub async fn delete_link(
+    Operator(caller): Operator,
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path((name, device_id)): Path<(String, String)>,
-) -> Response {
-    let delete = async {
-        let caller = state.tokens.authorize(&headers, Role::Operator)?;
-        partner(&state, &name)?;
-        if !state
-            .links
-            .delete(&name, &device_id)
-            .await
-            .map_err(link_failed)?
-        {
-            return Err(no_link(&name, &device_id));
-        }
-        tracing::info!(partner = %name, device = %device_id, caller = %caller.name, "link deleted");
-        Ok(StatusCode::NO_CONTENT.into_response())
-    };
-    delete.await.unwrap_or_else(IntoResponse::into_response)
+) -> Result<StatusCode, Problem> {
+    partner(&state, &name)?;
+    if !state
+        .links
+        .delete(&name, &device_id)
+        .await
+        .map_err(link_failed)?
+    {
+        return Err(no_link(&name, &device_id));
+    }
+    tracing::info!(partner = %name, device = %device_id, caller = %caller.name, "link deleted");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 fn stored(state: &AppState, partner: &str, device_id: &str) -> Result<StoredView, Problem> {

@@ -11,16 +11,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
 use super::admin::store_failed;
+use super::auth::Operator;
 use super::problem::Problem;
 use super::AppState;
 use crate::clock::rfc3339;
-use crate::config::Role;
 use crate::dispatch::lane::Lane;
 use crate::model::ParkedRoute;
 
@@ -55,10 +55,7 @@ struct PartnerView {
     alert: Option<crate::dispatch::alert::AlertView>,
 }
 
-pub async fn list_partners(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(problem) = state.tokens.authorize(&headers, Role::Operator) {
-        return problem.into_response();
-    }
+pub async fn list_partners(_: Operator, State(state): State<Arc<AppState>>) -> Response {
     let count = |n: &AtomicU64| n.load(Ordering::Relaxed);
     let mut partners: Vec<PartnerView> = state
         .dispatcher
@@ -114,36 +111,26 @@ fn lane<'a>(state: &'a AppState, name: &str) -> Result<&'a Arc<Lane>, Problem> {
 }
 
 pub async fn list_parked(
+    _: Operator,
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path(name): Path<String>,
-) -> Response {
-    let view = || {
-        state.tokens.authorize(&headers, Role::Operator)?;
-        let routes = lane(&state, &name)?.parked.list();
-        let items: Vec<ParkedView> = routes.iter().map(ParkedView::from).collect();
-        Ok::<_, Problem>(
-            Json(serde_json::json!({ "partner": name, "parked": items })).into_response(),
-        )
-    };
-    view().unwrap_or_else(IntoResponse::into_response)
+) -> Result<Response, Problem> {
+    let routes = lane(&state, &name)?.parked.list();
+    let items: Vec<ParkedView> = routes.iter().map(ParkedView::from).collect();
+    Ok(Json(serde_json::json!({ "partner": name, "parked": items })).into_response())
 }
 
 pub async fn clear_parked(
+    Operator(caller): Operator,
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path((name, device_id)): Path<(String, String)>,
-) -> Response {
-    let cleared = async {
-        state.tokens.authorize(&headers, Role::Operator)?;
-        let lane = lane(&state, &name)?;
-        if !lane.unpark(&device_id).await.map_err(store_failed)? {
-            return Err(Problem::not_found(format!(
-                "{device_id:?} is not parked at {name:?}"
-            )));
-        }
-        tracing::info!(partner = %name, device = %device_id, "parked route cleared by an operator");
-        Ok(StatusCode::NO_CONTENT.into_response())
-    };
-    cleared.await.unwrap_or_else(IntoResponse::into_response)
+) -> Result<StatusCode, Problem> {
+    let lane = lane(&state, &name)?;
+    if !lane.unpark(&device_id).await.map_err(store_failed)? {
+        return Err(Problem::not_found(format!(
+            "{device_id:?} is not parked at {name:?}"
+        )));
+    }
+    tracing::info!(partner = %name, device = %device_id, caller = %caller.name, "parked route cleared by an operator");
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -11,16 +11,16 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 use uuid::Uuid;
 
 use super::admin::{parse_id, store_failed, DeadLetterQuery};
+use super::auth::Operator;
 use super::problem::Problem;
 use super::AppState;
-use crate::config::Role;
 use crate::store::{Replayed, StoreError};
 
 /// Most letters one bulk call replays: one group commit stays small.
@@ -55,116 +55,102 @@ async fn replay(state: &AppState, ids: &[Uuid]) -> Result<Vec<Replayed>, Problem
 }
 
 pub async fn replay_one(
+    Operator(caller): Operator,
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-) -> Response {
-    let replayed = async {
-        let caller = state.tokens.authorize(&headers, Role::Operator)?;
-        let id = parse_id(&id, "dead letter")?;
-        let done = replay(&state, &[id]).await?;
-        match done.into_iter().next() {
-            Some(Replayed::Scheduled(due)) => {
-                tracing::info!(dead_letter = %id, delivery = %due.key.delivery, partner = %due.key.partner,
-                    caller = %caller.name, "dead letter replayed");
-                Ok((
-                    StatusCode::ACCEPTED,
-                    Json(json!({
-                        "dead_letter": id.to_string(),
-                        "event_id": due.entry.event.to_string(),
-                        "partner": due.key.partner,
-                        "delivery_id": due.key.delivery.to_string(),
-                    })),
-                )
-                    .into_response())
-            }
-            Some(Replayed::Already(delivery)) => Err(Problem::new(
-                StatusCode::CONFLICT,
-                "already-replayed",
-                "This dead letter was replayed before",
-                format!("dead letter {id} was already replayed as delivery {delivery}; GET /v1/events shows how it went"),
-            )),
-            Some(Replayed::Failed(reason)) => Err(Problem::internal(format!(
-                "dead letter {id} could not be replayed: {reason}"
-            ))),
-            Some(Replayed::Missing) | None => Err(Problem::not_found(format!("no dead letter {id}"))),
+) -> Result<Response, Problem> {
+    let id = parse_id(&id, "dead letter")?;
+    let done = replay(&state, &[id]).await?;
+    match done.into_iter().next() {
+        Some(Replayed::Scheduled(due)) => {
+            tracing::info!(dead_letter = %id, delivery = %due.key.delivery, partner = %due.key.partner,
+                caller = %caller.name, "dead letter replayed");
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({
+                    "dead_letter": id.to_string(),
+                    "event_id": due.entry.event.to_string(),
+                    "partner": due.key.partner,
+                    "delivery_id": due.key.delivery.to_string(),
+                })),
+            )
+                .into_response())
         }
-    };
-    replayed.await.unwrap_or_else(IntoResponse::into_response)
+        Some(Replayed::Already(delivery)) => Err(Problem::new(
+            StatusCode::CONFLICT,
+            "already-replayed",
+            "This dead letter was replayed before",
+            format!("dead letter {id} was already replayed as delivery {delivery}; GET /v1/events shows how it went"),
+        )),
+        Some(Replayed::Failed(reason)) => Err(Problem::internal(format!(
+            "dead letter {id} could not be replayed: {reason}"
+        ))),
+        Some(Replayed::Missing) | None => Err(Problem::not_found(format!("no dead letter {id}"))),
+    }
 }
 
 pub async fn replay_many(
+    Operator(caller): Operator,
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     query: Result<Query<DeadLetterQuery>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let replayed = async {
-        let caller = state.tokens.authorize(&headers, Role::Operator)?;
-        let Query(q) =
-            query.map_err(|e| Problem::invalid("", format!("bad query: {}", e.body_text())))?;
-        let limit = q.limit.unwrap_or(1000);
-        if limit == 0 || limit > MAX_BULK {
+) -> Result<Response, Problem> {
+    let Query(q) =
+        query.map_err(|e| Problem::invalid("", format!("bad query: {}", e.body_text())))?;
+    let limit = q.limit.unwrap_or(1000);
+    if limit == 0 || limit > MAX_BULK {
+        return Err(Problem::invalid(
+            "/limit",
+            format!("must be between 1 and {MAX_BULK}"),
+        ));
+    }
+    if q.after.is_some() {
+        return Err(Problem::invalid(
+            "/after",
+            "replays always start from the oldest letter not yet replayed; leave it out",
+        ));
+    }
+    if let Some(partner) = &q.partner {
+        if state.config.partner(partner).is_none() {
             return Err(Problem::invalid(
-                "/limit",
-                format!("must be between 1 and {MAX_BULK}"),
+                "/partner",
+                format!("no partner {partner:?} in the config"),
             ));
         }
-        if q.after.is_some() {
-            return Err(Problem::invalid(
-                "/after",
-                "replays always start from the oldest letter not yet replayed; leave it out",
-            ));
-        }
-        if let Some(partner) = &q.partner {
-            if state.config.partner(partner).is_none() {
-                return Err(Problem::invalid(
-                    "/partner",
-                    format!("no partner {partner:?} in the config"),
-                ));
-            }
-        }
-        let keep = q.filter()?;
-        let chosen = state
-            .store
-            .dead_letters(None, limit, &|d| d.replayed_as.is_none() && keep(d))
-            .map_err(store_failed)?;
-        let ids: Vec<Uuid> = chosen.iter().map(|d| d.id).collect();
-        let done = replay(&state, &ids).await?;
-        let count = done
-            .iter()
-            .filter(|r| matches!(r, Replayed::Scheduled(_)))
-            .count();
-        let failed: Vec<String> = ids
-            .iter()
-            .zip(&done)
-            .filter(|(_, r)| matches!(r, Replayed::Failed(_)))
-            .map(|(id, _)| id.to_string())
-            .collect();
-        tracing::info!(replayed = count, failed = failed.len(), caller = %caller.name, "dead letters replayed in bulk");
-        Ok::<_, Problem>(
-            (
-                StatusCode::ACCEPTED,
-                Json(json!({ "replayed": count, "failed": failed, "more": ids.len() == limit })),
-            )
-                .into_response(),
-        )
-    };
-    replayed.await.unwrap_or_else(IntoResponse::into_response)
+    }
+    let keep = q.filter()?;
+    let chosen = state
+        .store
+        .dead_letters(None, limit, &|d| d.replayed_as.is_none() && keep(d))
+        .map_err(store_failed)?;
+    let ids: Vec<Uuid> = chosen.iter().map(|d| d.id).collect();
+    let done = replay(&state, &ids).await?;
+    let count = done
+        .iter()
+        .filter(|r| matches!(r, Replayed::Scheduled(_)))
+        .count();
+    let failed: Vec<String> = ids
+        .iter()
+        .zip(&done)
+        .filter(|(_, r)| matches!(r, Replayed::Failed(_)))
+        .map(|(id, _)| id.to_string())
+        .collect();
+    tracing::info!(replayed = count, failed = failed.len(), caller = %caller.name, "dead letters replayed in bulk");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "replayed": count, "failed": failed, "more": ids.len() == limit })),
+    )
+        .into_response())
 }
 
 pub async fn purge_one(
+    Operator(caller): Operator,
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-) -> Response {
-    let purged = async {
-        let caller = state.tokens.authorize(&headers, Role::Operator)?;
-        let id = parse_id(&id, "dead letter")?;
-        if !state.store.purge(id).await.map_err(write_failed)? {
-            return Err(Problem::not_found(format!("no dead letter {id}")));
-        }
-        tracing::info!(dead_letter = %id, caller = %caller.name, "dead letter purged");
-        Ok(StatusCode::NO_CONTENT.into_response())
-    };
-    purged.await.unwrap_or_else(IntoResponse::into_response)
+) -> Result<Response, Problem> {
+    let id = parse_id(&id, "dead letter")?;
+    if !state.store.purge(id).await.map_err(write_failed)? {
+        return Err(Problem::not_found(format!("no dead letter {id}")));
+    }
+    tracing::info!(dead_letter = %id, caller = %caller.name, "dead letter purged");
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
