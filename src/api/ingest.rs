@@ -22,7 +22,9 @@ use crate::model::{DeliveryRecord, EventRecord, Priority};
 use crate::store::{Accepted, StoreError};
 
 /// The largest one event may be, as JSON: keeps every record far below
-/// sled's ~128 KiB blob threshold (blob files are never fsynced).
+/// sled's ~128 KiB blob threshold, where a log item leaves the segment
+/// for a file of its own (one open, write and sync of a file and its
+/// directory each, in herald's sled).
 pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 pub(super) const MAX_DEVICE_ID: usize = 256;
 const MAX_TYPE: usize = 128;

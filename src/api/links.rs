@@ -37,7 +37,7 @@ const MAX_URL: usize = 2048;
 const MAX_TOKEN: usize = 8192;
 /// The largest a link's `options` may be, as JSON: with the other capped
 /// fields, a link record stays far below sled's ~128 KiB blob threshold
-/// (blob files are never fsynced).
+/// (see [`super::ingest::MAX_EVENT_BYTES`]).
 pub const MAX_OPTIONS_BYTES: usize = 16 * 1024;
 
 #[derive(Deserialize)]

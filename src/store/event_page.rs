@@ -32,7 +32,9 @@ use crate::model::EventRecord;
 
 /// A page is closed once its records reach this many bytes: 32 keys of
 /// this under sled's blob threshold (a quarter of a 512 KiB segment), so a
-/// leaf of pages is still written to the log inline.
+/// leaf of pages of ordinary events is still written to the log inline
+/// (a page may pass it by one event of up to 64 KiB; such a leaf goes to a
+/// blob file, which herald's sled syncs too).
 pub const PAGE_BYTES: usize = 3 * 1024;
 
 /// The first byte of a page: the layout's version.

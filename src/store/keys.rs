@@ -257,7 +257,7 @@ pub fn describe(key: &[u8]) -> String {
     key.escape_ascii().to_string()
 }
 
-/// The id in an `e`, `a` or `d` key.
+/// The id in a key of a prefix byte and a UUID (`e`, `b`, `r`, `a`, `d`, `o`).
 pub fn id_of(key: &[u8]) -> Option<Uuid> {
     let bytes: [u8; 16] = key.get(1..17)?.try_into().ok()?;
     (key.len() == 17).then(|| Uuid::from_bytes(bytes))

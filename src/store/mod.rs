@@ -1093,6 +1093,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_success_reported_twice_is_recorded_once() {
+        let (_dir, store) = open();
+        three_in_a_chunk(&store).await;
+        let first = due_now(&store).remove(0);
+        store.record(retried(&first)).await.expect("retry recorded");
+        let retry = store
+            .due("acme", &Priority::ALL, 6_000, 100, &|_| false)
+            .expect("scan")
+            .found
+            .into_iter()
+            .find(|d| d.key.delivery == first.key.delivery)
+            .expect("the retry is scheduled");
+        deliver(&store, &retry).await;
+        deliver(&store, &retry).await;
+        let log = store
+            .attempt_log(retry.entry.delivery)
+            .expect("reads")
+            .expect("a log");
+        assert_eq!(log.attempts.len(), 2, "the retry and one success: {log:?}");
+        assert_eq!(store.queued("acme"), 2, "moved once");
+    }
+
+    #[tokio::test]
     async fn an_unreadable_or_missing_chunk_state_sends_again_and_is_rebuilt() {
         for damage in ["garbage", "missing"] {
             let (_dir, store) = open();

@@ -78,7 +78,7 @@ impl Watermark {
             _ => decode(&bytes).ok_or_else(|| {
                 format!(
                     "{} holds {} bytes, not 8: it is damaged (it only guards against data loss; \
-                     delete it to start without that check)",
+                     empty it (truncate to 0 bytes) to start without that check)",
                     path.display(),
                     bytes.len()
                 )

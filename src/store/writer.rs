@@ -800,16 +800,13 @@ fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
         }
     } else {
         let schedule_key = key.encode();
-        // A duplicate success only writes the same marker again; anything
-        // else must not act twice.
-        let existed = p.get(&schedule_key)?.is_some();
-        if next != Next::Delivered && !existed {
-            // Already settled (a duplicate report): nothing to move.
+        if p.get(&schedule_key)?.is_none() {
+            // Already settled (a duplicate report): nothing to move, and a
+            // second success must not log its attempt twice or leave a
+            // marker behind an event retention already collected.
             return Ok(());
         }
-        if existed {
-            p.moved(&key.partner, -1);
-        }
+        p.moved(&key.partner, -1);
         p.remove(schedule_key);
     }
     if let (Some(o), Next::Delivered | Next::Dead(_) | Next::Superseded(_)) = (&entry.order, &next)
