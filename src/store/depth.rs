@@ -97,13 +97,20 @@ pub(super) fn read(
     Ok(Some(depths))
 }
 
-/// Writes counted depths (a store that did not keep them) and marks them kept.
+/// Writes counted depths (a store that did not keep them, or kept one it
+/// cannot read) and marks them kept. Every stored depth is replaced: one
+/// left unreadable for a partner with nothing scheduled would otherwise
+/// fail the next open's read again and force the same scan.
 pub(super) fn write_counted(
     db: &sled::Db,
     counted: &HashMap<String, u64>,
 ) -> Result<(), crate::store::StoreError> {
     use crate::store::keys;
     let mut batch = sled::Batch::default();
+    for item in db.scan_prefix(keys::DEPTH_PREFIX) {
+        let (key, _) = item?;
+        batch.remove(key);
+    }
     for (partner, depth) in counted {
         batch.insert(keys::depth(partner), &encode(*depth));
     }

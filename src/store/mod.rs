@@ -1384,6 +1384,21 @@ mod tests {
             .get(keys::depth("acme"))
             .expect("read");
         assert_eq!(on_disk.as_deref(), Some(&2u64.to_be_bytes()[..]));
+
+        // An unreadable depth of a partner with nothing queued is counted
+        // over once and gone, not read (and counted again) at every open.
+        store
+            .db()
+            .expect("open")
+            .insert(keys::depth("gone"), &b"bad"[..])
+            .expect("write");
+        store.shutdown().await.expect("shutdown");
+        drop(store);
+        let store = testing::reopen(&dir);
+        assert_eq!(store.queued("acme"), 2, "counted from the schedule");
+        let db = store.db().expect("open");
+        assert_eq!(db.get(keys::depth("gone")).expect("read"), None);
+        assert!(depth::read(&db).expect("readable now").is_some());
     }
 
     #[tokio::test]
