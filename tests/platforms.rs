@@ -462,6 +462,45 @@ async fn revoked_grant_parks_the_link(platform: &'static str) {
     );
 }
 
+/// A partner-wide token belongs to herald, not to a user: the platform
+/// refusing it says herald's own credentials are wrong, so deliveries wait
+/// and the partner's alert is raised; no device's route is parked.
+async fn refused_partner_token_alerts_and_parks_nothing(platform: &'static str) {
+    let scenario = Scenario {
+        refresh_terminal: true,
+        ..Scenario::default()
+    };
+    let stage = Stage::start(platform, scenario).await;
+    let id = stage.alert().await;
+    let partner = stage.wait_alert(true).await;
+    let reason = partner["alert"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("partner credentials"),
+        "{platform}: {partner}"
+    );
+    let event = stage
+        .h()
+        .wait_event(&id, "the refused mint recorded", |e| {
+            e.deliveries[0].attempts >= 1
+        })
+        .await;
+    assert_eq!(
+        event.deliveries[0].state,
+        DeliveryState::Pending,
+        "{platform}: kept for a retry"
+    );
+    assert_eq!(
+        stage.deliveries_seen(),
+        0,
+        "{platform}: nothing sent without a token"
+    );
+    let (_, parked) = stage
+        .h()
+        .get(&format!("/v1/partners/{platform}/parked"))
+        .await;
+    assert_eq!(parked["parked"], json!([]), "{platform}: {parked}");
+}
+
 impl Stage {
     /// The partner's `alert` in `GET /v1/partners`, waited for (real time,
     /// bounded) until it is present (`true`) or absent (`false`).
@@ -619,8 +658,10 @@ macro_rules! platform_tests {
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn a_revoked_grant_parks_the_link() {
-                if !partner_scoped($platform) {
+            async fn a_revoked_grant_parks_the_link_and_a_refused_partner_token_alerts() {
+                if partner_scoped($platform) {
+                    refused_partner_token_alerts_and_parks_nothing($platform).await;
+                } else {
                     revoked_grant_parks_the_link($platform).await;
                 }
             }
