@@ -86,7 +86,7 @@ async fn server_errors_are_retried_with_the_same_id_on_the_policys_schedule() {
         // One millisecond early: nothing goes out.
         h.clock
             .advance(Duration::from_millis(due - h.clock.now_ms() - 1));
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        h.quiesce().await;
         assert_eq!(
             mock.requests().len(),
             failures as usize,
@@ -138,7 +138,7 @@ async fn retry_after_is_honoured_as_a_minimum() {
     );
 
     h.clock.advance(Duration::from_millis(1999));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    h.quiesce().await;
     assert_eq!(mock.requests().len(), 1, "no retry before Retry-After");
     h.clock.advance(Duration::from_millis(1));
     let got = mock.wait_for(2).await;
@@ -204,7 +204,7 @@ async fn a_status_the_partner_names_permanent_is_a_dead_letter_at_once() {
 
     // Nothing more is sent for it, whatever time passes.
     h.clock.advance(Duration::from_secs(3600));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    h.quiesce().await;
     assert_eq!(mock.requests().len(), 1);
     assert_eq!(h.herald.store().scheduled_count("acme"), 0);
 }
@@ -387,7 +387,7 @@ async fn the_rate_limit_spaces_sends_on_herald_clock() {
         h.send_one("acme", "normal").await;
     }
     mock.wait_for(1).await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    h.quiesce().await;
     assert_eq!(
         mock.requests().len(),
         1,

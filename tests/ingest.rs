@@ -125,7 +125,7 @@ async fn an_idempotency_key_reused_creates_nothing_new() {
         .unwrap()
         .1;
     assert_eq!(events, 1);
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    h.quiesce().await;
     assert_eq!(mock.requests().len(), 1, "delivered once");
 }
 

@@ -421,6 +421,35 @@ impl TestHerald {
         );
     }
 
+    /// Waits until herald is quiet: no send started or finished and no
+    /// commit made for 20 polls in a row (real time, bounded; a send may
+    /// still wait for a rate-limit token meanwhile). What a "nothing more happens" check asserts
+    /// after, instead of after a fixed sleep that a loaded machine outruns.
+    pub async fn quiesce(&self) {
+        let activity = || {
+            let sent: u64 = self
+                .herald
+                .dispatcher()
+                .lanes()
+                .map(|lane| lane.stats.sent.load(std::sync::atomic::Ordering::Relaxed))
+                .sum();
+            let in_flight: usize = self.herald.dispatcher().lanes().map(|l| l.in_flight()).sum();
+            (sent, in_flight, self.herald.store().visible_commit())
+        };
+        let mut last = activity();
+        let mut quiet = 0;
+        for _ in 0..2000 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let now = activity();
+            quiet = if now == last { quiet + 1 } else { 0 };
+            if quiet >= 20 {
+                return;
+            }
+            last = now;
+        }
+        panic!("herald never went quiet: (sent, in flight, commit) = {last:?}");
+    }
+
     /// Polls the store (real time, bounded) until `check` holds for the event.
     pub async fn wait_event(
         &self,
