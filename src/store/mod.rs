@@ -1093,6 +1093,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_idempotency_key_seen_before_stores_no_second_event() {
+        let (_dir, store) = open();
+        let keyed = || {
+            let mut e = event(0);
+            e.idempotency_key = Some("lock-1/88412".into());
+            e
+        };
+        let first = store.enqueue(vec![keyed()]).await.expect("enqueue");
+        let again = store
+            .enqueue(vec![keyed(), keyed()])
+            .await
+            .expect("enqueue");
+        assert!(again.iter().all(|a| a.duplicate && a.id == first[0].id));
+        let counts: HashMap<char, usize> = store.record_counts().into_iter().collect();
+        assert_eq!(counts[&'e'], 1, "one event: {counts:?}");
+        assert_eq!(counts[&'i'], 1, "one key: {counts:?}");
+        assert_eq!(store.queued("acme"), 1);
+    }
+
+    #[tokio::test]
     async fn a_success_reported_twice_is_recorded_once() {
         let (_dir, store) = open();
         three_in_a_chunk(&store).await;

@@ -404,6 +404,20 @@ impl TestHerald {
             .map_or(0, |(_, n)| n)
     }
 
+    /// Every delivery herald has made or holds, as on-call reads it: each
+    /// partner's `queued` plus `sent` in `GET /v1/partners`. An event that
+    /// was refused adds nothing to it.
+    pub async fn deliveries_held_or_sent(&self) -> u64 {
+        let (status, body) = self.get("/v1/partners").await;
+        assert_eq!(status, 200, "{body}");
+        body["partners"]
+            .as_array()
+            .expect("partners")
+            .iter()
+            .map(|p| p["queued"].as_u64().unwrap_or(0) + p["sent"].as_u64().unwrap_or(0))
+            .sum()
+    }
+
     /// Waits (real time, bounded) until the store counts `n` deliveries
     /// queued for `partner`, and checks that a full scan agrees.
     pub async fn wait_queued(&self, partner: &str, n: u64) {
@@ -433,7 +447,12 @@ impl TestHerald {
                 .lanes()
                 .map(|lane| lane.stats.sent.load(std::sync::atomic::Ordering::Relaxed))
                 .sum();
-            let in_flight: usize = self.herald.dispatcher().lanes().map(|l| l.in_flight()).sum();
+            let in_flight: usize = self
+                .herald
+                .dispatcher()
+                .lanes()
+                .map(|l| l.in_flight())
+                .sum();
             (sent, in_flight, self.herald.store().visible_commit())
         };
         let mut last = activity();
