@@ -372,12 +372,20 @@ async fn sigterm_keeps_the_backlog_for_the_next_start() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let first = get(&herald, &format!("/v1/events/{}", ids[0])).await;
-    assert_eq!(first["deliveries"][0]["state"], "pending");
-    assert!(
-        first["deliveries"][0]["attempts"].as_u64() >= Some(1),
-        "{first}"
-    );
+    // The breaker opens on the answers in memory; the attempts that opened
+    // it are written right after, so wait for the first one's record.
+    let first = loop {
+        let first = get(&herald, &format!("/v1/events/{}", ids[0])).await;
+        if first["deliveries"][0]["attempts"].as_u64() >= Some(1) {
+            break first;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the first event's failed attempt was never recorded: {first}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(first["deliveries"][0]["state"], "pending", "{first}");
 
     herald.stop().expect("SIGTERM: exit 0");
     let (count, _server) = partner_on(addr).await;
