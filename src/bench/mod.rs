@@ -91,7 +91,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, String> {
 
     let mut ceiling = None;
     if wanted(Scenario::Ceiling) || wanted(Scenario::Batched) || wanted(Scenario::Single) {
-        let mut t = table("ceiling: reqwest loop → loopback sink");
+        let mut t = table("ceiling: hyper client loop → loopback sink");
         let requests = if options.quick {
             5_000
         } else {
