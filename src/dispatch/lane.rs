@@ -76,7 +76,7 @@ pub struct Lane {
     inbox: std::sync::Mutex<Inbox>,
     /// Outcomes of finished sends, written back together.
     recording: std::sync::Mutex<Recording>,
-    /// How many deliveries the window holds (critical ones may take twice that).
+    /// How many deliveries the window holds (see [`super::scheduler::limit_for`]).
     capacity: usize,
     pub breaker: Breaker,
     /// Devices whose route to this partner is gone (410): not sent to.
@@ -797,11 +797,11 @@ impl Inbox {
     /// it was left to the index.
     fn push(&mut self, due: Due, commit: u64, capacity: usize) -> bool {
         let priority = due.key.priority;
-        let (count, limit) = match priority {
-            Priority::Critical => (self.critical, 2 * capacity),
-            Priority::Normal => (self.offers.len() - self.critical, capacity),
+        let count = match priority {
+            Priority::Critical => self.critical,
+            Priority::Normal => self.offers.len() - self.critical,
         };
-        if count >= limit {
+        if count >= super::scheduler::limit_for(priority, capacity) {
             self.leave_to_index(priority);
             return false;
         }

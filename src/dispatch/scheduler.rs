@@ -33,6 +33,17 @@ impl Held {
     }
 }
 
+/// How many deliveries a window of `capacity` may hold when it takes work
+/// of `priority`: critical work may overfill it by one capacity, so it
+/// never waits for normal work to drain first. The one capacity rule: the
+/// window's hand-overs and refills and the lane's inbox all apply it.
+pub fn limit_for(priority: Priority, capacity: usize) -> usize {
+    match priority {
+        Priority::Critical => 2 * capacity,
+        Priority::Normal => capacity,
+    }
+}
+
 pub struct Window {
     partner: String,
     capacity: usize,
@@ -147,10 +158,7 @@ impl Window {
         if held.contains(&due.key.delivery) {
             return true;
         }
-        let limit = match priority {
-            Priority::Critical => 2 * self.capacity,
-            Priority::Normal => self.capacity,
-        };
+        let limit = limit_for(priority, self.capacity);
         let scanning = self.scanning && priority == Priority::Normal;
         if scanning || commit <= self.scanned_through || self.queued() >= limit {
             drop(held);
@@ -174,10 +182,12 @@ impl Window {
         now_ms: u64,
         priorities: &[Priority],
     ) -> Result<usize, StoreError> {
-        let limit = match priorities {
-            [Priority::Critical] => 2 * self.capacity,
-            _ => self.capacity,
+        // The limit of the least urgent priority the refill takes.
+        let least = match priorities {
+            [Priority::Critical] => Priority::Critical,
+            _ => Priority::Normal,
         };
+        let limit = limit_for(least, self.capacity);
         let room = limit.saturating_sub(self.queued());
         if room == 0 {
             return Ok(0);
