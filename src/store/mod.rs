@@ -12,8 +12,10 @@
 
 mod checkpoint;
 mod chunk;
+mod collect;
 mod data_dir;
 mod depth;
+mod enqueue;
 mod event_format;
 mod event_page;
 mod gather;
@@ -22,6 +24,7 @@ pub mod keys;
 pub use replay::Replayed;
 mod links;
 pub use links::LinkOutcome;
+mod record;
 mod replay;
 mod watermark;
 mod writer;

@@ -15,6 +15,11 @@
 //! whole or not at all. sled then refuses every later write until the
 //! database is opened again, so the writer does that itself
 //! ([`recover`]) and goes on: no restart needed.
+//!
+//! This file holds the loop, the commit and [`Pending`], the group's
+//! overlay; each command's changes live in a file of their own:
+//! [`super::enqueue`], [`super::record`], [`super::collect`],
+//! [`super::links`] and [`super::replay`].
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -28,18 +33,13 @@ use uuid::Uuid;
 use super::chunk;
 use super::depth::{self, Depth, Moves};
 use super::event_format;
-use super::event_page::{self, Page};
+use super::event_page::{self};
 use super::gather::{Gatherer, OUTCOME_LINGER};
 use super::handle::{self, Handle};
 use super::keys::{self, ScheduleKey};
 use super::watermark::{self, Watermark};
-use super::{
-    current_event, decode, encode, settle_delivered, Accepted, CollectFrom, Collected, Due, Home,
-    Next, Outcome, StoreError,
-};
-use crate::model::{
-    AttemptLog, DeadLetter, DeliveryState, DeviceOrder, EventRecord, ScheduledDelivery,
-};
+use super::{current_event, decode, Accepted, CollectFrom, Collected, Home, Outcome, StoreError};
+use crate::model::EventRecord;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -184,13 +184,13 @@ fn run(
         for command in group {
             match command {
                 Command::Enqueue { events, reply } => {
-                    let result = enqueue(&mut pending, events);
+                    let result = super::enqueue::enqueue(&mut pending, events);
                     answers.push(Answer::Enqueue(reply, result));
                 }
                 Command::Record { outcomes, reply } => {
                     let results = outcomes
                         .into_iter()
-                        .map(|o| pending.atomically(|p| record(p, o)));
+                        .map(|o| pending.atomically(|p| super::record::record(p, o)));
                     answers.push(Answer::Record(reply, Ok(results.collect())));
                 }
                 Command::Collect {
@@ -199,7 +199,8 @@ fn run(
                     from,
                     reply,
                 } => {
-                    let result = pending.atomically(|p| collect(p, cutoff_ms, budget, from));
+                    let result =
+                        pending.atomically(|p| super::collect::collect(p, cutoff_ms, budget, from));
                     answers.push(Answer::Collect(reply, result));
                 }
                 Command::Unpark { key, reply } => {
@@ -423,12 +424,12 @@ enum Undo {
 /// One group's writes: an overlay that later requests of the group read
 /// through, turned into one sled batch at commit.
 pub(super) struct Pending<'a> {
-    db: &'a sled::Db,
+    pub(super) db: &'a sled::Db,
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
     /// The schedule chunks this group's first attempts go in.
-    chunks: chunk::Filling,
+    pub(super) chunks: chunk::Filling,
     /// The event pages this group's accepted events go in.
-    pages: event_page::Filling,
+    pub(super) pages: event_page::Filling,
     /// How this group changes each partner's queue depth.
     moves: Moves,
     /// While a request runs [`Pending::atomically`]: how to undo what it
@@ -460,7 +461,7 @@ impl<'a> Pending<'a> {
         self.commit
     }
 
-    fn seq(&mut self) -> u64 {
+    pub(super) fn seq(&mut self) -> u64 {
         self.next_seq += 1;
         self.next_seq
     }
@@ -577,7 +578,7 @@ impl<'a> Pending<'a> {
     /// [`Pending::remove`] then writes. Rebuilt from the chunk's entry (all
     /// pending) if its state record is missing or unreadable, so no member
     /// is stranded; `None` when neither is there (settled long ago).
-    fn chunk_state(
+    pub(super) fn chunk_state(
         &self,
         member: &ScheduleKey,
         id: Uuid,
@@ -643,464 +644,4 @@ impl<'a> Pending<'a> {
         }
         Ok(())
     }
-}
-
-fn accepted(record: &EventRecord, duplicate: bool) -> Accepted {
-    Accepted {
-        id: record.id,
-        deliveries: record
-            .deliveries
-            .iter()
-            .map(|d| (d.partner.clone(), d.id))
-            .collect(),
-        duplicate,
-        scheduled: Vec::new(),
-        commit: 0,
-    }
-}
-
-fn enqueue(p: &mut Pending<'_>, events: Vec<EventRecord>) -> Result<Vec<Accepted>, StoreError> {
-    // Look everything up first, so a failed read leaves nothing half-staged.
-    let mut staged = Vec::with_capacity(events.len());
-    let mut seen_in_request: HashMap<String, Accepted> = HashMap::new();
-    for mut event in events {
-        if let Some(key) = &event.idempotency_key {
-            if let Some(first) = seen_in_request.get(key) {
-                staged.push(Err(Accepted {
-                    duplicate: true,
-                    ..first.clone()
-                }));
-                continue;
-            }
-            if let Some(id) = p.get(&keys::idempotency(key))? {
-                let id = Uuid::from_slice(&id).map_err(|e| StoreError::Corrupt {
-                    key: format!("idempotency key {key:?}"),
-                    reason: e.to_string(),
-                })?;
-                if let Some((first, _)) = p.event(id)? {
-                    staged.push(Err(accepted(&first, true)));
-                    continue;
-                }
-            }
-        }
-        event.id = p.pages.assign(event.id);
-        if let Some(key) = &event.idempotency_key {
-            seen_in_request.insert(key.clone(), accepted(&event, true));
-        }
-        staged.push(Ok(event));
-    }
-    let mut out = Vec::with_capacity(staged.len());
-    for item in staged {
-        let mut event = match item {
-            Err(duplicate) => {
-                out.push(duplicate);
-                continue;
-            }
-            Ok(event) => event,
-        };
-        let mut answer = accepted(&event, false);
-        answer.commit = p.commit;
-        for d in &mut event.deliveries {
-            p.moved(&d.partner, 1);
-            let due_ms = d.next_due_ms.unwrap_or(event.received_ms);
-            if !d.ordered && d.coalesce.is_none() {
-                // A plain first attempt: one member of this group's chunk.
-                let (key, chunk) = p
-                    .chunks
-                    .add(&d.partner, event.priority, due_ms, d.id, event.id);
-                d.chunk = Some(chunk);
-                let entry = chunk::entry(d.id, event.id, key.due_ms, chunk);
-                answer.scheduled.push(Due {
-                    key,
-                    entry,
-                    event: None,
-                });
-                continue;
-            }
-            let key = ScheduleKey {
-                partner: d.partner.clone(),
-                priority: event.priority,
-                due_ms,
-                delivery: d.id,
-            };
-            let order = d.ordered.then(|| DeviceOrder {
-                device: event.device_id.clone(),
-                seq: p.seq(),
-            });
-            if let Some(o) = &order {
-                p.put(
-                    keys::device_queue(&d.partner, &o.device, o.seq, d.id),
-                    Vec::new(),
-                );
-            }
-            if let Some(state) = &d.coalesce {
-                // Names the newest: an older one still waiting is superseded.
-                let latest = keys::latest_state(&d.partner, &event.device_id, state);
-                p.put(latest, d.id.as_bytes().to_vec());
-            }
-            let entry = ScheduledDelivery {
-                delivery: d.id,
-                event: event.id,
-                attempts: 0,
-                created_ms: event.received_ms,
-                order,
-                chunk: None,
-            };
-            p.put(key.encode(), encode(&entry));
-            answer.scheduled.push(Due {
-                key,
-                entry,
-                event: None,
-            });
-        }
-        if let Some(key) = &event.idempotency_key {
-            p.put(keys::idempotency(key), event.id.as_bytes().to_vec());
-        }
-        p.pages.add(&event);
-        let event = Arc::new(event);
-        for due in &mut answer.scheduled {
-            due.event = Some(Arc::clone(&event));
-        }
-        out.push(answer);
-    }
-    Ok(out)
-}
-
-fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
-    let Outcome {
-        key,
-        entry,
-        attempt,
-        next,
-        park,
-    } = outcome;
-    if let Some(chunk) = entry.chunk {
-        // A chunk member: its slot says whether it was settled already.
-        let state_key = keys::chunk_state(chunk.id);
-        let Some(mut state) = p.chunk_state(&key, chunk.id)? else {
-            return Ok(());
-        };
-        let delivered = (next == Next::Delivered).then_some(&attempt);
-        if !state.settle(chunk.slot as usize, delivered) {
-            // Already settled (a duplicate report): nothing to move.
-            return Ok(());
-        }
-        p.moved(&key.partner, -1);
-        if !state.any_pending() {
-            p.remove(chunk::entry_key(&key, chunk.id));
-        }
-        if state.live() == 0 {
-            p.remove(state_key.to_vec());
-        } else {
-            p.put(state_key.to_vec(), state.into_bytes());
-        }
-        if next == Next::Delivered {
-            // The slot is the whole record of a first-time success.
-            return Ok(());
-        }
-    } else {
-        let schedule_key = key.encode();
-        if p.get(&schedule_key)?.is_none() {
-            // Already settled (a duplicate report): nothing to move, and a
-            // second success must not log its attempt twice or leave a
-            // marker behind an event retention already collected.
-            return Ok(());
-        }
-        p.moved(&key.partner, -1);
-        p.remove(schedule_key);
-    }
-    if let (Some(o), Next::Delivered | Next::Dead(_) | Next::Superseded(_)) = (&entry.order, &next)
-    {
-        // Settled: the device's next delivery may go.
-        p.remove(keys::device_queue(
-            &key.partner,
-            &o.device,
-            o.seq,
-            entry.delivery,
-        ));
-    }
-    if let Some(route) = park {
-        p.put(
-            keys::parked(&route.partner, &route.device_id),
-            encode(&route),
-        );
-    }
-    let log_key = keys::attempts(entry.delivery);
-    let has_log = entry.attempts > 0;
-    if next == Next::Delivered {
-        // The event record stays as accepted: a small marker says delivered.
-        if has_log {
-            let mut log: AttemptLog = p.get_json(&log_key)?.unwrap_or_default();
-            log.push(attempt.clone());
-            p.put(log_key.to_vec(), encode(&log));
-        }
-        p.put(keys::delivered(entry.delivery).to_vec(), encode(&attempt));
-        return Ok(());
-    }
-    let Some((mut event, home)) = p.event(entry.event)? else {
-        tracing::error!(delivery = %entry.delivery, event = %entry.event, "delivery without its event record; dropped from the schedule");
-        return Ok(());
-    };
-    // The record is rewritten below: let it carry its siblings' successes.
-    settle_delivered(&mut event, |key| p.get(key))?;
-    let mut log: AttemptLog = if has_log {
-        p.get_json(&log_key)?.unwrap_or_default()
-    } else {
-        AttemptLog::default()
-    };
-    log.push(attempt.clone());
-    let Some(delivery) = event.delivery_mut(entry.delivery) else {
-        tracing::error!(delivery = %entry.delivery, "event record lacks this delivery; dropped from the schedule");
-        return Ok(());
-    };
-    // Out of its chunk (if it was in one): the record speaks for it now.
-    delivery.chunk = None;
-    if let Next::Superseded(by) = next {
-        delivery.state = DeliveryState::Superseded;
-        delivery.superseded_by = Some(by);
-        delivery.next_due_ms = None;
-        if has_log {
-            p.remove(log_key.to_vec());
-        }
-        p.put_event(home, &event);
-        return Ok(());
-    }
-    delivery.attempts = attempt.number;
-    delivery.last_attempt = Some(attempt);
-    match next {
-        // Handled above, without touching the event record.
-        Next::Delivered => {}
-        // Handled above: nothing was sent.
-        Next::Superseded(_) => {}
-        Next::RetryAt(due_ms) => {
-            delivery.next_due_ms = Some(due_ms);
-            p.moved(&key.partner, 1);
-            let retry = ScheduleKey { due_ms, ..key };
-            let entry = ScheduledDelivery {
-                attempts: entry.attempts + 1,
-                chunk: None,
-                ..entry
-            };
-            p.put(retry.encode(), encode(&entry));
-            p.put(log_key.to_vec(), encode(&log));
-        }
-        Next::Dead(reason) => {
-            let dead_id = Uuid::now_v7();
-            delivery.state = DeliveryState::Dead;
-            delivery.next_due_ms = None;
-            delivery.dead_letter = Some(dead_id);
-            let died_ms = delivery.last_attempt.as_ref().map_or(0, |a| a.at_ms);
-            let dead = DeadLetter {
-                id: dead_id,
-                delivery_id: entry.delivery,
-                partner: key.partner.clone(),
-                reason,
-                died_ms,
-                event: event.clone(),
-                attempts: log,
-                replayed_as: None,
-                replayed_ms: None,
-            };
-            p.put(keys::dead_letter(dead_id).to_vec(), encode(&dead));
-            if has_log {
-                p.remove(log_key.to_vec());
-            }
-        }
-    }
-    p.put_event(home, &event);
-    Ok(())
-}
-
-/// Removes finished events received before `cutoff_ms`, looking at about
-/// `budget` events: first those stored alone, in id order, then the pages.
-fn collect(
-    p: &mut Pending<'_>,
-    cutoff_ms: u64,
-    budget: usize,
-    from: Option<CollectFrom>,
-) -> Result<Collected, StoreError> {
-    let mut done = Collected::default();
-    let pages_after = match from {
-        Some(CollectFrom::Pages(after)) => Some(after),
-        alone => {
-            let after = match alone {
-                Some(CollectFrom::Alone(id)) => Some(id),
-                _ => None,
-            };
-            if !collect_alone(p, cutoff_ms, budget, after, &mut done)? {
-                return Ok(done);
-            }
-            None
-        }
-    };
-    collect_pages(p, cutoff_ms, budget, pages_after, &mut done)?;
-    Ok(done)
-}
-
-/// Collects among events stored alone (`e`): true once past the last one
-/// old enough, false when the budget ran out first (`done` says where to
-/// go on).
-fn collect_alone(
-    p: &mut Pending<'_>,
-    cutoff_ms: u64,
-    budget: usize,
-    after: Option<Uuid>,
-    done: &mut Collected,
-) -> Result<bool, StoreError> {
-    let mut looked = 0;
-    for item in p.db.range(keys::ids_after(keys::EVENT, after)) {
-        let (k, v) = item?;
-        if let Some(mut event) = unless_corrupt(event_format::decode(&k, &v))? {
-            if event.received_ms >= cutoff_ms {
-                // Those after it are younger still; pages hold only later ids.
-                break;
-            }
-            let settled = unless_corrupt(settle_delivered(&mut event, |key| p.get(key)))?;
-            if settled.is_some() && event.is_finished() {
-                p.remove(k.to_vec());
-                forget(p, &event)?;
-                done.removed += 1;
-            }
-        }
-        looked += 1;
-        if looked >= budget {
-            done.resume = keys::id_of(&k).map(CollectFrom::Alone);
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
-/// Collects among the pages (`b`): a page goes when all its events do, and
-/// is rewritten without those that went before that. A page holding an
-/// event received at or after the cutoff ends the pass.
-fn collect_pages(
-    p: &mut Pending<'_>,
-    cutoff_ms: u64,
-    budget: usize,
-    after: Option<Uuid>,
-    done: &mut Collected,
-) -> Result<(), StoreError> {
-    let mut looked = 0;
-    for item in p.db.range(keys::ids_after(keys::EVENT_PAGE, after)) {
-        let (key, _) = item?;
-        // Read through the overlay: an earlier request may have rewritten it.
-        let Some(value) = p.get(&key)? else {
-            continue;
-        };
-        let Some(page) = unless_corrupt(Page::parse(&key, &value))? else {
-            looked += 1;
-            continue;
-        };
-        // Each event as it stands and settled; `None`: unreadable, so kept.
-        let mut events = Vec::with_capacity(page.len());
-        for i in 0..page.len() {
-            let rewritten = keys::rewritten(page.id(i));
-            let read = match p.get(&rewritten)? {
-                Some(v) => event_format::decode(&rewritten, &v).map(|e| (e, true)),
-                None => page.record(i).map(|e| (e, false)),
-            };
-            let Some((mut event, was_rewritten)) = unless_corrupt(read)? else {
-                events.push(None);
-                continue;
-            };
-            if event.received_ms >= cutoff_ms {
-                return Ok(());
-            }
-            let settled = unless_corrupt(settle_delivered(&mut event, |key| p.get(key)))?;
-            events.push(settled.map(|()| (event, was_rewritten)));
-        }
-        let (going, kept): (Vec<_>, Vec<_>) = events
-            .into_iter()
-            .enumerate()
-            .partition(|(_, found)| found.as_ref().is_some_and(|(e, _)| e.is_finished()));
-        // What the page keeps is read before anything goes: a page that
-        // cannot be cut is left whole.
-        let records = (!going.is_empty()).then(|| {
-            kept.iter()
-                .map(|&(i, _)| page.raw(i).map(|raw| (page.id(i), raw)))
-                .collect::<Result<Vec<_>, _>>()
-        });
-        if let Some(records) = unless_corrupt(records.transpose())?.flatten() {
-            for (event, was_rewritten) in going.into_iter().filter_map(|(_, found)| found) {
-                if was_rewritten {
-                    p.remove(keys::rewritten(event.id).to_vec());
-                }
-                forget(p, &event)?;
-                done.removed += 1;
-            }
-            match records.is_empty() {
-                true => p.remove(key.to_vec()),
-                // Same key: the events it keeps still sort after it.
-                false => p.put(key.to_vec(), event_page::encode(records.into_iter())),
-            }
-        }
-        looked += page.len();
-        if looked >= budget {
-            done.resume = page.last_id().map(CollectFrom::Pages);
-            return Ok(());
-        }
-    }
-    Ok(())
-}
-
-/// A record retention cannot read stays where it is (its reads report it
-/// to on-call): the pass goes on past it instead of stopping there for
-/// good, and the store's disk with it.
-fn unless_corrupt<T>(read: Result<T, StoreError>) -> Result<Option<T>, StoreError> {
-    match read {
-        Ok(value) => Ok(Some(value)),
-        Err(e @ StoreError::Corrupt { .. }) => {
-            tracing::error!(error = %e, "retention passed over an unreadable record");
-            Ok(None)
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// What a collected event leaves behind besides its record: its
-/// idempotency key, what marks its deliveries delivered, the latest-state
-/// pointers that still name it.
-fn forget(p: &mut Pending<'_>, event: &EventRecord) -> Result<(), StoreError> {
-    if let Some(key) = &event.idempotency_key {
-        p.remove(keys::idempotency(key));
-    }
-    for d in &event.deliveries {
-        match (d.state, d.chunk) {
-            // Delivered from its chunk: one reader fewer of the chunk's state.
-            (DeliveryState::Delivered, Some(c)) => forget_member(p, c.id)?,
-            (DeliveryState::Delivered, None) => {
-                p.remove(keys::delivered(d.id).to_vec());
-                if d.attempts > 1 {
-                    p.remove(keys::attempts(d.id).to_vec());
-                }
-            }
-            _ => {}
-        }
-        if let Some(state) = &d.coalesce {
-            // Still naming this finished delivery: nothing to compare with any more.
-            let latest = keys::latest_state(&d.partner, &event.device_id, state);
-            if p.get(&latest)?.as_deref() == Some(d.id.as_bytes().as_slice()) {
-                p.remove(latest);
-            }
-        }
-    }
-    Ok(())
-}
-
-/// A delivered member's event was collected: its chunk's state has one
-/// reader fewer, and goes with the last.
-fn forget_member(p: &mut Pending<'_>, chunk: Uuid) -> Result<(), StoreError> {
-    let key = keys::chunk_state(chunk);
-    let Some(bytes) = p.get(&key)? else {
-        return Ok(());
-    };
-    let mut state = chunk::State::from_bytes(&key, bytes)?;
-    state.forget_one();
-    if state.live() == 0 {
-        p.remove(key.to_vec());
-    } else {
-        p.put(key.to_vec(), state.into_bytes());
-    }
-    Ok(())
 }

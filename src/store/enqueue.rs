@@ -1,0 +1,138 @@
+//! The writer's `Enqueue` command: accepted events into pages, their first
+//! attempts into schedule chunks (or entries of their own), idempotency
+//! keys, and the hand-over of what became due.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use super::chunk;
+use super::keys::{self, ScheduleKey};
+use super::writer::Pending;
+use super::{encode, Accepted, Due, StoreError};
+use crate::model::{DeviceOrder, EventRecord, ScheduledDelivery};
+
+fn accepted(record: &EventRecord, duplicate: bool) -> Accepted {
+    Accepted {
+        id: record.id,
+        deliveries: record
+            .deliveries
+            .iter()
+            .map(|d| (d.partner.clone(), d.id))
+            .collect(),
+        duplicate,
+        scheduled: Vec::new(),
+        commit: 0,
+    }
+}
+
+pub(super) fn enqueue(
+    p: &mut Pending<'_>,
+    events: Vec<EventRecord>,
+) -> Result<Vec<Accepted>, StoreError> {
+    // Look everything up first, so a failed read leaves nothing half-staged.
+    let mut staged = Vec::with_capacity(events.len());
+    let mut seen_in_request: HashMap<String, Accepted> = HashMap::new();
+    for mut event in events {
+        if let Some(key) = &event.idempotency_key {
+            if let Some(first) = seen_in_request.get(key) {
+                staged.push(Err(Accepted {
+                    duplicate: true,
+                    ..first.clone()
+                }));
+                continue;
+            }
+            if let Some(id) = p.get(&keys::idempotency(key))? {
+                let id = Uuid::from_slice(&id).map_err(|e| StoreError::Corrupt {
+                    key: format!("idempotency key {key:?}"),
+                    reason: e.to_string(),
+                })?;
+                if let Some((first, _)) = p.event(id)? {
+                    staged.push(Err(accepted(&first, true)));
+                    continue;
+                }
+            }
+        }
+        event.id = p.pages.assign(event.id);
+        if let Some(key) = &event.idempotency_key {
+            seen_in_request.insert(key.clone(), accepted(&event, true));
+        }
+        staged.push(Ok(event));
+    }
+    let mut out = Vec::with_capacity(staged.len());
+    for item in staged {
+        let mut event = match item {
+            Err(duplicate) => {
+                out.push(duplicate);
+                continue;
+            }
+            Ok(event) => event,
+        };
+        let mut answer = accepted(&event, false);
+        answer.commit = p.commit_number();
+        for d in &mut event.deliveries {
+            p.moved(&d.partner, 1);
+            let due_ms = d.next_due_ms.unwrap_or(event.received_ms);
+            if !d.ordered && d.coalesce.is_none() {
+                // A plain first attempt: one member of this group's chunk.
+                let (key, chunk) = p
+                    .chunks
+                    .add(&d.partner, event.priority, due_ms, d.id, event.id);
+                d.chunk = Some(chunk);
+                let entry = chunk::entry(d.id, event.id, key.due_ms, chunk);
+                answer.scheduled.push(Due {
+                    key,
+                    entry,
+                    event: None,
+                });
+                continue;
+            }
+            let key = ScheduleKey {
+                partner: d.partner.clone(),
+                priority: event.priority,
+                due_ms,
+                delivery: d.id,
+            };
+            let order = d.ordered.then(|| DeviceOrder {
+                device: event.device_id.clone(),
+                seq: p.seq(),
+            });
+            if let Some(o) = &order {
+                p.put(
+                    keys::device_queue(&d.partner, &o.device, o.seq, d.id),
+                    Vec::new(),
+                );
+            }
+            if let Some(state) = &d.coalesce {
+                // Names the newest: an older one still waiting is superseded.
+                let latest = keys::latest_state(&d.partner, &event.device_id, state);
+                p.put(latest, d.id.as_bytes().to_vec());
+            }
+            let entry = ScheduledDelivery {
+                delivery: d.id,
+                event: event.id,
+                attempts: 0,
+                created_ms: event.received_ms,
+                order,
+                chunk: None,
+            };
+            p.put(key.encode(), encode(&entry));
+            answer.scheduled.push(Due {
+                key,
+                entry,
+                event: None,
+            });
+        }
+        if let Some(key) = &event.idempotency_key {
+            p.put(keys::idempotency(key), event.id.as_bytes().to_vec());
+        }
+        p.pages.add(&event);
+        let event = Arc::new(event);
+        for due in &mut answer.scheduled {
+            due.event = Some(Arc::clone(&event));
+        }
+        out.push(answer);
+    }
+    Ok(out)
+}
