@@ -25,8 +25,8 @@ use tokio_util::task::TaskTracker;
 use super::breaker::{Admit, Answer, Breaker, Health, State, Transition};
 use super::concurrency::{Aimd, AimdPolicy};
 use super::parked::Parked;
-use super::scheduler::{Held, Window};
 use super::tokens::Tokens;
+use super::window::{Held, Window};
 use crate::clock::Clock;
 use crate::config::PartnerConfig;
 use crate::links::Links;
@@ -76,7 +76,7 @@ pub struct Lane {
     inbox: std::sync::Mutex<Inbox>,
     /// Outcomes of finished sends, written back together.
     recording: std::sync::Mutex<Recording>,
-    /// How many deliveries the window holds (see [`super::scheduler::limit_for`]).
+    /// How many deliveries the window holds (see [`super::window::limit_for`]).
     capacity: usize,
     pub breaker: Breaker,
     /// Devices whose route to this partner is gone (410): not sent to.
@@ -801,7 +801,7 @@ impl Inbox {
             Priority::Critical => self.critical,
             Priority::Normal => self.offers.len() - self.critical,
         };
-        if count >= super::scheduler::limit_for(priority, capacity) {
+        if count >= super::window::limit_for(priority, capacity) {
             self.leave_to_index(priority);
             return false;
         }

@@ -1,7 +1,7 @@
 //! Delivery: from the schedule index on disk to each partner's endpoint.
 //!
 //! One [`lane::Lane`] per partner pulls its due work through a bounded
-//! [`scheduler::Window`], applies the partner's limits and sends with the
+//! [`window::Window`], applies the partner's limits and sends with the
 //! shared [`client::Clients`]; [`retry`] decides when a failure is tried
 //! again. Shutdown: stop taking work, let sends in flight finish within the
 //! grace period, and leave everything else in the index for the next start.
@@ -13,8 +13,8 @@ pub mod concurrency;
 pub mod lane;
 pub mod parked;
 pub mod retry;
-pub mod scheduler;
 pub mod tokens;
+pub mod window;
 
 use std::collections::HashMap;
 use std::sync::Arc;
