@@ -8,6 +8,7 @@
 //! window. A backlog of normal work is read off the loop (see
 //! [`Window::scan_apart`]), so sends go on while it is read.
 
+mod admission;
 mod attempt;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,7 +23,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::breaker::{Admit, Answer, Breaker, Health, State, Transition};
+use super::breaker::{Answer, Breaker, Health, State, Transition};
 use super::concurrency::{Aimd, AimdPolicy};
 use super::parked::Parked;
 use super::tokens::Tokens;
@@ -33,6 +34,7 @@ use crate::links::Links;
 use crate::model::{AttemptOutcome, Priority};
 use crate::store::{Due, DueScan, Next, Outcome, Store, StoreError};
 use crate::sync::lock;
+use admission::Admission;
 
 /// The window holds this many due deliveries per in-flight permit.
 const WINDOW_PER_PERMIT: usize = 16;
@@ -369,7 +371,7 @@ impl Lane {
                     }
                 }
             }
-            let Some(mut due) = window.pop() else {
+            let Some(due) = window.pop() else {
                 let retry_at = self.retry_at.load(Ordering::Acquire);
                 // With a scan apart under way, the normal range's due time
                 // (what started it) waits for the scan, not for the clock.
@@ -396,84 +398,13 @@ impl Lane {
                 }
                 continue;
             };
-            let (admit, transition) = self.breaker.admit(self.clock.now_ms());
-            self.note(transition);
-            let probe = match admit {
-                Admit::Send => false,
-                Admit::Probe => {
-                    // A delivery that failed before may be one the partner
-                    // refuses whatever its health: probe with one never
-                    // tried, if the window holds one.
-                    if due.entry.attempts > 0 {
-                        if let Some(untried) = window.take_untried() {
-                            window.put_back(std::mem::replace(&mut due, untried));
-                        }
-                    }
-                    true
-                }
-                Admit::Wait(until) => {
-                    // Held by the breaker: nothing is sent, no attempt is used.
-                    window.put_back(due);
-                    tokio::select! {
-                        _ = self.wake.notified() => {}
-                        _ = self.clock.sleep_until_ms(until.unwrap_or(u64::MAX)), if until.is_some() => {}
-                        _ = stop.cancelled() => return,
-                    }
-                    continue;
-                }
+            let (mut due, ticket) = match self.admit(&mut window, due, &stop).await {
+                Admission::Go(due, ticket) => (*due, ticket),
+                Admission::Again => continue,
+                Admission::Stopped => return,
             };
-            if !self.room_under_limit(&stop).await {
-                window.unhold(&due);
-                if probe {
-                    self.breaker.probe_abandoned();
-                }
-                return;
-            }
-            let permit = tokio::select! {
-                permit = self.in_flight.clone().acquire_owned() => match permit {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-                _ = stop.cancelled() => {
-                    window.unhold(&due);
-                    if probe {
-                        self.breaker.probe_abandoned();
-                    }
-                    return;
-                }
-            };
-            // A delivery a newer state replaced goes nowhere: it needs no token.
-            let replaced = self.partner.coalesce_state && self.is_replaced(&due);
-            match self.take_token(&stop, due.key.priority, replaced).await {
-                Token::Taken => {}
-                Token::Preempted => {
-                    // A critical delivery arrived: it takes this token.
-                    drop(permit);
-                    window.put_back(due);
-                    if probe {
-                        self.breaker.probe_abandoned();
-                    }
-                    continue;
-                }
-                Token::Stopped => {
-                    window.unhold(&due);
-                    if probe {
-                        self.breaker.probe_abandoned();
-                    }
-                    return;
-                }
-            }
-            if !probe && self.breaker.state() != State::Closed {
-                // The breaker opened while this send waited for its turn:
-                // it waits with the rest instead of going out anyway.
-                drop(permit);
-                window.put_back(due);
-                continue;
-            }
-            if let Some(aimd) = &self.adaptive {
-                lock(aimd).sent(self.in_flight());
-            }
             let companions = self.companions(&mut window, &mut due);
+            let (permit, probe) = ticket.send();
             let lane = Arc::clone(&self);
             let abandon = abandon.clone();
             tracker.spawn(async move {
