@@ -65,6 +65,8 @@ pub const DEPTH_PREFIX: &[u8] = b"mdepth/";
 /// Present once the depth records are kept: a store written before they
 /// were is counted once by a scan of the schedule.
 pub const DEPTH_KEPT: &[u8] = b"mdepth-kept";
+/// The store's format version, one byte (see [`super::format`]).
+pub const FORMAT: &[u8] = b"mformat";
 /// Present once every link's credentials live in its grant: a store
 /// written before grants existed is moved over once, at start.
 pub const GRANTS_KEPT: &[u8] = b"mgrants-kept";

@@ -18,6 +18,7 @@ mod depth;
 mod enqueue;
 mod event_format;
 mod event_page;
+mod format;
 mod gather;
 mod handle;
 pub mod keys;
@@ -211,6 +212,7 @@ impl Store {
             })?;
         let sled_opened = opening.elapsed();
         let watermark = watermark::Watermark::open(dir, &db).map_err(open_err)?;
+        format::check(&db).map_err(open_err)?;
         let last_event = event_page::last_stored(&db)
             .map_err(|e| open_err(format!("cannot read the last event stored: {e}")))?;
         let depths = match depth::read(&db) {
@@ -1113,6 +1115,31 @@ mod tests {
         assert_eq!(counts[&'e'], 1, "one event: {counts:?}");
         assert_eq!(counts[&'i'], 1, "one key: {counts:?}");
         assert_eq!(store.queued("acme"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_data_dir_of_another_store_format_is_refused_by_name() {
+        let (dir, store) = open();
+        let db = store.db().expect("open");
+        assert_eq!(
+            db.get(keys::FORMAT).expect("read").as_deref(),
+            Some(&[format::VERSION][..]),
+            "a new store is marked"
+        );
+        db.insert(keys::FORMAT, &[2u8]).expect("write");
+        drop(db);
+        store.shutdown().await.expect("shutdown");
+        drop(store);
+        let options = StoreOptions {
+            cache_bytes: 1 << 20,
+            queue: 16,
+        };
+        let refused = Store::open(dir.path(), options).err().expect("refused");
+        let text = refused.to_string();
+        assert!(
+            text.contains("format 2") && text.contains("reads format 1"),
+            "{text}"
+        );
     }
 
     #[tokio::test]
