@@ -6,6 +6,8 @@
 //! so an accepted event costs a fraction of an fsync and no write is ever
 //! half-applied.
 //! The key layout lives in [`keys`]; nothing outside this module knows it.
+//! `docs/store-format.md` has every record's layout and life (what writes
+//! it, what removes it) in one table, and what the store assumes of the disk.
 //! First attempts travel in [`chunk`]s, one index key per group commit and
 //! partner, and events in [`event_page`]s, because sled's cost (time and
 //! memory) is per key.
