@@ -12,6 +12,14 @@
 //! partner, and events in [`event_page`]s, because sled's cost (time and
 //! memory) is per key.
 
+// herald needs vendor/sled, its patched copy of sled: herald answers 202
+// once `flush()` returns, and upstream sled's flush is not durable (no
+// fdatasync, blobs and new files not synced), so a power cut would lose
+// accepted events. The published crate lacks this item: building herald
+// against it fails here, on the line the compiler shows.
+// See vendor/sled/HERALD.md.
+const _: () = sled::HERALD_DURABLE_FLUSH; // needs vendor/sled; upstream flush() is not durable: vendor/sled/HERALD.md
+
 mod checkpoint;
 mod chunk;
 mod collect;

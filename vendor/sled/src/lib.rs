@@ -378,6 +378,15 @@ struct Conflict;
 
 type Conflictable<T> = std::result::Result<T, Conflict>;
 
+/// Marks this copy as herald's patched sled (version `0.34.7-herald.1`):
+/// `flush()` returning means every write before it is on disk (fdatasync,
+/// and the files and directories sled creates synced), which the published
+/// crate does not give. herald's store names this item, so that building
+/// herald against the published crate fails to compile instead of running
+/// and losing accepted events at a power cut (see HERALD.md).
+#[doc(hidden)]
+pub const HERALD_DURABLE_FLUSH: () = ();
+
 /// Makes a directory's entries durable: a file created, renamed or removed
 /// in it survives a power cut only once the directory itself is synced
 /// (herald patch: see HERALD.md, "files sled creates are durable").
