@@ -630,11 +630,7 @@ impl Node {
         let threshold = if cfg!(any(test, feature = "lock_free_delays")) {
             2
         } else if self.data.is_index() {
-            // herald: 64, was 256. Each leaf split rewrites its parent
-            // whole, and with time-ordered keys a leaf splits every eighth
-            // insert: a 256-wide parent made those rewrites a third of the
-            // log (vendor/sled/HERALD.md).
-            64
+            256
         } else {
             // herald: 32, was 16. sled keeps a page table entry and a page
             // record in memory for every node, cached or not, so a backlog
@@ -654,8 +650,7 @@ impl Node {
         if cfg!(any(test, feature = "lock_free_delays")) {
             1
         } else if self.data.is_index() {
-            // herald: 16, was 64: a quarter of the split threshold, as before.
-            16
+            64
         } else {
             4
         }
