@@ -14,6 +14,7 @@ use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use super::auth::Operator;
+use super::paging::{page_limit, read_query};
 use super::problem::Problem;
 use super::AppState;
 use crate::clock::rfc3339;
@@ -249,12 +250,8 @@ pub async fn list_dead_letters(
     State(state): State<Arc<AppState>>,
     query: Result<Query<DeadLetterQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
-    let Query(q) =
-        query.map_err(|e| Problem::invalid("", format!("bad query: {}", e.body_text())))?;
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > 1000 {
-        return Err(Problem::invalid("/limit", "must be between 1 and 1000"));
-    }
+    let q = read_query(query)?;
+    let limit = page_limit(q.limit, 100, 1000)?;
     let after = q
         .after
         .as_deref()

@@ -25,6 +25,7 @@ use serde_json::value::RawValue;
 use super::admin::store_failed;
 use super::auth::Operator;
 use super::ingest::{check_text, parse_json, MAX_DEVICE_ID};
+use super::paging::{page_limit, read_query};
 use super::problem::Problem;
 use super::AppState;
 use crate::clock::rfc3339;
@@ -184,12 +185,8 @@ pub async fn list_links(
     query: Result<Query<LinkPageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     partner(&state, &name)?;
-    let Query(q) =
-        query.map_err(|e| Problem::invalid("", format!("bad query: {}", e.body_text())))?;
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > 1000 {
-        return Err(Problem::invalid("/limit", "must be between 1 and 1000"));
-    }
+    let q = read_query(query)?;
+    let limit = page_limit(q.limit, 100, 1000)?;
     let links = state
         .links
         .page_stored(&name, q.after.as_deref(), limit)

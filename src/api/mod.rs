@@ -6,6 +6,7 @@ pub mod auth;
 pub mod guard;
 pub mod ingest;
 pub mod links;
+pub mod paging;
 pub mod partners;
 pub mod problem;
 pub mod replay;

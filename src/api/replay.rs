@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use super::admin::{parse_id, store_failed, DeadLetterQuery};
 use super::auth::Operator;
+use super::paging::{page_limit, read_query};
 use super::problem::Problem;
 use super::AppState;
 use crate::store::{Replayed, StoreError};
@@ -94,15 +95,8 @@ pub async fn replay_many(
     State(state): State<Arc<AppState>>,
     query: Result<Query<DeadLetterQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
-    let Query(q) =
-        query.map_err(|e| Problem::invalid("", format!("bad query: {}", e.body_text())))?;
-    let limit = q.limit.unwrap_or(1000);
-    if limit == 0 || limit > MAX_BULK {
-        return Err(Problem::invalid(
-            "/limit",
-            format!("must be between 1 and {MAX_BULK}"),
-        ));
-    }
+    let q = read_query(query)?;
+    let limit = page_limit(q.limit, 1000, MAX_BULK)?;
     if q.after.is_some() {
         return Err(Problem::invalid(
             "/after",
