@@ -6,7 +6,7 @@
 //!
 //! # Layout
 //!
-//! - [`api`]: the HTTP API. [`api::guard`] runs before every handler (role,
+//! - `api`: the HTTP API. `api::guard` runs before every handler (role,
 //!   limits, origin); one file per resource: `ingest`, `links`, `admin`,
 //!   `replay`, `partners`.
 //! - [`store`]: herald's only state and the only code that names sled; every
@@ -17,12 +17,14 @@
 //! - [`links`]: device links and their grants, credentials sealed at rest.
 //! - [`config`], [`clock`], [`model`]: the contract, the injectable time and
 //!   the records.
-//! - [`disk`], [`retention`], [`supervise`], [`outbound`]: free space, old
+//! - [`disk`], [`retention`], `supervise`, `outbound`: free space, old
 //!   events, crash-only loops, the outbound address policy.
 //! - [`mod@bench`], [`operator`]: `herald bench` and `herald dlq`.
 //!
 //! `ARCHITECTURE.md` at the repository root has the flow of one event and
-//! the invariants each part keeps.
+//! the invariants each part keeps. Modules nothing outside herald needs
+//! (`api`, `outbound`, `supervise`, `sync`) are private to the crate; the
+//! public ones are what the binary, the bench and the integration tests use.
 //!
 //! # Shutdown
 //!
@@ -30,7 +32,7 @@
 //! in flight get `server.shutdown_grace`, then the store flushes and stops.
 //! Whatever was not sent stays in the schedule for the next start.
 
-pub mod api;
+pub(crate) mod api;
 pub mod bench;
 pub mod clock;
 pub mod config;
@@ -39,11 +41,11 @@ pub mod dispatch;
 pub mod links;
 pub mod model;
 pub mod operator;
-pub mod outbound;
+pub(crate) mod outbound;
 pub mod retention;
 pub mod store;
-pub mod supervise;
-pub mod sync;
+pub(crate) mod supervise;
+pub(crate) mod sync;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
