@@ -1251,6 +1251,61 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn successes_are_kept_in_the_chunk_or_a_marker_and_leave_with_their_events() {
+        let (_dir, store) = open();
+        three_in_a_chunk(&store).await;
+        let mut due = due_now(&store);
+        let retried_one = due.remove(0);
+        for first_time in &due {
+            deliver(&store, first_time).await;
+        }
+        assert_eq!(
+            count(&store, 'o'),
+            0,
+            "a first-time success writes no marker"
+        );
+        assert_eq!(
+            count(&store, 'g'),
+            1,
+            "the chunk's state says who it delivered"
+        );
+        store
+            .record(retried(&retried_one))
+            .await
+            .expect("retry recorded");
+        let retry = store
+            .due("acme", &Priority::ALL, 6_000, 100, &|_| false)
+            .expect("scan")
+            .found
+            .into_iter()
+            .find(|d| d.key.delivery == retried_one.key.delivery)
+            .expect("its own entry");
+        let second_attempt = Attempt {
+            number: 2,
+            ..testing::delivered_attempt()
+        };
+        let outcome = Outcome {
+            key: retry.key.clone(),
+            entry: retry.entry.clone(),
+            attempt: second_attempt,
+            next: Next::Delivered,
+            park: None,
+        };
+        store.record(outcome).await.expect("recorded");
+        assert_eq!(count(&store, 's'), 0, "nothing pending, no entry left");
+        assert_eq!(count(&store, 'o'), 1, "a retried success has its marker");
+        let (removed, _) = collect_all(&store, u64::MAX, 100).await;
+        assert_eq!(removed, 3);
+        for kind in ['e', 'g', 'o', 'a'] {
+            assert_eq!(
+                count(&store, kind),
+                0,
+                "{kind} records leave with their events"
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn events_stored_alone_by_an_older_herald_are_read_rewritten_in_place_and_collected() {
         let (dir, store) = open();
         // Made first, so ingest's id for it sorts below the older record's.
