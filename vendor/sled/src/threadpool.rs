@@ -68,9 +68,7 @@ impl Queue {
         // with the notify below.
         drop(queue);
 
-        // herald: one job needs one thread. notify_all woke all seven idle
-        // workers for every log write, six of them only to sleep again.
-        self.cv.notify_one();
+        self.cv.notify_all();
 
         len
     }
