@@ -27,7 +27,7 @@ use super::breaker::{Answer, Breaker, Health, State, Transition};
 use super::concurrency::{Aimd, AimdPolicy};
 use super::parked::Parked;
 use super::tokens::Tokens;
-use super::window::{Held, Window};
+use super::window::{self, Held, Window};
 use crate::clock::Clock;
 use crate::config::PartnerConfig;
 use crate::links::Links;
@@ -336,32 +336,21 @@ impl Lane {
             if critical {
                 window.mark_stale(Priority::Critical);
             }
-            let stale = |p| window.is_stale(p, now);
-            let low = window.is_low() && Priority::ALL.iter().any(|&p| stale(p));
-            let (critical_stale, normal_stale) =
-                (stale(Priority::Critical), stale(Priority::Normal));
-            let refill: &[Priority] = if low && self.partner.ordered_per_device {
-                &Priority::ALL
-            } else if low {
-                if apart.is_none() && normal_stale {
-                    if let Some(scan) = window.scan_apart(now) {
-                        let store = self.store.clone();
-                        apart = Some(tokio::task::spawn_blocking(move || scan.run(&store)));
-                    }
+            let plan = window::plan(window::Look {
+                low: window.is_low(),
+                critical_stale: window.is_stale(Priority::Critical, now),
+                normal_stale: window.is_stale(Priority::Normal, now),
+                lacks_critical: window.lacks_critical(),
+                ordered: self.partner.ordered_per_device,
+                scanning_apart: apart.is_some(),
+            });
+            if plan.scan_apart {
+                if let Some(scan) = window.scan_apart(now) {
+                    let store = self.store.clone();
+                    apart = Some(tokio::task::spawn_blocking(move || scan.run(&store)));
                 }
-                if critical_stale {
-                    &[Priority::Critical]
-                } else {
-                    &[]
-                }
-            } else if window.lacks_critical() {
-                // Whatever said so (a hand-over left to the index, a retry,
-                // a scan cut short): critical work never waits for the
-                // normal work in the window to drain.
-                &[Priority::Critical]
-            } else {
-                &[]
-            };
+            }
+            let refill = plan.refill;
             if !refill.is_empty() {
                 if let Err(e) = window.refill(&self.store, now, refill) {
                     tracing::error!(partner = %self.partner.name, error = %e, "cannot read the schedule; trying again in a second");

@@ -33,6 +33,52 @@ impl Held {
     }
 }
 
+/// What the lane's loop knows of its window before it takes work.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Look {
+    /// The window is down to half its capacity or less.
+    pub low: bool,
+    /// The index may hold critical (normal) work the window lacks.
+    pub critical_stale: bool,
+    pub normal_stale: bool,
+    /// Something said critical work was left to the index.
+    pub lacks_critical: bool,
+    /// The partner wants each device's events in order.
+    pub ordered: bool,
+    /// A scan of the normal range is running off the loop.
+    pub scanning_apart: bool,
+}
+
+/// What the loop does about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// The priorities to read from the index on the loop, now.
+    pub refill: &'static [Priority],
+    /// Start a scan of the normal range off the loop.
+    pub scan_apart: bool,
+}
+
+/// The window's decision, a pure function of what the loop sees: a window
+/// running low refills what may be missing (ordered partners read both
+/// ranges on the loop, the others read a normal backlog apart, so sends go
+/// on meanwhile); whatever its level, critical work the window may lack is
+/// read at once, never after the normal work drains.
+pub fn plan(look: Look) -> Plan {
+    let low = look.low && (look.critical_stale || look.normal_stale);
+    let critical_only: &'static [Priority] = &[Priority::Critical];
+    let refill: &'static [Priority] = if low && look.ordered {
+        &Priority::ALL
+    } else if (low && look.critical_stale) || (!low && look.lacks_critical) {
+        critical_only
+    } else {
+        &[]
+    };
+    Plan {
+        refill,
+        scan_apart: low && !look.ordered && look.normal_stale && !look.scanning_apart,
+    }
+}
+
 /// How many deliveries a window of `capacity` may hold when it takes work
 /// of `priority`: critical work may overfill it by one capacity, so it
 /// never waits for normal work to drain first. The one capacity rule: the
@@ -498,6 +544,81 @@ mod tests {
         assert_eq!(
             next.key.delivery, alert.key.delivery,
             "the alert goes first"
+        );
+    }
+
+    #[test]
+    fn the_plan_reads_critical_work_at_once_and_a_normal_backlog_apart() {
+        let nothing: &[Priority] = &[];
+        let critical: &[Priority] = &[Priority::Critical];
+        // A full window with nothing missing: nothing to read.
+        assert_eq!(plan(Look::default()).refill, nothing);
+        // Full of normal work, but critical work was left to the index.
+        let full = Look {
+            lacks_critical: true,
+            normal_stale: true,
+            ..Look::default()
+        };
+        assert_eq!(
+            plan(full),
+            Plan {
+                refill: critical,
+                scan_apart: false
+            }
+        );
+        // Low, normal work behind: read apart, once.
+        let low = Look {
+            low: true,
+            normal_stale: true,
+            ..Look::default()
+        };
+        assert_eq!(
+            plan(low),
+            Plan {
+                refill: nothing,
+                scan_apart: true
+            }
+        );
+        let scanning = Look {
+            scanning_apart: true,
+            ..low
+        };
+        assert!(!plan(scanning).scan_apart, "one scan apart at a time");
+        // Low with critical work behind too: critical on the loop now.
+        let both = Look {
+            critical_stale: true,
+            ..low
+        };
+        assert_eq!(
+            plan(both),
+            Plan {
+                refill: critical,
+                scan_apart: true
+            }
+        );
+        // An ordered partner reads both ranges on the loop, never apart.
+        let ordered = Look {
+            ordered: true,
+            ..both
+        };
+        assert_eq!(
+            plan(ordered),
+            Plan {
+                refill: &Priority::ALL,
+                scan_apart: false
+            }
+        );
+        // Low but nothing stale: nothing to read.
+        let idle = Look {
+            low: true,
+            ..Look::default()
+        };
+        assert_eq!(
+            plan(idle),
+            Plan {
+                refill: nothing,
+                scan_apart: false
+            }
         );
     }
 }
