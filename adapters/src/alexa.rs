@@ -83,7 +83,7 @@ impl Alexa {
             "fe" | "au" | "jp" => ("fe", "api.fe.amazonalexa.com"),
             other => {
                 return Err(BuildError(format!(
-                    "alexa region {other:?} is none of na, eu, in, fe, au, jp"
+                    "alexa region {other:?} is none of na, us, eu, in, fe, au, jp"
                 )))
             }
         };

@@ -123,23 +123,20 @@ impl Adapter for WebhookAdapter {
                 headers,
                 body,
             } => match status {
-                200..=299 => Verdict::Delivered,
-                410 => Verdict::Park {
-                    reason: format!("HTTP 410 Gone: {}", snippet(body)),
-                },
+                // Read as every HTTP partner's are.
+                200..=299 | 410 => classify_http(answer, now),
                 _ if self.permanent_statuses.contains(&status) => Verdict::Permanent {
                     reason: format!(
                         "HTTP {status} (in the partner's permanent_statuses): {}",
                         snippet(body)
                     ),
                 },
-                300..=399 => Verdict::Retry {
-                    after: retry_after::from_headers(headers, now),
-                    reason: format!("HTTP {status}: redirects are not followed"),
-                },
                 _ => Verdict::Retry {
                     after: retry_after::from_headers(headers, now),
-                    reason: format!("HTTP {status}: {}", snippet(body)),
+                    reason: match status {
+                        300..=399 => format!("HTTP {status}: redirects are not followed"),
+                        _ => format!("HTTP {status}: {}", snippet(body)),
+                    },
                 },
             },
             _ => classify_http(answer, now),
