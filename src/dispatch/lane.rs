@@ -388,7 +388,7 @@ impl Lane {
                 continue;
             };
             let (mut due, ticket) = match self.admit(&mut window, due, &stop).await {
-                Admission::Go(due, ticket) => (*due, ticket),
+                Admission::Go(due, ticket) => (due, ticket),
                 Admission::Again => continue,
                 Admission::Stopped => return,
             };

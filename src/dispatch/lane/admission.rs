@@ -50,9 +50,12 @@ impl Ticket<'_> {
 }
 
 /// What admission made of a delivery.
+// Matched once, right where it is made: boxing the delivery to shrink it
+// would cost an allocation per send for nothing.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Admission<'a> {
     /// Send it now.
-    Go(Box<Due>, Ticket<'a>),
+    Go(Due, Ticket<'a>),
     /// Not now: it is back in the window; look again.
     Again,
     /// The lane is stopping: it is released from the window.
@@ -129,7 +132,7 @@ impl Lane {
         if let Some(aimd) = &self.adaptive {
             lock(aimd).sent(self.in_flight());
         }
-        Admission::Go(Box::new(due), ticket)
+        Admission::Go(due, ticket)
     }
 }
 
