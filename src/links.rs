@@ -23,10 +23,9 @@ use base64::Engine;
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 
 use crate::clock::Clock;
-use crate::model::{grant_id, StoredGrant, StoredLink};
+use crate::model::{StoredGrant, StoredLink};
 use crate::store::{Store, StoreError};
 
 /// The environment variable holding the link key when the config names none.
@@ -121,20 +120,13 @@ struct SealedCredentials {
 /// A link as herald uses it, its grant's credentials opened.
 #[derive(Clone)]
 pub struct Link {
-    pub partner: String,
-    pub device_id: String,
-    pub external_id: String,
-    pub account: Option<String>,
-    pub region: Option<String>,
-    pub callback_url: Option<String>,
-    pub token_url: Option<String>,
+    /// The link as stored (its generation set by the store). Its own
+    /// credential fields are only ever those of a link from before grants,
+    /// never written again: `credentials` is what the link presents.
+    pub record: StoredLink,
     /// The grant's credentials: on a `PUT`, the grant's new ones (none:
     /// keep the account's grant as it is).
     pub credentials: Option<Credentials>,
-    pub options: Option<Box<RawValue>>,
-    /// The store's count of writes to this link; a new link's is set by
-    /// the store.
-    pub generation: u64,
     /// The store's count of writes to the link's grant when it was read (0:
     /// none stored): a refresh stores its tokens only if it is unchanged.
     pub grant_generation: u64,
@@ -145,12 +137,12 @@ pub struct Link {
 impl fmt::Debug for Link {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Link")
-            .field("partner", &self.partner)
-            .field("device_id", &self.device_id)
-            .field("external_id", &self.external_id)
+            .field("partner", &self.record.partner)
+            .field("device_id", &self.record.device_id)
+            .field("external_id", &self.record.external_id)
             .field("grant", &self.grant())
             .field("credentials", &self.credentials)
-            .field("generation", &self.generation)
+            .field("generation", &self.record.generation)
             .finish_non_exhaustive()
     }
 }
@@ -158,20 +150,21 @@ impl fmt::Debug for Link {
 impl Link {
     /// What an adapter sees, with the link's own access token.
     pub fn view(&self) -> LinkView<'_> {
+        let r = &self.record;
         LinkView {
-            external_id: &self.external_id,
-            account: self.account.as_deref(),
-            region: self.region.as_deref(),
-            callback_url: self.callback_url.as_deref(),
-            token_url: self.token_url.as_deref(),
+            external_id: &r.external_id,
+            account: r.account.as_deref(),
+            region: r.region.as_deref(),
+            callback_url: r.callback_url.as_deref(),
+            token_url: r.token_url.as_deref(),
             access_token: self.credentials.as_ref().map(|c| c.access_token.as_str()),
-            options: self.options.as_deref(),
+            options: r.options.as_deref(),
         }
     }
 
     /// The id of the grant whose credentials this link presents.
     pub fn grant(&self) -> String {
-        grant_id(self.account.as_deref(), &self.device_id)
+        self.record.grant()
     }
 }
 
@@ -285,24 +278,17 @@ impl Links {
         let now_ms = self.clock.now_ms();
         let grant = match &link.credentials {
             None => None,
-            Some(credentials) => {
-                Some(self.seal_grant(&link.partner, &link.grant(), credentials, 0, now_ms)?)
-            }
+            Some(credentials) => Some(self.seal_grant(
+                &link.record.partner,
+                &link.grant(),
+                credentials,
+                0,
+                now_ms,
+            )?),
         };
         let stored = StoredLink {
-            options: link.options,
-            partner: link.partner,
-            device_id: link.device_id,
-            external_id: link.external_id,
-            account: link.account,
-            region: link.region,
-            callback_url: link.callback_url,
-            token_url: link.token_url,
-            sealed_credentials: None,
-            expires_at_unix: None,
-            generation: link.generation,
             updated_ms: now_ms,
-            refresh_obtained_ms: None,
+            ..link.record.without_own_credentials()
         };
         let outcome = self.store.put_link(stored, grant).await?;
         Ok(PutOutcome {
@@ -335,7 +321,7 @@ impl Links {
             ..fresh
         };
         let grant = self.seal_grant(
-            &refreshed.partner,
+            &refreshed.record.partner,
             &refreshed.grant(),
             &credentials,
             refreshed.grant_generation,
@@ -381,7 +367,6 @@ impl Links {
             let mut links = Vec::with_capacity(page.len());
             let mut grants = Vec::new();
             for link in page {
-                let mut adopted = link.clone();
                 if let Some(credentials) = self.open_legacy(link)? {
                     let grant = link.grant();
                     let chosen = newest.get(&(link.partner.clone(), grant.clone()));
@@ -395,10 +380,7 @@ impl Links {
                         )?);
                     }
                 }
-                adopted.sealed_credentials = None;
-                adopted.expires_at_unix = None;
-                adopted.refresh_obtained_ms = None;
-                links.push(adopted);
+                links.push(link.clone().without_own_credentials());
             }
             pages.push((links, grants));
             Ok(())
@@ -488,16 +470,8 @@ impl Links {
             None => (self.open_legacy(&link)?, 0, link.refresh_obtained_ms()),
         };
         Ok(Link {
-            partner: link.partner,
-            device_id: link.device_id,
-            external_id: link.external_id,
-            account: link.account,
-            region: link.region,
-            callback_url: link.callback_url,
-            token_url: link.token_url,
+            record: link,
             credentials,
-            options: link.options,
-            generation: link.generation,
             grant_generation,
             refresh_obtained_ms,
         })

@@ -267,25 +267,30 @@ pub struct StoredLink {
 }
 
 impl StoredLink {
-    /// The grant whose credentials this link presents: its account's, or
-    /// one of its own when it names no account.
+    /// The grant whose credentials this link presents: `account/<account>`,
+    /// or `device/<device_id>` for a grant of its own when it names no account.
     pub fn grant(&self) -> String {
-        grant_id(self.account.as_deref(), &self.device_id)
+        match &self.account {
+            Some(account) => format!("account/{account}"),
+            None => format!("device/{}", self.device_id),
+        }
+    }
+
+    /// The record with no credentials of its own: how every link is
+    /// written now that credentials live in grants.
+    pub fn without_own_credentials(self) -> StoredLink {
+        StoredLink {
+            sealed_credentials: None,
+            expires_at_unix: None,
+            refresh_obtained_ms: None,
+            ..self
+        }
     }
 
     /// When the refresh token in `sealed_credentials` was obtained, as well
     /// as herald knows.
     pub fn refresh_obtained_ms(&self) -> u64 {
         self.refresh_obtained_ms.unwrap_or(self.updated_ms)
-    }
-}
-
-/// The id of the grant a link with `account` (or none) on `device_id` uses:
-/// `account/<account>`, or `device/<device_id>` for a grant of its own.
-pub fn grant_id(account: Option<&str>, device_id: &str) -> String {
-    match account {
-        Some(account) => format!("account/{account}"),
-        None => format!("device/{device_id}"),
     }
 }
 
@@ -296,7 +301,7 @@ pub fn grant_id(account: Option<&str>, device_id: &str) -> String {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StoredGrant {
     pub partner: String,
-    /// See [`grant_id`].
+    /// See [`StoredLink::grant`].
     pub grant: String,
     /// base64 of nonce and AEAD ciphertext of the credentials' JSON, bound
     /// to this partner and grant id.

@@ -31,6 +31,7 @@ use super::AppState;
 use crate::clock::rfc3339;
 use crate::config::{check_url, PartnerConfig};
 use crate::links::{Link, LinkError, StoredView};
+use crate::model::StoredLink;
 
 /// Bounds on what a link may hold: generous for any platform's tokens.
 const MAX_FIELD: usize = 256;
@@ -307,16 +308,23 @@ fn validate(
         }
     };
     Ok(Link {
-        partner: partner.name.clone(),
-        device_id: device_id.to_string(),
-        external_id: b.external_id,
-        account: b.account,
-        region: b.region,
-        callback_url: b.callback_url,
-        token_url: b.token_url,
+        // Generation and time are the store's and the clock's to set.
+        record: StoredLink {
+            partner: partner.name.clone(),
+            device_id: device_id.to_string(),
+            external_id: b.external_id,
+            account: b.account,
+            region: b.region,
+            callback_url: b.callback_url,
+            token_url: b.token_url,
+            sealed_credentials: None,
+            expires_at_unix: None,
+            options: b.options,
+            generation: 0,
+            updated_ms: 0,
+            refresh_obtained_ms: None,
+        },
         credentials,
-        options: b.options,
-        generation: 0,
         grant_generation: 0,
         refresh_obtained_ms: 0,
     })

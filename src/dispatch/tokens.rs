@@ -139,7 +139,7 @@ impl Tokens {
                 let gate = self.gate(&grant);
                 let renewed = {
                     let _turn = gate.lock().await;
-                    self.refresh_link(adapter, &used.link.device_id, used.token.as_deref())
+                    self.refresh_link(adapter, &used.link.record.device_id, used.token.as_deref())
                         .await
                 };
                 self.release_gate(&grant, gate);
