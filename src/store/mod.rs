@@ -1000,6 +1000,19 @@ mod tests {
         (ids, chunks.into_iter().next().expect("a chunk"))
     }
 
+    /// Records `first` as retried (due at 5,000 ms) and finds its retry,
+    /// an entry of its own, in the schedule once due.
+    async fn retried_and_due(store: &Store, first: &Due) -> Due {
+        store.record(retried(first)).await.expect("retry recorded");
+        store
+            .due("acme", &Priority::ALL, 6_000, 100, &|_| false)
+            .expect("scan")
+            .found
+            .into_iter()
+            .find(|d| d.key.delivery == first.key.delivery)
+            .expect("the retry is scheduled")
+    }
+
     /// Replaces event `id`'s record in its page with bytes that do not decode.
     fn damage_in_its_page(store: &Store, id: Uuid) {
         let (key, value) = event_page::page_for(&store.db().expect("open"), id)
@@ -1157,14 +1170,7 @@ mod tests {
         let (_dir, store) = open();
         three_in_a_chunk(&store).await;
         let first = due_now(&store).remove(0);
-        store.record(retried(&first)).await.expect("retry recorded");
-        let retry = store
-            .due("acme", &Priority::ALL, 6_000, 100, &|_| false)
-            .expect("scan")
-            .found
-            .into_iter()
-            .find(|d| d.key.delivery == first.key.delivery)
-            .expect("the retry is scheduled");
+        let retry = retried_and_due(&store, &first).await;
         deliver(&store, &retry).await;
         deliver(&store, &retry).await;
         let log = store
@@ -1269,17 +1275,7 @@ mod tests {
             1,
             "the chunk's state says who it delivered"
         );
-        store
-            .record(retried(&retried_one))
-            .await
-            .expect("retry recorded");
-        let retry = store
-            .due("acme", &Priority::ALL, 6_000, 100, &|_| false)
-            .expect("scan")
-            .found
-            .into_iter()
-            .find(|d| d.key.delivery == retried_one.key.delivery)
-            .expect("its own entry");
+        let retry = retried_and_due(&store, &retried_one).await;
         let second_attempt = Attempt {
             number: 2,
             ..testing::delivered_attempt()

@@ -169,14 +169,19 @@ mod tests {
         (breaker, clock)
     }
 
+    /// The probe's ticket, holding the one permit of `permits`.
+    fn probe_ticket<'a>(breaker: &'a Breaker, permits: &Arc<Semaphore>) -> Ticket<'a> {
+        Ticket {
+            permit: Arc::clone(permits).try_acquire_owned().expect("a permit"),
+            probe: ProbeHeld(Some(breaker)),
+        }
+    }
+
     #[test]
     fn a_ticket_dropped_unsent_gives_its_permit_and_the_probe_back() {
         let (breaker, _clock) = half_open();
         let permits = Arc::new(Semaphore::new(1));
-        let ticket = Ticket {
-            permit: Arc::clone(&permits).try_acquire_owned().expect("a permit"),
-            probe: ProbeHeld(Some(&breaker)),
-        };
+        let ticket = probe_ticket(&breaker, &permits);
         assert_eq!(permits.available_permits(), 0);
         drop(ticket);
         assert_eq!(permits.available_permits(), 1, "the permit is back");
@@ -187,10 +192,7 @@ mod tests {
     fn a_ticket_sent_keeps_the_probe_for_its_answer() {
         let (breaker, _clock) = half_open();
         let permits = Arc::new(Semaphore::new(1));
-        let ticket = Ticket {
-            permit: Arc::clone(&permits).try_acquire_owned().expect("a permit"),
-            probe: ProbeHeld(Some(&breaker)),
-        };
+        let ticket = probe_ticket(&breaker, &permits);
         let (permit, probe) = ticket.send();
         assert!(probe);
         assert_eq!(
