@@ -345,8 +345,9 @@ impl Links {
         // to open before anything is rewritten.
         let mut newest: HashMap<(String, String), (u64, String)> = HashMap::new();
         let mut legacy = 0usize;
-        self.each_link_page(|page| {
-            for link in page {
+        let mut after = None;
+        while let Some(page) = self.next_link_page(&mut after)? {
+            for link in &page {
                 if link.sealed_credentials.is_none() {
                     continue;
                 }
@@ -359,33 +360,34 @@ impl Links {
                     *entry = (link.updated_ms, link.device_id.clone());
                 }
             }
-            Ok(())
-        })?;
-        // Second pass: each page's links and the grants they carry.
-        let mut pages = Vec::new();
-        self.each_link_page(|page| {
-            let mut links = Vec::with_capacity(page.len());
+        }
+        // Second pass: each page's links and the grants they carry, written
+        // page by page; only the chosen copy of a grant is opened again.
+        let mut after = None;
+        while let Some(page) = self.next_link_page(&mut after)? {
             let mut grants = Vec::new();
-            for link in page {
-                if let Some(credentials) = self.open_legacy(link)? {
-                    let grant = link.grant();
-                    let chosen = newest.get(&(link.partner.clone(), grant.clone()));
-                    if chosen.is_some_and(|(_, device)| *device == link.device_id) {
-                        grants.push(self.seal_grant(
-                            &link.partner,
-                            &grant,
-                            &credentials,
-                            0,
-                            link.refresh_obtained_ms(),
-                        )?);
-                    }
+            for link in &page {
+                let grant = link.grant();
+                let chosen = newest
+                    .get(&(link.partner.clone(), grant.clone()))
+                    .is_some_and(|(_, device)| *device == link.device_id);
+                if !chosen {
+                    continue;
                 }
-                links.push(link.clone().without_own_credentials());
+                if let Some(credentials) = self.open_legacy(link)? {
+                    grants.push(self.seal_grant(
+                        &link.partner,
+                        &grant,
+                        &credentials,
+                        0,
+                        link.refresh_obtained_ms(),
+                    )?);
+                }
             }
-            pages.push((links, grants));
-            Ok(())
-        })?;
-        for (links, grants) in pages {
+            let links = page
+                .into_iter()
+                .map(StoredLink::without_own_credentials)
+                .collect();
             self.store.adopt_links(links, grants).await?;
         }
         self.store.mark_grants_kept().await?;
@@ -399,23 +401,21 @@ impl Links {
         Ok(())
     }
 
-    /// Calls `visit` with every page of links in the store.
-    fn each_link_page(
+    /// The next page of all the store's links after `after` (a partner and
+    /// device id, moved on to the page's last); `None` past the last link.
+    fn next_link_page(
         &self,
-        mut visit: impl FnMut(&[StoredLink]) -> Result<(), LinkError>,
-    ) -> Result<(), LinkError> {
-        let mut after: Option<(String, String)> = None;
-        loop {
-            let page = self.store.all_links_page(
-                after.as_ref().map(|(p, d)| (p.as_str(), d.as_str())),
-                ADOPT_PAGE,
-            )?;
-            let Some(last) = page.last() else {
-                return Ok(());
-            };
-            after = Some((last.partner.clone(), last.device_id.clone()));
-            visit(&page)?;
-        }
+        after: &mut Option<(String, String)>,
+    ) -> Result<Option<Vec<StoredLink>>, LinkError> {
+        let page = self.store.all_links_page(
+            after.as_ref().map(|(p, d)| (p.as_str(), d.as_str())),
+            ADOPT_PAGE,
+        )?;
+        let Some(last) = page.last() else {
+            return Ok(None);
+        };
+        *after = Some((last.partner.clone(), last.device_id.clone()));
+        Ok(Some(page))
     }
 
     fn seal_grant(
