@@ -282,6 +282,13 @@ impl Lane {
         status: Option<u16>,
         verdict: Verdict,
     ) -> Vec<Outcome> {
+        // The partner's alert follows answers, not deliveries: a batch's
+        // one answer is counted once.
+        match &verdict {
+            Verdict::Delivered => self.alert.clear(),
+            Verdict::Misconfigured { reason, .. } => self.alert.raise(reason, self.clock.now_ms()),
+            _ => {}
+        }
         let parks = matches!(verdict, Verdict::Park { .. });
         batch
             .into_iter()
@@ -411,10 +418,7 @@ impl Lane {
     ) -> Outcome {
         let now_ms = self.clock.now_ms();
         let (outcome, next, detail) = match verdict {
-            Verdict::Delivered => {
-                self.alert.clear();
-                (AttemptOutcome::Delivered, Next::Delivered, String::new())
-            }
+            Verdict::Delivered => (AttemptOutcome::Delivered, Next::Delivered, String::new()),
             Verdict::Permanent { reason } => {
                 (AttemptOutcome::Failed, Next::Dead(reason.clone()), reason)
             }
@@ -429,7 +433,6 @@ impl Lane {
                 self.retry_or_give_up(&due, number, now_ms, after, reason)
             }
             Verdict::Misconfigured { after, reason } => {
-                self.alert.raise(&reason, now_ms);
                 self.retry_or_give_up(&due, number, now_ms, after, reason)
             }
         };
