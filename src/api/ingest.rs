@@ -134,16 +134,13 @@ pub async fn post_events(
         other => {
             tracing::error!(error = %other, "an ingest write failed; answered 503");
             // sled may have made the batch durable and still reported
-            // the failure: its deliveries must not wait for a hand-over.
+            // the failure: its lanes read the whole schedule again soon.
             state.dispatcher.rescan_soon();
             Problem::unavailable(format!("the events could not be stored: {other}"))
         }
     })?;
-    let mut accepted = accepted;
-    for a in &mut accepted {
-        state
-            .dispatcher
-            .offer(std::mem::take(&mut a.scheduled), a.commit);
+    for a in &accepted {
+        state.dispatcher.due_written(&a.scheduled);
     }
     let fresh = accepted.iter().filter(|a| !a.duplicate).count();
     metrics::counter!("herald_events_accepted_total").increment(fresh as u64);

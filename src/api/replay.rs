@@ -2,7 +2,7 @@
 //!
 //! On-call replays once the cause is fixed (the partner is back, the link
 //! was put again): `POST /v1/dead-letters/{id}/replay` gives the event a new
-//! delivery to the same partner, handed to its lane at once;
+//! delivery to the same partner, which its lane reads at once;
 //! `POST /v1/dead-letters/replay` does it for every letter the list's
 //! filters (`partner`, `type`, `priority`, `since`) select, up to `limit`
 //! per call. A letter is replayed at most once and keeps its story;
@@ -39,19 +39,19 @@ fn write_failed(e: StoreError) -> Problem {
 /// Replays `ids` and hands the new deliveries to their lanes.
 async fn replay(state: &AppState, ids: &[Uuid]) -> Result<Vec<Replayed>, Problem> {
     let pairs = ids.iter().map(|&id| (id, state.clock.new_id())).collect();
-    let (done, commit) = state
+    let done = state
         .store
         .replay(pairs, state.clock.now_ms())
         .await
         .map_err(write_failed)?;
-    let scheduled = done
+    let scheduled: Vec<_> = done
         .iter()
         .filter_map(|r| match r {
-            Replayed::Scheduled(due) => Some(due.as_ref().clone()),
+            Replayed::Scheduled(s) => Some(s.clone()),
             _ => None,
         })
         .collect();
-    state.dispatcher.offer(scheduled, commit);
+    state.dispatcher.due_written(&scheduled);
     Ok(done)
 }
 
@@ -64,15 +64,15 @@ pub async fn replay_one(
     let done = replay(&state, &[id]).await?;
     match done.into_iter().next() {
         Some(Replayed::Scheduled(due)) => {
-            tracing::info!(dead_letter = %id, delivery = %due.key.delivery, partner = %due.key.partner,
+            tracing::info!(dead_letter = %id, delivery = %due.delivery, partner = %due.partner,
                 caller = %caller.name, "dead letter replayed");
             Ok((
                 StatusCode::ACCEPTED,
                 Json(json!({
                     "dead_letter": id.to_string(),
-                    "event_id": due.entry.event.to_string(),
-                    "partner": due.key.partner,
-                    "delivery_id": due.key.delivery.to_string(),
+                    "event_id": due.event.to_string(),
+                    "partner": due.partner,
+                    "delivery_id": due.delivery.to_string(),
                 })),
             )
                 .into_response())

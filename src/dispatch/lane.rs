@@ -5,8 +5,14 @@
 //! taken in that order so a token is spent only right before a real send.
 //! Each send runs as its own task; its outcome (delivered, retry at T, dead)
 //! goes back to the store, and only then is the delivery released from the
-//! window. A backlog of normal work is read off the loop (see
-//! [`Window::scan_apart`]), so sends go on while it is read.
+//! window.
+//!
+//! Due work reaches the lane one way: the lane reads the store's schedule
+//! index. Whatever writes to the index (ingest, a replay, an unpark, a
+//! retry's time coming, a device's turn coming) only says which range may
+//! have changed ([`Lane::due_written`]); each range is read by one scan at a
+//! time on tokio's blocking pool ([`Window::scan`]), so sends go on while a
+//! backlog is read.
 
 mod admission;
 mod attempt;
@@ -39,9 +45,8 @@ use admission::Admission;
 /// The window holds this many due deliveries per in-flight permit.
 const WINDOW_PER_PERMIT: usize = 16;
 
-/// A scan of the normal range on tokio's blocking pool: what it found and
-/// the store's visible commit when it ended.
-type ScanApart = tokio::task::JoinHandle<Result<(DueScan, u64), StoreError>>;
+/// A scan of one range of the index on tokio's blocking pool.
+type ScanTask = tokio::task::JoinHandle<Result<DueScan, StoreError>>;
 
 type Limiter = RateLimiter<NotKeyed, InMemoryState, Clock, NoOpMiddleware<governor::nanos::Nanos>>;
 
@@ -59,12 +64,14 @@ pub struct Lane {
     /// Rung when a send finishes: room under the adaptive limit.
     freed: Notify,
     held: Held,
-    /// Rung by ingest (new work) and by finished sends (room in the window).
+    /// Rung by writes to the index (new work) and by finished sends (room
+    /// in the window).
     wake: Notify,
-    /// Set by ingest when critical work was written: the lane looks at its
-    /// critical range before its next send, however full its window is.
-    critical_waiting: AtomicBool,
-    /// Rung with `critical_waiting`: interrupts a normal send's wait for a
+    /// Per priority (critical, normal): set when work of that priority was
+    /// written to the index; the lane's loop marks the range stale. Critical
+    /// work is looked for before the next send, however full the window is.
+    written: [AtomicBool; 2],
+    /// Rung with critical work written: interrupts a normal send's wait for a
     /// rate-limit token, so the critical one takes that token instead.
     critical_arrived: Notify,
     /// The earliest retry time of a critical delivery this lane sent
@@ -74,8 +81,6 @@ pub struct Lane {
     /// last look (u64::MAX: none): retries are written to the index only,
     /// so the window must scan for them when they come due.
     retry_at: AtomicU64,
-    /// Deliveries ingest hands over once durable.
-    inbox: std::sync::Mutex<Inbox>,
     /// Outcomes of finished sends, written back together.
     recording: std::sync::Mutex<Recording>,
     /// How many deliveries the window holds (see [`super::window::limit_for`]).
@@ -142,7 +147,6 @@ impl Lane {
             // batched).
             capacity: (partner.max_in_flight * WINDOW_PER_PERMIT).max(64),
             retry_at: AtomicU64::new(u64::MAX),
-            inbox: std::sync::Mutex::new(Inbox::default()),
             recording: std::sync::Mutex::new(Recording::default()),
             adaptive,
             freed: Notify::new(),
@@ -155,7 +159,7 @@ impl Lane {
             limiter,
             held: Held::default(),
             wake: Notify::new(),
-            critical_waiting: AtomicBool::new(false),
+            written: [AtomicBool::new(false), AtomicBool::new(false)],
             critical_arrived: Notify::new(),
             critical_retry_at: AtomicU64::new(u64::MAX),
             breaker,
@@ -164,7 +168,7 @@ impl Lane {
         }
     }
 
-    /// The schedule may hold work this lane was not handed and will not be
+    /// The schedule may hold work this lane was not told of and will not be
     /// woken for (a write that failed, or failed to say it landed): the
     /// lane scans all of it in a second, when a store being opened again
     /// after a failed write is likely back (a scan that fails is tried
@@ -176,25 +180,13 @@ impl Lane {
         self.wake.notify_one();
     }
 
-    /// Hands over a delivery `commit` just made durable: the lane takes it
-    /// without scanning the index for it.
-    pub fn offer(&self, due: Due, commit: u64) {
-        let priority = due.key.priority;
-        let taken = if self.partner.ordered_per_device {
-            // Per-device order: only the index knows whether this is the
-            // first of its device; a later event must not slip past a retry.
-            lock(&self.inbox).leave_to_index(priority);
-            false
-        } else {
-            lock(&self.inbox).push(due, commit, self.capacity)
-        };
-        if !taken && priority == Priority::Critical {
-            // Left to the index: the lane scans its critical range first thing.
-            self.critical_waiting.store(true, Ordering::Release);
-        }
+    /// Work of `priority` was made durable in the index: the lane reads
+    /// that range before trusting its window again (at once for critical
+    /// work; when the window runs low for normal work).
+    pub fn due_written(&self, priority: Priority) {
+        self.written[slot(priority)].store(true, Ordering::Release);
         if priority == Priority::Critical {
-            // It is in the inbox: no scan needed, but a normal send waiting
-            // for a token gives the token up to it.
+            // A normal send waiting for a token gives the token up to it.
             self.critical_arrived.notify_one();
         }
         self.wake.notify_one();
@@ -307,83 +299,70 @@ impl Lane {
         abandon: CancellationToken,
         tracker: TaskTracker,
     ) {
-        let mut window = Window::new(
-            &self.partner.name,
-            self.capacity,
-            self.held.clone(),
-            self.partner.ordered_per_device,
-        );
-        // A refill of the normal range running off this loop, so a backlog
-        // is read while sends go on. Partners that keep per-device order
-        // scan on the loop: they scan every time, woken by each settle.
-        let mut apart: Option<ScanApart> = None;
+        let mut window = Window::new(&self.partner.name, self.capacity, self.held.clone());
+        // At most one scan per range (critical, normal) runs at a time.
+        let mut scans: [Option<ScanTask>; 2] = [None, None];
         loop {
             if stop.is_cancelled() {
                 return;
             }
-            self.take_offers(&mut window);
-            if let Some(scan) = apart.take_if(|scan| scan.is_finished()) {
-                if !self.merge_apart(&mut window, scan.await, &stop).await {
-                    return;
+            for priority in Priority::ALL {
+                if self.written[slot(priority)].swap(false, Ordering::AcqRel) {
+                    window.mark_stale(priority);
+                }
+                let task = &mut scans[slot(priority)];
+                if let Some(scan) = task.take_if(|scan| scan.is_finished()) {
+                    if !self.merge(&mut window, priority, scan.await, &stop).await {
+                        return;
+                    }
                 }
             }
             let now = self.clock.now_ms();
             if came_due(&self.retry_at, now) {
                 Priority::ALL.iter().for_each(|&p| window.mark_stale(p));
             }
-            let critical = self.critical_waiting.swap(false, Ordering::AcqRel)
-                || self.critical_retry_came_due();
-            if critical {
+            if self.critical_retry_came_due() {
                 window.mark_stale(Priority::Critical);
             }
-            let plan = window::plan(window::Look {
-                low: window.is_low(),
-                critical_stale: window.is_stale(Priority::Critical, now),
-                normal_stale: window.is_stale(Priority::Normal, now),
-                lacks_critical: window.lacks_critical(),
-                ordered: self.partner.ordered_per_device,
-                scanning_apart: apart.is_some(),
-            });
-            if plan.scan_apart {
-                if let Some(scan) = window.scan_apart(now) {
+            for priority in window::plan(window.look(now)).priorities() {
+                if let Some(scan) = window.scan(priority, now) {
                     let store = self.store.clone();
-                    apart = Some(tokio::task::spawn_blocking(move || scan.run(&store)));
+                    scans[slot(priority)] =
+                        Some(tokio::task::spawn_blocking(move || scan.run(&store)));
                 }
             }
-            let refill = plan.refill;
-            if !refill.is_empty() {
-                if let Err(e) = window.refill(&self.store, now, refill) {
-                    tracing::error!(partner = %self.partner.name, error = %e, "cannot read the schedule; trying again in a second");
-                    tokio::select! {
-                        _ = self.clock.sleep(Duration::from_secs(1)) => continue,
-                        _ = stop.cancelled() => return,
-                    }
+            // Critical work being read goes before any normal send: the
+            // scan of a critical range is short, and waited for.
+            if let Some(scan) = scans[slot(Priority::Critical)].take() {
+                let read = tokio::select! {
+                    read = scan => read,
+                    _ = stop.cancelled() => return,
+                };
+                if !self
+                    .merge(&mut window, Priority::Critical, read, &stop)
+                    .await
+                {
+                    return;
                 }
+                continue;
             }
             let Some(due) = window.pop() else {
                 let retry_at = self.retry_at.load(Ordering::Acquire);
-                // With a scan apart under way, the normal range's due time
-                // (what started it) waits for the scan, not for the clock.
-                let window_due = match apart {
-                    Some(_) => window.next_due_ms_of(Priority::Critical),
-                    None => window.next_due_ms(),
-                };
-                let next_due = match (window_due, retry_at) {
+                let next_due = match (window.next_due_ms(), retry_at) {
                     (due, u64::MAX) => due,
                     (due, at) => Some(due.map_or(at, |d| d.min(at))),
                 };
-                let mut finished = None;
+                let [_, normal_scan] = &mut scans;
                 tokio::select! {
                     _ = self.wake.notified() => {}
-                    result = async { apart.as_mut()?.await.into() }, if apart.is_some() => finished = result,
+                    read = join(normal_scan) => {
+                        *normal_scan = None;
+                        if !self.merge(&mut window, Priority::Normal, read, &stop).await {
+                            return;
+                        }
+                    }
                     _ = self.clock.sleep_until_ms(next_due.unwrap_or(u64::MAX)), if next_due.is_some() => {}
                     _ = stop.cancelled() => return,
-                }
-                if let Some(result) = finished {
-                    apart = None;
-                    if !self.merge_apart(&mut window, result, &stop).await {
-                        return;
-                    }
                 }
                 continue;
             };
@@ -406,23 +385,24 @@ impl Lane {
         }
     }
 
-    /// Takes a finished scan apart into the window; on failure, waits a
-    /// second (false if stopped meanwhile) and leaves the range stale.
-    async fn merge_apart(
+    /// Takes a finished scan of `priority` into the window; on failure,
+    /// waits a second (false if stopped meanwhile) and leaves the range stale.
+    async fn merge(
         &self,
         window: &mut Window,
-        result: Result<Result<(DueScan, u64), StoreError>, tokio::task::JoinError>,
+        priority: Priority,
+        result: Result<Result<DueScan, StoreError>, tokio::task::JoinError>,
         stop: &CancellationToken,
     ) -> bool {
         let error = match result {
-            Ok(Ok((scan, through))) => {
-                window.merge(&[Priority::Normal], scan, through);
+            Ok(Ok(scan)) => {
+                window.merge(priority, scan);
                 return true;
             }
             Ok(Err(e)) => e.to_string(),
             Err(e) => format!("the scan did not finish: {e}"),
         };
-        window.scan_failed();
+        window.scan_failed(priority);
         tracing::error!(partner = %self.partner.name, error = %error, "cannot read the schedule; trying again in a second");
         tokio::select! {
             _ = self.clock.sleep(Duration::from_secs(1)) => true,
@@ -433,20 +413,6 @@ impl Lane {
     /// Whether a critical retry is due now; if so, it is looked for once.
     fn critical_retry_came_due(&self) -> bool {
         came_due(&self.critical_retry_at, self.clock.now_ms())
-    }
-
-    /// Moves what ingest handed over into the window (what it cannot take
-    /// is left to the index, and the window marks that priority stale).
-    fn take_offers(&self, window: &mut Window) {
-        let Inbox {
-            offers, overflowed, ..
-        } = std::mem::take(&mut *lock(&self.inbox));
-        for priority in overflowed {
-            window.mark_stale(priority);
-        }
-        for (due, commit) in offers {
-            window.offer(due, commit);
-        }
     }
 
     /// Waits for a rate-limit token for a send of `priority`. A normal
@@ -590,6 +556,13 @@ impl Lane {
         self.held.release(id);
         match recorded {
             Ok(()) => {
+                if self.partner.ordered_per_device {
+                    // The device's next delivery may now be first of its
+                    // device: only a scan of the index can tell.
+                    self.written
+                        .iter()
+                        .for_each(|w| w.store(true, Ordering::Release));
+                }
                 if let Some(route) = park {
                     tracing::warn!(partner = %route.partner, device = %route.device_id, reason = %route.reason,
                         "route parked: later deliveries to this device become dead letters until it is cleared");
@@ -701,42 +674,21 @@ impl Recording {
     }
 }
 
-/// Hand-overs waiting for the lane's loop to take them into its window.
-#[derive(Default)]
-struct Inbox {
-    offers: Vec<(Due, u64)>,
-    /// How many of `offers` are critical.
-    critical: usize,
-    /// Priorities of hand-overs dropped for lack of room: scan for them.
-    overflowed: Vec<Priority>,
+/// The end of a scan under way; never, when none is.
+async fn join(
+    scan: &mut Option<ScanTask>,
+) -> Result<Result<DueScan, StoreError>, tokio::task::JoinError> {
+    match scan {
+        Some(task) => task.await,
+        None => std::future::pending().await,
+    }
 }
 
-impl Inbox {
-    /// Keeps the hand-over unless its priority's share is full: past that
-    /// the window is full anyway and the index keeps the rest. False when
-    /// it was left to the index.
-    fn push(&mut self, due: Due, commit: u64, capacity: usize) -> bool {
-        let priority = due.key.priority;
-        let count = match priority {
-            Priority::Critical => self.critical,
-            Priority::Normal => self.offers.len() - self.critical,
-        };
-        if count >= super::window::limit_for(priority, capacity) {
-            self.leave_to_index(priority);
-            return false;
-        }
-        if priority == Priority::Critical {
-            self.critical += 1;
-        }
-        self.offers.push((due, commit));
-        true
-    }
-
-    /// A hand-over of `priority` went to the index only: scan for it.
-    fn leave_to_index(&mut self, priority: Priority) {
-        if !self.overflowed.contains(&priority) {
-            self.overflowed.push(priority);
-        }
+/// The index of `priority`'s entry in arrays kept per priority.
+fn slot(priority: Priority) -> usize {
+    match priority {
+        Priority::Critical => 0,
+        Priority::Normal => 1,
     }
 }
 

@@ -90,13 +90,14 @@ impl Dispatcher {
         self.lanes.values().for_each(|lane| lane.rescan_soon());
     }
 
-    /// Hands freshly durable deliveries to their lanes (see [`Lane::offer`]).
-    pub fn offer(&self, scheduled: Vec<crate::store::Due>, commit: u64) {
-        for due in scheduled {
-            match self.lanes.get(&due.key.partner) {
-                Some(lane) => lane.offer(due, commit),
+    /// Tells the lanes of freshly durable deliveries that their index
+    /// ranges changed (see [`Lane::due_written`]).
+    pub fn due_written(&self, scheduled: &[crate::store::Scheduled]) {
+        for s in scheduled {
+            match self.lanes.get(&s.partner) {
+                Some(lane) => lane.due_written(s.priority),
                 None => {
-                    tracing::error!(partner = %due.key.partner, "a delivery for a partner without a lane")
+                    tracing::error!(partner = %s.partner, "a delivery for a partner without a lane")
                 }
             }
         }

@@ -41,53 +41,64 @@ pub struct Look {
     /// The index may hold critical (normal) work the window lacks.
     pub critical_stale: bool,
     pub normal_stale: bool,
-    /// Something said critical work was left to the index.
+    /// Something said critical work was written to the index.
     pub lacks_critical: bool,
-    /// The partner wants each device's events in order.
-    pub ordered: bool,
-    /// A scan of the normal range is running off the loop.
-    pub scanning_apart: bool,
+    /// A scan of the critical (normal) range is under way.
+    pub scanning_critical: bool,
+    pub scanning_normal: bool,
 }
 
-/// What the loop does about it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which ranges of the index the loop starts reading now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Plan {
-    /// The priorities to read from the index on the loop, now.
-    pub refill: &'static [Priority],
-    /// Start a scan of the normal range off the loop.
-    pub scan_apart: bool,
+    pub scan_critical: bool,
+    pub scan_normal: bool,
+}
+
+impl Plan {
+    /// The priorities to start a scan of, critical first.
+    pub fn priorities(self) -> impl Iterator<Item = Priority> {
+        [
+            (self.scan_critical, Priority::Critical),
+            (self.scan_normal, Priority::Normal),
+        ]
+        .into_iter()
+        .filter_map(|(scan, priority)| scan.then_some(priority))
+    }
 }
 
 /// The window's decision, a pure function of what the loop sees: a window
-/// running low refills what may be missing (ordered partners read both
-/// ranges on the loop, the others read a normal backlog apart, so sends go
-/// on meanwhile); whatever its level, critical work the window may lack is
-/// read at once, never after the normal work drains.
+/// running low reads what may be missing from the index; whatever its
+/// level, critical work that was written is read at once, never after the
+/// normal work drains. One scan per range at a time.
 pub fn plan(look: Look) -> Plan {
-    let low = look.low && (look.critical_stale || look.normal_stale);
-    let critical_only: &'static [Priority] = &[Priority::Critical];
-    let refill: &'static [Priority] = if low && look.ordered {
-        &Priority::ALL
-    } else if (low && look.critical_stale) || (!low && look.lacks_critical) {
-        critical_only
-    } else {
-        &[]
-    };
     Plan {
-        refill,
-        scan_apart: low && !look.ordered && look.normal_stale && !look.scanning_apart,
+        scan_critical: !look.scanning_critical
+            && (look.lacks_critical || (look.low && look.critical_stale)),
+        scan_normal: !look.scanning_normal && look.low && look.normal_stale,
     }
 }
 
 /// How many deliveries a window of `capacity` may hold when it takes work
 /// of `priority`: critical work may overfill it by one capacity, so it
-/// never waits for normal work to drain first. The one capacity rule: the
-/// window's hand-overs and refills and the lane's inbox all apply it.
+/// never waits for normal work to drain first. The one capacity rule.
 pub fn limit_for(priority: Priority, capacity: usize) -> usize {
     match priority {
         Priority::Critical => 2 * capacity,
         Priority::Normal => capacity,
     }
+}
+
+/// What the window knows of one priority's range of the index.
+#[derive(Debug, Clone, Copy)]
+struct Range {
+    /// The earliest due time of what is still on disk, as of the last scan.
+    next_due_ms: Option<u64>,
+    /// The index may hold due entries the window has not taken, so the
+    /// next scan must read it.
+    stale: bool,
+    /// A scan of this range is under way.
+    scanning: bool,
 }
 
 pub struct Window {
@@ -96,62 +107,49 @@ pub struct Window {
     critical: VecDeque<Due>,
     normal: VecDeque<Due>,
     held: Held,
-    /// The earliest due time of what is still on disk, as of the last scan.
-    /// Per priority (critical, normal): scans of one priority run apart
-    /// from scans of the other.
-    next_due_ms: [Option<u64>; 2],
-    /// Per priority (critical, normal): the index may hold due entries the
-    /// window has not taken, so the next refill must scan it.
-    stale: [bool; 2],
-    /// Partners that keep per-device order scan every time: an entry becomes
-    /// sendable when the one before it settles, which nothing hands over.
-    always_scan: bool,
-    /// The store's visible commit when the latest scan ended: an entry
-    /// handed over from a commit up to it may have been found by that scan.
-    scanned_through: u64,
-    /// A scan of the normal range runs beside the lane (see
-    /// [`Window::scan_apart`]); normal hand-overs are left to the index
-    /// meanwhile.
-    scanning: bool,
+    /// Per priority (critical, normal): a scan of one runs apart from a
+    /// scan of the other.
+    ranges: [Range; 2],
 }
 
-/// A scan of the normal range that runs off the lane's loop: its result
-/// goes back through [`Window::merge`].
+/// A scan of one priority's range of the index, run on tokio's blocking
+/// pool so sends go on while it reads: its result goes back through
+/// [`Window::merge`].
 pub struct Scan {
     pub partner: String,
+    pub priority: Priority,
     pub now_ms: u64,
     pub room: usize,
     pub held: Held,
 }
 
 impl Scan {
-    /// Reads the index (blocking), then the store's visible commit.
-    pub fn run(self, store: &Store) -> Result<(DueScan, u64), StoreError> {
-        let found = store.due(
+    /// Reads the index (blocking).
+    pub fn run(self, store: &Store) -> Result<DueScan, StoreError> {
+        store.due(
             &self.partner,
-            &[Priority::Normal],
+            &[self.priority],
             self.now_ms,
             self.room,
             &|id| self.held.contains(id),
-        )?;
-        Ok((found, store.visible_commit()))
+        )
     }
 }
 
 impl Window {
-    pub fn new(partner: &str, capacity: usize, held: Held, always_scan: bool) -> Window {
+    pub fn new(partner: &str, capacity: usize, held: Held) -> Window {
         Window {
             partner: partner.to_string(),
             capacity: capacity.max(1),
             critical: VecDeque::new(),
             normal: VecDeque::new(),
             held,
-            next_due_ms: [None; 2],
             // What is on disk at start has been seen by no one.
-            stale: [true; 2],
-            always_scan,
-            scanned_through: 0,
-            scanning: false,
+            ranges: [Range {
+                next_due_ms: None,
+                stale: true,
+                scanning: false,
+            }; 2],
         }
     }
 
@@ -164,129 +162,75 @@ impl Window {
         self.queued() <= self.capacity / 2
     }
 
-    pub fn next_due_ms(&self) -> Option<u64> {
-        self.next_due_ms.iter().flatten().min().copied()
+    /// What the loop's plan is made from, at `now_ms`.
+    pub fn look(&self, now_ms: u64) -> Look {
+        Look {
+            low: self.is_low(),
+            critical_stale: self.is_stale(Priority::Critical, now_ms),
+            normal_stale: self.is_stale(Priority::Normal, now_ms),
+            lacks_critical: self.lacks_critical(),
+            scanning_critical: self.ranges[slot(Priority::Critical)].scanning,
+            scanning_normal: self.ranges[slot(Priority::Normal)].scanning,
+        }
     }
 
-    /// When the next entry of `priority` on disk comes due, as of its last scan.
-    pub fn next_due_ms_of(&self, priority: Priority) -> Option<u64> {
-        self.next_due_ms[slot(priority)]
+    /// When the next entry on disk comes due, as of the last scans, in the
+    /// ranges no scan is reading now (a scan's end wakes the loop anyway).
+    pub fn next_due_ms(&self) -> Option<u64> {
+        self.ranges
+            .iter()
+            .filter(|r| !r.scanning)
+            .filter_map(|r| r.next_due_ms)
+            .min()
     }
 
     /// Whether the index may hold due work of `priority` the window lacks.
     pub fn is_stale(&self, priority: Priority, now_ms: u64) -> bool {
-        self.always_scan
-            || self.stale[slot(priority)]
-            || self.next_due_ms[slot(priority)].is_some_and(|due| due <= now_ms)
+        let range = &self.ranges[slot(priority)];
+        range.stale || range.next_due_ms.is_some_and(|due| due <= now_ms)
     }
 
     /// Whether the index may hold critical work the window lacks, by what
     /// the window was told (not by due times): the lane scans the critical
     /// range at once for it, however full the window is of normal work.
     pub fn lacks_critical(&self) -> bool {
-        self.stale[slot(Priority::Critical)]
+        self.ranges[slot(Priority::Critical)].stale
     }
 
-    /// Something was written to the index that was not handed over (a
-    /// retry came due, a hand-over found no room): scan before trusting
-    /// the window again.
+    /// Something was written to the index (an event accepted, a retry come
+    /// due, a device's turn come): read it before trusting the window
+    /// again. Marked while a scan of the range runs, the range stays stale
+    /// after it: the scan may have read the index before the write.
     pub fn mark_stale(&mut self, priority: Priority) {
-        self.stale[slot(priority)] = true;
+        self.ranges[slot(priority)].stale = true;
     }
 
-    /// Takes a delivery handed over right after `commit` made it durable,
-    /// saving a scan of the index. When a scan may have seen it already, or
-    /// there is no room, it is left to the index (and the next scan), and
-    /// the answer is false.
-    pub fn offer(&mut self, due: Due, commit: u64) -> bool {
-        let priority = due.key.priority;
-        let mut held = self.held.lock();
-        if held.contains(&due.key.delivery) {
-            return true;
-        }
-        let limit = limit_for(priority, self.capacity);
-        let scanning = self.scanning && priority == Priority::Normal;
-        if scanning || commit <= self.scanned_through || self.queued() >= limit {
-            drop(held);
-            self.mark_stale(priority);
-            return false;
-        }
-        held.insert(due.key.delivery);
-        match priority {
-            Priority::Critical => self.critical.push_back(due),
-            Priority::Normal => self.normal.push_back(due),
-        }
-        true
-    }
-
-    /// Tops the window up with entries of `priorities` due at `now_ms`, in
-    /// that order. Critical work may overfill the window by one capacity:
-    /// it must never wait for normal work to drain first.
-    pub fn refill(
-        &mut self,
-        store: &Store,
-        now_ms: u64,
-        priorities: &[Priority],
-    ) -> Result<usize, StoreError> {
-        // The limit of the least urgent priority the refill takes.
-        let least = match priorities {
-            [Priority::Critical] => Priority::Critical,
-            _ => Priority::Normal,
-        };
-        let limit = limit_for(least, self.capacity);
-        let room = limit.saturating_sub(self.queued());
-        if room == 0 {
-            return Ok(0);
-        }
-        let held = self.held.clone();
-        let scan = {
-            let set = held.lock();
-            store.due(&self.partner, priorities, now_ms, room, &|id| {
-                set.contains(&id)
-            })?
-        };
-        Ok(self.merge(priorities, scan, store.visible_commit()))
-    }
-
-    /// Starts a refill of the normal range to run apart from the lane (it
-    /// reads and decodes up to half a window of events): `None` when the
-    /// window has no room. Until [`Window::merge`] takes its result, normal
-    /// hand-overs are left to the index; whatever marks the range stale
-    /// meanwhile (a refused hand-over, a retry come due) keeps it stale
-    /// after the merge.
-    pub fn scan_apart(&mut self, now_ms: u64) -> Option<Scan> {
-        let room = self.capacity.saturating_sub(self.queued());
+    /// Starts a scan of `priority`'s range due at `now_ms`, to run apart
+    /// from the lane: `None` when the window has no room for that priority.
+    pub fn scan(&mut self, priority: Priority, now_ms: u64) -> Option<Scan> {
+        let room = limit_for(priority, self.capacity).saturating_sub(self.queued());
         if room == 0 {
             return None;
         }
-        self.scanning = true;
-        self.stale[slot(Priority::Normal)] = false;
+        let range = &mut self.ranges[slot(priority)];
+        range.scanning = true;
+        range.stale = false;
         Some(Scan {
             partner: self.partner.clone(),
+            priority,
             now_ms,
             room,
             held: self.held.clone(),
         })
     }
 
-    /// Takes what a scan of `priorities` found, read up to the store's
-    /// visible commit `scanned_through`; how many it took. An entry taken
-    /// meanwhile (held already) is not taken twice.
-    pub fn merge(&mut self, priorities: &[Priority], scan: DueScan, scanned_through: u64) -> usize {
-        // What was marked stale while a scan apart ran stays stale.
-        let apart = self.scanning && priorities == [Priority::Normal].as_slice();
-        let marked = apart && self.stale[slot(Priority::Normal)];
-        self.scanning &= !apart;
-        // Scans apart and on the loop may end out of order: never lower it.
-        self.scanned_through = self.scanned_through.max(scanned_through);
-        for &p in priorities {
-            self.stale[slot(p)] = !scan.exhausted.contains(&p) || marked;
-        }
-        // A scan of both gives one earliest time for both: at worst the
-        // other priority is looked at once too early.
-        for &p in priorities {
-            self.next_due_ms[slot(p)] = scan.next_due_ms;
-        }
+    /// Takes what a scan of `priority` found; how many it took. An entry
+    /// taken meanwhile (held already) is not taken twice.
+    pub fn merge(&mut self, priority: Priority, scan: DueScan) -> usize {
+        let range = &mut self.ranges[slot(priority)];
+        range.scanning = false;
+        range.stale |= !scan.exhausted.contains(&priority);
+        range.next_due_ms = scan.next_due_ms;
         let mut taken = 0;
         let mut set = self.held.lock();
         for due in scan.found {
@@ -302,10 +246,11 @@ impl Window {
         taken
     }
 
-    /// A scan apart failed: its range is looked at again later.
-    pub fn scan_failed(&mut self) {
-        self.scanning = false;
-        self.mark_stale(Priority::Normal);
+    /// A scan of `priority` failed: its range is looked at again later.
+    pub fn scan_failed(&mut self, priority: Priority) {
+        let range = &mut self.ranges[slot(priority)];
+        range.scanning = false;
+        range.stale = true;
     }
 
     /// The next delivery to send: critical before normal.
@@ -386,187 +331,131 @@ mod tests {
         testing::event("lock-1", priority)
     }
 
-    /// Stores one event; its hand-over and commit number.
-    async fn accept(store: &Store, priority: Priority) -> (Due, u64) {
+    /// Stores one event; its delivery's id.
+    async fn accept(store: &Store, priority: Priority) -> Uuid {
         let mut accepted = store.enqueue(vec![event(priority)]).await.expect("enqueue");
         let a = accepted.pop().expect("one answer");
-        (a.scheduled.into_iter().next().expect("scheduled"), a.commit)
+        a.scheduled.first().expect("scheduled").delivery
+    }
+
+    /// A scan of `priority` run to its end, as the lane runs one apart.
+    fn scan_now(window: &mut Window, store: &Store, priority: Priority) -> usize {
+        let Some(scan) = window.scan(priority, 2_000) else {
+            return 0;
+        };
+        let found = scan.run(store).expect("scan");
+        window.merge(priority, found)
     }
 
     #[tokio::test]
-    async fn a_hand_over_is_taken_once_and_spares_a_scan() {
+    async fn a_scan_takes_each_delivery_once_and_reads_the_index_to_its_end() {
         let (_dir, store) = open();
         let held = Held::default();
-        let mut window = Window::new("acme", 4, held.clone(), false);
-        let (first, first_commit) = accept(&store, Priority::Normal).await;
+        let mut window = Window::new("acme", 4, held.clone());
+        let first = accept(&store, Priority::Normal).await;
         assert!(
             window.is_stale(Priority::Normal, 2_000),
             "nothing scanned yet"
         );
-
-        // The scan finds the first delivery before its hand-over arrives.
-        assert_eq!(
-            window.refill(&store, 2_000, &Priority::ALL).expect("scan"),
-            1
-        );
+        assert_eq!(scan_now(&mut window, &store, Priority::Normal), 1);
+        assert!(held.contains(first));
         assert!(
             !window.is_stale(Priority::Normal, 2_000),
             "the index was read to its end"
         );
-        assert!(window.offer(first, first_commit), "in the window already");
-        assert_eq!(window.queued(), 1, "taken by the scan: not taken twice");
-
-        // Written after the scan: taken from the hand-over, no scan needed.
-        let (second, second_commit) = accept(&store, Priority::Normal).await;
-        assert!(window.offer(second.clone(), second_commit));
+        // Scanned again with the first one in the window: not taken twice.
+        let second = accept(&store, Priority::Normal).await;
+        window.mark_stale(Priority::Normal);
+        assert_eq!(scan_now(&mut window, &store, Priority::Normal), 1);
         assert_eq!(window.queued(), 2);
-        assert!(held.contains(second.key.delivery));
-        assert!(!window.is_stale(Priority::Normal, 2_000));
-        assert!(second.event.is_some(), "the event travels with it");
+        assert!(held.contains(second));
+        let popped = window.pop().expect("due work");
+        assert_eq!(popped.key.delivery, first, "oldest first");
+        assert!(
+            popped.event.is_none() || popped.event(&store).is_ok(),
+            "the event is read with it or when sent"
+        );
     }
 
     #[tokio::test]
-    async fn a_scan_apart_leaves_normal_hand_overs_to_the_index_and_takes_nothing_twice() {
+    async fn a_write_while_a_scan_runs_keeps_its_range_stale_after_the_merge() {
         let (_dir, store) = open();
-        let held = Held::default();
-        let mut window = Window::new("acme", 4, held.clone(), false);
-        let (first, _) = accept(&store, Priority::Normal).await;
-        let scan = window.scan_apart(2_000).expect("room");
-        let (found, through) = scan.run(&store).expect("scan");
-        assert_eq!(found.found.len(), 1, "the scan reads the index");
-        assert_eq!(window.queued(), 0, "nothing is taken before the merge");
-
-        // Written while the scan ran: the scan may or may not have seen it.
-        let (second, second_commit) = accept(&store, Priority::Normal).await;
-        assert!(!window.offer(second, second_commit), "left to the index");
-        // A critical one is another range: it is taken as usual.
-        let (alert, alert_commit) = accept(&store, Priority::Critical).await;
-        assert!(window.offer(alert, alert_commit));
-
-        assert_eq!(window.merge(&[Priority::Normal], found, through), 1);
-        assert!(held.contains(first.key.delivery));
+        let mut window = Window::new("acme", 4, Held::default());
+        accept(&store, Priority::Normal).await;
+        let scan = window.scan(Priority::Normal, 2_000).expect("room");
+        assert!(window.look(2_000).scanning_normal);
+        let found = scan.run(&store).expect("scan");
+        // Written after the scan read the index: the scan did not see it.
+        accept(&store, Priority::Normal).await;
+        window.mark_stale(Priority::Normal);
+        assert_eq!(window.merge(Priority::Normal, found), 1);
         assert!(
             window.is_stale(Priority::Normal, 2_000),
-            "read to its end, but a hand-over was refused meanwhile"
+            "read to its end, but written to meanwhile"
         );
-
-        // A scan that found the first one before it was taken (as one that
-        // ran beside a hand-over would): the merge does not take it twice.
-        window.scan_apart(2_000).expect("room");
-        let blind = Scan {
-            partner: "acme".into(),
-            now_ms: 2_000,
-            room: 4,
-            held: Held::default(),
-        };
-        let (found, through) = blind.run(&store).expect("scan");
-        assert!(found
-            .found
-            .iter()
-            .any(|d| d.key.delivery == first.key.delivery));
-        assert_eq!(
-            window.merge(&[Priority::Normal], found, through),
-            1,
-            "only the second one"
-        );
-        assert_eq!(window.queued(), 3, "first, second and the alert, once each");
+        assert_eq!(scan_now(&mut window, &store, Priority::Normal), 1);
         assert!(!window.is_stale(Priority::Normal, 2_000));
+        assert_eq!(window.queued(), 2);
     }
 
     #[tokio::test]
-    async fn a_hand_over_a_scan_may_have_seen_is_left_to_the_index() {
+    async fn a_full_window_still_takes_a_second_capacity_of_critical_work() {
         let (_dir, store) = open();
-        let held = Held::default();
-        let mut window = Window::new("acme", 4, held.clone(), false);
-        let (due, commit) = accept(&store, Priority::Normal).await;
-        // A scan that found it, sent it, and saw it settled: not held any more.
-        window.refill(&store, 2_000, &Priority::ALL).expect("scan");
-        let taken = window.pop().expect("found by the scan");
-        window.unhold(&taken);
-        assert!(!window.offer(due, commit), "left to the index");
-        assert_eq!(window.queued(), 0, "an old hand-over is not trusted");
+        let mut window = Window::new("acme", 2, Held::default());
+        for _ in 0..3 {
+            accept(&store, Priority::Normal).await;
+        }
+        assert_eq!(scan_now(&mut window, &store, Priority::Normal), 2);
         assert!(
             window.is_stale(Priority::Normal, 2_000),
-            "the index decides"
+            "one left behind for lack of room"
         );
-    }
-
-    #[tokio::test]
-    async fn a_full_window_leaves_hand_overs_to_the_index() {
-        let (_dir, store) = open();
-        let mut window = Window::new("acme", 2, Held::default(), false);
-        window.refill(&store, 2_000, &Priority::ALL).expect("scan");
-        let mut taken = Vec::new();
-        for _ in 0..3 {
-            let (due, commit) = accept(&store, Priority::Normal).await;
-            taken.push(window.offer(due, commit));
-        }
-        assert_eq!(taken, [true, true, false], "no room for the third");
-        assert_eq!(window.queued(), 2, "capacity 2");
-        assert!(window.is_stale(Priority::Normal, 2_000));
-        assert!(!window.is_stale(Priority::Critical, 2_000));
-        // Critical work may take a second capacity.
-        let (due, commit) = accept(&store, Priority::Critical).await;
-        assert!(window.offer(due, commit));
-        assert_eq!(
-            window.pop().map(|d| d.key.priority),
-            Some(Priority::Critical)
-        );
-    }
-
-    #[tokio::test]
-    async fn a_critical_hand_over_a_scan_may_have_seen_says_so_and_a_critical_scan_finds_it() {
-        let (_dir, store) = open();
-        let mut window = Window::new("acme", 4, Held::default(), false);
-        // A window of normal work, far from low enough to refill.
-        for _ in 0..3 {
-            let (due, commit) = accept(&store, Priority::Normal).await;
-            assert!(window.offer(due, commit));
-        }
-        let (alert, commit) = accept(&store, Priority::Critical).await;
-        // A scan ran while the alert's group was being written: the window
-        // cannot tell whether it saw the alert, so the hand-over is refused.
-        window
-            .refill(&store, 2_000, &[Priority::Normal])
-            .expect("scan");
-        assert!(!window.offer(alert.clone(), commit), "left to the index");
-        assert!(!window.is_low(), "normal work would not refill for a while");
+        assert!(window.scan(Priority::Normal, 2_000).is_none(), "no room");
+        let alert = accept(&store, Priority::Critical).await;
+        window.mark_stale(Priority::Critical);
+        assert!(!window.is_low());
         assert!(window.lacks_critical(), "the lane must scan for it now");
-        // What the lane does on that answer: scan the critical range now.
-        window
-            .refill(&store, 2_000, &[Priority::Critical])
-            .expect("critical scan");
-        assert!(
-            !window.lacks_critical(),
-            "the critical range was read to its end"
-        );
-        let next = window.pop().expect("due work");
+        assert_eq!(scan_now(&mut window, &store, Priority::Critical), 1);
+        assert!(!window.lacks_critical());
         assert_eq!(
-            next.key.delivery, alert.key.delivery,
+            window.pop().map(|d| d.key.delivery),
+            Some(alert),
             "the alert goes first"
         );
     }
 
+    #[tokio::test]
+    async fn a_failed_scan_leaves_its_range_to_be_read_again() {
+        let (_dir, store) = open();
+        let mut window = Window::new("acme", 4, Held::default());
+        accept(&store, Priority::Normal).await;
+        let _lost = window.scan(Priority::Normal, 2_000).expect("room");
+        window.scan_failed(Priority::Normal);
+        let look = window.look(2_000);
+        assert!(!look.scanning_normal);
+        assert!(look.normal_stale);
+        assert_eq!(scan_now(&mut window, &store, Priority::Normal), 1);
+    }
+
     #[test]
-    fn the_plan_reads_critical_work_at_once_and_a_normal_backlog_apart() {
-        let nothing: &[Priority] = &[];
-        let critical: &[Priority] = &[Priority::Critical];
+    fn the_plan_reads_critical_work_at_once_and_normal_work_when_low() {
         // A full window with nothing missing: nothing to read.
-        assert_eq!(plan(Look::default()).refill, nothing);
-        // Full of normal work, but critical work was left to the index.
+        assert_eq!(plan(Look::default()), Plan::default());
+        // Full of normal work, but critical work was written.
         let full = Look {
             lacks_critical: true,
+            critical_stale: true,
             normal_stale: true,
             ..Look::default()
         };
         assert_eq!(
             plan(full),
             Plan {
-                refill: critical,
-                scan_apart: false
+                scan_critical: true,
+                scan_normal: false
             }
         );
-        // Low, normal work behind: read apart, once.
+        // Low, normal work behind.
         let low = Look {
             low: true,
             normal_stale: true,
@@ -575,50 +464,35 @@ mod tests {
         assert_eq!(
             plan(low),
             Plan {
-                refill: nothing,
-                scan_apart: true
+                scan_critical: false,
+                scan_normal: true
             }
         );
         let scanning = Look {
-            scanning_apart: true,
+            scanning_normal: true,
             ..low
         };
-        assert!(!plan(scanning).scan_apart, "one scan apart at a time");
-        // Low with critical work behind too: critical on the loop now.
+        assert!(!plan(scanning).scan_normal, "one scan per range at a time");
+        // Low with critical work behind too (a retry came due): both, critical first.
         let both = Look {
             critical_stale: true,
             ..low
         };
         assert_eq!(
-            plan(both),
-            Plan {
-                refill: critical,
-                scan_apart: true
-            }
+            plan(both).priorities().collect::<Vec<_>>(),
+            [Priority::Critical, Priority::Normal]
         );
-        // An ordered partner reads both ranges on the loop, never apart.
-        let ordered = Look {
-            ordered: true,
-            ..both
+        // Full, a critical retry due by time only: waits for the window to run low.
+        let retry_due = Look {
+            critical_stale: true,
+            ..Look::default()
         };
-        assert_eq!(
-            plan(ordered),
-            Plan {
-                refill: &Priority::ALL,
-                scan_apart: false
-            }
-        );
+        assert_eq!(plan(retry_due), Plan::default());
         // Low but nothing stale: nothing to read.
         let idle = Look {
             low: true,
             ..Look::default()
         };
-        assert_eq!(
-            plan(idle),
-            Plan {
-                refill: nothing,
-                scan_apart: false
-            }
-        );
+        assert_eq!(plan(idle), Plan::default());
     }
 }

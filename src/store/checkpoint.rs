@@ -32,21 +32,21 @@ pub struct Checkpoints {
 }
 
 impl Checkpoints {
-    /// Starts checkpointing the store's database whenever `visible_commit`
-    /// has moved on. It takes the database from `handle` for each
+    /// Starts checkpointing the store's database whenever the latest durable
+    /// commit has moved on. It takes the database from `handle` for each
     /// checkpoint only, so a reopen after a failed write is never kept
     /// waiting for sled's file lock.
     pub(super) fn start(
         handle: Handle,
-        visible_commit: Arc<AtomicU64>,
+        durable_commit: Arc<AtomicU64>,
     ) -> std::io::Result<Checkpoints> {
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("herald-checkpoint".into())
             .spawn(move || {
-                let mut checkpointed_at = visible_commit.load(Ordering::Acquire);
+                let mut checkpointed_at = durable_commit.load(Ordering::Acquire);
                 while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(INTERVAL) {
-                    let commit = visible_commit.load(Ordering::Acquire);
+                    let commit = durable_commit.load(Ordering::Acquire);
                     if commit == checkpointed_at {
                         continue;
                     }

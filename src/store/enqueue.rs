@@ -1,16 +1,14 @@
 //! The writer's `Enqueue` command: accepted events into pages, their first
 //! attempts into schedule chunks (or entries of their own), idempotency
-//! keys, and the hand-over of what became due.
+//! keys, and which lanes' ranges changed.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use uuid::Uuid;
 
-use super::chunk;
 use super::keys::{self, ScheduleKey};
 use super::writer::Pending;
-use super::{encode, Accepted, Due, StoreError};
+use super::{encode, Accepted, Scheduled, StoreError};
 use crate::model::{DeviceOrder, EventRecord, ScheduledDelivery};
 
 fn accepted(record: &EventRecord, duplicate: bool) -> Accepted {
@@ -23,7 +21,6 @@ fn accepted(record: &EventRecord, duplicate: bool) -> Accepted {
             .collect(),
         duplicate,
         scheduled: Vec::new(),
-        commit: 0,
     }
 }
 
@@ -70,7 +67,6 @@ pub(super) fn enqueue(
             Ok(event) => event,
         };
         let mut answer = accepted(&event, false);
-        answer.commit = p.commit_number();
         for d in &mut event.deliveries {
             p.moved(&d.partner, 1);
             let due_ms = d.next_due_ms.unwrap_or(event.received_ms);
@@ -80,11 +76,11 @@ pub(super) fn enqueue(
                     .chunks
                     .add(&d.partner, event.priority, due_ms, d.id, event.id);
                 d.chunk = Some(chunk);
-                let entry = chunk::entry(d.id, event.id, key.due_ms, chunk);
-                answer.scheduled.push(Due {
-                    key,
-                    entry,
-                    event: None,
+                answer.scheduled.push(Scheduled {
+                    partner: key.partner,
+                    priority: key.priority,
+                    delivery: d.id,
+                    event: event.id,
                 });
                 continue;
             }
@@ -118,20 +114,17 @@ pub(super) fn enqueue(
                 chunk: None,
             };
             p.put(key.encode(), encode(&entry));
-            answer.scheduled.push(Due {
-                key,
-                entry,
-                event: None,
+            answer.scheduled.push(Scheduled {
+                partner: key.partner,
+                priority: key.priority,
+                delivery: d.id,
+                event: event.id,
             });
         }
         if let Some(key) = &event.idempotency_key {
             p.put(keys::idempotency(key), event.id.as_bytes().to_vec());
         }
         p.pages.add(&event);
-        let event = Arc::new(event);
-        for due in &mut answer.scheduled {
-            due.event = Some(Arc::clone(&event));
-        }
         out.push(answer);
     }
     Ok(out)

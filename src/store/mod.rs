@@ -95,11 +95,19 @@ pub struct Accepted {
     pub deliveries: Vec<(String, Uuid)>,
     /// The idempotency key had been seen: this is the first event's answer.
     pub duplicate: bool,
-    /// The schedule entries this event created (none for a duplicate), for
-    /// handing straight to the lanes instead of having them scan for it.
-    pub scheduled: Vec<Due>,
-    /// The number of the group commit that made them durable.
-    pub commit: u64,
+    /// The schedule entries this event created (none for a duplicate):
+    /// which lanes to tell that their index changed.
+    pub scheduled: Vec<Scheduled>,
+}
+
+/// A delivery a write made due: the lane it belongs to reads it from the
+/// index (see `dispatch::Lane::due_written`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scheduled {
+    pub partner: String,
+    pub priority: Priority,
+    pub delivery: Uuid,
+    pub event: Uuid,
 }
 
 /// A lane's report of one attempt, and what should happen next.
@@ -127,14 +135,13 @@ pub enum Next {
 pub struct Due {
     pub key: ScheduleKey,
     pub entry: ScheduledDelivery,
-    /// The event as accepted, when the entry was handed over by ingest
-    /// (saves reading it back), or once read; `None` when it was found by a
-    /// scan and not read yet.
+    /// The event, once read (a scan reads a chunk's events together);
+    /// `None` until then.
     pub event: Option<Arc<EventRecord>>,
 }
 
 impl Due {
-    /// The event to build the request from: the one handed over, else the
+    /// The event to build the request from: the one read already, else the
     /// stored record.
     pub fn event(&self, store: &Store) -> Result<Option<Arc<EventRecord>>, StoreError> {
         match &self.event {
@@ -182,9 +189,8 @@ pub struct Store {
     /// Read through [`Store::db`]: the writer swaps it after a failed write.
     db: handle::Handle,
     commands: mpsc::Sender<Command>,
-    /// The number of the latest group commit whose writes readers may see
-    /// (set before the group is applied): see [`Store::visible_commit`].
-    visible: Arc<AtomicU64>,
+    /// The number of the latest durable group commit.
+    durable: Arc<AtomicU64>,
     depth: Arc<depth::Depth>,
     /// Stops the checkpoint thread when the last handle goes.
     _checkpoints: Arc<checkpoint::Checkpoints>,
@@ -240,9 +246,9 @@ impl Store {
         };
         let depth = Arc::new(depth::Depth::new(depths));
         let (commands, rx) = mpsc::channel(options.queue.max(1));
-        let visible = Arc::new(AtomicU64::new(0));
+        let durable = Arc::new(AtomicU64::new(0));
         let shared = writer::Shared {
-            visible: Arc::clone(&visible),
+            durable: Arc::clone(&durable),
             depth: Arc::clone(&depth),
         };
         let reopen = writer::Reopen {
@@ -253,7 +259,7 @@ impl Store {
         let handle = reopen.handle.clone();
         writer::spawn(db, reopen, watermark, last_event, shared, rx)
             .map_err(|e| open_err(format!("cannot start the writer: {e}")))?;
-        let checkpoints = checkpoint::Checkpoints::start(handle.clone(), Arc::clone(&visible))
+        let checkpoints = checkpoint::Checkpoints::start(handle.clone(), Arc::clone(&durable))
             .map_err(|e| open_err(format!("cannot start checkpoints: {e}")))?;
         // A restart's time to the first delivery starts with this.
         tracing::info!(
@@ -264,7 +270,7 @@ impl Store {
         Ok(Store {
             db: handle,
             commands,
-            visible,
+            durable,
             depth,
             _checkpoints: Arc::new(checkpoints),
         })
@@ -370,11 +376,10 @@ impl Store {
 
     // ---- reads: straight from sled ------------------------------------------
 
-    /// No read that ends now can have seen writes of a group commit numbered
-    /// above this one: a lane uses it to tell whether a delivery handed to
-    /// it may already have been found by its own scan of the index.
-    pub fn visible_commit(&self) -> u64 {
-        self.visible.load(Ordering::SeqCst)
+    /// The number of the latest durable group commit: it moves with every
+    /// write herald makes (what "herald is quiet" is told by).
+    pub fn durable_commit(&self) -> u64 {
+        self.durable.load(Ordering::Acquire)
     }
 
     /// The event with every delivery's current state.
@@ -990,9 +995,12 @@ mod tests {
             .enqueue((0..3).map(event).collect())
             .await
             .expect("enqueue");
-        let chunks: std::collections::HashSet<Uuid> = accepted
+        let due = store
+            .due("acme", &Priority::ALL, 2_000, 100, &|_| false)
+            .expect("scan");
+        let chunks: std::collections::HashSet<Uuid> = due
+            .found
             .iter()
-            .flat_map(|a| &a.scheduled)
             .filter_map(|d| d.entry.chunk.map(|c| c.id))
             .collect();
         assert_eq!(chunks.len(), 1, "one group, one chunk");

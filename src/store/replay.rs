@@ -12,14 +12,14 @@ use uuid::Uuid;
 
 use super::keys::{self, ScheduleKey};
 use super::writer::Pending;
-use super::{encode, Due, Home, Store, StoreError};
+use super::{encode, Home, Scheduled, Store, StoreError};
 use crate::model::{DeadLetter, DeliveryRecord, ScheduledDelivery};
 
 /// What one replay did.
 #[derive(Debug, Clone)]
 pub enum Replayed {
     /// Scheduled as a new delivery; the lane can take it straight away.
-    Scheduled(Box<Due>),
+    Scheduled(Scheduled),
     /// Replayed before, as this delivery.
     Already(Uuid),
     Missing,
@@ -91,11 +91,12 @@ fn replay(
     letter.replayed_as = Some(new_delivery);
     letter.replayed_ms = Some(now_ms);
     p.put(letter_key.to_vec(), encode(&letter));
-    Ok(Replayed::Scheduled(Box::new(Due {
-        key,
-        entry,
-        event: Some(std::sync::Arc::new(event)),
-    })))
+    Ok(Replayed::Scheduled(Scheduled {
+        partner: key.partner,
+        priority: key.priority,
+        delivery: new_delivery,
+        event: entry.event,
+    }))
 }
 
 /// Removes dead letter `id`; false if there was none.
@@ -108,13 +109,12 @@ pub(super) fn purge(p: &mut Pending<'_>, id: Uuid) -> Result<bool, StoreError> {
 
 impl Store {
     /// Replays each `(dead letter, new delivery id)` at `now_ms`, in one
-    /// durable group; with the commit that made them durable, for handing
-    /// the new deliveries to their lanes.
+    /// durable group.
     pub async fn replay(
         &self,
         ids: Vec<(Uuid, Uuid)>,
         now_ms: u64,
-    ) -> Result<(Vec<Replayed>, u64), StoreError> {
+    ) -> Result<Vec<Replayed>, StoreError> {
         self.call(|reply| super::writer::Command::Replay { ids, now_ms, reply })
             .await
     }

@@ -70,7 +70,7 @@ pub(super) enum Command {
     Replay {
         ids: Vec<(Uuid, Uuid)>,
         now_ms: u64,
-        reply: Reply<(Vec<super::replay::Replayed>, u64)>,
+        reply: Reply<Vec<super::replay::Replayed>>,
     },
     Purge {
         id: Uuid,
@@ -83,8 +83,9 @@ pub(super) enum Command {
 
 /// What the writer publishes for readers on other threads.
 pub(super) struct Shared {
-    /// See [`super::Store::visible_commit`].
-    pub visible: Arc<AtomicU64>,
+    /// The number of the latest durable group commit: the checkpoint
+    /// thread checkpoints when it moves.
+    pub durable: Arc<AtomicU64>,
     pub depth: Arc<Depth>,
 }
 
@@ -156,8 +157,8 @@ enum Answer {
         Result<super::links::LinkOutcome, StoreError>,
     ),
     Replay(
-        Reply<(Vec<super::replay::Replayed>, u64)>,
-        Result<(Vec<super::replay::Replayed>, u64), StoreError>,
+        Reply<Vec<super::replay::Replayed>>,
+        Result<Vec<super::replay::Replayed>, StoreError>,
     ),
     Purge(Reply<bool>, Result<bool, StoreError>),
     Shutdown(Reply<()>),
@@ -217,9 +218,8 @@ fn run(
                     answers.push(Answer::Link(reply, result));
                 }
                 Command::Replay { ids, now_ms, reply } => {
-                    let commit = pending.commit_number();
                     let done = super::replay::replay_all(&mut pending, ids, now_ms);
-                    answers.push(Answer::Replay(reply, Ok((done, commit))));
+                    answers.push(Answer::Replay(reply, Ok(done)));
                 }
                 Command::Purge { id, reply } => {
                     let result = super::replay::purge(&mut pending, id);
@@ -239,7 +239,7 @@ fn run(
         // Ids given to a group that then failed stay given: still rising.
         last_event = pending.pages.last();
         let number = pending.commit_number();
-        let durable = pending.commit(&db, &mut watermark, &shared.visible);
+        let durable = pending.commit(&db, &mut watermark, &shared.durable);
         let mut unsure = None;
         match durable {
             Ok(()) => shared.depth.set(depths),
@@ -608,7 +608,7 @@ impl<'a> Pending<'a> {
         self,
         db: &sled::Db,
         watermark: &mut Watermark,
-        visible: &AtomicU64,
+        durable: &AtomicU64,
     ) -> Result<(), StoreError> {
         let Pending {
             mut overlay,
@@ -631,12 +631,11 @@ impl<'a> Pending<'a> {
             }
         }
         batch.insert(keys::COMMITS, &watermark::encode(commit));
-        // Published before the writes can be seen, never after.
-        visible.fetch_max(commit, Ordering::SeqCst);
         db.apply_batch(batch)?;
         // Durable on return: herald's sled counts a log buffer stable only
         // once an fdatasync covers it (vendor/sled/HERALD.md).
         db.flush()?;
+        durable.fetch_max(commit, Ordering::Release);
         metrics::counter!("herald_store_fsyncs_total").increment(1);
         // The commit stands either way; a stale watermark only weakens the check.
         if let Err(e) = watermark.advance() {

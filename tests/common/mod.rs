@@ -453,7 +453,7 @@ impl TestHerald {
                 .lanes()
                 .map(|l| l.in_flight())
                 .sum();
-            (sent, in_flight, self.herald.store().visible_commit())
+            (sent, in_flight, self.herald.store().durable_commit())
         };
         let mut last = activity();
         let mut quiet = 0;
