@@ -455,13 +455,13 @@ impl Lane {
             return Vec::new();
         };
         // Kept on the entry: its send reads it again otherwise.
-        due.event = Some(Arc::clone(&first));
+        due.keep_event(Arc::clone(&first));
         window.take_matching(room, 2 * self.adapter.max_batch(), |d| {
             match d.event(&self.store) {
                 Ok(Some(event)) => {
                     let same = event.device_id == first.device_id;
                     // Read once: the send needs it too, whenever it goes.
-                    d.event = Some(event);
+                    d.keep_event(event);
                     same
                 }
                 _ => false,
@@ -523,14 +523,7 @@ impl Lane {
         while let Some(batch) = writing.next() {
             let settled: Vec<_> = batch
                 .iter()
-                .map(|o| {
-                    (
-                        o.key.delivery,
-                        o.key.priority,
-                        o.next.clone(),
-                        o.park.clone(),
-                    )
-                })
+                .map(|o| (o.delivery(), o.priority(), o.next.clone(), o.park.clone()))
                 .collect();
             let results = match self.store.record_all(batch).await {
                 Ok(results) => results,

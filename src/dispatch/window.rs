@@ -234,11 +234,11 @@ impl Window {
         let mut taken = 0;
         let mut set = self.held.lock();
         for due in scan.found {
-            if !set.insert(due.key.delivery) {
+            if !set.insert(due.delivery()) {
                 continue;
             }
             taken += 1;
-            match due.key.priority {
+            match due.priority() {
                 Priority::Critical => self.critical.push_back(due),
                 Priority::Normal => self.normal.push_back(due),
             }
@@ -263,7 +263,7 @@ impl Window {
     /// Puts a popped entry back at the head of its queue, still held (the
     /// breaker said wait).
     pub fn put_back(&mut self, due: Due) {
-        match due.key.priority {
+        match due.priority() {
             Priority::Critical => self.critical.push_front(due),
             Priority::Normal => self.normal.push_front(due),
         }
@@ -273,7 +273,7 @@ impl Window {
     /// breaker's probe (it stays held).
     pub fn take_untried(&mut self) -> Option<Due> {
         for queue in [&mut self.critical, &mut self.normal] {
-            if let Some(i) = queue.iter().position(|d| d.entry.attempts == 0) {
+            if let Some(i) = queue.iter().position(|d| d.attempts() == 0) {
                 return queue.remove(i);
             }
         }
@@ -310,7 +310,7 @@ impl Window {
 
     /// Gives an entry back unsent (shutdown): it stays on disk for next time.
     pub fn unhold(&mut self, due: &Due) {
-        self.held.release(due.key.delivery);
+        self.held.release(due.delivery());
     }
 }
 
@@ -370,10 +370,14 @@ mod tests {
         assert_eq!(window.queued(), 2);
         assert!(held.contains(second));
         let popped = window.pop().expect("due work");
-        assert_eq!(popped.key.delivery, first, "oldest first");
-        assert!(
-            popped.event.is_none() || popped.event(&store).is_ok(),
-            "the event is read with it or when sent"
+        assert_eq!(popped.delivery(), first, "oldest first");
+        assert_eq!(
+            popped
+                .event(&store)
+                .expect("read")
+                .map(|e| e.device_id.clone()),
+            Some("lock-1".to_string()),
+            "its event is read with it or when sent"
         );
     }
 
@@ -418,7 +422,7 @@ mod tests {
         assert_eq!(scan_now(&mut window, &store, Priority::Critical), 1);
         assert!(!window.lacks_critical());
         assert_eq!(
-            window.pop().map(|d| d.key.delivery),
+            window.pop().map(|d| d.delivery()),
             Some(alert),
             "the alert goes first"
         );

@@ -31,7 +31,7 @@ mod event_page;
 mod format;
 mod gather;
 mod handle;
-pub mod keys;
+pub(crate) mod keys;
 pub use replay::Replayed;
 mod links;
 pub use links::LinkOutcome;
@@ -110,11 +110,13 @@ pub struct Scheduled {
     pub event: Uuid,
 }
 
-/// A lane's report of one attempt, and what should happen next.
+/// A lane's report of one attempt, and what should happen next. It carries
+/// the claim it settles back to the store, which alone reads the claim's
+/// keys.
 #[derive(Debug, Clone)]
 pub struct Outcome {
-    pub key: ScheduleKey,
-    pub entry: ScheduledDelivery,
+    key: ScheduleKey,
+    entry: ScheduledDelivery,
     pub attempt: Attempt,
     pub next: Next,
     /// The answer said the route is gone: park it in the same write.
@@ -130,17 +132,64 @@ pub enum Next {
     Superseded(Uuid),
 }
 
-/// One due schedule entry, as a lane takes it.
+impl Outcome {
+    /// What the attempt on `claim` came to.
+    pub fn new(claim: Due, attempt: Attempt, next: Next, park: Option<Box<ParkedRoute>>) -> Self {
+        Outcome {
+            key: claim.key,
+            entry: claim.entry,
+            attempt,
+            next,
+            park,
+        }
+    }
+
+    pub fn delivery(&self) -> Uuid {
+        self.key.delivery
+    }
+
+    pub fn priority(&self) -> Priority {
+        self.key.priority
+    }
+}
+
+/// A claim on one due delivery, as the store hands it to a lane: opaque
+/// (what the store needs to find it again stays inside) and given back in
+/// the [`Outcome`] that settles it.
 #[derive(Debug, Clone)]
 pub struct Due {
-    pub key: ScheduleKey,
-    pub entry: ScheduledDelivery,
+    key: ScheduleKey,
+    entry: ScheduledDelivery,
     /// The event, once read (a scan reads a chunk's events together);
     /// `None` until then.
-    pub event: Option<Arc<EventRecord>>,
+    event: Option<Arc<EventRecord>>,
 }
 
 impl Due {
+    pub fn delivery(&self) -> Uuid {
+        self.key.delivery
+    }
+
+    pub fn priority(&self) -> Priority {
+        self.key.priority
+    }
+
+    /// Attempts made so far (0: never tried).
+    pub fn attempts(&self) -> u32 {
+        self.entry.attempts
+    }
+
+    /// When the delivery was created (a replay's is the replay's time):
+    /// where its retry window starts.
+    pub fn created_ms(&self) -> u64 {
+        self.entry.created_ms
+    }
+
+    /// Keeps the event read for it, so its send does not read it again.
+    pub fn keep_event(&mut self, event: Arc<EventRecord>) {
+        self.event = Some(event);
+    }
+
     /// The event to build the request from: the one read already, else the
     /// stored record.
     pub fn event(&self, store: &Store) -> Result<Option<Arc<EventRecord>>, StoreError> {

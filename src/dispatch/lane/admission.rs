@@ -78,7 +78,7 @@ impl Lane {
                 // A delivery that failed before may be one the partner
                 // refuses whatever its health: probe with one never tried,
                 // if the window holds one.
-                if due.entry.attempts > 0 {
+                if due.attempts() > 0 {
                     if let Some(untried) = window.take_untried() {
                         window.put_back(std::mem::replace(&mut due, untried));
                     }
@@ -111,7 +111,7 @@ impl Lane {
         let ticket = Ticket { permit, probe };
         // A delivery a newer state replaced goes nowhere: it needs no token.
         let replaced = self.partner.coalesce_state && self.is_replaced(&due);
-        match self.take_token(stop, due.key.priority, replaced).await {
+        match self.take_token(stop, due.priority(), replaced).await {
             Token::Taken => {}
             Token::Preempted => {
                 // A critical delivery arrived: it takes this token.

@@ -122,7 +122,7 @@ impl Lane {
 
     /// `due` ready to send, or already settled without a send.
     fn sendable(&self, due: Due, started_ms: u64) -> Result<Sendable, Box<Outcome>> {
-        let number = due.entry.attempts + 1;
+        let number = due.attempts() + 1;
         let unsent = |due, reason: &str| {
             Box::new(self.settle(due, number, started_ms, None, reason_only(reason)))
         };
@@ -131,24 +131,24 @@ impl Lane {
             Ok(None) => return Err(unsent(due, "the event record is missing")),
             Err(e) => return Err(unsent(due, &e.to_string())),
         };
-        if let Some(newer) = self.superseded_by(&event, due.key.delivery) {
+        if let Some(newer) = self.superseded_by(&event, due.delivery()) {
             metrics::counter!("herald_superseded_total", "partner" => self.partner.name.clone())
                 .increment(1);
-            return Err(Box::new(Outcome {
-                // Not kept: nothing was sent.
-                attempt: Attempt {
-                    number,
-                    at_ms: started_ms,
-                    status: None,
-                    latency_ms: 0,
-                    outcome: AttemptOutcome::Failed,
-                    detail: format!("superseded by {newer}"),
-                },
-                key: due.key,
-                entry: due.entry,
-                next: Next::Superseded(newer),
-                park: None,
-            }));
+            // Not kept: nothing was sent.
+            let attempt = Attempt {
+                number,
+                at_ms: started_ms,
+                status: None,
+                latency_ms: 0,
+                outcome: AttemptOutcome::Failed,
+                detail: format!("superseded by {newer}"),
+            };
+            return Err(Box::new(Outcome::new(
+                due,
+                attempt,
+                Next::Superseded(newer),
+                None,
+            )));
         }
         if let Some(route) = self.parked.get(&event.device_id) {
             let reason = format!(
@@ -300,7 +300,7 @@ impl Lane {
                         device_id: s.event.device_id.clone(),
                         reason: reason.clone(),
                         parked_ms: outcome.attempt.at_ms,
-                        delivery_id: outcome.key.delivery,
+                        delivery_id: outcome.delivery(),
                         event_id: s.event.id,
                     }));
                 }
@@ -312,11 +312,11 @@ impl Lane {
     /// Whether a newer state replaced this delivery (checked again when it
     /// is settled).
     pub(super) fn is_replaced(&self, due: &Due) -> bool {
-        if due.key.priority == Priority::Critical {
+        if due.priority() == Priority::Critical {
             return false;
         }
         match due.event(&self.store) {
-            Ok(Some(event)) => self.superseded_by(&event, due.key.delivery).is_some(),
+            Ok(Some(event)) => self.superseded_by(&event, due.delivery()).is_some(),
             _ => false,
         }
     }
@@ -350,7 +350,7 @@ impl Lane {
     ) -> Result<OutboundRequest, String> {
         let ids: Vec<(String, String)> = batch
             .iter()
-            .map(|s| (s.event.id.to_string(), s.due.key.delivery.to_string()))
+            .map(|s| (s.event.id.to_string(), s.due.delivery().to_string()))
             .collect();
         let now_unix = self.clock.now_ms() / 1000;
         let view = link.map(Prepared::view);
@@ -391,12 +391,12 @@ impl Lane {
     ) -> (AttemptOutcome, Next, String) {
         let policy = &self.partner.retry;
         match policy.next(
-            due.key.delivery,
+            due.delivery(),
             number,
-            due.entry.created_ms,
+            due.created_ms(),
             now_ms,
             after,
-            due.key.priority,
+            due.priority(),
         ) {
             retry::Next::RetryAt(at) => (AttemptOutcome::Retry, Next::RetryAt(at), reason),
             retry::Next::GiveUp(why) => (
@@ -439,21 +439,16 @@ impl Lane {
         metrics::counter!("herald_attempts_total", "partner" => self.partner.name.clone(), "outcome" => outcome_label(outcome))
             .increment(1);
         if let Next::Dead(reason) = &next {
-            tracing::warn!(partner = %self.partner.name, delivery = %due.key.delivery, attempts = number, %reason, "dead letter");
+            tracing::warn!(partner = %self.partner.name, delivery = %due.delivery(), attempts = number, %reason, "dead letter");
         }
-        Outcome {
-            attempt: Attempt {
-                number,
-                at_ms: started_ms,
-                status,
-                latency_ms: now_ms.saturating_sub(started_ms),
-                outcome,
-                detail,
-            },
-            key: due.key,
-            entry: due.entry,
-            next,
-            park: None,
-        }
+        let attempt = Attempt {
+            number,
+            at_ms: started_ms,
+            status,
+            latency_ms: now_ms.saturating_sub(started_ms),
+            outcome,
+            detail,
+        };
+        Outcome::new(due, attempt, next, None)
     }
 }
