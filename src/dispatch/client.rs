@@ -402,6 +402,18 @@ mod exchange_tests {
         }
     }
 
+    /// Posts to `url` through the client that may (or may not) reach
+    /// private addresses, on the real clock, with a 5 s timeout.
+    async fn post_through(clients: &Clients, allow_private: bool, url: String) -> Sent {
+        exchange(
+            clients.for_partner(allow_private),
+            post(url),
+            Duration::from_secs(5),
+            &Clock::system(),
+        )
+        .await
+    }
+
     fn header<'a>(headers: &'a [(String, String)], name: &str) -> &'a str {
         headers
             .iter()
@@ -414,13 +426,7 @@ mod exchange_tests {
     async fn an_answer_keeps_its_status_headers_and_the_head_of_its_body() {
         let addr = partner().await;
         let clients = Clients::new().expect("clients");
-        let sent = exchange(
-            clients.for_partner(true),
-            post(format!("http://{addr}/hook")),
-            Duration::from_secs(5),
-            &Clock::system(),
-        )
-        .await;
+        let sent = post_through(&clients, true, format!("http://{addr}/hook")).await;
         let Sent::Http {
             status,
             headers,
@@ -445,13 +451,7 @@ mod exchange_tests {
         let addr = partner().await;
         let clients = Clients::new().expect("clients");
         let url = format!("http://localhost:{}/hook", addr.port());
-        let sent = exchange(
-            clients.for_partner(false),
-            post(url.clone()),
-            Duration::from_secs(5),
-            &Clock::system(),
-        )
-        .await;
+        let sent = post_through(&clients, false, url.clone()).await;
         match sent {
             Sent::Refused(e) => assert!(
                 e.contains(
@@ -462,13 +462,7 @@ mod exchange_tests {
             _ => panic!("localhost was dialled"),
         }
         // The same name through the client that may reach private ranges.
-        let sent = exchange(
-            clients.for_partner(true),
-            post(url),
-            Duration::from_secs(5),
-            &Clock::system(),
-        )
-        .await;
+        let sent = post_through(&clients, true, url).await;
         assert_eq!(sent.status(), Some(503));
     }
 
@@ -478,13 +472,7 @@ mod exchange_tests {
         let clients = Clients::new().expect("clients");
         for host in ["127.0.0.1", "[::ffff:127.0.0.1]", "[::127.0.0.1]"] {
             let url = format!("http://{host}:{}/hook", addr.port());
-            let sent = exchange(
-                clients.for_partner(false),
-                post(url.clone()),
-                Duration::from_secs(5),
-                &Clock::system(),
-            )
-            .await;
+            let sent = post_through(&clients, false, url.clone()).await;
             match sent {
                 Sent::Refused(e) => assert!(
                     e.starts_with("not sent: the outbound address policy refuses ")
@@ -496,11 +484,10 @@ mod exchange_tests {
             }
         }
         // The partner is there: the client that may reach loopback gets its answer.
-        let sent = exchange(
-            clients.for_partner(true),
-            post(format!("http://[::ffff:127.0.0.1]:{}/hook", addr.port())),
-            Duration::from_secs(5),
-            &Clock::system(),
+        let sent = post_through(
+            &clients,
+            true,
+            format!("http://[::ffff:127.0.0.1]:{}/hook", addr.port()),
         )
         .await;
         assert_eq!(sent.status(), Some(503));

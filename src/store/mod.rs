@@ -1497,6 +1497,18 @@ mod tests {
         assert!(store.event(again[0].id).expect("read").is_some());
     }
 
+    /// The queue depth of `acme` as its record on disk says.
+    fn depth_on_disk(store: &Store) -> Option<u64> {
+        let on_disk = store
+            .db()
+            .expect("open")
+            .get(keys::depth("acme"))
+            .expect("read")?;
+        Some(u64::from_be_bytes(
+            on_disk.as_ref().try_into().expect("8 bytes"),
+        ))
+    }
+
     #[tokio::test]
     async fn queue_depth_commits_with_the_schedule_and_is_read_back_at_open() {
         let (dir, store) = open();
@@ -1507,12 +1519,7 @@ mod tests {
         let due = due_now(&store);
         deliver(&store, &due[0]).await;
         assert_eq!(store.queued("acme"), 2);
-        let on_disk = store
-            .db()
-            .expect("open")
-            .get(keys::depth("acme"))
-            .expect("read");
-        assert_eq!(on_disk.as_deref(), Some(&2u64.to_be_bytes()[..]));
+        assert_eq!(depth_on_disk(&store), Some(2));
         store.shutdown().await.expect("shutdown");
         drop(store);
 
@@ -1546,12 +1553,7 @@ mod tests {
             .get(keys::DEPTH_KEPT)
             .expect("read")
             .is_some());
-        let on_disk = store
-            .db()
-            .expect("open")
-            .get(keys::depth("acme"))
-            .expect("read");
-        assert_eq!(on_disk.as_deref(), Some(&2u64.to_be_bytes()[..]));
+        assert_eq!(depth_on_disk(&store), Some(2));
 
         // An unreadable depth of a partner with nothing queued is counted
         // over once and gone, not read (and counted again) at every open.
