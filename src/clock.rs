@@ -7,18 +7,14 @@
 //! the rate limiter reads nanoseconds from the same source.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
-use uuid::{ContextV7, Timestamp, Uuid};
 
 #[derive(Clone)]
 pub struct Clock {
     source: Arc<Source>,
-    /// Orders the ids this clock stamps within one millisecond; shared by
-    /// every copy of the clock.
-    ids: Arc<Mutex<ContextV7>>,
 }
 
 enum Source {
@@ -58,7 +54,6 @@ impl Clock {
     fn from_source(source: Source) -> Clock {
         Clock {
             source: Arc::new(source),
-            ids: Arc::new(Mutex::new(ContextV7::new())),
         }
     }
 
@@ -75,22 +70,6 @@ impl Clock {
     /// Unix milliseconds.
     pub fn now_ms(&self) -> u64 {
         self.now_nanos() / 1_000_000
-    }
-
-    /// A new UUIDv7 stamped with this clock's time, so ids sort by it, and
-    /// above every id this clock made before (a counter in the random bits
-    /// orders those of one millisecond). Events are stored in pages keyed by
-    /// these ids, which must rise from commit to commit (the store's writer
-    /// moves the rare one that does not, see `store::event_page`); delivery
-    /// and chunk ids sorting in order keeps sled's leaves full too
-    /// (vendor/sled/HERALD.md).
-    pub fn new_id(&self) -> Uuid {
-        let nanos = self.now_nanos();
-        Uuid::new_v7(Timestamp::from_unix(
-            &*self.ids,
-            nanos / 1_000_000_000,
-            (nanos % 1_000_000_000) as u32,
-        ))
     }
 
     pub fn now_system_time(&self) -> SystemTime {
@@ -169,29 +148,6 @@ mod tests {
     #[test]
     fn formats_times_as_rfc3339() {
         assert_eq!(rfc3339(1_764_050_400_000), "2025-11-25T06:00:00Z");
-    }
-
-    #[test]
-    fn ids_of_one_millisecond_sort_in_creation_order_and_carry_its_time() {
-        let clock = Clock::manual(1_764_050_400_000);
-        let copy = clock.clone();
-        let ids: Vec<Uuid> = (0..1_000)
-            .map(|i| {
-                if i % 2 == 0 {
-                    clock.new_id()
-                } else {
-                    copy.new_id()
-                }
-            })
-            .collect();
-        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids out of order");
-        let (secs, nanos) = ids[999].get_timestamp().expect("v7").to_unix();
-        assert_eq!(
-            secs * 1_000 + u64::from(nanos) / 1_000_000,
-            1_764_050_400_000
-        );
-        clock.advance(Duration::from_millis(1));
-        assert!(clock.new_id() > ids[999]);
     }
 
     #[tokio::test]

@@ -52,6 +52,8 @@ impl Priority {
 /// An accepted event with the state of each of its deliveries.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EventRecord {
+    /// Given by the store's writer when it accepts the event (whatever a
+    /// caller put here is replaced), rising in the order events are stored.
     pub id: Uuid,
     pub device_id: String,
     #[serde(rename = "type")]
@@ -79,6 +81,7 @@ impl EventRecord {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeliveryRecord {
+    /// Given by the store's writer, like the event's.
     pub id: Uuid,
     pub partner: String,
     pub state: DeliveryState,

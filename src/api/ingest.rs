@@ -396,7 +396,8 @@ fn validate(state: &AppState, e: IncomingEvent, now_ms: u64) -> Result<EventReco
         _ => None,
     };
     Ok(EventRecord {
-        id: state.clock.new_id(),
+        // The store's writer gives the event and its deliveries their ids.
+        id: uuid::Uuid::nil(),
         device_id: e.device_id,
         event_type: e.event_type,
         priority: e.priority,
@@ -413,7 +414,7 @@ fn validate(state: &AppState, e: IncomingEvent, now_ms: u64) -> Result<EventReco
                     coalesce: state_key
                         .clone()
                         .filter(|_| config.is_some_and(|p| p.coalesce_state)),
-                    ..DeliveryRecord::pending(state.clock.new_id(), partner, now_ms)
+                    ..DeliveryRecord::pending(uuid::Uuid::nil(), partner, now_ms)
                 }
             })
             .collect(),

@@ -38,10 +38,9 @@ fn write_failed(e: StoreError) -> Problem {
 
 /// Replays `ids` and hands the new deliveries to their lanes.
 async fn replay(state: &AppState, ids: &[Uuid]) -> Result<Vec<Replayed>, Problem> {
-    let pairs = ids.iter().map(|&id| (id, state.clock.new_id())).collect();
     let done = state
         .store
-        .replay(pairs, state.clock.now_ms())
+        .replay(ids.to_vec(), state.clock.now_ms())
         .await
         .map_err(write_failed)?;
     let scheduled: Vec<_> = done

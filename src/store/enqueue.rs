@@ -51,7 +51,10 @@ pub(super) fn enqueue(
                 }
             }
         }
-        event.id = p.pages.assign(event.id);
+        event.id = p.pages.assign(p.new_id(event.received_ms));
+        for d in &mut event.deliveries {
+            d.id = p.new_id(event.received_ms);
+        }
         if let Some(key) = &event.idempotency_key {
             seen_in_request.insert(key.clone(), accepted(&event, true));
         }

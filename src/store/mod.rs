@@ -31,6 +31,7 @@ mod event_page;
 mod format;
 mod gather;
 mod handle;
+mod ids;
 pub(crate) mod keys;
 pub use replay::Replayed;
 mod links;
@@ -1574,14 +1575,20 @@ mod tests {
     #[tokio::test]
     async fn after_a_restart_new_events_still_sort_after_every_stored_page() {
         let (dir, store) = open();
-        // As if the wall clock stepped back across the restart: ingest's id
-        // for the later event sorts below the stored one.
-        let behind = event(1);
-        let stored = store.enqueue(vec![event(2)]).await.expect("enqueue");
+        // As if the wall clock stepped back across the restart: the later
+        // event was received at an earlier time than the stored one.
+        let ahead = EventRecord {
+            received_ms: 2_000_000,
+            ..event(2)
+        };
+        let behind = EventRecord {
+            received_ms: 1_000_000,
+            ..event(1)
+        };
+        let stored = store.enqueue(vec![ahead]).await.expect("enqueue");
         store.shutdown().await.expect("shutdown");
         drop(store);
         let store = testing::reopen(&dir);
-        assert!(behind.id < stored[0].id);
         let later = store.enqueue(vec![behind]).await.expect("enqueue");
         assert!(later[0].id > stored[0].id);
         for id in [stored[0].id, later[0].id] {

@@ -1,8 +1,6 @@
 //! The writer's `Record` command: one send's outcome (delivered, retry at
 //! T, dead letter, superseded, parked) written back, all of it or none.
 
-use uuid::Uuid;
-
 use super::chunk;
 use super::keys::{self, ScheduleKey};
 use super::writer::Pending;
@@ -109,6 +107,7 @@ pub(super) fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreE
         return Ok(());
     }
     delivery.attempts = attempt.number;
+    let attempted_ms = attempt.at_ms;
     delivery.last_attempt = Some(attempt);
     match next {
         // Handled above, without touching the event record.
@@ -128,7 +127,7 @@ pub(super) fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreE
             p.put(log_key.to_vec(), encode(&log));
         }
         Next::Dead(reason) => {
-            let dead_id = Uuid::now_v7();
+            let dead_id = p.new_id(attempted_ms);
             delivery.state = DeliveryState::Dead;
             delivery.next_due_ms = None;
             delivery.dead_letter = Some(dead_id);

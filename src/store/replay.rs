@@ -27,18 +27,14 @@ pub enum Replayed {
     Failed(String),
 }
 
-/// Replays each `(dead letter, new delivery)`, due at `now_ms`, in order (a
+/// Replays each dead letter as a new delivery due at `now_ms`, in order (a
 /// later one sees an earlier one's writes to a shared event). One that
 /// cannot be read is reported as failed and the others still go: every read
 /// of a replay comes before its writes, so a failure leaves nothing of it.
-pub(super) fn replay_all(
-    p: &mut Pending<'_>,
-    ids: Vec<(Uuid, Uuid)>,
-    now_ms: u64,
-) -> Vec<Replayed> {
+pub(super) fn replay_all(p: &mut Pending<'_>, ids: Vec<Uuid>, now_ms: u64) -> Vec<Replayed> {
     ids.into_iter()
-        .map(|(id, new)| {
-            replay(p, id, new, now_ms).unwrap_or_else(|e| {
+        .map(|id| {
+            replay(p, id, now_ms).unwrap_or_else(|e| {
                 tracing::error!(dead_letter = %id, error = %e, "cannot replay a dead letter");
                 Replayed::Failed(e.to_string())
             })
@@ -46,13 +42,8 @@ pub(super) fn replay_all(
         .collect()
 }
 
-/// Replays dead letter `id` as delivery `new_delivery`, due at `now_ms`.
-fn replay(
-    p: &mut Pending<'_>,
-    id: Uuid,
-    new_delivery: Uuid,
-    now_ms: u64,
-) -> Result<Replayed, StoreError> {
+/// Replays dead letter `id` as a new delivery, due at `now_ms`.
+fn replay(p: &mut Pending<'_>, id: Uuid, now_ms: u64) -> Result<Replayed, StoreError> {
     let letter_key = keys::dead_letter(id);
     let Some(mut letter) = p.get_json::<DeadLetter>(&letter_key)? else {
         return Ok(Replayed::Missing);
@@ -60,6 +51,7 @@ fn replay(
     if let Some(already) = letter.replayed_as {
         return Ok(Replayed::Already(already));
     }
+    let new_delivery = p.new_id(now_ms);
     let (mut event, home) = match p.event(letter.event.id)? {
         Some(found) => found,
         // Collected by retention: the letter kept a copy, stored alone now.
@@ -108,13 +100,9 @@ pub(super) fn purge(p: &mut Pending<'_>, id: Uuid) -> Result<bool, StoreError> {
 }
 
 impl Store {
-    /// Replays each `(dead letter, new delivery id)` at `now_ms`, in one
+    /// Replays each dead letter as a new delivery due at `now_ms`, in one
     /// durable group.
-    pub async fn replay(
-        &self,
-        ids: Vec<(Uuid, Uuid)>,
-        now_ms: u64,
-    ) -> Result<Vec<Replayed>, StoreError> {
+    pub async fn replay(&self, ids: Vec<Uuid>, now_ms: u64) -> Result<Vec<Replayed>, StoreError> {
         self.call(|reply| super::writer::Command::Replay { ids, now_ms, reply })
             .await
     }

@@ -68,7 +68,7 @@ pub(super) enum Command {
         reply: Reply<super::links::LinkOutcome>,
     },
     Replay {
-        ids: Vec<(Uuid, Uuid)>,
+        ids: Vec<Uuid>,
         now_ms: u64,
         reply: Reply<Vec<super::replay::Replayed>>,
     },
@@ -176,9 +176,12 @@ fn run(
         mut db,
         mut watermark,
     } = opened;
+    // The writer alone gives out ids (events, deliveries, dead letters):
+    // they rise in the order it writes them.
+    let ids = super::ids::Ids::new();
     while let Some(group) = gatherer.next(&mut rx) {
         let started = Instant::now();
-        let mut pending = Pending::new(&db, watermark.next(), last_event);
+        let mut pending = Pending::new(&db, watermark.next(), last_event, &ids);
         let mut answers = Vec::with_capacity(group.len());
         let mut stop = false;
         let size = group.len();
@@ -440,10 +443,12 @@ pub(super) struct Pending<'a> {
     /// The next device-queue sequence number: the commit number in the
     /// high bits, so it keeps rising across groups and restarts.
     next_seq: u64,
+    /// Where this group's ids come from (see [`Pending::new_id`]).
+    ids: &'a super::ids::Ids,
 }
 
 impl<'a> Pending<'a> {
-    fn new(db: &'a sled::Db, commit: u64, last_event: Uuid) -> Self {
+    fn new(db: &'a sled::Db, commit: u64, last_event: Uuid, ids: &'a super::ids::Ids) -> Self {
         Pending {
             db,
             overlay: HashMap::new(),
@@ -453,7 +458,15 @@ impl<'a> Pending<'a> {
             undo: None,
             commit,
             next_seq: commit << 24,
+            ids,
         }
+    }
+
+    /// A new id stamped `at_ms` for an event, delivery or dead letter
+    /// this group writes (see `store::ids`). Event ids go through
+    /// `pages.assign` too, which keeps them rising across restarts.
+    pub(super) fn new_id(&self, at_ms: u64) -> Uuid {
+        self.ids.at(at_ms)
     }
 
     /// The number this group commits as.
