@@ -57,7 +57,7 @@ impl Clock {
         }
     }
 
-    pub fn now_nanos(&self) -> u64 {
+    pub(crate) fn now_nanos(&self) -> u64 {
         match &*self.source {
             Source::System {
                 origin,
@@ -72,7 +72,7 @@ impl Clock {
         self.now_nanos() / 1_000_000
     }
 
-    pub fn now_system_time(&self) -> SystemTime {
+    pub(crate) fn now_system_time(&self) -> SystemTime {
         UNIX_EPOCH + Duration::from_nanos(self.now_nanos())
     }
 
@@ -87,12 +87,12 @@ impl Clock {
     }
 
     /// Waits until the clock reads `deadline_ms` (unix milliseconds) or later.
-    pub async fn sleep_until_ms(&self, deadline_ms: u64) {
+    pub(crate) async fn sleep_until_ms(&self, deadline_ms: u64) {
         let deadline_nanos = deadline_ms.saturating_mul(1_000_000);
         self.sleep_until_nanos(deadline_nanos).await
     }
 
-    pub async fn sleep(&self, d: Duration) {
+    pub(crate) async fn sleep(&self, d: Duration) {
         let deadline = self.now_nanos().saturating_add(d.as_nanos() as u64);
         self.sleep_until_nanos(deadline).await
     }

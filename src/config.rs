@@ -16,7 +16,7 @@ use crate::dispatch::breaker::BreakerPolicy;
 use crate::dispatch::retry::RetryPolicy;
 
 /// herald's settings with no `--config`: loopback only, data in `./herald-data`.
-pub const EMBEDDED_DEFAULT: &str = r#"
+pub(crate) const EMBEDDED_DEFAULT: &str = r#"
 [server]
 listen = "127.0.0.1:8080"
 data_dir = "./herald-data"
@@ -151,13 +151,13 @@ pub struct KeepAlive {
 
 impl KeepAlive {
     /// How old a refresh token may grow before herald refreshes it.
-    pub fn refresh_at_age(&self) -> Duration {
+    pub(crate) fn refresh_at_age(&self) -> Duration {
         self.lifetime.saturating_sub(self.ahead)
     }
 }
 
 impl PartnerConfig {
-    pub fn subscribes_to(&self, event_type: &str) -> bool {
+    pub(crate) fn subscribes_to(&self, event_type: &str) -> bool {
         self.subscribe
             .iter()
             .any(|pattern| match pattern.strip_suffix('*') {
@@ -907,7 +907,7 @@ fn keep_alive(
 
 /// `text` as an http(s) URL a partner may be sent to: an IP literal (or
 /// `localhost`) only where the outbound address policy allows it. The error names `key`.
-pub fn check_url(key: &str, text: &str, allow_private: bool) -> Result<(), ConfigError> {
+pub(crate) fn check_url(key: &str, text: &str, allow_private: bool) -> Result<(), ConfigError> {
     let url = url::Url::parse(text)
         .map_err(|e| ConfigError::new(key, format!("{text:?} is not a URL ({e})")))?;
     if url.scheme() != "https" && url.scheme() != "http" {

@@ -30,10 +30,10 @@ use crate::store::Store;
 /// How often the free space is read. At a few hundred MB/s of writes this
 /// lets ingest overshoot the limit by tens of MB at most: far less than
 /// any sensible `min_free_disk`.
-pub const CHECK_EVERY: Duration = Duration::from_millis(250);
+pub(crate) const CHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// What a refused ingest request is told to wait before trying again.
-pub const RETRY_AFTER_SECS: u64 = 5;
+pub(crate) const RETRY_AFTER_SECS: u64 = 5;
 
 /// A size in the config: bytes, or a share of the filesystem's size.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -45,7 +45,7 @@ pub enum Limit {
 
 impl Limit {
     /// `"256MiB"`, `"1 GB"`, `"0"` or `"5%"`; the error says what is wrong.
-    pub fn parse(text: &str) -> Result<Limit, String> {
+    pub(crate) fn parse(text: &str) -> Result<Limit, String> {
         let trimmed = text.trim();
         let example = "a size like \"256MiB\" or a share of the filesystem like \"5%\"";
         if let Some(number) = trimmed.strip_suffix('%') {
@@ -79,14 +79,14 @@ impl Limit {
     }
 
     /// The limit in bytes on a filesystem of `total` bytes.
-    pub fn bytes_of(self, total: u64) -> u64 {
+    pub(crate) fn bytes_of(self, total: u64) -> u64 {
         match self {
             Limit::Bytes(n) => n,
             Limit::Percent(p) => (total as f64 * p / 100.0) as u64,
         }
     }
 
-    pub fn is_zero(self) -> bool {
+    pub(crate) fn is_zero(self) -> bool {
         match self {
             Limit::Bytes(n) => n == 0,
             Limit::Percent(p) => p == 0.0,
@@ -95,7 +95,7 @@ impl Limit {
 
     /// Whether this limit is certainly not below `other`, whatever the
     /// filesystem's size (`None`: it depends on the size).
-    pub fn at_least(self, other: Limit) -> Option<bool> {
+    pub(crate) fn at_least(self, other: Limit) -> Option<bool> {
         match (self, other) {
             (Limit::Bytes(a), Limit::Bytes(b)) => Some(a >= b),
             (Limit::Percent(a), Limit::Percent(b)) => Some(a >= b),
@@ -132,7 +132,7 @@ impl Default for DiskPolicy {
 
 /// The policy in bytes, for one filesystem.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Thresholds {
+pub(crate) struct Thresholds {
     /// Under this, normal events are refused (0: never).
     pub min_free: u64,
     /// Under this, every event is refused.
@@ -143,7 +143,7 @@ pub struct Thresholds {
 
 impl Thresholds {
     /// `policy` on a filesystem of `total` bytes; the error names the key.
-    pub fn resolve(policy: DiskPolicy, total: u64) -> Result<Thresholds, String> {
+    pub(crate) fn resolve(policy: DiskPolicy, total: u64) -> Result<Thresholds, String> {
         let min_free = policy.min_free.bytes_of(total);
         if min_free > 0 && min_free >= total {
             return Err(format!(
@@ -176,7 +176,7 @@ impl Thresholds {
 
 /// Which events ingest takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Intake {
+pub(crate) enum Intake {
     All,
     /// Free space is under `min_free_disk`: critical events only.
     CriticalOnly,
@@ -205,7 +205,7 @@ impl Intake {
 /// What ingest takes with `free` bytes free, having taken `was` until now:
 /// it gets stricter as soon as the free space drops under a threshold, and
 /// lifts a restriction only once the space is `margin` above it.
-pub fn decide(was: Intake, free: u64, t: &Thresholds) -> Intake {
+pub(crate) fn decide(was: Intake, free: u64, t: &Thresholds) -> Intake {
     if t.min_free == 0 {
         return Intake::All;
     }
@@ -274,7 +274,7 @@ pub fn measure(dir: &Path) -> Result<Space, String> {
 
 /// The bytes the files under `dir` take on disk (allocated blocks: sled's
 /// log file may be sparse).
-pub fn used_by(dir: &Path) -> u64 {
+pub(crate) fn used_by(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
@@ -290,7 +290,7 @@ pub fn used_by(dir: &Path) -> u64 {
 }
 
 /// The data dir's free space as ingest sees it, kept current by [`DiskWatch::run`].
-pub struct DiskWatch {
+pub(crate) struct DiskWatch {
     dir: PathBuf,
     thresholds: Thresholds,
     intake: AtomicU8,
@@ -301,7 +301,7 @@ impl DiskWatch {
     /// Reads the filesystem of `dir` once and resolves `policy` on it.
     /// `dir` need not exist yet (a first start): its filesystem is the one
     /// of the nearest directory above it that does.
-    pub fn new(dir: &Path, policy: DiskPolicy) -> Result<Arc<DiskWatch>, String> {
+    pub(crate) fn new(dir: &Path, policy: DiskPolicy) -> Result<Arc<DiskWatch>, String> {
         let existing = dir.ancestors().find(|p| p.is_dir()).unwrap_or(dir);
         let space = measure(existing)?;
         let thresholds = Thresholds::resolve(policy, space.total)?;
@@ -316,12 +316,12 @@ impl DiskWatch {
         Ok(watch)
     }
 
-    pub fn intake(&self) -> Intake {
+    pub(crate) fn intake(&self) -> Intake {
         Intake::from_u8(self.intake.load(Ordering::Acquire))
     }
 
     /// Reads the free space now and moves the intake with it.
-    pub fn check(&self) {
+    pub(crate) fn check(&self) {
         match measure(&self.dir) {
             Ok(space) => self.apply(space),
             Err(e) => tracing::warn!(error = %e, "keeping the last reading of the disk"),
@@ -360,7 +360,7 @@ impl DiskWatch {
 
     /// Why ingest does not take a request now, or `None` when it does;
     /// `all_critical`: every event in it is critical.
-    pub fn refusal(&self, all_critical: bool) -> Option<String> {
+    pub(crate) fn refusal(&self, all_critical: bool) -> Option<String> {
         let t = &self.thresholds;
         let free = ByteSize(self.free.load(Ordering::Acquire));
         match self.intake() {
@@ -383,7 +383,7 @@ impl DiskWatch {
     }
 
     /// What `/readyz` says while ingest refuses normal events.
-    pub fn not_ready(&self) -> Option<String> {
+    pub(crate) fn not_ready(&self) -> Option<String> {
         let why = self.refusal(false)?;
         Some(match self.intake() {
             Intake::CriticalOnly => format!("disk low: {why}"),
@@ -393,7 +393,7 @@ impl DiskWatch {
 
     /// Reads the free space every [`CHECK_EVERY`], and at once after a
     /// store write failed. Runs until aborted.
-    pub async fn run(self: Arc<Self>, store: Store) {
+    pub(crate) async fn run(self: Arc<Self>, store: Store) {
         let mut tick = tokio::time::interval(CHECK_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

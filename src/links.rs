@@ -29,7 +29,7 @@ use crate::model::{StoredGrant, StoredLink};
 use crate::store::{Store, StoreError};
 
 /// The environment variable holding the link key when the config names none.
-pub const DEFAULT_KEY_ENV: &str = "HERALD_LINK_KEY";
+pub(crate) const DEFAULT_KEY_ENV: &str = "HERALD_LINK_KEY";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -59,7 +59,7 @@ impl fmt::Debug for LinkKey {
 
 impl LinkKey {
     /// From the base64 text of 32 bytes; the error says what is wrong.
-    pub fn from_base64(text: &str) -> Result<LinkKey, String> {
+    pub(crate) fn from_base64(text: &str) -> Result<LinkKey, String> {
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(text.trim())
             .map_err(|e| format!("is not base64 ({e})"))?;
@@ -149,7 +149,7 @@ impl fmt::Debug for Link {
 
 impl Link {
     /// What an adapter sees, with the link's own access token.
-    pub fn view(&self) -> LinkView<'_> {
+    pub(crate) fn view(&self) -> LinkView<'_> {
         let r = &self.record;
         LinkView {
             external_id: &r.external_id,
@@ -163,24 +163,24 @@ impl Link {
     }
 
     /// The id of the grant whose credentials this link presents.
-    pub fn grant(&self) -> String {
+    pub(crate) fn grant(&self) -> String {
         self.record.grant()
     }
 }
 
 /// A link as stored, with its grant: what a view shows, no secret opened.
 #[derive(Debug, Clone)]
-pub struct StoredView {
+pub(crate) struct StoredView {
     pub link: StoredLink,
     pub grant: Option<StoredGrant>,
 }
 
 impl StoredView {
-    pub fn has_credentials(&self) -> bool {
+    pub(crate) fn has_credentials(&self) -> bool {
         self.grant.is_some() || self.link.sealed_credentials.is_some()
     }
 
-    pub fn expires_at_unix(&self) -> Option<u64> {
+    pub(crate) fn expires_at_unix(&self) -> Option<u64> {
         match &self.grant {
             Some(grant) => grant.expires_at_unix,
             None => self.link.expires_at_unix,
@@ -190,7 +190,7 @@ impl StoredView {
 
 /// What a `PUT` of a link did.
 #[derive(Debug)]
-pub struct PutOutcome {
+pub(crate) struct PutOutcome {
     pub created: bool,
     /// The devices whose parked routes are cleared: the link's, and with
     /// new credentials every other link of its grant.
@@ -223,7 +223,7 @@ impl Links {
     }
 
     /// The stored form, for views: no secrets to open.
-    pub fn get_stored(
+    pub(crate) fn get_stored(
         &self,
         partner: &str,
         device_id: &str,
@@ -237,7 +237,7 @@ impl Links {
 
     /// Up to `limit` of `partner`'s links after device `after`, stored
     /// form (see [`Store::links_page`]).
-    pub fn page_stored(
+    pub(crate) fn page_stored(
         &self,
         partner: &str,
         after: Option<&str>,
@@ -252,7 +252,7 @@ impl Links {
     }
 
     /// Up to `limit` of `partner`'s grants after grant `after`.
-    pub fn grants_page(
+    pub(crate) fn grants_page(
         &self,
         partner: &str,
         after: Option<&str>,
@@ -263,7 +263,7 @@ impl Links {
 
     /// One link that uses `grant`, opened: what a refresh of the grant
     /// is built from when no delivery asks for it.
-    pub fn a_link_of(&self, partner: &str, grant: &str) -> Result<Option<Link>, LinkError> {
+    pub(crate) fn a_link_of(&self, partner: &str, grant: &str) -> Result<Option<Link>, LinkError> {
         for device_id in self.store.grant_links(partner, grant, 1)? {
             if let Some(link) = self.get(partner, &device_id)? {
                 return Ok(Some(link));
@@ -274,7 +274,7 @@ impl Links {
 
     /// Creates or replaces a link and, when it carries credentials, its
     /// grant's (for every link of the grant). Durable when it returns.
-    pub async fn put(&self, link: Link) -> Result<PutOutcome, LinkError> {
+    pub(crate) async fn put(&self, link: Link) -> Result<PutOutcome, LinkError> {
         let now_ms = self.clock.now_ms();
         let grant = match &link.credentials {
             None => None,
@@ -298,7 +298,7 @@ impl Links {
     }
 
     /// Removes a link (and its grant, with the grant's last link).
-    pub async fn delete(&self, partner: &str, device_id: &str) -> Result<bool, LinkError> {
+    pub(crate) async fn delete(&self, partner: &str, device_id: &str) -> Result<bool, LinkError> {
         Ok(self.store.delete_link(partner, device_id).await?)
     }
 
@@ -307,7 +307,11 @@ impl Links {
     /// token the platform did not rotate is kept, with its age. Durable
     /// before it returns, because a rotated refresh token may be the only
     /// one that still works.
-    pub async fn rotate(&self, refreshed: &Link, fresh: Credentials) -> Result<bool, LinkError> {
+    pub(crate) async fn rotate(
+        &self,
+        refreshed: &Link,
+        fresh: Credentials,
+    ) -> Result<bool, LinkError> {
         let kept = refreshed
             .credentials
             .as_ref()
@@ -337,7 +341,7 @@ impl Links {
     /// single-use refresh token is worth nothing). Without the key, or if
     /// any link's credentials cannot be opened, nothing moves: those links
     /// keep their own credentials and this runs again at the next start.
-    pub async fn adopt_grants(&self) -> Result<(), LinkError> {
+    pub(crate) async fn adopt_grants(&self) -> Result<(), LinkError> {
         if self.store.grants_kept()? {
             return Ok(());
         }

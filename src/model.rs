@@ -23,9 +23,9 @@ pub enum Priority {
 }
 
 impl Priority {
-    pub const ALL: [Priority; 2] = [Priority::Critical, Priority::Normal];
+    pub(crate) const ALL: [Priority; 2] = [Priority::Critical, Priority::Normal];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Priority::Critical => "critical",
             Priority::Normal => "normal",
@@ -33,14 +33,14 @@ impl Priority {
     }
 
     /// Its byte in the schedule key: critical sorts first.
-    pub fn rank(self) -> u8 {
+    pub(crate) fn rank(self) -> u8 {
         match self {
             Priority::Critical => 0,
             Priority::Normal => 1,
         }
     }
 
-    pub fn from_rank(rank: u8) -> Option<Priority> {
+    pub(crate) fn from_rank(rank: u8) -> Option<Priority> {
         match rank {
             0 => Some(Priority::Critical),
             1 => Some(Priority::Normal),
@@ -74,7 +74,7 @@ impl EventRecord {
             .all(|d| d.state != DeliveryState::Pending)
     }
 
-    pub fn delivery_mut(&mut self, id: Uuid) -> Option<&mut DeliveryRecord> {
+    pub(crate) fn delivery_mut(&mut self, id: Uuid) -> Option<&mut DeliveryRecord> {
         self.deliveries.iter_mut().find(|d| d.id == id)
     }
 }
@@ -115,7 +115,7 @@ pub struct DeliveryRecord {
 
 impl DeliveryRecord {
     /// A new delivery to `partner`, due at `due_ms`, not tried yet.
-    pub fn pending(id: Uuid, partner: String, due_ms: u64) -> DeliveryRecord {
+    pub(crate) fn pending(id: Uuid, partner: String, due_ms: u64) -> DeliveryRecord {
         DeliveryRecord {
             id,
             partner,
@@ -132,7 +132,7 @@ impl DeliveryRecord {
     }
 
     /// `attempt` delivered it.
-    pub fn mark_delivered(&mut self, attempt: Attempt) {
+    pub(crate) fn mark_delivered(&mut self, attempt: Attempt) {
         self.state = DeliveryState::Delivered;
         self.next_due_ms = None;
         self.attempts = attempt.number;
@@ -191,10 +191,10 @@ pub struct AttemptLog {
 }
 
 impl AttemptLog {
-    pub const HEAD: usize = 20;
-    pub const TAIL: usize = 100;
+    pub(crate) const HEAD: usize = 20;
+    pub(crate) const TAIL: usize = 100;
 
-    pub fn push(&mut self, attempt: Attempt) {
+    pub(crate) fn push(&mut self, attempt: Attempt) {
         if self.attempts.len() == Self::HEAD + Self::TAIL {
             self.attempts.remove(Self::HEAD);
             self.omitted += 1;
@@ -226,7 +226,7 @@ pub struct DeadLetter {
 /// it (or the link is put again), deliveries on it become dead letters
 /// with this reason instead of being sent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ParkedRoute {
+pub(crate) struct ParkedRoute {
     pub partner: String,
     pub device_id: String,
     pub reason: String,
@@ -272,7 +272,7 @@ pub struct StoredLink {
 impl StoredLink {
     /// The grant whose credentials this link presents: `account/<account>`,
     /// or `device/<device_id>` for a grant of its own when it names no account.
-    pub fn grant(&self) -> String {
+    pub(crate) fn grant(&self) -> String {
         match &self.account {
             Some(account) => format!("account/{account}"),
             None => format!("device/{}", self.device_id),
@@ -281,7 +281,7 @@ impl StoredLink {
 
     /// The record with no credentials of its own: how every link is
     /// written now that credentials live in grants.
-    pub fn without_own_credentials(self) -> StoredLink {
+    pub(crate) fn without_own_credentials(self) -> StoredLink {
         StoredLink {
             sealed_credentials: None,
             expires_at_unix: None,
@@ -292,7 +292,7 @@ impl StoredLink {
 
     /// When the refresh token in `sealed_credentials` was obtained, as well
     /// as herald knows.
-    pub fn refresh_obtained_ms(&self) -> u64 {
+    pub(crate) fn refresh_obtained_ms(&self) -> u64 {
         self.refresh_obtained_ms.unwrap_or(self.updated_ms)
     }
 }
@@ -302,7 +302,7 @@ impl StoredLink {
 /// Platforms issue tokens per user, and a single-use refresh token spent
 /// by one link would otherwise strand every other copy.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StoredGrant {
+pub(crate) struct StoredGrant {
     pub partner: String,
     /// See [`StoredLink::grant`].
     pub grant: String,
@@ -322,7 +322,7 @@ pub struct StoredGrant {
 
 /// The value of a schedule entry: what a lane needs to make the next attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ScheduledDelivery {
+pub(crate) struct ScheduledDelivery {
     pub delivery: Uuid,
     pub event: Uuid,
     /// Sends made before this one.
@@ -348,7 +348,7 @@ pub struct ChunkRef {
 
 /// A delivery's place in the queue of one device at one partner.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceOrder {
+pub(crate) struct DeviceOrder {
     pub device: String,
     /// Rises with every delivery the store accepts: the order of arrival.
     pub seq: u64,

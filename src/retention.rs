@@ -11,7 +11,7 @@ use crate::store::Store;
 /// Events looked at per writer request: keeps each group short.
 const BUDGET: usize = 5_000;
 
-pub async fn run(store: Store, clock: Clock, retention: Duration) {
+pub(crate) async fn run(store: Store, clock: Clock, retention: Duration) {
     let every = (retention / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
     loop {
         clock.sleep(every).await;

@@ -21,7 +21,7 @@ use crate::sync::lock;
 
 /// What on-call sees while the condition holds.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct AlertView {
+pub(crate) struct AlertView {
     /// The platform's latest answer that raised it.
     pub reason: String,
     /// When the first such answer came (RFC 3339).
@@ -45,7 +45,7 @@ pub struct PartnerAlert {
 }
 
 impl PartnerAlert {
-    pub fn new(partner: &str) -> PartnerAlert {
+    pub(crate) fn new(partner: &str) -> PartnerAlert {
         metrics::gauge!("herald_partner_misconfigured", "partner" => partner.to_string()).set(0.0);
         PartnerAlert {
             partner: partner.to_string(),
@@ -55,7 +55,7 @@ impl PartnerAlert {
     }
 
     /// A delivery got a misconfiguration answer at `now_ms`.
-    pub fn raise(&self, reason: &str, now_ms: u64) {
+    pub(crate) fn raise(&self, reason: &str, now_ms: u64) {
         metrics::counter!("herald_partner_misconfigured_total", "partner" => self.partner.clone())
             .increment(1);
         let mut raised = lock(&self.raised);
@@ -80,7 +80,7 @@ impl PartnerAlert {
     }
 
     /// A delivery was taken: whatever was wrong is fixed.
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         if !self.is_raised.load(Ordering::Acquire) {
             return;
         }
@@ -94,7 +94,7 @@ impl PartnerAlert {
         }
     }
 
-    pub fn view(&self) -> Option<AlertView> {
+    pub(crate) fn view(&self) -> Option<AlertView> {
         lock(&self.raised).as_ref().map(|held| AlertView {
             reason: held.reason.clone(),
             since: rfc3339(held.since_ms),

@@ -68,7 +68,7 @@ pub struct BreakerPolicy {
 
 /// What one send said about the partner's health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Health {
+pub(crate) enum Health {
     Up,
     Down,
     /// 429, or no send happened: says nothing either way.
@@ -77,7 +77,7 @@ pub enum Health {
 
 impl Health {
     /// `None` for a timeout or a connection error.
-    pub fn of(status: Option<u16>) -> Health {
+    pub(crate) fn of(status: Option<u16>) -> Health {
         match status {
             None | Some(408) => Health::Down,
             Some(429) => Health::Unknown,
@@ -89,7 +89,7 @@ impl Health {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum State {
+pub(crate) enum State {
     Closed,
     Open,
     HalfOpen,
@@ -97,7 +97,7 @@ pub enum State {
 
 /// One send's answer, as the breaker weighs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Answer {
+pub(crate) struct Answer {
     pub health: Health,
     /// When the send went out (ms).
     pub sent_ms: u64,
@@ -107,7 +107,7 @@ pub struct Answer {
 
 /// Whether the lane may send now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admit {
+pub(crate) enum Admit {
     Send,
     /// The one send allowed while half-open.
     Probe,
@@ -134,7 +134,7 @@ pub struct Breaker {
 
 /// A change of state, for the log and the metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Transition {
+pub(crate) struct Transition {
     pub from: State,
     pub to: State,
     /// While open: how long until the next probe.
@@ -142,7 +142,7 @@ pub struct Transition {
 }
 
 impl Breaker {
-    pub fn new(policy: BreakerPolicy) -> Breaker {
+    pub(crate) fn new(policy: BreakerPolicy) -> Breaker {
         Breaker {
             inner: Mutex::new(Inner {
                 state: State::Closed,
@@ -155,18 +155,18 @@ impl Breaker {
         }
     }
 
-    pub fn state(&self) -> State {
+    pub(crate) fn state(&self) -> State {
         self.lock().state
     }
 
     /// While open: when the next probe may go (ms).
-    pub fn next_probe_ms(&self) -> Option<u64> {
+    pub(crate) fn next_probe_ms(&self) -> Option<u64> {
         let inner = self.lock();
         (inner.state == State::Open).then_some(inner.open_until_ms)
     }
 
     /// Asked before each send.
-    pub fn admit(&self, now_ms: u64) -> (Admit, Option<Transition>) {
+    pub(crate) fn admit(&self, now_ms: u64) -> (Admit, Option<Transition>) {
         let mut inner = self.lock();
         match inner.state {
             State::Closed => (Admit::Send, None),
@@ -188,7 +188,7 @@ impl Breaker {
 
     /// A probe that could not go out after all (the lane stopped): let the
     /// next admit send one.
-    pub fn probe_abandoned(&self) {
+    pub(crate) fn probe_abandoned(&self) {
         let mut inner = self.lock();
         if inner.state == State::HalfOpen {
             inner.state = State::Open;
@@ -197,7 +197,7 @@ impl Breaker {
 
     /// Told after each send with what it said about the partner; `probe`:
     /// this was the send [`Admit::Probe`] allowed.
-    pub fn record(&self, answer: Answer, now_ms: u64, probe: bool) -> Option<Transition> {
+    pub(crate) fn record(&self, answer: Answer, now_ms: u64, probe: bool) -> Option<Transition> {
         let mut inner = self.lock();
         let from = inner.state;
         match (answer.health, from) {

@@ -40,18 +40,18 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One pooled client; cloning shares its connections.
 #[derive(Clone)]
-pub struct Client(hyper_util::client::legacy::Client<Connector, Full<Bytes>>);
+pub(crate) struct Client(hyper_util::client::legacy::Client<Connector, Full<Bytes>>);
 
 /// The two clients: one for partners allowed to reach private ranges.
 #[derive(Clone)]
-pub struct Clients {
+pub(crate) struct Clients {
     public_only: Client,
     any: Client,
 }
 
 impl Clients {
     /// Fails only when the platform's certificate verifier cannot start.
-    pub fn new() -> Result<Clients, rustls::Error> {
+    pub(crate) fn new() -> Result<Clients, rustls::Error> {
         install_crypto_provider();
         Ok(Clients {
             public_only: Client::new(false)?,
@@ -59,7 +59,7 @@ impl Clients {
         })
     }
 
-    pub fn for_partner(&self, allow_private: bool) -> &Client {
+    pub(crate) fn for_partner(&self, allow_private: bool) -> &Client {
         if allow_private {
             &self.any
         } else {
@@ -186,7 +186,7 @@ impl tower_service::Service<Name> for Resolver {
 }
 
 /// What came back, owned, so the adapter can borrow it.
-pub enum Sent {
+pub(crate) enum Sent {
     Http {
         status: u16,
         headers: Vec<(String, String)>,
@@ -199,7 +199,7 @@ pub enum Sent {
 }
 
 impl Sent {
-    pub fn as_answer(&self) -> Answer<'_> {
+    pub(crate) fn as_answer(&self) -> Answer<'_> {
         match self {
             Sent::Http {
                 status,
@@ -216,14 +216,14 @@ impl Sent {
     }
 
     /// Why nothing was sent, when the policy refused the address.
-    pub fn refusal(&self) -> Option<&str> {
+    pub(crate) fn refusal(&self) -> Option<&str> {
         match self {
             Sent::Refused(reason) => Some(reason),
             _ => None,
         }
     }
 
-    pub fn status(&self) -> Option<u16> {
+    pub(crate) fn status(&self) -> Option<u16> {
         match self {
             Sent::Http { status, .. } => Some(*status),
             _ => None,
@@ -233,7 +233,7 @@ impl Sent {
 
 /// Sends `request` and reads the answer, giving up after `timeout` on
 /// herald's clock.
-pub async fn exchange(
+pub(crate) async fn exchange(
     client: &Client,
     request: OutboundRequest,
     timeout: Duration,

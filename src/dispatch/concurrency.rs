@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 
 /// From the partner's config: the bounds the limit moves in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AimdPolicy {
+pub(crate) struct AimdPolicy {
     pub min: usize,
     pub max: usize,
 }
@@ -35,7 +35,7 @@ const RISE: f64 = 1.1;
 const MEMORY: usize = 32;
 
 #[derive(Debug, Clone)]
-pub struct Aimd {
+pub(crate) struct Aimd {
     policy: AimdPolicy,
     limit: usize,
     /// The last windows' mean latencies; the baseline is their minimum.
@@ -53,7 +53,7 @@ pub struct Aimd {
 }
 
 impl Aimd {
-    pub fn new(policy: AimdPolicy, now_ms: u64) -> Aimd {
+    pub(crate) fn new(policy: AimdPolicy, now_ms: u64) -> Aimd {
         let min = policy.min.max(1);
         Aimd {
             policy: AimdPolicy {
@@ -71,12 +71,12 @@ impl Aimd {
         }
     }
 
-    pub fn limit(&self) -> usize {
+    pub(crate) fn limit(&self) -> usize {
         self.limit
     }
 
     /// Told after each send goes out, with the sends now in flight.
-    pub fn sent(&mut self, in_flight: usize) {
+    pub(crate) fn sent(&mut self, in_flight: usize) {
         if in_flight >= self.limit {
             self.limited = true;
         }
@@ -84,7 +84,12 @@ impl Aimd {
 
     /// Told after each answer (or timeout) to a send made at `sent_ms`.
     /// Returns the new limit when it changed.
-    pub fn answered(&mut self, sent_ms: u64, back_pressure: bool, now_ms: u64) -> Option<usize> {
+    pub(crate) fn answered(
+        &mut self,
+        sent_ms: u64,
+        back_pressure: bool,
+        now_ms: u64,
+    ) -> Option<usize> {
         if sent_ms < self.changed_ms {
             return None;
         }

@@ -108,7 +108,7 @@ pub struct LaneStats {
 const KEEP_ALIVE_MAX_INTERVAL: Duration = Duration::from_secs(3600);
 
 impl Lane {
-    pub fn new(
+    pub(crate) fn new(
         partner: PartnerConfig,
         adapter: Box<dyn Adapter>,
         client: super::client::Client,
@@ -173,7 +173,7 @@ impl Lane {
     /// lane scans all of it in a second, when a store being opened again
     /// after a failed write is likely back (a scan that fails is tried
     /// again each second).
-    pub fn rescan_soon(&self) {
+    pub(crate) fn rescan_soon(&self) {
         let at = self.clock.now_ms() + 1_000;
         self.retry_at.fetch_min(at, Ordering::AcqRel);
         self.critical_retry_at.fetch_min(at, Ordering::AcqRel);
@@ -183,7 +183,7 @@ impl Lane {
     /// Work of `priority` was made durable in the index: the lane reads
     /// that range before trusting its window again (at once for critical
     /// work; when the window runs low for normal work).
-    pub fn due_written(&self, priority: Priority) {
+    pub(crate) fn due_written(&self, priority: Priority) {
         self.written[slot(priority)].store(true, Ordering::Release);
         if priority == Priority::Critical {
             // A normal send waiting for a token gives the token up to it.
@@ -194,7 +194,7 @@ impl Lane {
 
     /// Clears a parked route: deliveries to the device are sent again.
     /// False if it was not parked.
-    pub async fn unpark(&self, device_id: &str) -> Result<bool, crate::store::StoreError> {
+    pub(crate) async fn unpark(&self, device_id: &str) -> Result<bool, crate::store::StoreError> {
         let found = self.store.unpark(&self.partner.name, device_id).await?;
         self.parked.remove(device_id);
         metrics::gauge!("herald_parked_routes", "partner" => self.partner.name.clone())
@@ -204,7 +204,7 @@ impl Lane {
 
     /// The device's link was put again: its parked route (already cleared
     /// in the store by the same write) is cleared here too.
-    pub fn relinked(&self, device_id: &str) {
+    pub(crate) fn relinked(&self, device_id: &str) {
         self.parked.remove(device_id);
         metrics::gauge!("herald_parked_routes", "partner" => self.partner.name.clone())
             .set(self.parked.len() as f64);
@@ -212,7 +212,7 @@ impl Lane {
 
     /// Whether `link` has what this partner's adapter needs (see
     /// [`Adapter::check_link`]).
-    pub fn check_link(&self, link: &crate::links::Link) -> Result<(), adapters::SetupError> {
+    pub(crate) fn check_link(&self, link: &crate::links::Link) -> Result<(), adapters::SetupError> {
         self.adapter.check_link(&link.view())
     }
 
@@ -221,7 +221,7 @@ impl Lane {
     }
 
     /// How many sends may be in flight now: learned, or `max_in_flight`.
-    pub fn concurrency_limit(&self) -> usize {
+    pub(crate) fn concurrency_limit(&self) -> usize {
         match &self.adaptive {
             Some(aimd) => lock(aimd).limit(),
             None => self.partner.max_in_flight,
@@ -262,7 +262,7 @@ impl Lane {
     /// The partner's keep-alive: every `interval` on herald's clock, the
     /// links whose refresh token nears its lifetime are refreshed, each
     /// refresh taking one of the partner's rate-limit tokens like a send.
-    pub async fn keep_alive(self: Arc<Self>, stop: CancellationToken) {
+    pub(crate) async fn keep_alive(self: Arc<Self>, stop: CancellationToken) {
         let Some(keep_alive) = self.partner.keep_alive else {
             return;
         };
@@ -293,7 +293,7 @@ impl Lane {
 
     /// Takes due work and sends it until `stop`; sends run on `tracker` so
     /// shutdown can wait for them, and are dropped when `abandon` fires.
-    pub async fn run(
+    pub(crate) async fn run(
         self: Arc<Self>,
         stop: CancellationToken,
         abandon: CancellationToken,

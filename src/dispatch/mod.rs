@@ -6,15 +6,15 @@
 //! again. Shutdown: stop taking work, let sends in flight finish within the
 //! grace period, and leave everything else in the index for the next start.
 
-pub mod alert;
-pub mod breaker;
+pub(crate) mod alert;
+pub(crate) mod breaker;
 pub mod client;
-pub mod concurrency;
-pub mod lane;
-pub mod parked;
+pub(crate) mod concurrency;
+pub(crate) mod lane;
+pub(crate) mod parked;
 pub mod retry;
-pub mod tokens;
-pub mod window;
+pub(crate) mod tokens;
+pub(crate) mod window;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -38,7 +38,7 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub fn start(
+    pub(crate) fn start(
         config: &Config,
         store: Store,
         links: Links,
@@ -86,13 +86,13 @@ impl Dispatcher {
     }
 
     /// Every lane scans its whole schedule soon (see [`Lane::rescan_soon`]).
-    pub fn rescan_soon(&self) {
+    pub(crate) fn rescan_soon(&self) {
         self.lanes.values().for_each(|lane| lane.rescan_soon());
     }
 
     /// Tells the lanes of freshly durable deliveries that their index
     /// ranges changed (see [`Lane::due_written`]).
-    pub fn due_written(&self, scheduled: &[crate::store::Scheduled]) {
+    pub(crate) fn due_written(&self, scheduled: &[crate::store::Scheduled]) {
         for s in scheduled {
             match self.lanes.get(&s.partner) {
                 Some(lane) => lane.due_written(s.priority),
@@ -114,7 +114,7 @@ impl Dispatcher {
     /// Stops taking work and waits up to `grace` for sends in flight. Sends
     /// still running after that are dropped; their deliveries stay
     /// scheduled and go out again after restart.
-    pub async fn shutdown(&self, grace: Duration) {
+    pub(crate) async fn shutdown(&self, grace: Duration) {
         self.stop.cancel();
         self.loops.wait().await;
         self.sends.close();

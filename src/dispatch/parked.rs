@@ -20,7 +20,7 @@ pub struct Parked {
 
 impl Parked {
     /// What the store holds for `partner`.
-    pub fn load(store: &Store, partner: &str) -> Result<Parked, StoreError> {
+    pub(crate) fn load(store: &Store, partner: &str) -> Result<Parked, StoreError> {
         let routes = store
             .parked(partner)?
             .into_iter()
@@ -31,32 +31,28 @@ impl Parked {
         })
     }
 
-    pub fn get(&self, device_id: &str) -> Option<ParkedRoute> {
+    pub(crate) fn get(&self, device_id: &str) -> Option<ParkedRoute> {
         self.lock().get(device_id).cloned()
     }
 
     /// Called once the store has the route parked.
-    pub fn insert(&self, route: ParkedRoute) {
+    pub(crate) fn insert(&self, route: ParkedRoute) {
         self.lock().insert(route.device_id.clone(), route);
     }
 
-    pub fn remove(&self, device_id: &str) {
+    pub(crate) fn remove(&self, device_id: &str) {
         self.lock().remove(device_id);
     }
 
     /// Oldest first.
-    pub fn list(&self) -> Vec<ParkedRoute> {
+    pub(crate) fn list(&self) -> Vec<ParkedRoute> {
         let mut all: Vec<ParkedRoute> = self.lock().values().cloned().collect();
         all.sort_by(|a, b| (a.parked_ms, &a.device_id).cmp(&(b.parked_ms, &b.device_id)));
         all
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, ParkedRoute>> {

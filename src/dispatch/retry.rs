@@ -42,7 +42,7 @@ impl Default for RetryPolicy {
 
 /// What happens after a failed attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Next {
+pub(crate) enum Next {
     RetryAt(u64),
     GiveUp(String),
 }
@@ -70,7 +70,7 @@ impl RetryPolicy {
     /// Decides the next step after a failed send made at `now_ms`. A
     /// critical delivery ends only by its own max age: a safety alert is
     /// never given up on for having been tried often.
-    pub fn next(
+    pub(crate) fn next(
         &self,
         id: Uuid,
         failures: u32,

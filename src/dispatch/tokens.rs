@@ -33,14 +33,14 @@ const KEEP_ALIVE_PAGE: usize = 256;
 
 /// A link ready for a send: the link and the access token to present.
 #[derive(Debug, Clone)]
-pub struct Prepared {
+pub(crate) struct Prepared {
     pub link: Link,
     token: Option<String>,
 }
 
 impl Prepared {
     /// What the adapter sees: the link with the token to use.
-    pub fn view(&self) -> LinkView<'_> {
+    pub(crate) fn view(&self) -> LinkView<'_> {
         LinkView {
             access_token: self.token.as_deref(),
             ..self.link.view()
@@ -48,7 +48,7 @@ impl Prepared {
     }
 }
 
-pub struct Tokens {
+pub(crate) struct Tokens {
     partner: String,
     links: Links,
     client: super::client::Client,
@@ -69,7 +69,7 @@ struct PartnerToken {
 }
 
 impl Tokens {
-    pub fn new(
+    pub(crate) fn new(
         partner: &str,
         links: Links,
         client: super::client::Client,
@@ -91,7 +91,7 @@ impl Tokens {
     /// `device_id`'s link with a token good for a send now, renewing one
     /// that is about to expire; `None` when the device has no link here.
     /// The error is the verdict for the delivery (retry, park, permanent).
-    pub async fn prepare(
+    pub(crate) async fn prepare(
         &self,
         adapter: &dyn Adapter,
         device_id: &str,
@@ -125,7 +125,11 @@ impl Tokens {
     /// After the platform refused `used`'s token: the same link with a
     /// renewed token. Only the first of many callers refreshes; the others
     /// get its result.
-    pub async fn renew(&self, adapter: &dyn Adapter, used: &Prepared) -> Result<Prepared, Verdict> {
+    pub(crate) async fn renew(
+        &self,
+        adapter: &dyn Adapter,
+        used: &Prepared,
+    ) -> Result<Prepared, Verdict> {
         match adapter.token_scope() {
             TokenScope::Partner => {
                 let token = self.partner_token(adapter, used.token.as_deref()).await?;
@@ -153,7 +157,7 @@ impl Tokens {
     /// single flight as a delivery's refresh, and no event is sent. The
     /// caller paces the refreshes with `pace` (the partner's rate limit).
     /// Returns how many were refreshed.
-    pub async fn keep_alive<F, Fut>(
+    pub(crate) async fn keep_alive<F, Fut>(
         &self,
         adapter: &dyn Adapter,
         keep_alive: KeepAlive,

@@ -17,14 +17,14 @@ use crate::store::{Due, DueScan, Store, StoreError};
 /// Deliveries taken from the index and not yet settled, shared with the
 /// tasks that send them.
 #[derive(Clone, Default)]
-pub struct Held(Arc<Mutex<HashSet<Uuid>>>);
+pub(crate) struct Held(Arc<Mutex<HashSet<Uuid>>>);
 
 impl Held {
-    pub fn contains(&self, id: Uuid) -> bool {
+    pub(crate) fn contains(&self, id: Uuid) -> bool {
         self.lock().contains(&id)
     }
 
-    pub fn release(&self, id: Uuid) {
+    pub(crate) fn release(&self, id: Uuid) {
         self.lock().remove(&id);
     }
 
@@ -35,7 +35,7 @@ impl Held {
 
 /// What the lane's loop knows of its window before it takes work.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Look {
+pub(crate) struct Look {
     /// The window is down to half its capacity or less.
     pub low: bool,
     /// The index may hold critical (normal) work the window lacks.
@@ -50,14 +50,14 @@ pub struct Look {
 
 /// Which ranges of the index the loop starts reading now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Plan {
+pub(crate) struct Plan {
     pub scan_critical: bool,
     pub scan_normal: bool,
 }
 
 impl Plan {
     /// The priorities to start a scan of, critical first.
-    pub fn priorities(self) -> impl Iterator<Item = Priority> {
+    pub(crate) fn priorities(self) -> impl Iterator<Item = Priority> {
         [
             (self.scan_critical, Priority::Critical),
             (self.scan_normal, Priority::Normal),
@@ -71,7 +71,7 @@ impl Plan {
 /// running low reads what may be missing from the index; whatever its
 /// level, critical work that was written is read at once, never after the
 /// normal work drains. One scan per range at a time.
-pub fn plan(look: Look) -> Plan {
+pub(crate) fn plan(look: Look) -> Plan {
     Plan {
         scan_critical: !look.scanning_critical
             && (look.lacks_critical || (look.low && look.critical_stale)),
@@ -82,7 +82,7 @@ pub fn plan(look: Look) -> Plan {
 /// How many deliveries a window of `capacity` may hold when it takes work
 /// of `priority`: critical work may overfill it by one capacity, so it
 /// never waits for normal work to drain first. The one capacity rule.
-pub fn limit_for(priority: Priority, capacity: usize) -> usize {
+pub(crate) fn limit_for(priority: Priority, capacity: usize) -> usize {
     match priority {
         Priority::Critical => 2 * capacity,
         Priority::Normal => capacity,
@@ -101,7 +101,7 @@ struct Range {
     scanning: bool,
 }
 
-pub struct Window {
+pub(crate) struct Window {
     partner: String,
     capacity: usize,
     critical: VecDeque<Due>,
@@ -115,7 +115,7 @@ pub struct Window {
 /// A scan of one priority's range of the index, run on tokio's blocking
 /// pool so sends go on while it reads: its result goes back through
 /// [`Window::merge`].
-pub struct Scan {
+pub(crate) struct Scan {
     pub partner: String,
     pub priority: Priority,
     pub now_ms: u64,
@@ -125,7 +125,7 @@ pub struct Scan {
 
 impl Scan {
     /// Reads the index (blocking).
-    pub fn run(self, store: &Store) -> Result<DueScan, StoreError> {
+    pub(crate) fn run(self, store: &Store) -> Result<DueScan, StoreError> {
         store.due(
             &self.partner,
             &[self.priority],
@@ -137,7 +137,7 @@ impl Scan {
 }
 
 impl Window {
-    pub fn new(partner: &str, capacity: usize, held: Held) -> Window {
+    pub(crate) fn new(partner: &str, capacity: usize, held: Held) -> Window {
         Window {
             partner: partner.to_string(),
             capacity: capacity.max(1),
@@ -153,17 +153,17 @@ impl Window {
         }
     }
 
-    pub fn queued(&self) -> usize {
+    pub(crate) fn queued(&self) -> usize {
         self.critical.len() + self.normal.len()
     }
 
     /// Whether the window wants more from disk: below half full.
-    pub fn is_low(&self) -> bool {
+    pub(crate) fn is_low(&self) -> bool {
         self.queued() <= self.capacity / 2
     }
 
     /// What the loop's plan is made from, at `now_ms`.
-    pub fn look(&self, now_ms: u64) -> Look {
+    pub(crate) fn look(&self, now_ms: u64) -> Look {
         Look {
             low: self.is_low(),
             critical_stale: self.is_stale(Priority::Critical, now_ms),
@@ -176,7 +176,7 @@ impl Window {
 
     /// When the next entry on disk comes due, as of the last scans, in the
     /// ranges no scan is reading now (a scan's end wakes the loop anyway).
-    pub fn next_due_ms(&self) -> Option<u64> {
+    pub(crate) fn next_due_ms(&self) -> Option<u64> {
         self.ranges
             .iter()
             .filter(|r| !r.scanning)
@@ -185,7 +185,7 @@ impl Window {
     }
 
     /// Whether the index may hold due work of `priority` the window lacks.
-    pub fn is_stale(&self, priority: Priority, now_ms: u64) -> bool {
+    pub(crate) fn is_stale(&self, priority: Priority, now_ms: u64) -> bool {
         let range = &self.ranges[slot(priority)];
         range.stale || range.next_due_ms.is_some_and(|due| due <= now_ms)
     }
@@ -193,7 +193,7 @@ impl Window {
     /// Whether the index may hold critical work the window lacks, by what
     /// the window was told (not by due times): the lane scans the critical
     /// range at once for it, however full the window is of normal work.
-    pub fn lacks_critical(&self) -> bool {
+    pub(crate) fn lacks_critical(&self) -> bool {
         self.ranges[slot(Priority::Critical)].stale
     }
 
@@ -201,13 +201,13 @@ impl Window {
     /// due, a device's turn come): read it before trusting the window
     /// again. Marked while a scan of the range runs, the range stays stale
     /// after it: the scan may have read the index before the write.
-    pub fn mark_stale(&mut self, priority: Priority) {
+    pub(crate) fn mark_stale(&mut self, priority: Priority) {
         self.ranges[slot(priority)].stale = true;
     }
 
     /// Starts a scan of `priority`'s range due at `now_ms`, to run apart
     /// from the lane: `None` when the window has no room for that priority.
-    pub fn scan(&mut self, priority: Priority, now_ms: u64) -> Option<Scan> {
+    pub(crate) fn scan(&mut self, priority: Priority, now_ms: u64) -> Option<Scan> {
         let room = limit_for(priority, self.capacity).saturating_sub(self.queued());
         if room == 0 {
             return None;
@@ -226,7 +226,7 @@ impl Window {
 
     /// Takes what a scan of `priority` found; how many it took. An entry
     /// taken meanwhile (held already) is not taken twice.
-    pub fn merge(&mut self, priority: Priority, scan: DueScan) -> usize {
+    pub(crate) fn merge(&mut self, priority: Priority, scan: DueScan) -> usize {
         let range = &mut self.ranges[slot(priority)];
         range.scanning = false;
         range.stale |= !scan.exhausted.contains(&priority);
@@ -247,14 +247,14 @@ impl Window {
     }
 
     /// A scan of `priority` failed: its range is looked at again later.
-    pub fn scan_failed(&mut self, priority: Priority) {
+    pub(crate) fn scan_failed(&mut self, priority: Priority) {
         let range = &mut self.ranges[slot(priority)];
         range.scanning = false;
         range.stale = true;
     }
 
     /// The next delivery to send: critical before normal.
-    pub fn pop(&mut self) -> Option<Due> {
+    pub(crate) fn pop(&mut self) -> Option<Due> {
         self.critical
             .pop_front()
             .or_else(|| self.normal.pop_front())
@@ -262,7 +262,7 @@ impl Window {
 
     /// Puts a popped entry back at the head of its queue, still held (the
     /// breaker said wait).
-    pub fn put_back(&mut self, due: Due) {
+    pub(crate) fn put_back(&mut self, due: Due) {
         match due.priority() {
             Priority::Critical => self.critical.push_front(due),
             Priority::Normal => self.normal.push_front(due),
@@ -271,7 +271,7 @@ impl Window {
 
     /// Takes the first queued entry never tried before, critical first: the
     /// breaker's probe (it stays held).
-    pub fn take_untried(&mut self) -> Option<Due> {
+    pub(crate) fn take_untried(&mut self) -> Option<Due> {
         for queue in [&mut self.critical, &mut self.normal] {
             if let Some(i) = queue.iter().position(|d| d.attempts() == 0) {
                 return queue.remove(i);
@@ -284,7 +284,7 @@ impl Window {
     /// first, looking at no more than `look` of each queue: the companions
     /// of a send that carries several deliveries. They stay held. `matches`
     /// may fill in what it looked up (the event) for the entries it keeps.
-    pub fn take_matching(
+    pub(crate) fn take_matching(
         &mut self,
         limit: usize,
         look: usize,
@@ -309,7 +309,7 @@ impl Window {
     }
 
     /// Gives an entry back unsent (shutdown): it stays on disk for next time.
-    pub fn unhold(&mut self, due: &Due) {
+    pub(crate) fn unhold(&mut self, due: &Due) {
         self.held.release(due.delivery());
     }
 }

@@ -22,11 +22,11 @@ use std::time::{Duration, Instant};
 use super::handle::Handle;
 
 /// How often a checkpoint is taken while the store is written to.
-pub const INTERVAL: Duration = Duration::from_secs(5);
+pub(crate) const INTERVAL: Duration = Duration::from_secs(5);
 
 /// Owns the checkpoint thread: dropped with the last handle on the store,
 /// it stops the thread and waits for a checkpoint in progress to finish.
-pub struct Checkpoints {
+pub(crate) struct Checkpoints {
     stop: Option<mpsc::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }

@@ -31,14 +31,14 @@ use crate::model::{Attempt, AttemptOutcome, ChunkRef, Priority, ScheduledDeliver
 
 /// Most members in one chunk: keeps both records a few KiB, far under
 /// sled's blob threshold, and a rewrite of the state cheap.
-pub const MAX_MEMBERS: usize = 128;
+pub(crate) const MAX_MEMBERS: usize = 128;
 
 /// Members whose due times differ by no more than this share a chunk; all
 /// first attempts ingest writes are due "now", give or take the handlers.
 const DUE_SPREAD_MS: u64 = 1_000;
 
 /// The first byte of both records: the layout's version.
-pub const FORMAT: u8 = 1;
+pub(crate) const FORMAT: u8 = 1;
 
 /// Bytes of one state slot: tag, attempt number, at, latency, status.
 const SLOT_BYTES: usize = 1 + 4 + 8 + 4 + 2;
@@ -50,19 +50,19 @@ const DELIVERED: u8 = 1;
 const LEFT: u8 = 2;
 
 /// Whether a schedule entry's value is a chunk's.
-pub fn is_chunk(value: &[u8]) -> bool {
+pub(crate) fn is_chunk(value: &[u8]) -> bool {
     value.first() == Some(&FORMAT)
 }
 
 /// A chunk entry's members: (delivery, event), in slot order. They were
 /// created when the chunk came due: its key's due time.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Members {
+pub(crate) struct Members {
     pub list: Vec<(Uuid, Uuid)>,
 }
 
 impl Members {
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(1 + 2 + 32 * self.list.len());
         out.push(FORMAT);
         out.extend_from_slice(&(self.list.len() as u16).to_be_bytes());
@@ -73,7 +73,7 @@ impl Members {
         out
     }
 
-    pub fn decode(key: &[u8], value: &[u8]) -> Result<Members, StoreError> {
+    pub(crate) fn decode(key: &[u8], value: &[u8]) -> Result<Members, StoreError> {
         let corrupt = |reason: &str| StoreError::corrupt(key, reason);
         if value.first() != Some(&FORMAT) || value.len() < 3 {
             return Err(corrupt("not a schedule chunk"));
@@ -95,7 +95,7 @@ impl Members {
     }
 
     /// The schedule entry of slot `slot` of the chunk under `chunk`.
-    pub fn entry(&self, chunk: &ScheduleKey, slot: usize) -> Option<ScheduledDelivery> {
+    pub(crate) fn entry(&self, chunk: &ScheduleKey, slot: usize) -> Option<ScheduledDelivery> {
         let &(delivery, event) = self.list.get(slot)?;
         let place = ChunkRef {
             id: chunk.delivery,
@@ -106,7 +106,12 @@ impl Members {
 }
 
 /// The schedule entry of a chunk member due (and created) at `due_ms`.
-pub fn entry(delivery: Uuid, event: Uuid, due_ms: u64, place: ChunkRef) -> ScheduledDelivery {
+pub(crate) fn entry(
+    delivery: Uuid,
+    event: Uuid,
+    due_ms: u64,
+    place: ChunkRef,
+) -> ScheduledDelivery {
     ScheduledDelivery {
         delivery,
         event,
@@ -118,11 +123,11 @@ pub fn entry(delivery: Uuid, event: Uuid, due_ms: u64, place: ChunkRef) -> Sched
 }
 
 /// A chunk's state record, read and changed in place.
-pub struct State(Vec<u8>);
+pub(crate) struct State(Vec<u8>);
 
 impl State {
     /// Every member pending.
-    pub fn new(members: usize) -> State {
+    pub(crate) fn new(members: usize) -> State {
         let mut out = vec![0u8; STATE_HEADER + members * SLOT_BYTES];
         out[0] = FORMAT;
         out[1..3].copy_from_slice(&(members as u16).to_be_bytes());
@@ -130,7 +135,7 @@ impl State {
         State(out)
     }
 
-    pub fn from_bytes(key: &[u8], bytes: Vec<u8>) -> Result<State, StoreError> {
+    pub(crate) fn from_bytes(key: &[u8], bytes: Vec<u8>) -> Result<State, StoreError> {
         if bytes.first() != Some(&FORMAT) || bytes.len() < STATE_HEADER {
             return Err(StoreError::corrupt(key, "not a chunk state"));
         }
@@ -141,16 +146,16 @@ impl State {
         Ok(State(bytes))
     }
 
-    pub fn into_bytes(self) -> Vec<u8> {
+    pub(crate) fn into_bytes(self) -> Vec<u8> {
         self.0
     }
 
-    pub fn members(&self) -> usize {
+    pub(crate) fn members(&self) -> usize {
         u16::from_be_bytes([self.0[3], self.0[4]]) as usize
     }
 
     /// Members whose records still need this state.
-    pub fn live(&self) -> u16 {
+    pub(crate) fn live(&self) -> u16 {
         u16::from_be_bytes([self.0[1], self.0[2]])
     }
 
@@ -163,20 +168,20 @@ impl State {
         self.0.get(start..start + SLOT_BYTES)
     }
 
-    pub fn is_pending(&self, slot: usize) -> bool {
+    pub(crate) fn is_pending(&self, slot: usize) -> bool {
         self.slot(slot).is_some_and(|s| s[0] == PENDING)
     }
 
-    pub fn any_pending(&self) -> bool {
+    pub(crate) fn any_pending(&self) -> bool {
         (0..self.members()).any(|s| self.is_pending(s))
     }
 
-    pub fn pending_count(&self) -> usize {
+    pub(crate) fn pending_count(&self) -> usize {
         (0..self.members()).filter(|&s| self.is_pending(s)).count()
     }
 
     /// The attempt that delivered slot `slot`, if one did.
-    pub fn delivered(&self, slot: usize) -> Option<Attempt> {
+    pub(crate) fn delivered(&self, slot: usize) -> Option<Attempt> {
         let s = self.slot(slot)?;
         if s[0] != DELIVERED {
             return None;
@@ -194,7 +199,7 @@ impl State {
 
     /// Settles pending slot `slot`: delivered by `attempt`, or (`None`)
     /// left for an entry of its own. False if it was not pending.
-    pub fn settle(&mut self, slot: usize, attempt: Option<&Attempt>) -> bool {
+    pub(crate) fn settle(&mut self, slot: usize, attempt: Option<&Attempt>) -> bool {
         if !self.is_pending(slot) {
             return false;
         }
@@ -218,7 +223,7 @@ impl State {
     }
 
     /// One member's record no longer needs this state.
-    pub fn forget_one(&mut self) {
+    pub(crate) fn forget_one(&mut self) {
         let live = self.live().saturating_sub(1);
         self.set_live(live);
     }
@@ -226,7 +231,7 @@ impl State {
 
 /// The chunks one group commit is filling, per partner and priority.
 #[derive(Default)]
-pub struct Filling {
+pub(crate) struct Filling {
     open: HashMap<(String, Priority), Open>,
     full: Vec<Open>,
 }
@@ -239,7 +244,7 @@ struct Open {
 impl Filling {
     /// Files delivery `delivery` of `event`, due at `due_ms`, in a chunk:
     /// its key (with the member's id) and its place in the chunk.
-    pub fn add(
+    pub(crate) fn add(
         &mut self,
         partner: &str,
         priority: Priority,
@@ -280,7 +285,7 @@ impl Filling {
 
     /// Every chunk filled, as records for the batch: (key, value) of each
     /// chunk's entry and of its state.
-    pub fn finish(self) -> Vec<(Vec<u8>, Vec<u8>)> {
+    pub(crate) fn finish(self) -> Vec<(Vec<u8>, Vec<u8>)> {
         self.full
             .into_iter()
             .chain(self.open.into_values())
@@ -299,7 +304,7 @@ impl Filling {
 }
 
 /// The key of chunk `chunk`'s entry, from one member's schedule key.
-pub fn entry_key(member: &ScheduleKey, chunk: Uuid) -> Vec<u8> {
+pub(crate) fn entry_key(member: &ScheduleKey, chunk: Uuid) -> Vec<u8> {
     ScheduleKey {
         delivery: chunk,
         ..member.clone()

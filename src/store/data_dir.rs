@@ -20,7 +20,7 @@ const NAMES_SHOWN: usize = 5;
 
 /// Makes sure `dir` exists and is herald's, claiming it if it is empty.
 /// The error says what was found, for the operator.
-pub fn claim(dir: &Path) -> Result<(), String> {
+pub(crate) fn claim(dir: &Path) -> Result<(), String> {
     if dir.exists() && !dir.is_dir() {
         return Err("it exists but is not a directory".into());
     }
@@ -77,7 +77,7 @@ pub fn claim(dir: &Path) -> Result<(), String> {
 
 /// Makes a directory's entries durable (a new file's name survives a power
 /// cut only once its directory is synced).
-pub fn sync_dir(dir: &Path) -> Result<(), String> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), String> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| format!("cannot sync directory {}: {e}", dir.display()))

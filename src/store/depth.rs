@@ -19,17 +19,17 @@ use std::sync::Mutex;
 pub(super) struct Depth(Mutex<HashMap<String, u64>>);
 
 impl Depth {
-    pub fn new(counted: HashMap<String, u64>) -> Depth {
+    pub(crate) fn new(counted: HashMap<String, u64>) -> Depth {
         Depth(Mutex::new(counted))
     }
 
-    pub fn of(&self, partner: &str) -> u64 {
+    pub(crate) fn of(&self, partner: &str) -> u64 {
         self.lock().get(partner).copied().unwrap_or(0)
     }
 
     /// Every changed partner's depth once `moves` are applied: what the
     /// group commit holding them writes, and then [`Depth::set`]s.
-    pub fn after(&self, moves: Moves) -> Vec<(String, u64)> {
+    pub(crate) fn after(&self, moves: Moves) -> Vec<(String, u64)> {
         let depth = self.lock();
         moves
             .0
@@ -43,7 +43,7 @@ impl Depth {
     }
 
     /// Takes the depths a durable group commit wrote.
-    pub fn set(&self, depths: Vec<(String, u64)>) {
+    pub(crate) fn set(&self, depths: Vec<(String, u64)>) {
         let mut depth = self.lock();
         for (partner, d) in depths {
             depth.insert(partner, d);
@@ -61,7 +61,7 @@ pub(super) struct Moves(HashMap<String, i64>);
 
 impl Moves {
     /// `partner`'s index gained (positive) or lost (negative) `by` deliveries.
-    pub fn add(&mut self, partner: &str, by: i64) {
+    pub(crate) fn add(&mut self, partner: &str, by: i64) {
         match self.0.get_mut(partner) {
             Some(n) => *n += by,
             None => {

@@ -35,7 +35,7 @@ use crate::model::EventRecord;
 /// leaf of pages of ordinary events is still written to the log inline
 /// (a page may pass it by one event of up to 64 KiB; such a leaf goes to a
 /// blob file, which herald's sled syncs too).
-pub const PAGE_BYTES: usize = 3 * 1024;
+pub(crate) const PAGE_BYTES: usize = 3 * 1024;
 
 /// The first byte of a page: the layout's version.
 const FORMAT: u8 = 1;
@@ -45,7 +45,7 @@ const HEADER: usize = 1 + 2;
 const INDEX_ENTRY: usize = 16 + 4;
 
 /// A page as stored, read in place.
-pub struct Page<'a> {
+pub(crate) struct Page<'a> {
     key: &'a [u8],
     index: &'a [u8],
     records: &'a [u8],
@@ -54,7 +54,7 @@ pub struct Page<'a> {
 impl<'a> Page<'a> {
     /// Reads a page's header and index; a record's own damage shows when it
     /// is read.
-    pub fn parse(key: &'a [u8], bytes: &'a [u8]) -> Result<Page<'a>, StoreError> {
+    pub(crate) fn parse(key: &'a [u8], bytes: &'a [u8]) -> Result<Page<'a>, StoreError> {
         let corrupt = |reason: String| StoreError::corrupt(key, format!("event page: {reason}"));
         match bytes.first() {
             Some(&FORMAT) => {}
@@ -80,12 +80,12 @@ impl<'a> Page<'a> {
         })
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.index.len() / INDEX_ENTRY
     }
 
     /// The id of the `i`th event (`i < len()`).
-    pub fn id(&self, i: usize) -> Uuid {
+    pub(crate) fn id(&self, i: usize) -> Uuid {
         let at = i * INDEX_ENTRY;
         let mut id = [0u8; 16];
         id.copy_from_slice(&self.index[at..at + 16]);
@@ -98,12 +98,12 @@ impl<'a> Page<'a> {
         u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize
     }
 
-    pub fn last_id(&self) -> Option<Uuid> {
+    pub(crate) fn last_id(&self) -> Option<Uuid> {
         self.len().checked_sub(1).map(|i| self.id(i))
     }
 
     /// Where event `id` is in this page.
-    pub fn find(&self, id: Uuid) -> Option<usize> {
+    pub(crate) fn find(&self, id: Uuid) -> Option<usize> {
         let (mut low, mut high) = (0, self.len());
         while low < high {
             let mid = (low + high) / 2;
@@ -117,7 +117,7 @@ impl<'a> Page<'a> {
     }
 
     /// The stored bytes of the `i`th event's record.
-    pub fn raw(&self, i: usize) -> Result<&'a [u8], StoreError> {
+    pub(crate) fn raw(&self, i: usize) -> Result<&'a [u8], StoreError> {
         let start = match i {
             0 => 0,
             _ => self.end(i - 1),
@@ -136,7 +136,7 @@ impl<'a> Page<'a> {
     }
 
     /// The `i`th event.
-    pub fn record(&self, i: usize) -> Result<EventRecord, StoreError> {
+    pub(crate) fn record(&self, i: usize) -> Result<EventRecord, StoreError> {
         let event = event_format::decode(self.key, self.raw(i)?)?;
         if event.id != self.id(i) {
             return Err(StoreError::corrupt(
@@ -153,7 +153,9 @@ impl<'a> Page<'a> {
 }
 
 /// A page of `records` (ascending ids, each with its encoded record).
-pub fn encode<'r>(records: impl ExactSizeIterator<Item = (Uuid, &'r [u8])> + Clone) -> Vec<u8> {
+pub(crate) fn encode<'r>(
+    records: impl ExactSizeIterator<Item = (Uuid, &'r [u8])> + Clone,
+) -> Vec<u8> {
     let count = records.len();
     let bytes: usize = records.clone().map(|(_, r)| r.len()).sum();
     let mut out = Vec::with_capacity(HEADER + count * INDEX_ENTRY + bytes);
@@ -186,7 +188,7 @@ fn after(id: Uuid) -> Uuid {
 }
 
 /// The pages one group commit fills, and the ids it gives its events.
-pub struct Filling {
+pub(crate) struct Filling {
     /// The highest event id given so far, in this group or before.
     last: Uuid,
     /// Pages closed: (key, value).
@@ -198,7 +200,7 @@ pub struct Filling {
 
 impl Filling {
     /// A group's filling, giving ids above `last` (the highest stored).
-    pub fn new(last: Uuid) -> Filling {
+    pub(crate) fn new(last: Uuid) -> Filling {
         Filling {
             last,
             closed: Vec::new(),
@@ -212,7 +214,7 @@ impl Filling {
     /// up. Ingest's ids come from one monotonic clock, so this only moves
     /// an event whose request reached the writer after a later one's (or
     /// after the wall clock stepped back across a restart).
-    pub fn assign(&mut self, proposed: Uuid) -> Uuid {
+    pub(crate) fn assign(&mut self, proposed: Uuid) -> Uuid {
         let id = if proposed > self.last {
             proposed
         } else {
@@ -223,13 +225,13 @@ impl Filling {
     }
 
     /// The highest event id given so far.
-    pub fn last(&self) -> Uuid {
+    pub(crate) fn last(&self) -> Uuid {
         self.last
     }
 
     /// Adds an event (its id from [`Filling::assign`], so above every one
     /// added before).
-    pub fn add(&mut self, event: &EventRecord) {
+    pub(crate) fn add(&mut self, event: &EventRecord) {
         let record = event_format::encode(event);
         self.open_bytes += record.len();
         self.open.push((event.id, record));
@@ -249,7 +251,7 @@ impl Filling {
     }
 
     /// An event added to this group, if `id` is one.
-    pub fn get(&self, id: Uuid) -> Result<Option<EventRecord>, StoreError> {
+    pub(crate) fn get(&self, id: Uuid) -> Result<Option<EventRecord>, StoreError> {
         if let Ok(i) = self.open.binary_search_by_key(&id, |(id, _)| *id) {
             return event_format::decode(&keys::event_page(id), &self.open[i].1).map(Some);
         }
@@ -263,14 +265,17 @@ impl Filling {
     }
 
     /// The group's pages, for its batch.
-    pub fn finish(mut self) -> Vec<(Vec<u8>, Vec<u8>)> {
+    pub(crate) fn finish(mut self) -> Vec<(Vec<u8>, Vec<u8>)> {
         self.close();
         self.closed
     }
 }
 
 /// The page that would hold event `id`: the last one keyed at or below it.
-pub fn page_for(db: &sled::Db, id: Uuid) -> Result<Option<(sled::IVec, sled::IVec)>, StoreError> {
+pub(crate) fn page_for(
+    db: &sled::Db,
+    id: Uuid,
+) -> Result<Option<(sled::IVec, sled::IVec)>, StoreError> {
     Ok(db
         .range([keys::EVENT_PAGE].as_slice()..=keys::event_page(id).as_slice())
         .next_back()
@@ -278,7 +283,7 @@ pub fn page_for(db: &sled::Db, id: Uuid) -> Result<Option<(sled::IVec, sled::IVe
 }
 
 /// Event `id` from the pages in `db`.
-pub fn find(db: &sled::Db, id: Uuid) -> Result<Option<EventRecord>, StoreError> {
+pub(crate) fn find(db: &sled::Db, id: Uuid) -> Result<Option<EventRecord>, StoreError> {
     let Some((key, value)) = page_for(db, id)? else {
         return Ok(None);
     };
@@ -287,7 +292,7 @@ pub fn find(db: &sled::Db, id: Uuid) -> Result<Option<EventRecord>, StoreError> 
 }
 
 /// The highest event id stored: new events are given ids above it.
-pub fn last_stored(db: &sled::Db) -> Result<Uuid, StoreError> {
+pub(crate) fn last_stored(db: &sled::Db) -> Result<Uuid, StoreError> {
     let mut last = Uuid::nil();
     if let Some(item) = db.scan_prefix([keys::EVENT]).next_back() {
         let (key, _) = item?;

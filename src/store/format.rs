@@ -9,7 +9,7 @@
 use super::keys;
 
 /// The layouts `docs/store-format.md` describes.
-pub const VERSION: u8 = 1;
+pub(crate) const VERSION: u8 = 1;
 
 /// Checks the mark, or writes it (durably) where there is none.
 pub(super) fn check(db: &sled::Db) -> Result<(), String> {

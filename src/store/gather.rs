@@ -40,7 +40,7 @@ pub(super) struct Gatherer {
 }
 
 impl Gatherer {
-    pub fn new(linger: Duration) -> std::io::Result<Gatherer> {
+    pub(crate) fn new(linger: Duration) -> std::io::Result<Gatherer> {
         let timer = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()?;
@@ -48,7 +48,7 @@ impl Gatherer {
     }
 
     /// The next group; `None` once every sender is gone and nothing is left.
-    pub fn next(&self, rx: &mut mpsc::Receiver<Command>) -> Option<Vec<Command>> {
+    pub(crate) fn next(&self, rx: &mut mpsc::Receiver<Command>) -> Option<Vec<Command>> {
         let mut group = vec![rx.blocking_recv()?];
         while group.len() < MAX_GROUP {
             match rx.try_recv() {
@@ -90,7 +90,7 @@ impl Gatherer {
 impl Gatherer {
     /// The next request to arrive within `wait`: `Ok(None)` if none did,
     /// `Err(())` once every sender is gone.
-    pub fn next_within(
+    pub(crate) fn next_within(
         &self,
         rx: &mut mpsc::Receiver<Command>,
         wait: Duration,

@@ -31,7 +31,7 @@ pub(super) struct Handle {
 }
 
 impl Handle {
-    pub fn new(db: sled::Db) -> Handle {
+    pub(crate) fn new(db: sled::Db) -> Handle {
         Handle {
             slot: Arc::new(RwLock::new(Slot {
                 db: Some(db),
@@ -42,7 +42,7 @@ impl Handle {
     }
 
     /// The database to read, or why there is none now.
-    pub fn db(&self) -> Result<sled::Db, StoreError> {
+    pub(crate) fn db(&self) -> Result<sled::Db, StoreError> {
         let slot = self.slot.read().unwrap_or_else(|e| e.into_inner());
         match &slot.db {
             Some(db) => Ok(db.clone()),
@@ -54,7 +54,7 @@ impl Handle {
     }
 
     /// Says why the store is still out (the latest attempt to open it).
-    pub fn explain(&self, reason: String) {
+    pub(crate) fn explain(&self, reason: String) {
         let mut slot = self.slot.write().unwrap_or_else(|e| e.into_inner());
         if slot.db.is_none() {
             slot.out_because = Some(reason);
@@ -62,21 +62,21 @@ impl Handle {
     }
 
     /// Takes the database out: reads fail with `reason` until [`Handle::put`].
-    pub fn take(&self, reason: String) -> Option<sled::Db> {
+    pub(crate) fn take(&self, reason: String) -> Option<sled::Db> {
         let mut slot = self.slot.write().unwrap_or_else(|e| e.into_inner());
         slot.out_because = Some(reason);
         slot.db.take()
     }
 
     /// Puts the reopened database in.
-    pub fn put(&self, db: sled::Db) {
+    pub(crate) fn put(&self, db: sled::Db) {
         let mut slot = self.slot.write().unwrap_or_else(|e| e.into_inner());
         slot.db = Some(db);
         slot.out_because = None;
     }
 
     /// Why the store is out, while it is.
-    pub fn out_because(&self) -> Option<String> {
+    pub(crate) fn out_because(&self) -> Option<String> {
         let slot = self.slot.read().unwrap_or_else(|e| e.into_inner());
         slot.out_because.clone()
     }

@@ -12,98 +12,98 @@ use crate::model::Priority;
 /// `e` + event id (UUIDv7, so events sort by arrival): an event stored on
 /// its own, as every event was before pages (a data dir written by an
 /// older herald), or put back by a replay after retention took its page.
-pub const EVENT: u8 = b'e';
+pub(crate) const EVENT: u8 = b'e';
 /// `b` + the id of its first event: a page of events one group commit
 /// accepted, as accepted (see [`super::event_page`]).
-pub const EVENT_PAGE: u8 = b'b';
+pub(crate) const EVENT_PAGE: u8 = b'b';
 /// `r` + event id: the record of an event from a page, rewritten since it
 /// was accepted (a retry, a dead letter, a replay); it wins over the page's copy.
-pub const REWRITTEN: u8 = b'r';
+pub(crate) const REWRITTEN: u8 = b'r';
 /// `i` + idempotency key: the event id it produced.
-pub const IDEMPOTENCY: u8 = b'i';
+pub(crate) const IDEMPOTENCY: u8 = b'i';
 /// `s` + partner + priority + due + delivery id: a delivery waiting for an
 /// attempt; or, with a chunk's id, the first attempts of one group commit.
-pub const SCHEDULE: u8 = b's';
+pub(crate) const SCHEDULE: u8 = b's';
 /// `a` + delivery id: the attempt log of a delivery that failed at least once.
-pub const ATTEMPTS: u8 = b'a';
+pub(crate) const ATTEMPTS: u8 = b'a';
 /// `d` + dead letter id (UUIDv7): a delivery that will not be retried.
-pub const DEAD: u8 = b'd';
+pub(crate) const DEAD: u8 = b'd';
 /// `o` + delivery id: the attempt that delivered it, for a delivery with
 /// an entry of its own (a retry, a replay, an ordered one). Written instead
 /// of rewriting the whole event record; a first attempt from a chunk is
 /// recorded in the chunk's state instead (see [`CHUNK_STATE`]).
-pub const DELIVERED: u8 = b'o';
+pub(crate) const DELIVERED: u8 = b'o';
 /// `p` + partner + device id: a route to a partner that answered "gone"
 /// (410, integration deleted); deliveries on it become dead letters.
-pub const PARKED: u8 = b'p';
+pub(crate) const PARKED: u8 = b'p';
 /// `q` + partner + device + seq + delivery id: an unsettled delivery of a
 /// partner that wants each device's events in order. Only the first of a
 /// device's keys may be sent.
-pub const DEVICE_QUEUE: u8 = b'q';
+pub(crate) const DEVICE_QUEUE: u8 = b'q';
 /// `c` + partner + device + state key: the delivery id of the latest state
 /// event for that attribute; an older one still waiting is superseded.
-pub const LATEST_STATE: u8 = b'c';
+pub(crate) const LATEST_STATE: u8 = b'c';
 /// `k` + partner + device id: the device's link into that partner platform.
-pub const LINK: u8 = b'k';
+pub(crate) const LINK: u8 = b'k';
 /// `l` + device id + partner: which partners a device is linked to, for
 /// routing events that name no partners.
-pub const DEVICE_LINK: u8 = b'l';
+pub(crate) const DEVICE_LINK: u8 = b'l';
 /// `t` + partner + grant id: the credentials the links of one grant share
 /// (one user's tokens at a platform, see [`crate::links`]).
-pub const GRANT: u8 = b't';
+pub(crate) const GRANT: u8 = b't';
 /// `u` + partner + grant id + device id: which links use a grant, so the
 /// last link's delete removes it and a new token clears all their parked routes.
-pub const GRANT_LINK: u8 = b'u';
+pub(crate) const GRANT_LINK: u8 = b'u';
 /// `g` + chunk id: the state of a schedule chunk's members (see
 /// [`super::chunk`]); the chunk's own entry is an `s` key with its id.
-pub const CHUNK_STATE: u8 = b'g';
+pub(crate) const CHUNK_STATE: u8 = b'g';
 /// The sequence number of the last group commit (see [`super::watermark`]).
-pub const COMMITS: &[u8] = b"mcommits";
+pub(crate) const COMMITS: &[u8] = b"mcommits";
 /// `mdepth/` + partner: the partner's queue depth as of the last group
 /// commit (see [`super::depth`]).
-pub const DEPTH_PREFIX: &[u8] = b"mdepth/";
+pub(crate) const DEPTH_PREFIX: &[u8] = b"mdepth/";
 /// Present once the depth records are kept: a store written before they
 /// were is counted once by a scan of the schedule.
-pub const DEPTH_KEPT: &[u8] = b"mdepth-kept";
+pub(crate) const DEPTH_KEPT: &[u8] = b"mdepth-kept";
 /// The store's format version, one byte (see [`super::format`]).
-pub const FORMAT: &[u8] = b"mformat";
+pub(crate) const FORMAT: &[u8] = b"mformat";
 /// Present once every link's credentials live in its grant: a store
 /// written before grants existed is moved over once, at start.
-pub const GRANTS_KEPT: &[u8] = b"mgrants-kept";
+pub(crate) const GRANTS_KEPT: &[u8] = b"mgrants-kept";
 
-pub fn depth(partner: &str) -> Vec<u8> {
+pub(crate) fn depth(partner: &str) -> Vec<u8> {
     [DEPTH_PREFIX, partner.as_bytes()].concat()
 }
 
-pub fn event(id: Uuid) -> [u8; 17] {
+pub(crate) fn event(id: Uuid) -> [u8; 17] {
     prefixed_id(EVENT, id)
 }
 
-pub fn event_page(first: Uuid) -> [u8; 17] {
+pub(crate) fn event_page(first: Uuid) -> [u8; 17] {
     prefixed_id(EVENT_PAGE, first)
 }
 
-pub fn rewritten(id: Uuid) -> [u8; 17] {
+pub(crate) fn rewritten(id: Uuid) -> [u8; 17] {
     prefixed_id(REWRITTEN, id)
 }
 
-pub fn attempts(delivery: Uuid) -> [u8; 17] {
+pub(crate) fn attempts(delivery: Uuid) -> [u8; 17] {
     prefixed_id(ATTEMPTS, delivery)
 }
 
-pub fn delivered(delivery: Uuid) -> [u8; 17] {
+pub(crate) fn delivered(delivery: Uuid) -> [u8; 17] {
     prefixed_id(DELIVERED, delivery)
 }
 
-pub fn chunk_state(chunk: Uuid) -> [u8; 17] {
+pub(crate) fn chunk_state(chunk: Uuid) -> [u8; 17] {
     prefixed_id(CHUNK_STATE, chunk)
 }
 
-pub fn dead_letter(id: Uuid) -> [u8; 17] {
+pub(crate) fn dead_letter(id: Uuid) -> [u8; 17] {
     prefixed_id(DEAD, id)
 }
 
-pub fn idempotency(key: &str) -> Vec<u8> {
+pub(crate) fn idempotency(key: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + key.len());
     out.push(IDEMPOTENCY);
     out.extend_from_slice(key.as_bytes());
@@ -111,7 +111,7 @@ pub fn idempotency(key: &str) -> Vec<u8> {
 }
 
 /// Every parked route of `partner`: the prefix of their keys.
-pub fn parked_prefix(partner: &str) -> Vec<u8> {
+pub(crate) fn parked_prefix(partner: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(2 + partner.len());
     out.push(PARKED);
     out.push(partner.len() as u8);
@@ -119,33 +119,33 @@ pub fn parked_prefix(partner: &str) -> Vec<u8> {
     out
 }
 
-pub fn parked(partner: &str, device_id: &str) -> Vec<u8> {
+pub(crate) fn parked(partner: &str, device_id: &str) -> Vec<u8> {
     let mut out = parked_prefix(partner);
     out.extend_from_slice(device_id.as_bytes());
     out
 }
 
-pub fn link(partner: &str, device_id: &str) -> Vec<u8> {
+pub(crate) fn link(partner: &str, device_id: &str) -> Vec<u8> {
     let mut out = parked(partner, device_id);
     out[0] = LINK;
     out
 }
 
 /// Every grant of `partner`: the prefix of their keys.
-pub fn grants_prefix(partner: &str) -> Vec<u8> {
+pub(crate) fn grants_prefix(partner: &str) -> Vec<u8> {
     let mut out = parked_prefix(partner);
     out[0] = GRANT;
     out
 }
 
-pub fn grant(partner: &str, grant: &str) -> Vec<u8> {
+pub(crate) fn grant(partner: &str, grant: &str) -> Vec<u8> {
     let mut out = grants_prefix(partner);
     out.extend_from_slice(grant.as_bytes());
     out
 }
 
 /// Every link using `grant`: the prefix of their `u` keys.
-pub fn grant_links_prefix(partner: &str, grant: &str) -> Vec<u8> {
+pub(crate) fn grant_links_prefix(partner: &str, grant: &str) -> Vec<u8> {
     let mut out = parked_prefix(partner);
     out[0] = GRANT_LINK;
     // Grant ids are an account or a device id, both capped far below 64 KiB.
@@ -154,14 +154,14 @@ pub fn grant_links_prefix(partner: &str, grant: &str) -> Vec<u8> {
     out
 }
 
-pub fn grant_link(partner: &str, grant: &str, device_id: &str) -> Vec<u8> {
+pub(crate) fn grant_link(partner: &str, grant: &str, device_id: &str) -> Vec<u8> {
     let mut out = grant_links_prefix(partner, grant);
     out.extend_from_slice(device_id.as_bytes());
     out
 }
 
 /// Every link of `device_id`: the prefix of its `l` keys.
-pub fn device_links_prefix(device_id: &str) -> Vec<u8> {
+pub(crate) fn device_links_prefix(device_id: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(3 + device_id.len());
     out.push(DEVICE_LINK);
     // Device ids are capped at ingest far below 64 KiB.
@@ -170,14 +170,14 @@ pub fn device_links_prefix(device_id: &str) -> Vec<u8> {
     out
 }
 
-pub fn device_link(device_id: &str, partner: &str) -> Vec<u8> {
+pub(crate) fn device_link(device_id: &str, partner: &str) -> Vec<u8> {
     let mut out = device_links_prefix(device_id);
     out.extend_from_slice(partner.as_bytes());
     out
 }
 
 /// The prefix of one device's queue at one partner.
-pub fn device_queue_prefix(partner: &str, device: &str) -> Vec<u8> {
+pub(crate) fn device_queue_prefix(partner: &str, device: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + partner.len() + device.len() + 24);
     out.push(DEVICE_QUEUE);
     out.push(partner.len() as u8);
@@ -188,14 +188,14 @@ pub fn device_queue_prefix(partner: &str, device: &str) -> Vec<u8> {
     out
 }
 
-pub fn latest_state(partner: &str, device: &str, state: &str) -> Vec<u8> {
+pub(crate) fn latest_state(partner: &str, device: &str, state: &str) -> Vec<u8> {
     let mut out = device_queue_prefix(partner, device);
     out[0] = LATEST_STATE;
     out.extend_from_slice(state.as_bytes());
     out
 }
 
-pub fn device_queue(partner: &str, device: &str, seq: u64, delivery: Uuid) -> Vec<u8> {
+pub(crate) fn device_queue(partner: &str, device: &str, seq: u64, delivery: Uuid) -> Vec<u8> {
     let mut out = device_queue_prefix(partner, device);
     out.extend_from_slice(&seq.to_be_bytes());
     out.extend_from_slice(delivery.as_bytes());
@@ -204,7 +204,7 @@ pub fn device_queue(partner: &str, device: &str, seq: u64, delivery: Uuid) -> Ve
 
 /// The keys of one id-named kind (`e`, `b`...) after `after`'s (all of
 /// them, for `None`).
-pub fn ids_after(prefix: u8, after: Option<Uuid>) -> std::ops::Range<Vec<u8>> {
+pub(crate) fn ids_after(prefix: u8, after: Option<Uuid>) -> std::ops::Range<Vec<u8>> {
     let start = match after {
         Some(id) => {
             let mut k = prefixed_id(prefix, id).to_vec();
@@ -227,7 +227,7 @@ fn prefixed_id(prefix: u8, id: Uuid) -> [u8; 17] {
 /// id, `s/<partner>/<priority>/<due_ms>/<delivery>` for a schedule entry,
 /// else its printable bytes with the rest escaped. Keys are binary, and a
 /// lossy UTF-8 rendering of one told on-call nothing.
-pub fn describe(key: &[u8]) -> String {
+pub(crate) fn describe(key: &[u8]) -> String {
     let Some(&prefix) = key.first() else {
         return "(empty key)".to_string();
     };
@@ -260,14 +260,14 @@ pub fn describe(key: &[u8]) -> String {
 }
 
 /// The id in a key of a prefix byte and a UUID (`e`, `b`, `r`, `a`, `d`, `o`).
-pub fn id_of(key: &[u8]) -> Option<Uuid> {
+pub(crate) fn id_of(key: &[u8]) -> Option<Uuid> {
     let bytes: [u8; 16] = key.get(1..17)?.try_into().ok()?;
     (key.len() == 17).then(|| Uuid::from_bytes(bytes))
 }
 
 /// One entry of the schedule index.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ScheduleKey {
+pub(crate) struct ScheduleKey {
     pub partner: String,
     pub priority: Priority,
     pub due_ms: u64,
@@ -275,7 +275,7 @@ pub struct ScheduleKey {
 }
 
 impl ScheduleKey {
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = partner_priority_prefix(&self.partner, self.priority);
         out.extend_from_slice(&self.due_ms.to_be_bytes());
         out.extend_from_slice(self.delivery.as_bytes());
@@ -284,12 +284,12 @@ impl ScheduleKey {
 
     /// Just the delivery id of an encoded key (its last 16 bytes): enough
     /// to skip entries already taken without decoding the rest.
-    pub fn delivery_of(key: &[u8]) -> Option<Uuid> {
+    pub(crate) fn delivery_of(key: &[u8]) -> Option<Uuid> {
         let tail = key.len().checked_sub(16)?;
         Some(Uuid::from_bytes(key.get(tail..)?.try_into().ok()?))
     }
 
-    pub fn decode(key: &[u8]) -> Option<ScheduleKey> {
+    pub(crate) fn decode(key: &[u8]) -> Option<ScheduleKey> {
         let (&prefix, rest) = key.split_first()?;
         if prefix != SCHEDULE {
             return None;
@@ -314,7 +314,7 @@ impl ScheduleKey {
 
 /// The prefix under which all of one partner's entries of one priority sort.
 /// The partner name is length-prefixed, so "ab" never falls inside "a"'s range.
-pub fn partner_priority_prefix(partner: &str, priority: Priority) -> Vec<u8> {
+pub(crate) fn partner_priority_prefix(partner: &str, priority: Priority) -> Vec<u8> {
     let name = partner.as_bytes();
     debug_assert!(
         name.len() <= u8::MAX as usize,
@@ -330,7 +330,7 @@ pub fn partner_priority_prefix(partner: &str, priority: Priority) -> Vec<u8> {
 
 /// Keys of one partner and priority that are due at or before `now_ms`:
 /// the range `[prefix, prefix + (now_ms + 1))`.
-pub fn due_range(partner: &str, priority: Priority, now_ms: u64) -> (Vec<u8>, Vec<u8>) {
+pub(crate) fn due_range(partner: &str, priority: Priority, now_ms: u64) -> (Vec<u8>, Vec<u8>) {
     let start = partner_priority_prefix(partner, priority);
     let mut end = start.clone();
     match now_ms.checked_add(1) {

@@ -52,7 +52,7 @@ pub(super) enum LinkChange {
 
 /// What a link change did.
 #[derive(Debug, Default)]
-pub struct LinkOutcome {
+pub(crate) struct LinkOutcome {
     /// Put: the link is new. Delete: there was one. Rotate: stored.
     pub applied: bool,
     /// The devices whose parked routes a `Put` cleared.
@@ -198,7 +198,7 @@ fn device_of(index_key: &[u8], prefix_len: usize) -> Result<String, StoreError> 
 impl Store {
     /// Creates or replaces a link (its generation is set by the store) and,
     /// with `grant`, its grant's credentials (see [`LinkChange::Put`]).
-    pub async fn put_link(
+    pub(crate) async fn put_link(
         &self,
         link: StoredLink,
         grant: Option<StoredGrant>,
@@ -208,7 +208,11 @@ impl Store {
 
     /// Removes a link, and its grant if no other link uses it; false if
     /// there was none.
-    pub async fn delete_link(&self, partner: &str, device_id: &str) -> Result<bool, StoreError> {
+    pub(crate) async fn delete_link(
+        &self,
+        partner: &str,
+        device_id: &str,
+    ) -> Result<bool, StoreError> {
         let outcome = self
             .link_change(LinkChange::Delete {
                 partner: partner.to_string(),
@@ -220,13 +224,13 @@ impl Store {
 
     /// Stores `grant` if the stored one is still at `grant.generation`;
     /// false if it changed (or went) meanwhile.
-    pub async fn rotate_grant(&self, grant: StoredGrant) -> Result<bool, StoreError> {
+    pub(crate) async fn rotate_grant(&self, grant: StoredGrant) -> Result<bool, StoreError> {
         let outcome = self.link_change(LinkChange::Rotate(grant)).await?;
         Ok(outcome.applied)
     }
 
     /// See [`LinkChange::Adopt`].
-    pub async fn adopt_links(
+    pub(crate) async fn adopt_links(
         &self,
         links: Vec<StoredLink>,
         grants: Vec<StoredGrant>,
@@ -237,12 +241,12 @@ impl Store {
     }
 
     /// Records that every link has been adopted by its grant.
-    pub async fn mark_grants_kept(&self) -> Result<(), StoreError> {
+    pub(crate) async fn mark_grants_kept(&self) -> Result<(), StoreError> {
         self.link_change(LinkChange::GrantsKept).await.map(drop)
     }
 
     /// Whether [`Store::mark_grants_kept`] has been recorded.
-    pub fn grants_kept(&self) -> Result<bool, StoreError> {
+    pub(crate) fn grants_kept(&self) -> Result<bool, StoreError> {
         Ok(self.db()?.get(keys::GRANTS_KEPT)?.is_some())
     }
 
@@ -254,17 +258,25 @@ impl Store {
         .await
     }
 
-    pub fn link(&self, partner: &str, device_id: &str) -> Result<Option<StoredLink>, StoreError> {
+    pub(crate) fn link(
+        &self,
+        partner: &str,
+        device_id: &str,
+    ) -> Result<Option<StoredLink>, StoreError> {
         get_json(&self.db()?, &keys::link(partner, device_id))
     }
 
-    pub fn grant(&self, partner: &str, grant: &str) -> Result<Option<StoredGrant>, StoreError> {
+    pub(crate) fn grant(
+        &self,
+        partner: &str,
+        grant: &str,
+    ) -> Result<Option<StoredGrant>, StoreError> {
         get_json(&self.db()?, &keys::grant(partner, grant))
     }
 
     /// Up to `limit` links of `partner` in device order, after device
     /// `after` when given: a page of the partner's links.
-    pub fn links_page(
+    pub(crate) fn links_page(
         &self,
         partner: &str,
         after: Option<&str>,
@@ -277,7 +289,7 @@ impl Store {
 
     /// Up to `limit` links of every partner, in (partner, device) key
     /// order, after `after` (partner, device id) when given.
-    pub fn all_links_page(
+    pub(crate) fn all_links_page(
         &self,
         after: Option<(&str, &str)>,
         limit: usize,
@@ -288,7 +300,7 @@ impl Store {
 
     /// Up to `limit` grants of `partner` in id order, after grant `after`
     /// when given.
-    pub fn grants_page(
+    pub(crate) fn grants_page(
         &self,
         partner: &str,
         after: Option<&str>,
@@ -300,7 +312,7 @@ impl Store {
     }
 
     /// Up to `limit` devices whose links use `grant`, in device order.
-    pub fn grant_links(
+    pub(crate) fn grant_links(
         &self,
         partner: &str,
         grant: &str,
@@ -343,7 +355,7 @@ impl Store {
     }
 
     /// The partners `device_id` is linked to, by name.
-    pub fn linked_partners(&self, device_id: &str) -> Result<Vec<String>, StoreError> {
+    pub(crate) fn linked_partners(&self, device_id: &str) -> Result<Vec<String>, StoreError> {
         let prefix = keys::device_links_prefix(device_id);
         let mut out = Vec::new();
         for item in self.db()?.scan_prefix(&prefix) {

@@ -33,9 +33,8 @@ mod gather;
 mod handle;
 mod ids;
 pub(crate) mod keys;
-pub use replay::Replayed;
+pub(crate) use replay::Replayed;
 mod links;
-pub use links::LinkOutcome;
 mod record;
 mod replay;
 mod watermark;
@@ -91,7 +90,7 @@ impl From<sled::Error> for StoreError {
 
 /// What ingest learns about one event it handed to the store.
 #[derive(Debug, Clone)]
-pub struct Accepted {
+pub(crate) struct Accepted {
     pub id: Uuid,
     pub deliveries: Vec<(String, Uuid)>,
     /// The idempotency key had been seen: this is the first event's answer.
@@ -104,7 +103,7 @@ pub struct Accepted {
 /// A delivery a write made due: the lane it belongs to reads it from the
 /// index (see `dispatch::Lane::due_written`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Scheduled {
+pub(crate) struct Scheduled {
     pub partner: String,
     pub priority: Priority,
     pub delivery: Uuid,
@@ -115,7 +114,7 @@ pub struct Scheduled {
 /// the claim it settles back to the store, which alone reads the claim's
 /// keys.
 #[derive(Debug, Clone)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     key: ScheduleKey,
     entry: ScheduledDelivery,
     pub attempt: Attempt,
@@ -125,7 +124,7 @@ pub struct Outcome {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Next {
+pub(crate) enum Next {
     Delivered,
     RetryAt(u64),
     Dead(String),
@@ -135,7 +134,12 @@ pub enum Next {
 
 impl Outcome {
     /// What the attempt on `claim` came to.
-    pub fn new(claim: Due, attempt: Attempt, next: Next, park: Option<Box<ParkedRoute>>) -> Self {
+    pub(crate) fn new(
+        claim: Due,
+        attempt: Attempt,
+        next: Next,
+        park: Option<Box<ParkedRoute>>,
+    ) -> Self {
         Outcome {
             key: claim.key,
             entry: claim.entry,
@@ -145,11 +149,11 @@ impl Outcome {
         }
     }
 
-    pub fn delivery(&self) -> Uuid {
+    pub(crate) fn delivery(&self) -> Uuid {
         self.key.delivery
     }
 
-    pub fn priority(&self) -> Priority {
+    pub(crate) fn priority(&self) -> Priority {
         self.key.priority
     }
 }
@@ -158,7 +162,7 @@ impl Outcome {
 /// (what the store needs to find it again stays inside) and given back in
 /// the [`Outcome`] that settles it.
 #[derive(Debug, Clone)]
-pub struct Due {
+pub(crate) struct Due {
     key: ScheduleKey,
     entry: ScheduledDelivery,
     /// The event, once read (a scan reads a chunk's events together);
@@ -167,33 +171,33 @@ pub struct Due {
 }
 
 impl Due {
-    pub fn delivery(&self) -> Uuid {
+    pub(crate) fn delivery(&self) -> Uuid {
         self.key.delivery
     }
 
-    pub fn priority(&self) -> Priority {
+    pub(crate) fn priority(&self) -> Priority {
         self.key.priority
     }
 
     /// Attempts made so far (0: never tried).
-    pub fn attempts(&self) -> u32 {
+    pub(crate) fn attempts(&self) -> u32 {
         self.entry.attempts
     }
 
     /// When the delivery was created (a replay's is the replay's time):
     /// where its retry window starts.
-    pub fn created_ms(&self) -> u64 {
+    pub(crate) fn created_ms(&self) -> u64 {
         self.entry.created_ms
     }
 
     /// Keeps the event read for it, so its send does not read it again.
-    pub fn keep_event(&mut self, event: Arc<EventRecord>) {
+    pub(crate) fn keep_event(&mut self, event: Arc<EventRecord>) {
         self.event = Some(event);
     }
 
     /// The event to build the request from: the one read already, else the
     /// stored record.
-    pub fn event(&self, store: &Store) -> Result<Option<Arc<EventRecord>>, StoreError> {
+    pub(crate) fn event(&self, store: &Store) -> Result<Option<Arc<EventRecord>>, StoreError> {
         match &self.event {
             Some(event) => Ok(Some(Arc::clone(event))),
             None => Ok(store.event_payload(self.entry.event)?.map(Arc::new)),
@@ -203,7 +207,7 @@ impl Due {
 
 /// What one scan of a partner's schedule found.
 #[derive(Debug, Default)]
-pub struct DueScan {
+pub(crate) struct DueScan {
     pub found: Vec<Due>,
     /// The earliest future due time in the ranges read to their end.
     pub next_due_ms: Option<u64>,
@@ -214,7 +218,7 @@ pub struct DueScan {
 
 /// What one garbage-collection pass did.
 #[derive(Debug, Clone, Default)]
-pub struct Collected {
+pub(crate) struct Collected {
     pub removed: usize,
     /// Where the next pass should start; `None` when this one reached the cutoff.
     pub resume: Option<CollectFrom>,
@@ -223,7 +227,7 @@ pub struct Collected {
 /// Where a garbage-collection pass goes on: after this event, among the
 /// events stored alone or among the pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CollectFrom {
+pub(crate) enum CollectFrom {
     Alone(Uuid),
     Pages(Uuid),
 }
@@ -334,13 +338,13 @@ impl Store {
 
     /// Resolves once a group commit has failed since the last call (a
     /// full disk, a failing device): the moment to look at the disk again.
-    pub async fn write_failed(&self) {
+    pub(crate) async fn write_failed(&self) {
         self.db.failed.notified().await
     }
 
     /// Why the store cannot be read or written now, while the writer opens
     /// it again after a failed write; `None` when it is open.
-    pub fn out_because(&self) -> Option<String> {
+    pub(crate) fn out_because(&self) -> Option<String> {
         self.db.out_because()
     }
 
@@ -348,7 +352,10 @@ impl Store {
 
     /// Makes `events` durable with their deliveries scheduled now. Answers only
     /// after the group holding them is on disk. `Busy` when the queue is full.
-    pub async fn enqueue(&self, events: Vec<EventRecord>) -> Result<Vec<Accepted>, StoreError> {
+    pub(crate) async fn enqueue(
+        &self,
+        events: Vec<EventRecord>,
+    ) -> Result<Vec<Accepted>, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.commands
             .try_send(Command::Enqueue { events, reply })
@@ -360,14 +367,15 @@ impl Store {
     }
 
     /// Records one attempt's outcome and moves the delivery on.
-    pub async fn record(&self, outcome: Outcome) -> Result<(), StoreError> {
+    #[cfg(test)]
+    pub(crate) async fn record(&self, outcome: Outcome) -> Result<(), StoreError> {
         let mut results = self.record_all(vec![outcome]).await?;
         results.pop().unwrap_or(Err(StoreError::Closed))
     }
 
     /// Records many outcomes in one group commit: a result for each, in
     /// order (one that cannot be applied does not fail the others).
-    pub async fn record_all(
+    pub(crate) async fn record_all(
         &self,
         outcomes: Vec<Outcome>,
     ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
@@ -375,13 +383,13 @@ impl Store {
     }
 
     /// Clears a parked route; false if it was not parked.
-    pub async fn unpark(&self, partner: &str, device_id: &str) -> Result<bool, StoreError> {
+    pub(crate) async fn unpark(&self, partner: &str, device_id: &str) -> Result<bool, StoreError> {
         let key = keys::parked(partner, device_id);
         self.call(|reply| Command::Unpark { key, reply }).await
     }
 
     /// Every parked route of `partner`.
-    pub fn parked(&self, partner: &str) -> Result<Vec<ParkedRoute>, StoreError> {
+    pub(crate) fn parked(&self, partner: &str) -> Result<Vec<ParkedRoute>, StoreError> {
         let mut out = Vec::new();
         for item in self.db()?.scan_prefix(keys::parked_prefix(partner)) {
             let (k, v) = item?;
@@ -392,7 +400,7 @@ impl Store {
 
     /// Removes finished events received before `cutoff_ms`, looking at
     /// about `budget` events, going on `from` where the last pass stopped.
-    pub async fn collect(
+    pub(crate) async fn collect(
         &self,
         cutoff_ms: u64,
         budget: usize,
@@ -446,7 +454,7 @@ impl Store {
     /// The event as accepted, for building a request: delivery states may be
     /// stale (a success is kept apart, see [`keys::DELIVERED`] and
     /// [`keys::CHUNK_STATE`], and a later change in [`keys::REWRITTEN`]).
-    pub fn event_payload(&self, id: Uuid) -> Result<Option<EventRecord>, StoreError> {
+    pub(crate) fn event_payload(&self, id: Uuid) -> Result<Option<EventRecord>, StoreError> {
         let db = self.db()?;
         if let Some(event) = event_page::find(&db, id)? {
             return Ok(Some(event));
@@ -468,7 +476,7 @@ impl Store {
 
     /// Dead letters in the order they died, after `after`, at most `limit`
     /// of those that `keep` accepts.
-    pub fn dead_letters(
+    pub(crate) fn dead_letters(
         &self,
         after: Option<Uuid>,
         limit: usize,
@@ -502,7 +510,7 @@ impl Store {
     /// it, so one settled and released meanwhile is not found); for each
     /// priority whose due range was read to its end, also the earliest due
     /// time still in the future (when to look again).
-    pub fn due(
+    pub(crate) fn due(
         &self,
         partner: &str,
         priorities: &[Priority],
@@ -673,7 +681,7 @@ impl Store {
     }
 
     /// The latest state delivery of `device`'s `state` attribute at `partner`.
-    pub fn latest_state(
+    pub(crate) fn latest_state(
         &self,
         partner: &str,
         device: &str,
@@ -926,7 +934,7 @@ pub(crate) mod testing {
     use crate::model::{Attempt, AttemptOutcome, DeliveryRecord, EventRecord, Priority};
 
     /// A small store in a fresh temp dir (kept while the dir lives).
-    pub fn open() -> (tempfile::TempDir, Store) {
+    pub(crate) fn open() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().expect("temp dir");
         let options = StoreOptions {
             cache_bytes: 1 << 20,
@@ -937,7 +945,7 @@ pub(crate) mod testing {
     }
 
     /// An event of `device` with one delivery to `acme`, due at 1,000 ms.
-    pub fn event(device: &str, priority: Priority) -> EventRecord {
+    pub(crate) fn event(device: &str, priority: Priority) -> EventRecord {
         EventRecord {
             id: Uuid::now_v7(),
             device_id: device.into(),
@@ -956,7 +964,7 @@ pub(crate) mod testing {
     }
 
     /// The store in `dir` again, as a restart opens it.
-    pub fn reopen(dir: &tempfile::TempDir) -> Store {
+    pub(crate) fn reopen(dir: &tempfile::TempDir) -> Store {
         let options = StoreOptions {
             cache_bytes: 1 << 20,
             queue: 16,
@@ -966,7 +974,7 @@ pub(crate) mod testing {
 
     /// Writes `link` as a herald from before grants did: the link record
     /// and its device index, no grant, no grant index.
-    pub fn put_link_as_before_grants(store: &Store, link: &crate::model::StoredLink) {
+    pub(crate) fn put_link_as_before_grants(store: &Store, link: &crate::model::StoredLink) {
         let db = store.db().expect("store open");
         db.insert(
             super::keys::link(&link.partner, &link.device_id),
@@ -981,7 +989,7 @@ pub(crate) mod testing {
     }
 
     /// A first attempt that delivered, at 1,500 ms.
-    pub fn delivered_attempt() -> Attempt {
+    pub(crate) fn delivered_attempt() -> Attempt {
         Attempt {
             number: 1,
             at_ms: 1_500,

@@ -17,7 +17,7 @@ use crate::model::{DeadLetter, DeliveryRecord, ScheduledDelivery};
 
 /// What one replay did.
 #[derive(Debug, Clone)]
-pub enum Replayed {
+pub(crate) enum Replayed {
     /// Scheduled as a new delivery; the lane can take it straight away.
     Scheduled(Scheduled),
     /// Replayed before, as this delivery.
@@ -102,13 +102,17 @@ pub(super) fn purge(p: &mut Pending<'_>, id: Uuid) -> Result<bool, StoreError> {
 impl Store {
     /// Replays each dead letter as a new delivery due at `now_ms`, in one
     /// durable group.
-    pub async fn replay(&self, ids: Vec<Uuid>, now_ms: u64) -> Result<Vec<Replayed>, StoreError> {
+    pub(crate) async fn replay(
+        &self,
+        ids: Vec<Uuid>,
+        now_ms: u64,
+    ) -> Result<Vec<Replayed>, StoreError> {
         self.call(|reply| super::writer::Command::Replay { ids, now_ms, reply })
             .await
     }
 
     /// Removes a dead letter; false if there was none.
-    pub async fn purge(&self, id: Uuid) -> Result<bool, StoreError> {
+    pub(crate) async fn purge(&self, id: Uuid) -> Result<bool, StoreError> {
         self.call(|reply| super::writer::Command::Purge { id, reply })
             .await
     }

@@ -29,12 +29,12 @@ use std::time::Duration;
 use super::keys;
 
 /// The file beside sled's own, in the data dir.
-pub const FILE_NAME: &str = "herald-commits";
+pub(crate) const FILE_NAME: &str = "herald-commits";
 
 /// How often the file is synced while commits advance it.
-pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
+pub(crate) const SYNC_INTERVAL: Duration = Duration::from_millis(50);
 
-pub struct Watermark {
+pub(crate) struct Watermark {
     file: Arc<File>,
     path: PathBuf,
     /// The sequence number of the last durable commit.
@@ -48,7 +48,7 @@ pub struct Watermark {
 impl Watermark {
     /// Checks sled's commit number against the file's, and opens the file
     /// for the writer. The error says what is wrong, for the operator.
-    pub fn open(dir: &Path, db: &sled::Db) -> Result<Watermark, String> {
+    pub(crate) fn open(dir: &Path, db: &sled::Db) -> Result<Watermark, String> {
         let path = dir.join(FILE_NAME);
         let in_sled = match db
             .get(keys::COMMITS)
@@ -114,14 +114,14 @@ impl Watermark {
     }
 
     /// The number the next commit writes into its batch.
-    pub fn next(&self) -> u64 {
+    pub(crate) fn next(&self) -> u64 {
         self.last + 1
     }
 
     /// Called after the commit numbered [`Watermark::next`] is durable in sled.
     /// No fsync here (the syncing thread's job): the file may lag behind
     /// sled, never run ahead of it.
-    pub fn advance(&mut self) -> Result<(), String> {
+    pub(crate) fn advance(&mut self) -> Result<(), String> {
         self.last += 1;
         self.file
             .write_all_at(&self.last.to_be_bytes(), 0)
@@ -172,7 +172,7 @@ impl Syncing {
     }
 }
 
-pub fn encode(n: u64) -> [u8; 8] {
+pub(crate) fn encode(n: u64) -> [u8; 8] {
     n.to_be_bytes()
 }
 
