@@ -264,7 +264,7 @@ async fn the_console_works_in_headless_chromium() {
     let run = tokio::time::timeout(Duration::from_secs(90), node.output())
         .await
         .expect("the browser test ends within 90 s")
-        .expect("node runs (Node 20 or newer on PATH)");
+        .expect("node runs (Node 18 or newer on PATH)");
     println!("{}", String::from_utf8_lossy(&run.stdout));
     eprintln!("{}", String::from_utf8_lossy(&run.stderr));
     println!("console screenshots: {}", screenshots.display());
