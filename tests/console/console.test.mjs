@@ -196,6 +196,27 @@ step('partners update as a mock partner goes down and comes back', async () => {
   assert.match(await row('acme').textContent(), /of 50\/s/, 'rate against its limit');
 });
 
+step('a partner whose platform refuses herald\'s setup shows its configuration alert until fixed', async () => {
+  // Routed by the device's link to Alexa's mock, which answers 403
+  // INSUFFICIENT_PERMISSION_EXCEPTION until its side is fixed.
+  await postEvent({
+    device_id: 'speaker-1', type: 'door.forced_open', priority: 'critical', partners: ['alexa'],
+    data: { capability: 'lock', attribute: 'lock', value: 'forced_open', kind: 'forced_open' },
+  });
+  await waitFor('alexa\'s alert on the page', async () => {
+    const text = await row('alexa').textContent();
+    return text.includes('configuration error') && text.includes('alert');
+  });
+  assert.match(await row('alexa').getAttribute('class'), /alarm/, 'a configuration error stands out');
+  await shot('partners-configuration-alert');
+  await control('POST', '/partners/alexa/fixed');
+  await waitFor('alexa\'s alert cleared on the page', async () => {
+    await control('POST', '/clock/advance/2000');
+    return !(await row('alexa').textContent()).includes('configuration error');
+  });
+  assert.doesNotMatch(await row('alexa').getAttribute('class'), /alarm/);
+});
+
 // ---- Dead letters ---------------------------------------------------------------
 
 const ids = {};

@@ -347,7 +347,8 @@
       const alarm = alarms(p, queues);
       const breaker = td('Breaker', {}, badge(p.breaker || '?', p.breaker));
       if (p.next_probe_at) breaker.append(el('div', { class: 'small', title: p.next_probe_at }, 'next probe ' + ago(p.next_probe_at)));
-      const queue = td('Queue', {}, el('div', {}, `${p.queued ?? 0} queued, ${p.in_flight ?? 0} in flight`));
+      const queue = td('Queue', { class: 'nowrap' }, el('div', {}, `${p.queued ?? 0} queued`),
+        el('div', { class: 'small' }, `${p.in_flight ?? 0} in flight`));
       for (const q of queues) {
         queue.append(el('div', { class: 'small' }, badge(q.priority, q.priority), ` ${q.depth}`,
           q.oldest !== undefined ? `, oldest ${seconds(q.oldest)}` : ''));
@@ -362,19 +363,20 @@
         parkedCell.append(el('div', { class: 'small' }, parkedList.slice(0, 3).map((r) => r.device_id).join(', ') +
           (parkedList.length > 3 ? '…' : '')));
       }
-      const config = td('Configuration', {}, p.alert
+      const config = td('Configuration', { class: 'snippet' }, p.alert
         ? el('div', {}, badge('alert', 'dead'), ' ', p.alert.reason,
-          el('div', { class: 'small' }, `since ${shortTime(p.alert.since)}, ${p.alert.count} answers`))
+          el('div', { class: 'small' }, `since ${shortTime(p.alert.since)}, ${p.alert.count} answer(s) like it`))
         : 'ok');
       const row = el('tr', { class: alarm.length ? 'alarm' : '', 'data-partner': p.name },
         td('Partner', {}, el('strong', {}, p.name), el('div', { class: 'small' }, p.adapter || ''),
           alarm.length ? el('div', { class: 'alarm-text' }, '⚠ ' + alarm.join(', ')) : null),
         breaker,
         queue,
-        td('Sends/s (limit)', {}, rateText),
+        td('Sends/s (limit)', { class: 'nowrap' }, rateText),
         td('Concurrency', {}, `${p.in_flight ?? 0} of ${p.concurrency_limit ?? '?'}`,
           p.max_in_flight && p.max_in_flight !== p.concurrency_limit ? el('div', { class: 'small' }, `max ${p.max_in_flight}`) : null),
-        td('Since start', { class: 'small' }, `sent ${p.sent ?? 0}, delivered ${p.delivered ?? 0}, retried ${p.retried ?? 0}, dead ${p.dead ?? 0}`),
+        td('Since start', { class: 'small nowrap' }, `sent ${p.sent ?? 0}`, el('br'), `delivered ${p.delivered ?? 0}`, el('br'),
+          `retried ${p.retried ?? 0}, dead ${p.dead ?? 0}`),
         parkedCell,
         config);
       tbody.append(row);
