@@ -690,8 +690,9 @@
     const count = dry.body.purged || 0;
     say('dead-message', '');
     if (!count) return say('dead-message', 'Dry run: no dead letter matches this filter; nothing to purge.');
+    const caveat = $('f-replayed').value ? ' The "Replayed" choice is not part of herald\'s purge: letters replayed before are purged too.' : '';
     const ok = await confirmAction('Purge matching dead letters for good?',
-      `Dry run: ${count} dead letter(s) match (${describeFilter(filter)}). Purged letters cannot be replayed or read again.`, [], `Purge ${count}`);
+      `Dry run: ${count} dead letter(s) match (${describeFilter(filter)}). Purged letters cannot be replayed or read again.${caveat}`, [], `Purge ${count}`);
     if (!ok) return say('dead-message', 'Purge cancelled; nothing was purged.');
     const done = await api('POST', '/v1/dead-letters/purge', Object.assign({}, filter, { dry_run: false }));
     if (done.status !== 200) return say('dead-message', 'The purge was refused: ' + problemText(done), 'error');
