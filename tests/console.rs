@@ -329,9 +329,9 @@ timeout_ms = 1000
         .env("CHROMIUM", &chromium)
         .env("SCREENSHOTS", &screenshots)
         .kill_on_drop(true);
-    let run = tokio::time::timeout(Duration::from_secs(90), node.output())
+    let run = tokio::time::timeout(Duration::from_secs(150), node.output())
         .await
-        .expect("the browser test ends within 90 s")
+        .expect("the browser test ends within 150 s")
         .expect("node runs (Node 18 or newer on PATH)");
     println!("{}", String::from_utf8_lossy(&run.stdout));
     eprintln!("{}", String::from_utf8_lossy(&run.stderr));

@@ -61,7 +61,7 @@ async function postEvent(event) {
 }
 
 /** Polls `check` (real time, bounded) until it returns something truthy. */
-async function waitFor(what, check, ms = 10000) {
+async function waitFor(what, check, ms = 20000) {
   const deadline = Date.now() + ms;
   let last;
   for (;;) {
@@ -109,7 +109,7 @@ before(async () => {
   browser = await chromium.launch({ executablePath: CHROMIUM, args: ['--no-sandbox', '--disable-gpu'] });
   const context = await browser.newContext({ viewport: WIDE });
   page = await context.newPage();
-  page.setDefaultTimeout(10000);
+  page.setDefaultTimeout(20000);
   page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
   page.on('console', (m) => {
     if (m.type() === 'error') problems.push(`console error: ${m.text()}`);
@@ -319,7 +319,7 @@ step('bulk replay shows the dry-run count, asks, and replays the filter', async 
   await page.click('#replay-matching');
   await page.locator('#confirm').waitFor({ state: 'visible' });
   await page.click('#confirm-ok');
-  await waitFor('the job done', async () => /(done|Replay done): 2 replayed|done, 2 of 2/.test(await page.textContent('#job-status')), 15000);
+  await waitFor('the job done', async () => /(done|Replay done): 2 replayed|done, 2 of 2/.test(await page.textContent('#job-status')), 20000);
   await waitFor('both arrived at acme', async () => (await countAt()) === 2);
   await waitFor('the list empty', async () => (await deadRows().count()) === 0);
   await shot('bulk-replay-done');
@@ -395,6 +395,25 @@ step('dead letters page by 50; a filter herald\'s list does not apply replays on
   const left = await heraldApi('GET', '/v1/dead-letters?partner=globex&limit=100', OPERATOR);
   assert.deepEqual(left.body.items.map((d) => d.device_id), purgeServed ? [] : ['pager-7'],
     'the console\'s purge keeps the replayed one (replayed: not yet)');
+});
+
+step('one dead letter is purged from its page, after a confirmation', async () => {
+  await control('POST', '/partners/globex/answer/400');
+  const id = await postEvent({ device_id: 'lock-5', type: 'door.forced_open', data: {}, partners: ['globex'] });
+  const letter = await waitFor('its dead letter', async () =>
+    (await heraldApi('GET', '/v1/dead-letters?partner=globex&limit=100', OPERATOR)).body.items.find((d) => d.event_id === id));
+  await control('POST', '/partners/globex/answer/200');
+  await page.evaluate((letterId) => { location.hash = `#/dead-letters/${letterId}`; }, letter.id);
+  await page.locator('#purge-one').waitFor();
+  await page.click('#purge-one');
+  await page.locator('#confirm').waitFor({ state: 'visible' });
+  await page.click('#confirm-cancel');
+  assert.equal((await heraldApi('GET', `/v1/dead-letters/${letter.id}`, OPERATOR)).status, 200, 'cancelled: still there');
+  await page.click('#purge-one');
+  await page.locator('#confirm').waitFor({ state: 'visible' });
+  await page.click('#confirm-ok');
+  await waitFor('purged', async () => /purged/.test(await page.textContent('#letter-message')));
+  assert.equal((await heraldApi('GET', `/v1/dead-letters/${letter.id}`, OPERATOR)).status, 404);
 });
 
 // ---- Event lookup, audit, chart ------------------------------------------------

@@ -577,13 +577,14 @@
   }
 
   /** A modal confirmation; resolves true on Confirm. */
-  function confirmAction(title, text, lines, okLabel) {
+  function confirmAction(title, text, lines, okLabel, destructive) {
     const dialog = $('confirm');
     $('confirm-title').textContent = title;
     $('confirm-text').textContent = text;
     const list = clear($('confirm-detail'));
     for (const line of lines || []) list.append(el('li', {}, line));
     $('confirm-ok').textContent = okLabel || 'Confirm';
+    $('confirm-ok').className = destructive ? 'danger' : '';
     return new Promise((resolve) => {
       dialog.addEventListener('close', () => resolve(dialog.returnValue === 'ok'), { once: true });
       dialog.returnValue = '';
@@ -692,7 +693,7 @@
     if (!count) return say('dead-message', 'Dry run: no dead letter matches this filter; nothing to purge.');
     const caveat = $('f-replayed').value ? ' The "Replayed" choice is not part of herald\'s purge: letters replayed before are purged too.' : '';
     const ok = await confirmAction('Purge matching dead letters for good?',
-      `Dry run: ${count} dead letter(s) match (${describeFilter(filter)}). Purged letters cannot be replayed or read again.${caveat}`, [], `Purge ${count}`);
+      `Dry run: ${count} dead letter(s) match (${describeFilter(filter)}). Purged letters cannot be replayed or read again.${caveat}`, [], `Purge ${count}`, true);
     if (!ok) return say('dead-message', 'Purge cancelled; nothing was purged.');
     const done = await api('POST', '/v1/dead-letters/purge', Object.assign({}, filter, { dry_run: false }));
     if (done.status !== 200) return say('dead-message', 'The purge was refused: ' + problemText(done), 'error');
@@ -709,7 +710,7 @@
     if (!found.ids.length) return say('dead-message', note + ' Dry run: no dead letter matches this filter; nothing to purge.');
     const ok = await confirmAction('Purge matching dead letters for good?',
       `Dry run: ${found.ids.length} dead letter(s) match (${describeFilter(filter)}, replayed: ${replayed || 'either'}). Purged letters cannot be replayed or read again.`,
-      partnerLines(found.byPartner), `Purge ${found.ids.length}`);
+      partnerLines(found.byPartner), `Purge ${found.ids.length}`, true);
     if (!ok) return say('dead-message', note + ' Purge cancelled; nothing was purged.');
     let purged = 0;
     const failed = [];
@@ -778,7 +779,7 @@
     });
     purge.addEventListener('click', async () => {
       const ok = await confirmAction('Purge this dead letter for good?',
-        `Dead letter ${d.id} (${e.type} for ${e.device_id} at ${d.partner}) cannot be replayed or read again.`, [], 'Purge');
+        `Dead letter ${d.id} (${e.type} for ${e.device_id} at ${d.partner}) cannot be replayed or read again.`, [], 'Purge', true);
       if (!ok) return;
       const r = await api('DELETE', '/v1/dead-letters/' + encodeURIComponent(d.id));
       if (r.status === 204) {
