@@ -26,7 +26,6 @@
       if (value === undefined || value === null || value === false) continue;
       if (name === 'class') node.className = value;
       else if (name === 'text') node.textContent = String(value);
-      else if (name === 'onclick') node.addEventListener('click', value);
       else node.setAttribute(name, String(value));
     }
     append(node, children);
