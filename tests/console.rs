@@ -9,8 +9,9 @@
 //! setup the way Amazon documents until it is fixed), and a small control
 //! server through which the browser test takes a partner down and back,
 //! sets what it answers, fixes Alexa's side, moves the clock and reads what
-//! each partner received. Screenshots of every view go to the folder it
-//! prints.
+//! each partner received. Screenshots of every view, at 1280x800 and at
+//! 390x844, go to `<target dir>/tmp/console-screenshots/` (the run prints
+//! the path; `--no-capture` shows it for a passing run).
 
 mod common;
 
