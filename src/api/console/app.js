@@ -269,8 +269,20 @@
     refreshTimer = null;
   }
 
+  let refreshing = false;
+
+  /** One refresh at a time: a slow herald is not asked again meanwhile. */
   async function refreshPartners() {
-    if (!token) return;
+    if (!token || refreshing) return;
+    refreshing = true;
+    try {
+      await readPartners();
+    } finally {
+      refreshing = false;
+    }
+  }
+
+  async function readPartners() {
     const answer = await api('GET', '/v1/partners');
     if (answer.status !== 200) {
       say('partners-message', 'Could not read partners: ' + problemText(answer), 'error');
