@@ -187,6 +187,8 @@ impl Guard {
 fn needed_role(method: &Method, route: Option<&str>, metrics_auth: bool) -> Option<Role> {
     match route? {
         "/healthz" | "/readyz" => None,
+        // Static content: its data comes from the API, with the token.
+        "/console" | "/console/{asset}" => None,
         "/metrics" => metrics_auth.then_some(Role::Operator),
         "/v1/events" if method == Method::POST => Some(Role::Ingest),
         _ => Some(Role::Operator),
@@ -393,6 +395,11 @@ mod tests {
         );
         assert_eq!(needed_role(&Method::GET, Some("/metrics"), false), None);
         assert_eq!(needed_role(&Method::GET, Some("/healthz"), true), None);
+        assert_eq!(needed_role(&Method::GET, Some("/console"), true), None);
+        assert_eq!(
+            needed_role(&Method::GET, Some("/console/{asset}"), true),
+            None
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod console;
 pub mod guard;
 pub mod ingest;
 pub mod links;
@@ -107,6 +108,8 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .put(links::put_link)
                 .delete(links::delete_link),
         )
+        .route("/console", get(console::page))
+        .route("/console/{asset}", get(console::asset))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
