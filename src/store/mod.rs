@@ -31,6 +31,8 @@ mod event_page;
 mod format;
 mod gather;
 mod handle;
+mod jobs;
+pub use jobs::{BatchDone, LetterPage};
 pub mod keys;
 pub use replay::Replayed;
 mod links;
@@ -692,6 +694,8 @@ impl Store {
             keys::DELIVERED,
             keys::CHUNK_STATE,
             keys::DEAD,
+            keys::REPLAY_JOB,
+            keys::AUDIT,
         ]
         .iter()
         .map(|&p| {

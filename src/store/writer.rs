@@ -19,7 +19,7 @@
 //! This file holds the loop, the commit and [`Pending`], the group's
 //! overlay; each command's changes live in a file of their own:
 //! [`super::enqueue`], [`super::record`], [`super::collect`],
-//! [`super::links`] and [`super::replay`].
+//! [`super::links`], [`super::replay`] and [`super::jobs`].
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -39,7 +39,7 @@ use super::handle::{self, Handle};
 use super::keys::{self, ScheduleKey};
 use super::watermark::{self, Watermark};
 use super::{current_event, decode, Accepted, CollectFrom, Collected, Home, Outcome, StoreError};
-use crate::model::EventRecord;
+use crate::model::{AuditEntry, EventRecord, ReplayJob};
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -70,11 +70,27 @@ pub(super) enum Command {
     Replay {
         ids: Vec<(Uuid, Uuid)>,
         now_ms: u64,
+        audit: Option<AuditEntry>,
         reply: Reply<(Vec<super::replay::Replayed>, u64)>,
     },
     Purge {
+        ids: Vec<Uuid>,
+        audit: Option<AuditEntry>,
+        reply: Reply<usize>,
+    },
+    StartJob {
+        job: Box<ReplayJob>,
+        audit: Box<AuditEntry>,
+        reply: Reply<()>,
+    },
+    /// One batch of a replay job and the job's progress, as one change.
+    ReplayBatch {
         id: Uuid,
-        reply: Reply<bool>,
+        ids: Vec<(Uuid, Uuid)>,
+        cursor: Option<Uuid>,
+        done: bool,
+        now_ms: u64,
+        reply: Reply<(Option<super::jobs::BatchDone>, u64)>,
     },
     Shutdown {
         reply: Reply<()>,
@@ -159,7 +175,12 @@ enum Answer {
         Reply<(Vec<super::replay::Replayed>, u64)>,
         Result<(Vec<super::replay::Replayed>, u64), StoreError>,
     ),
-    Purge(Reply<bool>, Result<bool, StoreError>),
+    Purge(Reply<usize>, Result<usize, StoreError>),
+    StartJob(Reply<()>),
+    ReplayBatch(
+        Reply<(Option<super::jobs::BatchDone>, u64)>,
+        Result<(Option<super::jobs::BatchDone>, u64), StoreError>,
+    ),
     Shutdown(Reply<()>),
 }
 
@@ -216,14 +237,37 @@ fn run(
                     let result = pending.atomically(|p| super::links::apply(p, *change));
                     answers.push(Answer::Link(reply, result));
                 }
-                Command::Replay { ids, now_ms, reply } => {
+                Command::Replay {
+                    ids,
+                    now_ms,
+                    audit,
+                    reply,
+                } => {
                     let commit = pending.commit_number();
                     let done = super::replay::replay_all(&mut pending, ids, now_ms);
+                    super::replay::audit_replayed(&mut pending, &done, audit);
                     answers.push(Answer::Replay(reply, Ok((done, commit))));
                 }
-                Command::Purge { id, reply } => {
-                    let result = super::replay::purge(&mut pending, id);
+                Command::Purge { ids, audit, reply } => {
+                    let result = super::replay::purge_all(&mut pending, ids, audit);
                     answers.push(Answer::Purge(reply, result));
+                }
+                Command::StartJob { job, audit, reply } => {
+                    super::jobs::start(&mut pending, &job, &audit);
+                    answers.push(Answer::StartJob(reply));
+                }
+                Command::ReplayBatch {
+                    id,
+                    ids,
+                    cursor,
+                    done,
+                    now_ms,
+                    reply,
+                } => {
+                    let commit = pending.commit_number();
+                    let result = super::jobs::batch(&mut pending, id, ids, cursor, done, now_ms)
+                        .map(|batch| (batch, commit));
+                    answers.push(Answer::ReplayBatch(reply, result));
                 }
                 Command::Shutdown { reply } => {
                     stop = true;
@@ -265,6 +309,10 @@ fn run(
                 (Answer::Replay(r, _), Err(e)) => drop(r.send(Err(failed(e)))),
                 (Answer::Purge(r, result), Ok(())) => drop(r.send(result)),
                 (Answer::Purge(r, _), Err(e)) => drop(r.send(Err(failed(e)))),
+                (Answer::StartJob(r), Ok(())) => drop(r.send(Ok(()))),
+                (Answer::StartJob(r), Err(e)) => drop(r.send(Err(failed(e)))),
+                (Answer::ReplayBatch(r, result), Ok(())) => drop(r.send(result)),
+                (Answer::ReplayBatch(r, _), Err(e)) => drop(r.send(Err(failed(e)))),
                 (Answer::Shutdown(r), Ok(())) => drop(r.send(Ok(()))),
                 (Answer::Shutdown(r), Err(e)) => drop(r.send(Err(failed(e)))),
             }
@@ -397,6 +445,8 @@ fn refuse_with(command: Command, error: StoreError) {
         Command::Link { reply, .. } => drop(reply.send(Err(error))),
         Command::Replay { reply, .. } => drop(reply.send(Err(error))),
         Command::Purge { reply, .. } => drop(reply.send(Err(error))),
+        Command::StartJob { reply, .. } => drop(reply.send(Err(error))),
+        Command::ReplayBatch { reply, .. } => drop(reply.send(Err(error))),
         Command::Shutdown { reply } => drop(reply.send(Err(error))),
     }
 }
@@ -410,6 +460,8 @@ fn refuse(command: Command) {
         Command::Link { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
         Command::Replay { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
         Command::Purge { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
+        Command::StartJob { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
+        Command::ReplayBatch { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
         Command::Shutdown { reply } => drop(reply.send(Ok(()))),
     }
 }

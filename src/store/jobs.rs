@@ -1,0 +1,232 @@
+//! Bulk replay jobs and the audit log, as the store keeps them.
+//!
+//! A job (`j` + job id) is made with its audit entry in one group commit.
+//! Each batch it replays and the job's own progress (its cursor, its
+//! counts, `done`) are written by one writer command, so they commit
+//! together or not at all: a job stopped by a crash goes on after its last
+//! committed batch, and a letter it replayed is marked with its new
+//! delivery in that same commit, so no later batch replays it again.
+//!
+//! Audit entries (`h` + entry id) are written by the command that does
+//! what they record: a replay, a purge, a job made.
+
+use uuid::Uuid;
+
+use super::keys;
+use super::replay::{self, Replayed};
+use super::writer::{Command, Pending};
+use super::{decode, encode, Store, StoreError};
+use crate::model::{AuditEntry, DeadLetter, ReplayJob, ReplayJobState};
+
+/// The most dead letters one read of a job's page walks past: a filter
+/// that matches few letters among many does not hold a task for long.
+const MAX_SCANNED: usize = 10_000;
+
+pub(super) fn put_audit(p: &mut Pending<'_>, entry: &AuditEntry) {
+    p.put(keys::audit(entry.id).to_vec(), encode(entry));
+}
+
+/// Writes a new job with the audit entry that records it.
+pub(super) fn start(p: &mut Pending<'_>, job: &ReplayJob, audit: &AuditEntry) {
+    p.put(keys::replay_job(job.id).to_vec(), encode(job));
+    put_audit(p, audit);
+}
+
+/// What one batch of a job did: each letter's replay, and the job as it
+/// stands after it.
+pub type BatchDone = (Vec<Replayed>, Box<ReplayJob>);
+
+/// Replays `ids` for job `id` and moves the job to `cursor` (done, if
+/// `done`), in the same group. `None` when there is no such job; a job
+/// already done replays nothing.
+pub(super) fn batch(
+    p: &mut Pending<'_>,
+    id: Uuid,
+    ids: Vec<(Uuid, Uuid)>,
+    cursor: Option<Uuid>,
+    done: bool,
+    now_ms: u64,
+) -> Result<Option<BatchDone>, StoreError> {
+    let key = keys::replay_job(id);
+    let Some(mut job) = p.get_json::<ReplayJob>(&key)? else {
+        return Ok(None);
+    };
+    if job.state == ReplayJobState::Done {
+        return Ok(Some((Vec::new(), Box::new(job))));
+    }
+    let replayed = replay::replay_all(p, ids, now_ms);
+    for r in &replayed {
+        match r {
+            Replayed::Scheduled(_) => job.replayed += 1,
+            Replayed::Already(_) | Replayed::Missing | Replayed::Failed(_) => job.skipped += 1,
+        }
+    }
+    if cursor.is_some() {
+        job.cursor = cursor;
+    }
+    if done {
+        job.state = ReplayJobState::Done;
+    }
+    job.updated_ms = now_ms;
+    p.put(key.to_vec(), encode(&job));
+    Ok(Some((replayed, Box::new(job))))
+}
+
+/// One page of the dead letters a job takes.
+#[derive(Debug, Default)]
+pub struct LetterPage {
+    pub letters: Vec<DeadLetter>,
+    /// The last letter read past, matched or not: where the next page starts.
+    pub cursor: Option<Uuid>,
+    /// Nothing is left up to the job's last letter.
+    pub end: bool,
+}
+
+impl Store {
+    /// Writes a new job and its audit entry in one durable group.
+    pub async fn start_replay_job(
+        &self,
+        job: ReplayJob,
+        audit: AuditEntry,
+    ) -> Result<(), StoreError> {
+        self.call(|reply| Command::StartJob {
+            job: Box::new(job),
+            audit: Box::new(audit),
+            reply,
+        })
+        .await
+    }
+
+    /// Replays one batch of job `id` (each `(dead letter, new delivery)`)
+    /// and records the job's progress with it, in one durable group; with
+    /// the commit that made them durable, for handing the new deliveries to
+    /// their lanes. `None` when the job is gone.
+    pub async fn replay_batch(
+        &self,
+        id: Uuid,
+        ids: Vec<(Uuid, Uuid)>,
+        cursor: Option<Uuid>,
+        done: bool,
+        now_ms: u64,
+    ) -> Result<(Option<BatchDone>, u64), StoreError> {
+        self.call(|reply| Command::ReplayBatch {
+            id,
+            ids,
+            cursor,
+            done,
+            now_ms,
+            reply,
+        })
+        .await
+    }
+
+    pub fn replay_job(&self, id: Uuid) -> Result<Option<ReplayJob>, StoreError> {
+        super::get_json(&self.db()?, &keys::replay_job(id))
+    }
+
+    /// Jobs newest first, after `after` in that order, at most `limit`.
+    pub fn replay_jobs(
+        &self,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Vec<ReplayJob>, StoreError> {
+        let end = match after {
+            Some(id) => keys::replay_job(id).to_vec(),
+            None => vec![keys::REPLAY_JOB + 1],
+        };
+        let mut out = Vec::new();
+        for item in self
+            .db()?
+            .range(vec![keys::REPLAY_JOB]..end)
+            .rev()
+            .take(limit)
+        {
+            let (k, v) = item?;
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    /// Every job still running, oldest first: what a start resumes. One
+    /// that cannot be read is reported and left.
+    pub fn running_replay_jobs(&self) -> Result<Vec<ReplayJob>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db()?.scan_prefix([keys::REPLAY_JOB]) {
+            let (k, v) = item?;
+            match decode::<ReplayJob>(&k, &v) {
+                Ok(job) if job.state == ReplayJobState::Running => out.push(job),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "an unreadable replay job is not resumed"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The id of the newest dead letter, if any.
+    pub fn newest_dead_letter(&self) -> Result<Option<Uuid>, StoreError> {
+        let last = self
+            .db()?
+            .range(vec![keys::DEAD]..vec![keys::DEAD + 1])
+            .next_back()
+            .transpose()?;
+        Ok(last.and_then(|(k, _)| keys::id_of(&k)))
+    }
+
+    /// Up to `limit` letters that `keep` accepts, after `after` and up to
+    /// `last` (inclusive), in the order they died. A letter that cannot be
+    /// read is reported and passed over, so it cannot hold a job up.
+    pub fn dead_letter_page(
+        &self,
+        after: Option<Uuid>,
+        last: Uuid,
+        limit: usize,
+        keep: &dyn Fn(&DeadLetter) -> bool,
+    ) -> Result<LetterPage, StoreError> {
+        let range = keys::ids_after(keys::DEAD, after);
+        let upto = keys::dead_letter(last).to_vec();
+        if range.start > upto {
+            return Ok(LetterPage {
+                cursor: after,
+                end: true,
+                ..LetterPage::default()
+            });
+        }
+        let mut page = LetterPage {
+            cursor: after,
+            end: true,
+            ..LetterPage::default()
+        };
+        for (scanned, item) in self.db()?.range(range.start..=upto).enumerate() {
+            if page.letters.len() >= limit || scanned >= MAX_SCANNED {
+                page.end = false;
+                break;
+            }
+            let (k, v) = item?;
+            page.cursor = keys::id_of(&k).or(page.cursor);
+            match decode::<DeadLetter>(&k, &v) {
+                Ok(letter) if keep(&letter) => page.letters.push(letter),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "skipping an unreadable dead letter"),
+            }
+        }
+        Ok(page)
+    }
+
+    /// Audit entries oldest first, after `after`, at most `limit`.
+    pub fn audit_entries(
+        &self,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db()?
+            .range(keys::ids_after(keys::AUDIT, after))
+            .take(limit)
+        {
+            let (k, v) = item?;
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
+    }
+}
