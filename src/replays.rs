@@ -162,7 +162,6 @@ impl Worker {
                         })
                         .collect();
                     self.dispatcher.offer(scheduled, commit);
-                    metrics::counter!("herald_replay_job_letters_total").increment(count);
                     cursor = page.cursor;
                     sent += count;
                     if now.state == ReplayJobState::Done {

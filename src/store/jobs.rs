@@ -230,3 +230,173 @@ impl Store {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Attempt, AttemptOutcome, AuditAction, DeadLetterFilter, Priority};
+    use crate::store::testing;
+    use crate::store::{Next, Outcome};
+
+    /// Three events whose deliveries died: their dead letters' ids.
+    async fn three_dead(store: &Store) -> Vec<Uuid> {
+        let events = (0..3)
+            .map(|n| testing::event(&format!("lock-{n}"), Priority::Normal))
+            .collect();
+        store.enqueue(events).await.expect("enqueue");
+        let due = store
+            .due("acme", &Priority::ALL, 2_000, 100, &|_| false)
+            .expect("scan")
+            .found;
+        for d in &due {
+            let outcome = Outcome {
+                key: d.key.clone(),
+                entry: d.entry.clone(),
+                attempt: Attempt {
+                    number: 1,
+                    at_ms: 1_500,
+                    status: Some(400),
+                    latency_ms: 3,
+                    outcome: AttemptOutcome::Failed,
+                    detail: "400".into(),
+                },
+                next: Next::Dead("refused".into()),
+                park: None,
+            };
+            store.record(outcome).await.expect("recorded");
+        }
+        let letters = store.dead_letters(None, 10, &|_| true).expect("read");
+        assert_eq!(letters.len(), 3);
+        letters.iter().map(|d| d.id).collect()
+    }
+
+    fn job(last: Option<Uuid>) -> ReplayJob {
+        ReplayJob {
+            id: Uuid::now_v7(),
+            state: ReplayJobState::Running,
+            filter: DeadLetterFilter::default(),
+            rate_per_second: 10,
+            matched: 3,
+            replayed: 0,
+            skipped: 0,
+            cursor: None,
+            last,
+            created_ms: 1_000,
+            updated_ms: 1_000,
+            created_by: "on-call".into(),
+        }
+    }
+
+    fn audit(target: Uuid) -> AuditEntry {
+        AuditEntry {
+            id: Uuid::now_v7(),
+            at_ms: 1_000,
+            token: "on-call".into(),
+            action: AuditAction::ReplayJob,
+            filter: Some(DeadLetterFilter::default()),
+            target: Some(target),
+            event_id: None,
+            count: 3,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_moves_the_job_with_its_replays_and_a_letter_is_replayed_once() {
+        let (dir, store) = testing::open();
+        let letters = three_dead(&store).await;
+        let last = store.newest_dead_letter().expect("read");
+        assert_eq!(last, letters.last().copied());
+        let made = job(last);
+        store
+            .start_replay_job(made.clone(), audit(made.id))
+            .await
+            .expect("made");
+        assert_eq!(store.running_replay_jobs().expect("read").len(), 1);
+
+        let keep = |d: &DeadLetter| d.replayed_as.is_none();
+        let page = store
+            .dead_letter_page(None, letters[2], 2, &keep)
+            .expect("page");
+        assert_eq!(page.letters.len(), 2);
+        assert_eq!(page.cursor, Some(letters[1]));
+        assert!(!page.end);
+        let pairs: Vec<(Uuid, Uuid)> = page
+            .letters
+            .iter()
+            .map(|d| (d.id, Uuid::now_v7()))
+            .collect();
+        let (done, _) = store
+            .replay_batch(made.id, pairs.clone(), page.cursor, false, 2_000)
+            .await
+            .expect("written");
+        let (replayed, now) = done.expect("the job is there");
+        assert!(replayed.iter().all(|r| matches!(r, Replayed::Scheduled(_))));
+        assert_eq!((now.replayed, now.skipped), (2, 0));
+
+        // Read back after a restart: the letters and the job's progress together.
+        store.shutdown().await.expect("shutdown");
+        drop(store);
+        let store = testing::reopen(&dir);
+        let job_now = store.replay_job(made.id).expect("read").expect("kept");
+        assert_eq!(job_now.cursor, Some(letters[1]));
+        assert_eq!(job_now.replayed, 2);
+        for (id, delivery) in &pairs {
+            let letter = store.dead_letter(*id).expect("read").expect("kept");
+            assert_eq!(letter.replayed_as, Some(*delivery));
+        }
+
+        // The same letters again (a batch written twice) replay nothing.
+        let again: Vec<(Uuid, Uuid)> = pairs.iter().map(|(id, _)| (*id, Uuid::now_v7())).collect();
+        let (done, _) = store
+            .replay_batch(made.id, again, page.cursor, false, 2_100)
+            .await
+            .expect("written");
+        let (_, now) = done.expect("the job");
+        assert_eq!((now.replayed, now.skipped), (2, 2));
+
+        let rest = store
+            .dead_letter_page(job_now.cursor, letters[2], 2, &keep)
+            .expect("page");
+        assert_eq!(rest.letters.len(), 1);
+        assert!(rest.end);
+        let pairs = vec![(rest.letters[0].id, Uuid::now_v7())];
+        let (done, _) = store
+            .replay_batch(made.id, pairs, rest.cursor, true, 2_200)
+            .await
+            .expect("written");
+        let (_, now) = done.expect("the job");
+        assert_eq!(now.state, ReplayJobState::Done);
+        assert_eq!(now.replayed, 3);
+        assert!(store.running_replay_jobs().expect("read").is_empty());
+        let (done, _) = store
+            .replay_batch(Uuid::now_v7(), Vec::new(), None, true, 2_300)
+            .await
+            .expect("written");
+        assert!(done.is_none(), "no such job");
+        let entries = store.audit_entries(None, 10).expect("read");
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].target, Some(made.id));
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_letter_is_passed_over_and_the_page_moves_past_it() {
+        let (_dir, store) = testing::open();
+        let letters = three_dead(&store).await;
+        store
+            .db()
+            .expect("open")
+            .insert(keys::dead_letter(letters[1]), &b"not json"[..])
+            .expect("write");
+        let page = store
+            .dead_letter_page(None, letters[2], 10, &|_| true)
+            .expect("a damaged letter is no error");
+        let ids: Vec<Uuid> = page.letters.iter().map(|d| d.id).collect();
+        assert_eq!(ids, [letters[0], letters[2]]);
+        assert_eq!(page.cursor, Some(letters[2]));
+        assert!(page.end);
+        let past = store
+            .dead_letter_page(Some(letters[2]), letters[2], 10, &|_| true)
+            .expect("page");
+        assert!(past.letters.is_empty() && past.end);
+    }
+}
