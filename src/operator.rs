@@ -463,6 +463,14 @@ fn filter_words(filter: &Value) -> String {
     }
 }
 
+/// "1 dead letter", "2 dead letters": `count` is the answer's number.
+fn letters(count: &Value) -> String {
+    match count.as_u64() {
+        Some(1) => "1 dead letter".to_string(),
+        _ => format!("{} dead letters", text(count)),
+    }
+}
+
 fn items(answer: &Value, key: &str) -> Vec<Value> {
     answer[key].as_array().cloned().unwrap_or_default()
 }
@@ -577,26 +585,26 @@ fn render(command: &Command, answer: &Value) -> String {
             text(&answer["partner"]),
         ),
         Command::Dlq(Dlq::Replay { id: None, .. }) if answer["dry_run"] == true => format!(
-            "{} dead letters would be replayed (dry run: nothing changed)\n{}",
-            text(&answer["matched"]),
+            "{} would be replayed (dry run: nothing changed)\n{}",
+            letters(&answer["matched"]),
             partner_counts(answer)
         ),
         Command::Dlq(Dlq::Replay { id: None, .. }) => {
             let id = text(&answer["id"]);
             format!(
-                "replay job {id} started: {} dead letters at up to {} a second\nfollow it: herald replays {id}\n",
-                text(&answer["matched"]),
+                "replay job {id} started: {} at up to {} a second\nfollow it: herald replays {id}\n",
+                letters(&answer["matched"]),
                 text(&answer["rate_per_second"]),
             )
         }
         Command::Dlq(Dlq::Purge { id: Some(id), .. }) => format!("dead letter {id} purged\n"),
         Command::Dlq(Dlq::Purge { id: None, .. }) if answer["dry_run"] == true => format!(
-            "{} dead letters would be purged (dry run: nothing changed)\n{}",
-            text(&answer["matched"]),
+            "{} would be purged (dry run: nothing changed)\n{}",
+            letters(&answer["matched"]),
             partner_counts(answer)
         ),
         Command::Dlq(Dlq::Purge { id: None, .. }) => {
-            format!("{} dead letters purged\n", text(&answer["purged"]))
+            format!("{} purged\n", letters(&answer["purged"]))
         }
         Command::Replays(None) => {
             let jobs = items(answer, "items");

@@ -356,12 +356,12 @@ async fn the_operator_commands_print_tables_and_json_and_work_dead_letters() {
         &env,
     );
     assert!(
-        ran.out.starts_with("1 dead letters would be purged"),
+        ran.out.starts_with("1 dead letter would be purged"),
         "{}",
         ran.out
     );
     let ran = herald(&["dlq", "purge", "--all", "--type", "motion"], &env);
-    assert_eq!(ran.out, "1 dead letters purged\n", "{}", ran.err);
+    assert_eq!(ran.out, "1 dead letter purged\n", "{}", ran.err);
     let left = json(&herald(&["dlq", "list", "--json"], &env));
     assert_eq!(left["items"].as_array().map(Vec::len), Some(2), "{left}");
     assert!(left["items"]
