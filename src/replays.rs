@@ -107,9 +107,15 @@ impl Worker {
         let id = job.id;
         let rate = u64::from(job.rate_per_second.clamp(1, MAX_RATE));
         let size = batch_size(job.rate_per_second);
+        // As when it was made: a letter of a partner without a lane is not taken.
         let keep = {
             let filter = job.filter.clone();
-            move |d: &crate::model::DeadLetter| d.replayed_as.is_none() && filter.matches(d)
+            let dispatcher = Arc::clone(&self.dispatcher);
+            move |d: &crate::model::DeadLetter| {
+                d.replayed_as.is_none()
+                    && filter.matches(d)
+                    && dispatcher.lane(&d.partner).is_some()
+            }
         };
         // Paced from where this run starts: a job resumed after a restart
         // does not rush to make up for the time herald was down.

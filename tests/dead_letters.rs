@@ -544,3 +544,51 @@ async fn bad_bulk_bodies_are_refused_by_field() {
     let (_, jobs) = h.get("/v1/replays").await;
     assert_eq!(jobs["items"], serde_json::json!([]));
 }
+
+#[tokio::test]
+async fn letters_of_a_partner_since_removed_are_not_replayed_but_can_be_purged() {
+    let clock = herald::clock::Clock::manual(START_MS);
+    let mock = MockPartner::start(clock.clone()).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let both = format!(
+        "{}{}",
+        partner_toml("acme", &mock.url, REFUSES_400),
+        partner_toml("beta", &mock.url, REFUSES_400)
+    );
+    let h = TestHerald::start(&config_toml(dir.path(), &both, ""), clock.clone()).await;
+    dead_one(&h, &mock, "door.forced_open").await;
+    mock.script([Reply::Status(400)]);
+    let (status, body) = h
+        .post_events(r#"{"device_id":"lock-7f3a","type":"motion","partners":["beta"]}"#)
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().expect("id").to_string();
+    h.wait_event(&id, "dead", |e| {
+        e.deliveries[0].state == DeliveryState::Dead
+    })
+    .await;
+    h.herald.shutdown().await.expect("clean shutdown");
+
+    // beta leaves the config; its letter stays.
+    let only_acme = partner_toml("acme", &mock.url, REFUSES_400);
+    let h = TestHerald::start(&config_toml(dir.path(), &only_acme, ""), clock).await;
+    let (_, all) = h.get("/v1/dead-letters").await;
+    assert_eq!(all["items"].as_array().map(Vec::len), Some(2), "{all}");
+    let (status, dry, _) = post_json(&h, "/v1/replays", serde_json::json!({"dry_run": true})).await;
+    assert_eq!(status, 200, "{dry}");
+    assert_eq!(dry["partners"], serde_json::json!({"acme": 1}), "{dry}");
+    let (status, problem, _) =
+        post_json(&h, "/v1/replays", serde_json::json!({"partner": "beta"})).await;
+    assert_eq!(status, 422, "{problem}");
+    let (status, purged, _) = post_json(
+        &h,
+        "/v1/dead-letters/purge",
+        serde_json::json!({"partner": "beta"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{purged}");
+    assert_eq!(purged["purged"], 1);
+    let (_, left) = h.get("/v1/dead-letters").await;
+    assert_eq!(left["items"][0]["partner"], "acme", "{left}");
+    assert_eq!(left["items"].as_array().map(Vec::len), Some(1), "{left}");
+}

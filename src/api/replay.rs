@@ -325,30 +325,39 @@ struct Matched {
     last: Option<Uuid>,
 }
 
-fn matching(state: &AppState, keep: &dyn Fn(&DeadLetter) -> bool) -> Result<Matched, Problem> {
-    let mut matched = Matched {
-        ids: Vec::new(),
-        partners: BTreeMap::new(),
-        last: state.store.newest_dead_letter().map_err(store_failed)?,
-    };
-    let Some(last) = matched.last else {
-        return Ok(matched);
-    };
-    let mut cursor = None;
-    loop {
-        let page = state
-            .store
-            .dead_letter_page(cursor, last, 1_000, keep)
-            .map_err(store_failed)?;
-        for letter in page.letters {
-            matched.ids.push(letter.id);
-            *matched.partners.entry(letter.partner).or_default() += 1;
-        }
-        if page.end {
+/// Reads every letter up to the newest one (off the async workers: there
+/// may be many).
+async fn matching(
+    state: &AppState,
+    keep: impl Fn(&DeadLetter) -> bool + Send + 'static,
+) -> Result<Matched, Problem> {
+    let store = state.store.clone();
+    let read = move || {
+        let mut matched = Matched {
+            ids: Vec::new(),
+            partners: BTreeMap::new(),
+            last: store.newest_dead_letter()?,
+        };
+        let Some(last) = matched.last else {
             return Ok(matched);
+        };
+        let mut cursor = None;
+        loop {
+            let page = store.dead_letter_page(cursor, last, 1_000, &keep)?;
+            for letter in page.letters {
+                matched.ids.push(letter.id);
+                *matched.partners.entry(letter.partner).or_default() += 1;
+            }
+            if page.end {
+                return Ok(matched);
+            }
+            cursor = page.cursor;
         }
-        cursor = page.cursor;
-    }
+    };
+    tokio::task::spawn_blocking(read)
+        .await
+        .map_err(|e| Problem::internal(format!("reading the dead letters failed: {e}")))?
+        .map_err(store_failed)
 }
 
 fn dry_run_answer(matched: &Matched) -> Response {
@@ -435,7 +444,14 @@ pub async fn create_job(
 ) -> Result<Response, Problem> {
     let request = read_bulk(&state, &body, true)?;
     let filter = request.filter;
-    let matched = matching(&state, &|d| d.replayed_as.is_none() && filter.matches(d))?;
+    // A letter of a partner no longer configured has no lane to go through.
+    let matched = matching(&state, {
+        let (filter, config) = (filter.clone(), Arc::clone(&state.config));
+        move |d| {
+            d.replayed_as.is_none() && filter.matches(d) && config.partner(&d.partner).is_some()
+        }
+    })
+    .await?;
     if request.dry_run {
         return Ok(dry_run_answer(&matched));
     }
@@ -536,7 +552,11 @@ pub async fn purge_many(
 ) -> Result<Response, Problem> {
     let request = read_bulk(&state, &body, false)?;
     let filter = request.filter;
-    let matched = matching(&state, &|d| filter.matches(d))?;
+    let matched = matching(&state, {
+        let filter = filter.clone();
+        move |d| filter.matches(d)
+    })
+    .await?;
     if request.dry_run {
         return Ok(dry_run_answer(&matched));
     }
