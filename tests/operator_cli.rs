@@ -4,6 +4,8 @@
 //! `HERALD_URL` and `HERALD_TOKEN` say where and who; a refused token or a
 //! herald that is not there is one line on stderr and a failing exit.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -475,4 +477,41 @@ async fn a_refused_token_or_an_absent_herald_is_one_line_and_a_failing_exit() {
         &[("HERALD_URL", url), ("HERALD_TOKEN", TOKEN)],
     );
     assert_eq!(ran.out, "no replay jobs\n", "{}", ran.err);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingest_token_is_refused_in_one_line() {
+    let (h, _mock, _dir) = common::setup("", "").await;
+    let url = h.herald.url();
+    for args in [
+        &["dlq", "list"][..],
+        &["audit", "--json"],
+        &["dlq", "replay", "--all", "--dry-run"],
+    ] {
+        let ran = herald(
+            args,
+            &[
+                ("HERALD_URL", url.as_str()),
+                ("HERALD_TOKEN", common::INGEST_TOKEN),
+            ],
+        );
+        assert_eq!(ran.code, Some(1), "{}{}", ran.out, ran.err);
+        assert_eq!(ran.out, "");
+        assert_eq!(ran.err.lines().count(), 1, "one line: {:?}", ran.err);
+        assert!(
+            ran.err.contains(
+                "refused the token (403 Forbidden: token \"door-service\" has the ingest role"
+            ),
+            "{:?}",
+            ran.err
+        );
+    }
+    let ran = herald(
+        &["partners", "--json"],
+        &[
+            ("HERALD_URL", url.as_str()),
+            ("HERALD_TOKEN", common::OPERATOR_TOKEN),
+        ],
+    );
+    assert_eq!(json(&ran)["partners"][0]["name"], "acme");
 }
