@@ -19,7 +19,9 @@
 //!   the records.
 //! - [`disk`], [`retention`], `supervise`, `outbound`: free space, old
 //!   events, crash-only loops, the outbound address policy.
-//! - [`mod@bench`], [`operator`]: `herald bench` and `herald dlq`.
+//! - [`replays`]: bulk replay jobs, one task each, resumed at start.
+//! - [`mod@bench`], [`operator`]: `herald bench` and the operator commands
+//!   (`herald dlq`, `replays`, `events`, `partners`, `audit`).
 //!
 //! `ARCHITECTURE.md` at the repository root has the flow of one event and
 //! the invariants each part keeps. Modules nothing outside herald needs
@@ -42,6 +44,7 @@ pub mod links;
 pub mod model;
 pub mod operator;
 pub(crate) mod outbound;
+pub mod replays;
 pub mod retention;
 pub mod store;
 pub(crate) mod supervise;
@@ -138,6 +141,11 @@ pub async fn start(config: Config, clock: Clock) -> Result<Herald, StartError> {
         Arc::clone(&disk),
         addr,
     ));
+    // Bulk replays a stop or a crash cut off go on where they were.
+    let resumed = state.replays.resume()?;
+    if resumed > 0 {
+        tracing::info!(jobs = resumed, "replay jobs resumed");
+    }
     let stop_http = CancellationToken::new();
     let server = tokio::spawn({
         let app = api::router(Arc::clone(&state));
@@ -182,6 +190,8 @@ impl Herald {
         let grace = self.state.config.server.shutdown_grace;
         self.state.start_draining();
         self.stop_http.cancel();
+        // Before the lanes stop: a job's batch is written whole or not at all.
+        self.state.replays.shutdown().await;
         let http = async {
             match tokio::time::timeout(grace, self.server).await {
                 Ok(Ok(Ok(()))) => {}

@@ -70,6 +70,34 @@ enum Command {
         #[command(subcommand)]
         command: herald::operator::Dlq,
     },
+    /// Bulk replay jobs on a running herald: all of them, or one by id.
+    Replays {
+        id: Option<String>,
+        #[command(flatten)]
+        target: herald::operator::Target,
+    },
+    /// Events on a running herald.
+    Events {
+        #[command(flatten)]
+        target: herald::operator::Target,
+        #[command(subcommand)]
+        command: herald::operator::Events,
+    },
+    /// The partners of a running herald: queue depth, breaker, counts.
+    Partners {
+        #[command(flatten)]
+        target: herald::operator::Target,
+    },
+    /// Who replayed or purged which dead letters, oldest first.
+    Audit {
+        /// The cursor a previous page printed.
+        #[arg(long)]
+        after: Option<String>,
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        limit: Option<u64>,
+        #[command(flatten)]
+        target: herald::operator::Target,
+    },
     /// Check a config file and its secrets, then exit.
     Check {
         #[arg(long, value_name = "FILE")]
@@ -114,11 +142,20 @@ fn main() -> ExitCode {
             only,
         } => bench(events, quick, outage_events, clients, json, only),
         Command::Dlq { target, command } => {
-            let Some(runtime) = runtime() else {
-                return ExitCode::FAILURE;
-            };
-            runtime.block_on(herald::operator::dlq(&target, &command))
+            operator(&target, herald::operator::Command::Dlq(command))
         }
+        Command::Replays { id, target } => {
+            operator(&target, herald::operator::Command::Replays(id))
+        }
+        Command::Events { target, command } => {
+            operator(&target, herald::operator::Command::Events(command))
+        }
+        Command::Partners { target } => operator(&target, herald::operator::Command::Partners),
+        Command::Audit {
+            after,
+            limit,
+            target,
+        } => operator(&target, herald::operator::Command::Audit { after, limit }),
         Command::MockPartner {
             platform,
             port,
@@ -192,6 +229,14 @@ fn bench(
             ExitCode::FAILURE
         }
     }
+}
+
+/// One operator command against a running herald.
+fn operator(target: &herald::operator::Target, command: herald::operator::Command) -> ExitCode {
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    runtime.block_on(herald::operator::run(target, &command))
 }
 
 /// The multi-threaded runtime, or `None` once the reason is printed.

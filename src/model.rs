@@ -396,3 +396,116 @@ mod tests {
         assert_eq!(log.attempts.last().map(|a| a.number), Some(500));
     }
 }
+
+/// Which dead letters a bulk replay, a purge by filter or a list takes.
+/// Every field set must match; none set takes every letter.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetterFilter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partner: Option<String>,
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub event_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    /// Letters whose reason contains this text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Letters that died at or after this time (unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<u64>,
+    /// Letters that died before this time (unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_ms: Option<u64>,
+}
+
+impl DeadLetterFilter {
+    pub fn matches(&self, d: &DeadLetter) -> bool {
+        self.partner.as_ref().is_none_or(|p| &d.partner == p)
+            && self
+                .event_type
+                .as_ref()
+                .is_none_or(|t| &d.event.event_type == t)
+            && self.priority.is_none_or(|p| d.event.priority == p)
+            && self
+                .device_id
+                .as_ref()
+                .is_none_or(|id| &d.event.device_id == id)
+            && self
+                .reason
+                .as_ref()
+                .is_none_or(|r| d.reason.contains(r.as_str()))
+            && self.since_ms.is_none_or(|since| d.died_ms >= since)
+            && self.until_ms.is_none_or(|until| d.died_ms < until)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplayJobState {
+    Running,
+    Done,
+}
+
+/// A bulk replay as the store keeps it: what it takes, how far it got.
+/// It takes the letters its filter matched when it was made and not yet
+/// replayed, up to `last` (letters that die later, its own replays
+/// included, are not its business), in the order they died.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplayJob {
+    pub id: Uuid,
+    pub state: ReplayJobState,
+    pub filter: DeadLetterFilter,
+    pub rate_per_second: u32,
+    /// Letters it was made for.
+    pub matched: u64,
+    /// Letters it replayed so far.
+    pub replayed: u64,
+    /// Letters it found replayed or purged by someone else meanwhile.
+    #[serde(default)]
+    pub skipped: u64,
+    /// The last dead letter it has read past; `None` before the first batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<Uuid>,
+    /// The newest dead letter when it was made; `None` when there was none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<Uuid>,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    /// The name of the token that made it.
+    pub created_by: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditAction {
+    /// One dead letter replayed, or many by one `POST /v1/dead-letters/replay`.
+    Replay,
+    /// A bulk replay job made.
+    ReplayJob,
+    /// One dead letter purged.
+    Purge,
+    /// The dead letters a filter selects, purged.
+    PurgeFilter,
+}
+
+/// Who did what to dead letters, and when: written with the change itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub id: Uuid,
+    pub at_ms: u64,
+    /// The caller's token name from the config (never its secret).
+    pub token: String,
+    pub action: AuditAction,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<DeadLetterFilter>,
+    /// The dead letter acted on (one replay, one purge) or the job made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Uuid>,
+    /// The event of the one dead letter acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<Uuid>,
+    /// How many dead letters it took (for a job: how many it was made for).
+    pub count: u64,
+}

@@ -552,14 +552,14 @@ async fn dlq_lists_shows_replays_and_purges_from_the_command_line() {
     let (code, out) = dlq(&["list", "--partner", "sink"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains(&id), "{out}");
-    let (code, out) = dlq(&["show", &id]);
+    let (code, out) = dlq(&["show", &id, "--json"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("\"reason\""), "{out}");
 
     let (count, _partner) = partner_on(addr).await;
     let (code, out) = dlq(&["replay", &id]);
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("delivery_id"), "{out}");
+    assert!(out.contains("replayed as delivery"), "{out}");
     for _ in 0..200 {
         if count.load(Ordering::Relaxed) >= 1 {
             break;

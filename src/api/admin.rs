@@ -19,7 +19,7 @@ use super::problem::Problem;
 use super::AppState;
 use crate::clock::rfc3339;
 use crate::model::{
-    Attempt, AttemptLog, DeadLetter, DeliveryRecord, DeliveryState, EventRecord, Priority,
+    Attempt, AttemptLog, DeadLetterFilter, DeliveryRecord, DeliveryState, EventRecord, Priority,
 };
 
 #[derive(Serialize)]
@@ -185,37 +185,45 @@ pub struct DeadLetterQuery {
     #[serde(rename = "type")]
     event_type: Option<String>,
     priority: Option<Priority>,
+    device_id: Option<String>,
+    /// Only dead letters whose reason contains this text.
+    reason: Option<String>,
     /// Only dead letters that died at or after this time (RFC 3339).
     since: Option<String>,
+    /// Only dead letters that died before this time (RFC 3339).
+    until: Option<String>,
     /// The `next` cursor of the previous page.
     pub(super) after: Option<String>,
     pub(super) limit: Option<usize>,
 }
 
+/// An RFC 3339 time as unix milliseconds; the error names `pointer`.
+pub(super) fn parse_time(text: &str, pointer: &str) -> Result<u64, Problem> {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map(|t| (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64)
+        .map_err(|e| Problem::invalid(pointer, format!("{text:?} is not an RFC 3339 time ({e})")))
+}
+
 impl DeadLetterQuery {
-    /// Whether a dead letter passes the query's filters (partner, type,
-    /// priority, since); the error names the bad one.
-    pub(super) fn filter(&self) -> Result<impl Fn(&DeadLetter) -> bool + '_, Problem> {
-        let since_ms =
-            match &self.since {
-                None => 0,
-                Some(text) => time::OffsetDateTime::parse(
-                    text,
-                    &time::format_description::well_known::Rfc3339,
-                )
-                .map(|t| (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64)
-                .map_err(|e| {
-                    Problem::invalid("/since", format!("{text:?} is not an RFC 3339 time ({e})"))
-                })?,
-            };
-        Ok(move |d: &DeadLetter| {
-            self.partner.as_ref().is_none_or(|p| &d.partner == p)
-                && self
-                    .event_type
-                    .as_ref()
-                    .is_none_or(|t| &d.event.event_type == t)
-                && self.priority.is_none_or(|p| d.event.priority == p)
-                && d.died_ms >= since_ms
+    /// The query's filters (partner, type, priority, device_id, reason,
+    /// since, until); the error names the bad one.
+    pub(super) fn filter(&self) -> Result<DeadLetterFilter, Problem> {
+        Ok(DeadLetterFilter {
+            partner: self.partner.clone(),
+            event_type: self.event_type.clone(),
+            priority: self.priority,
+            device_id: self.device_id.clone(),
+            reason: self.reason.clone(),
+            since_ms: self
+                .since
+                .as_deref()
+                .map(|t| parse_time(t, "/since"))
+                .transpose()?,
+            until_ms: self
+                .until
+                .as_deref()
+                .map(|t| parse_time(t, "/until"))
+                .transpose()?,
         })
     }
 }
@@ -257,10 +265,10 @@ pub async fn list_dead_letters(
         .as_deref()
         .map(|a| parse_id(a, "dead letter"))
         .transpose()?;
-    let keep = q.filter()?;
+    let filter = q.filter()?;
     let found = state
         .store
-        .dead_letters(after, limit, &keep)
+        .dead_letters(after, limit, &|d| filter.matches(d))
         .map_err(store_failed)?;
     let next = (found.len() == limit)
         .then(|| found.last().map(|d| d.id.to_string()))

@@ -2,6 +2,7 @@
 //! and the health and metrics endpoints for the platform.
 
 pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod console;
 pub mod guard;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// The data dir's free space: which events ingest takes now.
     pub disk: Arc<DiskWatch>,
+    /// Bulk replay jobs at work.
+    pub replays: crate::replays::ReplayJobs,
     draining: AtomicBool,
 }
 
@@ -62,6 +65,11 @@ impl AppState {
         AppState {
             tokens: auth::Tokens::new(&config.tokens),
             guard: guard::Guard::new(&config, addr, clock.clone()),
+            replays: crate::replays::ReplayJobs::new(
+                store.clone(),
+                Arc::clone(&dispatcher),
+                clock.clone(),
+            ),
             config,
             store,
             links,
@@ -90,6 +98,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/events/{id}", get(admin::get_event))
         .route("/v1/dead-letters", get(admin::list_dead_letters))
         .route("/v1/dead-letters/replay", post(replay::replay_many))
+        .route("/v1/dead-letters/purge", post(replay::purge_many))
+        .route(
+            "/v1/replays",
+            post(replay::create_job).get(replay::list_jobs),
+        )
+        .route("/v1/replays/{id}", get(replay::get_job))
+        .route("/v1/audit", get(audit::list_audit))
         .route(
             "/v1/dead-letters/{id}",
             get(admin::get_dead_letter).delete(replay::purge_one),

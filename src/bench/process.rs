@@ -79,6 +79,17 @@ timeout_ms = 5000
         Ok(process)
     }
 
+    /// Adds `lines` to partner "sink"'s table (the config's last), for
+    /// the next [`HeraldProcess::restart_stopped`].
+    pub fn extend_partner_config(&self, lines: &str) -> Result<(), String> {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.config)
+            .map_err(|e| format!("{}: {e}", self.config.display()))?;
+        writeln!(file, "{lines}").map_err(|e| format!("{}: {e}", self.config.display()))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

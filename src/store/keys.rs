@@ -57,6 +57,12 @@ pub(crate) const GRANT_LINK: u8 = b'u';
 /// `g` + chunk id: the state of a schedule chunk's members (see
 /// [`super::chunk`]); the chunk's own entry is an `s` key with its id.
 pub(crate) const CHUNK_STATE: u8 = b'g';
+/// `j` + job id (UUIDv7, so jobs sort by when they were made): a bulk
+/// replay job, its filter and how far it got (see [`super::jobs`]).
+pub(crate) const REPLAY_JOB: u8 = b'j';
+/// `h` + entry id (UUIDv7, so entries sort by time): one audit entry, who
+/// replayed or purged which dead letters.
+pub(crate) const AUDIT: u8 = b'h';
 /// The sequence number of the last group commit (see [`super::watermark`]).
 pub(crate) const COMMITS: &[u8] = b"mcommits";
 /// `mdepth/` + partner: the partner's queue depth as of the last group
@@ -101,6 +107,14 @@ pub(crate) fn chunk_state(chunk: Uuid) -> [u8; 17] {
 
 pub(crate) fn dead_letter(id: Uuid) -> [u8; 17] {
     prefixed_id(DEAD, id)
+}
+
+pub(crate) fn replay_job(id: Uuid) -> [u8; 17] {
+    prefixed_id(REPLAY_JOB, id)
+}
+
+pub(crate) fn audit(id: Uuid) -> [u8; 17] {
+    prefixed_id(AUDIT, id)
 }
 
 pub(crate) fn idempotency(key: &str) -> Vec<u8> {
@@ -240,6 +254,8 @@ pub(crate) fn describe(key: &[u8]) -> String {
             DEAD,
             DELIVERED,
             CHUNK_STATE,
+            REPLAY_JOB,
+            AUDIT,
         ]
         .contains(&prefix)
         .then_some(prefix),
@@ -259,7 +275,8 @@ pub(crate) fn describe(key: &[u8]) -> String {
     key.escape_ascii().to_string()
 }
 
-/// The id in a key of a prefix byte and a UUID (`e`, `b`, `r`, `a`, `d`, `o`).
+/// The id in a key of a prefix byte and a UUID (`e`, `b`, `r`, `a`, `d`,
+/// `o`, `g`, `j`, `h`).
 pub(crate) fn id_of(key: &[u8]) -> Option<Uuid> {
     let bytes: [u8; 16] = key.get(1..17)?.try_into().ok()?;
     (key.len() == 17).then(|| Uuid::from_bytes(bytes))
@@ -350,6 +367,8 @@ mod tests {
         let id = Uuid::now_v7();
         assert_eq!(describe(&event(id)), format!("e/{id}"));
         assert_eq!(describe(&dead_letter(id)), format!("d/{id}"));
+        assert_eq!(describe(&replay_job(id)), format!("j/{id}"));
+        assert_eq!(describe(&audit(id)), format!("h/{id}"));
         let entry = ScheduleKey {
             partner: "acme".into(),
             priority: Priority::Critical,

@@ -32,6 +32,8 @@ mod format;
 mod gather;
 mod handle;
 mod ids;
+mod jobs;
+pub(crate) use jobs::LetterPage;
 pub(crate) mod keys;
 pub(crate) use replay::Replayed;
 mod links;
@@ -755,6 +757,8 @@ impl Store {
             keys::DELIVERED,
             keys::CHUNK_STATE,
             keys::DEAD,
+            keys::REPLAY_JOB,
+            keys::AUDIT,
         ]
         .iter()
         .map(|&p| {

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::keys::{self, ScheduleKey};
 use super::writer::Pending;
 use super::{encode, Home, Scheduled, Store, StoreError};
-use crate::model::{DeadLetter, DeliveryRecord, ScheduledDelivery};
+use crate::model::{AuditEntry, DeadLetter, DeliveryRecord, ScheduledDelivery};
 
 /// What one replay did.
 #[derive(Debug, Clone)]
@@ -91,29 +91,70 @@ fn replay(p: &mut Pending<'_>, id: Uuid, now_ms: u64) -> Result<Replayed, StoreE
     }))
 }
 
-/// Removes dead letter `id`; false if there was none.
-pub(super) fn purge(p: &mut Pending<'_>, id: Uuid) -> Result<bool, StoreError> {
-    let key = keys::dead_letter(id);
-    let found = p.get(&key)?.is_some();
-    p.remove(key.to_vec());
-    Ok(found)
+/// Removes the dead letters `ids`, with `audit` (its count set to how
+/// many were there) when any was; how many were there.
+pub(super) fn purge_all(
+    p: &mut Pending<'_>,
+    ids: Vec<Uuid>,
+    audit: Option<AuditEntry>,
+) -> Result<usize, StoreError> {
+    let mut found = Vec::with_capacity(ids.len());
+    // Every read before any write: a failed read leaves nothing of it.
+    for id in ids {
+        let key = keys::dead_letter(id);
+        if p.get(&key)?.is_some() {
+            found.push(key);
+        }
+    }
+    let count = found.len();
+    for key in found {
+        p.remove(key.to_vec());
+    }
+    if let (Some(mut entry), true) = (audit, count > 0) {
+        entry.count = count as u64;
+        super::jobs::put_audit(p, &entry);
+    }
+    Ok(count)
+}
+
+/// The audit entry of a replay that scheduled something, its count set.
+pub(super) fn audit_replayed(p: &mut Pending<'_>, done: &[Replayed], audit: Option<AuditEntry>) {
+    let count = done
+        .iter()
+        .filter(|r| matches!(r, Replayed::Scheduled(_)))
+        .count();
+    if let (Some(mut entry), true) = (audit, count > 0) {
+        entry.count = count as u64;
+        super::jobs::put_audit(p, &entry);
+    }
 }
 
 impl Store {
     /// Replays each dead letter as a new delivery due at `now_ms`, in one
-    /// durable group.
+    /// durable group, with `audit` (its count set) if any was scheduled.
     pub(crate) async fn replay(
         &self,
         ids: Vec<Uuid>,
         now_ms: u64,
+        audit: Option<AuditEntry>,
     ) -> Result<Vec<Replayed>, StoreError> {
-        self.call(|reply| super::writer::Command::Replay { ids, now_ms, reply })
-            .await
+        self.call(|reply| super::writer::Command::Replay {
+            ids,
+            now_ms,
+            audit,
+            reply,
+        })
+        .await
     }
 
-    /// Removes a dead letter; false if there was none.
-    pub(crate) async fn purge(&self, id: Uuid) -> Result<bool, StoreError> {
-        self.call(|reply| super::writer::Command::Purge { id, reply })
+    /// Removes dead letters, with `audit` (its count set) if any was
+    /// there; how many were.
+    pub(crate) async fn purge(
+        &self,
+        ids: Vec<Uuid>,
+        audit: Option<AuditEntry>,
+    ) -> Result<usize, StoreError> {
+        self.call(|reply| super::writer::Command::Purge { ids, audit, reply })
             .await
     }
 }

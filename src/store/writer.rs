@@ -19,7 +19,7 @@
 //! This file holds the loop, the commit and [`Pending`], the group's
 //! overlay; each command's changes live in a file of their own:
 //! [`super::enqueue`], [`super::record`], [`super::collect`],
-//! [`super::links`] and [`super::replay`].
+//! [`super::links`], [`super::replay`] and [`super::jobs`].
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -39,7 +39,7 @@ use super::handle::{self, Handle};
 use super::keys::{self, ScheduleKey};
 use super::watermark::{self, Watermark};
 use super::{current_event, decode, Accepted, CollectFrom, Collected, Home, Outcome, StoreError};
-use crate::model::EventRecord;
+use crate::model::{AuditEntry, EventRecord, ReplayJob};
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -70,11 +70,27 @@ pub(super) enum Command {
     Replay {
         ids: Vec<Uuid>,
         now_ms: u64,
+        audit: Option<AuditEntry>,
         reply: Reply<Vec<super::replay::Replayed>>,
     },
     Purge {
+        ids: Vec<Uuid>,
+        audit: Option<AuditEntry>,
+        reply: Reply<usize>,
+    },
+    StartJob {
+        job: Box<ReplayJob>,
+        audit: Box<AuditEntry>,
+        reply: Reply<ReplayJob>,
+    },
+    /// One batch of a replay job and the job's progress, as one change.
+    ReplayBatch {
         id: Uuid,
-        reply: Reply<bool>,
+        ids: Vec<Uuid>,
+        cursor: Option<Uuid>,
+        done: bool,
+        now_ms: u64,
+        reply: Reply<Option<super::jobs::BatchDone>>,
     },
     Shutdown {
         reply: Reply<()>,
@@ -160,7 +176,12 @@ enum Answer {
         Reply<Vec<super::replay::Replayed>>,
         Result<Vec<super::replay::Replayed>, StoreError>,
     ),
-    Purge(Reply<bool>, Result<bool, StoreError>),
+    Purge(Reply<usize>, Result<usize, StoreError>),
+    StartJob(Reply<ReplayJob>, ReplayJob),
+    ReplayBatch(
+        Reply<Option<super::jobs::BatchDone>>,
+        Result<Option<super::jobs::BatchDone>, StoreError>,
+    ),
     Shutdown(Reply<()>),
 }
 
@@ -220,13 +241,34 @@ fn run(
                     let result = pending.atomically(|p| super::links::apply(p, *change));
                     answers.push(Answer::Link(reply, result));
                 }
-                Command::Replay { ids, now_ms, reply } => {
+                Command::Replay {
+                    ids,
+                    now_ms,
+                    audit,
+                    reply,
+                } => {
                     let done = super::replay::replay_all(&mut pending, ids, now_ms);
+                    super::replay::audit_replayed(&mut pending, &done, audit);
                     answers.push(Answer::Replay(reply, Ok(done)));
                 }
-                Command::Purge { id, reply } => {
-                    let result = super::replay::purge(&mut pending, id);
+                Command::Purge { ids, audit, reply } => {
+                    let result = super::replay::purge_all(&mut pending, ids, audit);
                     answers.push(Answer::Purge(reply, result));
+                }
+                Command::StartJob { job, audit, reply } => {
+                    let job = super::jobs::start(&mut pending, *job, &audit);
+                    answers.push(Answer::StartJob(reply, job));
+                }
+                Command::ReplayBatch {
+                    id,
+                    ids,
+                    cursor,
+                    done,
+                    now_ms,
+                    reply,
+                } => {
+                    let result = super::jobs::batch(&mut pending, id, ids, cursor, done, now_ms);
+                    answers.push(Answer::ReplayBatch(reply, result));
                 }
                 Command::Shutdown { reply } => {
                     stop = true;
@@ -268,6 +310,10 @@ fn run(
                 (Answer::Replay(r, _), Err(e)) => drop(r.send(Err(failed(e)))),
                 (Answer::Purge(r, result), Ok(())) => drop(r.send(result)),
                 (Answer::Purge(r, _), Err(e)) => drop(r.send(Err(failed(e)))),
+                (Answer::StartJob(r, job), Ok(())) => drop(r.send(Ok(job))),
+                (Answer::StartJob(r, _), Err(e)) => drop(r.send(Err(failed(e)))),
+                (Answer::ReplayBatch(r, result), Ok(())) => drop(r.send(result)),
+                (Answer::ReplayBatch(r, _), Err(e)) => drop(r.send(Err(failed(e)))),
                 (Answer::Shutdown(r), Ok(())) => drop(r.send(Ok(()))),
                 (Answer::Shutdown(r), Err(e)) => drop(r.send(Err(failed(e)))),
             }
@@ -400,6 +446,8 @@ fn refuse_with(command: Command, error: StoreError) {
         Command::Link { reply, .. } => drop(reply.send(Err(error))),
         Command::Replay { reply, .. } => drop(reply.send(Err(error))),
         Command::Purge { reply, .. } => drop(reply.send(Err(error))),
+        Command::StartJob { reply, .. } => drop(reply.send(Err(error))),
+        Command::ReplayBatch { reply, .. } => drop(reply.send(Err(error))),
         Command::Shutdown { reply } => drop(reply.send(Err(error))),
     }
 }
@@ -413,6 +461,8 @@ fn refuse(command: Command) {
         Command::Link { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
         Command::Replay { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
         Command::Purge { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
+        Command::StartJob { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
+        Command::ReplayBatch { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
         Command::Shutdown { reply } => drop(reply.send(Ok(()))),
     }
 }

@@ -699,7 +699,7 @@
     const dry = await api('POST', '/v1/dead-letters/purge', Object.assign({}, filter, { dry_run: true }));
     if (missing(dry)) return purgeMatchingHere(filter);
     if (dry.status !== 200) return say('dead-message', 'The dry run was refused: ' + problemText(dry), 'error');
-    const count = dry.body.purged || 0;
+    const count = dry.body.matched ?? dry.body.purged ?? 0;
     say('dead-message', '');
     if (!count) return say('dead-message', 'Dry run: no dead letter matches this filter; nothing to purge.');
     const caveat = $('f-replayed').value ? ' The "Replayed" choice is not part of herald\'s purge: letters replayed before are purged too.' : '';
