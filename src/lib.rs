@@ -19,7 +19,8 @@
 //!   the records.
 //! - [`disk`], [`retention`], `supervise`, `outbound`: free space, old
 //!   events, crash-only loops, the outbound address policy.
-//! - [`mod@bench`], [`operator`]: `herald bench` and `herald dlq`.
+//! - [`mod@bench`], [`demo`], [`operator`]: `herald bench`, `herald demo`
+//!   and `herald dlq`.
 //!
 //! `ARCHITECTURE.md` at the repository root has the flow of one event and
 //! the invariants each part keeps. Modules nothing outside herald needs
@@ -36,6 +37,7 @@ pub(crate) mod api;
 pub mod bench;
 pub mod clock;
 pub mod config;
+pub mod demo;
 pub mod disk;
 pub mod dispatch;
 pub mod links;
