@@ -119,7 +119,7 @@ async fn run(options: &DemoOptions, dir: &Path) -> bool {
     let accounted = findings.accounted();
 
     if options.keep {
-        println!("\nthe mocks: ");
+        println!("\nthe mocks:");
         for (partner, url) in &stage.mock_urls {
             println!("  {partner:<12} {url}");
         }

@@ -444,13 +444,16 @@ impl Findings {
                 true => g.min_attempts.to_string(),
                 false => format!("{}-{}", g.min_attempts, g.max_attempts),
             };
-            let _ = writeln!(
-                out,
-                "  {:>5} at {}: {}",
-                g.count,
-                g.partner,
-                g.reason.replace("{n}", &attempts)
-            );
+            let reason = g.reason.replace("{n}", &attempts);
+            // herald's reasons end with the partner's last answer: a line of its own.
+            let (why, last) = match reason.split_once("; last: ") {
+                Some((why, last)) => (why.to_string(), Some(last.to_string())),
+                None => (reason, None),
+            };
+            let _ = writeln!(out, "  {:>5} at {}: {why}", g.count, g.partner);
+            if let Some(last) = last {
+                let _ = writeln!(out, "        last answer: {last}");
+            }
         }
         let _ = writeln!(
             out,
