@@ -61,25 +61,37 @@ pub fn main(options: &DemoOptions) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let accounted = runtime.block_on(run(options, dir.path()));
-    if accounted {
-        return ExitCode::SUCCESS;
+    match runtime.block_on(run(options, dir.path())) {
+        Outcome::Accounted => ExitCode::SUCCESS,
+        Outcome::Interrupted => {
+            eprintln!("herald demo: interrupted");
+            ExitCode::from(130)
+        }
+        Outcome::NotAccounted => {
+            let kept = dir.keep();
+            eprintln!(
+                "herald demo: its data dir, config and log are kept in {}",
+                kept.display()
+            );
+            ExitCode::FAILURE
+        }
     }
-    let kept = dir.keep();
-    eprintln!(
-        "herald demo: its data dir, config and log are kept in {}",
-        kept.display()
-    );
-    ExitCode::FAILURE
 }
 
-/// Whether every event was accounted for (and herald stopped cleanly).
-async fn run(options: &DemoOptions, dir: &Path) -> bool {
+enum Outcome {
+    /// Every event accounted for, and herald stopped cleanly.
+    Accounted,
+    NotAccounted,
+    /// Ctrl-C (or SIGTERM) before the summary.
+    Interrupted,
+}
+
+async fn run(options: &DemoOptions, dir: &Path) -> Outcome {
     let stage = match Stage::start(dir).await {
         Ok(stage) => stage,
         Err(e) => {
             eprintln!("herald demo: {e}");
-            return false;
+            return Outcome::NotAccounted;
         }
     };
     println!(
@@ -102,18 +114,16 @@ async fn run(options: &DemoOptions, dir: &Path) -> bool {
         humantime::format_duration(options.duration)
     );
 
-    let mut progress = traffic::Progress::new(options.duration);
-    let sent = traffic::send(&stage, options.duration, &mut progress).await;
-    progress.finish();
-    println!(
-        "posted {} events; waiting up to {} for every delivery to settle",
-        sent.accepted.len(),
-        humantime::format_duration(options.settle_limit)
-    );
-    let settled = traffic::settle(&stage, options.settle_limit, &mut progress).await;
-    progress.finish();
-
-    let mut findings = report::gather(&stage, &sent, settled).await;
+    let findings = tokio::select! {
+        findings = observe(&stage, options) => Some(findings),
+        _ = wait_for_signal() => None,
+    };
+    let Some(mut findings) = findings else {
+        if let Err(e) = stage.stop().await {
+            eprintln!("herald demo: {e}");
+        }
+        return Outcome::Interrupted;
+    };
     println!();
     print!("{}", findings.render(&stage, options.keep));
     let accounted = findings.accounted();
@@ -132,12 +142,28 @@ async fn run(options: &DemoOptions, dir: &Path) -> bool {
         wait_for_signal().await;
     }
     match stage.stop().await {
-        Ok(()) => accounted,
+        Ok(()) if accounted => Outcome::Accounted,
+        Ok(()) => Outcome::NotAccounted,
         Err(e) => {
             eprintln!("herald demo: {e}");
-            false
+            Outcome::NotAccounted
         }
     }
+}
+
+/// Posts the events, waits for the backlog, and reads what became of them.
+async fn observe(stage: &Stage, options: &DemoOptions) -> report::Findings {
+    let mut progress = traffic::Progress::new(options.duration);
+    let sent = traffic::send(stage, options.duration, &mut progress).await;
+    progress.finish();
+    println!(
+        "posted {} events; waiting up to {} for every delivery to settle",
+        sent.accepted.len(),
+        humantime::format_duration(options.settle_limit)
+    );
+    let settled = traffic::settle(stage, options.settle_limit, &mut progress).await;
+    progress.finish();
+    report::gather(stage, &sent, settled).await
 }
 
 async fn wait_for_signal() {

@@ -139,12 +139,13 @@ pub async fn gather(stage: &Stage, sent: &Sent, settled: (Totals, bool)) -> Find
             .filter_map(|r| r.request.header("webhook-id").map(str::to_string))
             .collect()
     };
-    let taken_at: BTreeMap<&str, HashSet<String>> = [
-        ("acme", webhook_ids(&stage.acme)),
-        ("flaky", webhook_ids(&stage.flaky)),
-    ]
-    .into_iter()
-    .collect();
+    let acme_took = webhook_ids(&stage.acme);
+    let flaky_took = webhook_ids(&stage.flaky);
+    let taken_at = |partner: &str| match partner {
+        "acme" => Some(&acme_took),
+        "flaky" => Some(&flaky_took),
+        _ => None,
+    };
     let mut critical_ms: BTreeMap<&'static str, Vec<u64>> = BTreeMap::new();
     for (i, answer) in events {
         let sent_event = &sent.accepted[i];
@@ -175,7 +176,7 @@ pub async fn gather(stage: &Stage, sent: &Sent, settled: (Totals, bool)) -> Find
                 continue;
             }
             let delivery_id = d["id"].as_str().unwrap_or_default();
-            if let Some(taken) = taken_at.get(partner.name) {
+            if let Some(taken) = taken_at(partner.name) {
                 if !taken.contains(delivery_id) {
                     problems.push(format!(
                         "event {} at {}: delivered says herald, but the mock never took delivery {delivery_id}",
@@ -267,11 +268,8 @@ pub async fn gather(stage: &Stage, sent: &Sent, settled: (Totals, bool)) -> Find
         .into_iter()
         .map(|p| {
             let (at_mock, duplicates_at_mock) = match p.name {
-                "acme" => (Some(taken_at["acme"].len() as u64), stage.acme.duplicates()),
-                "flaky" => (
-                    Some(taken_at["flaky"].len() as u64),
-                    stage.flaky.duplicates(),
-                ),
+                "acme" => (Some(acme_took.len() as u64), stage.acme.duplicates()),
+                "flaky" => (Some(flaky_took.len() as u64), stage.flaky.duplicates()),
                 "smartthings" => (Some(st_states), stage.smartthings.duplicates()),
                 _ => (None, 0),
             };
@@ -286,7 +284,18 @@ pub async fn gather(stage: &Stage, sent: &Sent, settled: (Totals, bool)) -> Find
             }
         })
         .collect();
-    for row in &rows {
+    let events = sent.accepted.len() as u64;
+    for (row, partner) in rows.iter().zip(partners()) {
+        let (counted, what) = match partner.live {
+            true => (row.delivered, "delivered"),
+            false => (row.dead, "dead letters"),
+        };
+        if counted != events {
+            problems.push(format!(
+                "{}: GET /v1/partners counts {counted} {what} for {events} events",
+                row.name
+            ));
+        }
         if let Some(at_mock) = row.at_mock {
             if at_mock < row.delivered {
                 problems.push(format!(

@@ -145,6 +145,19 @@ impl Progress {
         }
     }
 
+    /// From here on a spinner (on a terminal): the wait has no known length.
+    pub fn spin(&mut self) {
+        self.finish();
+        if std::io::stdout().is_terminal() {
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stdout());
+            if let Ok(style) = ProgressStyle::with_template("{prefix:>9} {spinner} {msg}") {
+                bar.set_style(style);
+            }
+            bar.enable_steady_tick(Duration::from_millis(120));
+            self.bar = Some(bar);
+        }
+    }
+
     pub fn finish(&mut self) {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
@@ -226,6 +239,7 @@ async fn post_event(stage: &Stage, body: &Value) -> Result<String, String> {
 /// Waits (real time, up to `limit`) until no delivery is queued at any
 /// partner; the last totals read, and whether the backlog settled.
 pub async fn settle(stage: &Stage, limit: Duration, progress: &mut Progress) -> (Totals, bool) {
+    progress.spin();
     let started = Instant::now();
     let mut last = Totals::default();
     loop {

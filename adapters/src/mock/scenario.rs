@@ -58,7 +58,9 @@ pub struct Scenario {
     /// that no dialect method covers, e.g. a bare status).
     pub refresh_answer: Option<super::Reply>,
     /// The `webhook` mock only: the Standard Webhooks secret (`whsec_...`)
-    /// every delivery's signature must verify with.
+    /// every delivery's signature must verify with. The library also wants
+    /// `webhook-timestamp` within five minutes of this machine's clock, so
+    /// a sender on a driven clock far from now is refused.
     pub signing_secret: Option<String>,
 }
 
