@@ -516,6 +516,8 @@ async fn named_scenarios_and_unknown_platforms() {
 async fn the_webhook_mock_checks_signatures_and_fails_part_of_the_time() {
     const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
     let signer = standardwebhooks::Webhook::new(SECRET).unwrap();
+    // reqwest as the workspace builds it needs a process-wide provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::new();
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
