@@ -113,6 +113,8 @@ pub struct Stage {
     pub acme: MockHandle,
     pub smartthings: MockHandle,
     pub flaky: MockHandle,
+    /// Held so that the down partner's port stays refused.
+    _down_port: tokio::net::TcpSocket,
     pub mock_urls: Vec<(&'static str, String)>,
     pub config_path: PathBuf,
     pub secrets: Secrets,
@@ -146,7 +148,7 @@ impl Stage {
             },
         )
         .await?;
-        let down_addr = closed_port().await?;
+        let (down_port, down_addr) = refusing_port()?;
         let data_dir = dir.join("data");
         let toml = config_toml(&data_dir, acme_addr, flaky_addr, down_addr);
         let config_path = dir.join("herald.toml");
@@ -166,11 +168,12 @@ impl Stage {
             acme,
             smartthings,
             flaky,
+            _down_port: down_port,
             mock_urls: vec![
                 ("acme", format!("http://{acme_addr}/hook")),
                 ("smartthings", format!("http://{st_addr}/device/events")),
                 ("flaky", format!("http://{flaky_addr}/hook")),
-                ("down", format!("http://{down_addr}/hook (nothing listens)")),
+                ("down", format!("http://{down_addr}/hook (refused)")),
             ],
             config_path,
             secrets,
@@ -237,14 +240,17 @@ impl Stage {
     }
 }
 
-/// A loopback port nothing listens on: bound, then let go.
-async fn closed_port() -> Result<SocketAddr, String> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| format!("cannot find a free loopback port: {e}"))?;
-    listener
-        .local_addr()
-        .map_err(|e| format!("cannot find a free loopback port: {e}"))
+/// A loopback port that refuses connections: bound but never listening,
+/// so it stays this demo's (a port let go could be taken by another
+/// server on the machine, which would then get the down partner's sends).
+fn refusing_port() -> Result<(tokio::net::TcpSocket, SocketAddr), String> {
+    let failed = |e: std::io::Error| format!("cannot reserve a loopback port: {e}");
+    let socket = tokio::net::TcpSocket::new_v4().map_err(failed)?;
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .map_err(failed)?;
+    let addr = socket.local_addr().map_err(failed)?;
+    Ok((socket, addr))
 }
 
 fn config_toml(data_dir: &Path, acme: SocketAddr, flaky: SocketAddr, down: SocketAddr) -> String {
