@@ -152,3 +152,12 @@ fn the_demo_fails_when_events_are_left_unaccounted() {
     );
     assert!(!stdout.contains("every event accounted for"), "{stdout}");
 }
+
+#[test]
+fn a_demo_of_no_time_is_refused_naming_the_flag() {
+    let output = demo(&["--duration", "0s"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--duration"), "{stderr}");
+    assert!(output.stdout.is_empty(), "nothing was started");
+}

@@ -32,6 +32,12 @@ pub struct DemoOptions {
 /// Runs the demo: its own temp dir (kept when something did not add up),
 /// its log there, its own runtime.
 pub fn main(options: &DemoOptions) -> ExitCode {
+    if options.duration.is_zero() {
+        eprintln!(
+            "herald demo: --duration must be longer than 0s: it is how long events are posted"
+        );
+        return ExitCode::from(2);
+    }
     let dir = match tempfile::Builder::new().prefix("herald-demo-").tempdir() {
         Ok(dir) => dir,
         Err(e) => {
