@@ -20,8 +20,9 @@
 //! - [`disk`], [`retention`], `supervise`, `outbound`: free space, old
 //!   events, crash-only loops, the outbound address policy.
 //! - [`replays`]: bulk replay jobs, one task each, resumed at start.
-//! - [`mod@bench`], [`operator`]: `herald bench` and the operator commands
-//!   (`herald dlq`, `replays`, `events`, `partners`, `audit`).
+//! - [`mod@bench`], [`demo`], [`operator`]: `herald bench`, `herald demo`
+//!   and the operator commands (`herald dlq`, `replays`, `events`,
+//!   `partners`, `audit`).
 //!
 //! `ARCHITECTURE.md` at the repository root has the flow of one event and
 //! the invariants each part keeps. Modules nothing outside herald needs
@@ -38,6 +39,7 @@ pub(crate) mod api;
 pub mod bench;
 pub mod clock;
 pub mod config;
+pub mod demo;
 pub mod disk;
 pub mod dispatch;
 pub mod links;

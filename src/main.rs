@@ -27,6 +27,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Try herald with no config: mock partners on loopback, a herald on a
+    /// temp dir, events for a while, then a summary; exits 0 only if every
+    /// event is accounted for.
+    Demo {
+        /// How long events are posted ("30s", "2m").
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// After the summary, leave herald and the mocks running until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+        /// How long, once posting stops, the backlog may take to settle.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        settle_limit: std::time::Duration,
+    },
     /// Run the service (with no --config: 127.0.0.1:8080, data in ./herald-data).
     Serve {
         #[arg(long, value_name = "FILE")]
@@ -110,6 +124,19 @@ fn main() -> ExitCode {
     // for every touched arena chunk: herald's RSS was half huge pages.
     let _ = nix::sys::prctl::set_thp_disable(true);
     let cli = Cli::parse();
+    if let Command::Demo {
+        duration,
+        keep,
+        settle_limit,
+    } = cli.command
+    {
+        // The demo logs to a file in its temp dir, away from its summary.
+        return herald::demo::main(&herald::demo::DemoOptions {
+            duration,
+            keep,
+            settle_limit,
+        });
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
@@ -119,6 +146,8 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     match cli.command {
+        // Handled above, before logging is set up.
+        Command::Demo { .. } => ExitCode::SUCCESS,
         Command::Check { config } => match Config::load(config.as_deref()) {
             Ok(c) => {
                 println!(

@@ -507,3 +507,75 @@ async fn named_scenarios_and_unknown_platforms() {
         .unwrap();
     assert!(err.to_string().contains("smartthings"), "{err}");
 }
+
+/// The webhook mock: a request signed with the Standard Webhooks library is
+/// taken, a forged or stale one refused, a repeated `webhook-id` seen as a
+/// duplicate; with `intermittent` one delivery in N gets 503 and the next
+/// one 429, for good.
+#[tokio::test]
+async fn the_webhook_mock_checks_signatures_and_fails_part_of_the_time() {
+    const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+    let signer = standardwebhooks::Webhook::new(SECRET).unwrap();
+    // reqwest as the workspace builds it needs a process-wide provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::new();
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let send = |addr: std::net::SocketAddr, id: &str, timestamp: i64, forged: bool| {
+        let body = format!(r#"{{"type":"door.forced_open","id":"{id}"}}"#);
+        let signature = match forged {
+            true => "v1,K5oZfzN95Z9UVu1EsfQmfVNQhnkZ2pj9o9NDN/H/pI4=".to_string(),
+            false => signer
+                .sign(id, timestamp, body.as_bytes())
+                .expect("a UTF-8 payload signs"),
+        };
+        let request = client
+            .post(format!("http://{addr}/hook"))
+            .header("webhook-id", id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", signature)
+            .body(body);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    let signed = |intermittent| Scenario {
+        signing_secret: Some(SECRET.into()),
+        intermittent,
+        ..Scenario::default()
+    };
+
+    let (addr, mock) = MockPartner::start("webhook", signed(None)).await.unwrap();
+    assert_eq!(send(addr, "msg_1", now, false).await, 204);
+    assert_eq!(
+        send(addr, "msg_2", now, true).await,
+        400,
+        "a forged signature"
+    );
+    assert_eq!(
+        send(addr, "msg_3", now - 3600, false).await,
+        400,
+        "an hour-old timestamp"
+    );
+    assert_eq!(send(addr, "msg_1", now, false).await, 204);
+    assert_eq!(mock.accepted().len(), 2);
+    assert_eq!(mock.duplicates(), 1, "msg_1 came twice");
+    mock.stop().await;
+
+    let (addr, mock) = MockPartner::start("webhook", signed(Some(4)))
+        .await
+        .unwrap();
+    let mut statuses = Vec::new();
+    for n in 1..=8 {
+        statuses.push(send(addr, &format!("msg_{n}"), now, false).await);
+    }
+    assert_eq!(statuses, [429, 204, 204, 503, 429, 204, 204, 503]);
+    mock.stop().await;
+
+    let refused = MockPartner::start("webhook", Scenario::default()).await;
+    assert!(refused
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("signing_secret"));
+}

@@ -86,6 +86,12 @@ pub trait Dialect: Send + Sync + 'static {
         req.path.ends_with("/token")
     }
 
+    /// Whether deliveries present an access token the mock checks (and
+    /// expires); a plain webhook receiver checks a signature instead.
+    fn uses_tokens(&self) -> bool {
+        true
+    }
+
     /// The access token the request presents.
     fn token(&self, req: &Incoming) -> Option<String> {
         req.bearer()

@@ -1,7 +1,8 @@
 //! Mock partners: one real HTTP server per platform on loopback, speaking
 //! that platform's protocol (auth where the platform puts it, its answers and
 //! error codes), with faults injected per [`Scenario`]. Every request is
-//! recorded for tests to assert on.
+//! recorded for tests to assert on. Beside the platforms, `webhook` is a
+//! plain Standard Webhooks receiver that checks each request's signature.
 //!
 //! A mock is one user of its platform: one token pair, however many of
 //! the user's devices are linked with it. With [`Scenario::rotate_refresh`]
@@ -31,6 +32,7 @@ mod kakao;
 pub mod scenario;
 mod smartthings;
 mod thinq;
+mod webhook;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -83,6 +85,8 @@ struct State {
     tokens: Tokens,
     server_errors_left: u32,
     throttle_left: u32,
+    /// Deliveries received, for `Scenario::intermittent`.
+    deliveries_received: u32,
     seen: HashSet<String>,
     /// token -> (window start, requests in it), for `rate_per_second`.
     windows: HashMap<String, (Instant, u32)>,
@@ -116,15 +120,7 @@ impl MockPartner {
         scenario: Scenario,
         addr: SocketAddr,
     ) -> io::Result<(SocketAddr, MockHandle)> {
-        let dialect = dialect_for(platform).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "no mock for platform {platform:?}; known: {}",
-                    PLATFORMS.join(", ")
-                ),
-            )
-        })?;
+        let dialect = dialect_for(platform, &scenario)?;
         let state = State {
             tokens: Tokens {
                 access: scenario.access_token.clone(),
@@ -134,6 +130,7 @@ impl MockPartner {
             },
             server_errors_left: scenario.server_errors,
             throttle_left: scenario.throttle,
+            deliveries_received: 0,
             scenario,
             seen: HashSet::new(),
             windows: HashMap::new(),
@@ -201,8 +198,18 @@ pub fn endpoints(platform: &str, base: &str) -> Vec<(&'static str, String)> {
     }
 }
 
-fn dialect_for(platform: &str) -> Option<Box<dyn Dialect>> {
-    Some(match platform {
+/// The dialect for `platform`; `webhook` (a Standard Webhooks receiver,
+/// not a platform) needs `Scenario::signing_secret`.
+fn dialect_for(platform: &str, scenario: &Scenario) -> io::Result<Box<dyn Dialect>> {
+    let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
+    Ok(match platform {
+        "webhook" => {
+            let secret = scenario
+                .signing_secret
+                .as_deref()
+                .ok_or_else(|| invalid("the webhook mock needs Scenario::signing_secret".into()))?;
+            Box::new(webhook::Webhook::new(secret).map_err(invalid)?)
+        }
         "smartthings" => Box::new(smartthings::SmartThings),
         "alexa" => Box::new(alexa::Alexa),
         "google" => Box::new(google::Google),
@@ -210,7 +217,12 @@ fn dialect_for(platform: &str) -> Option<Box<dyn Dialect>> {
         "kakao" => Box::new(kakao::Kakao),
         "clova" => Box::new(clova::Clova),
         "genie" => Box::new(genie::Genie),
-        _ => return None,
+        _ => {
+            return Err(invalid(format!(
+                "no mock for platform {platform:?}; known: {}, webhook",
+                PLATFORMS.join(", ")
+            )))
+        }
     })
 }
 
@@ -337,6 +349,14 @@ fn answer_delivery(shared: &Shared, req: &Incoming) -> (Reply, bool) {
         state.throttle_left -= 1;
         return (throttled(dialect, state.scenario.retry_after), false);
     }
+    state.deliveries_received = state.deliveries_received.wrapping_add(1);
+    if let Some(period) = state.scenario.intermittent.filter(|p| *p >= 2) {
+        match state.deliveries_received % period {
+            0 => return (dialect.server_error(), false),
+            1 => return (throttled(dialect, state.scenario.retry_after), false),
+            _ => {}
+        }
+    }
     let token = dialect.token(req);
     if let (Some(limit), Some(token)) = (state.scenario.rate_per_second, &token) {
         let now = Instant::now();
@@ -357,7 +377,9 @@ fn answer_delivery(shared: &Shared, req: &Incoming) -> (Reply, bool) {
     if state.scenario.terminal {
         return (dialect.terminal(), false);
     }
-    if token.as_deref() != Some(state.tokens.access.as_str()) || state.tokens.expired {
+    let token_refused =
+        token.as_deref() != Some(state.tokens.access.as_str()) || state.tokens.expired;
+    if dialect.uses_tokens() && token_refused {
         return (dialect.expired(), false);
     }
     if let Err(why) = dialect.validate(req) {

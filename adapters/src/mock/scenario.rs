@@ -11,8 +11,9 @@ pub enum RetryAfter {
 }
 
 /// The faults a mock partner injects. Faults apply in this order to each
-/// delivery: latency, 5xx burst, throttling, rate limit, terminal code,
-/// token check, duplicate check.
+/// delivery: latency, 5xx burst, throttling, intermittent 5xx/429, rate
+/// limit, misconfiguration, terminal code, token check, shape (and, for the
+/// webhook mock, signature) check, duplicate check.
 #[derive(Debug, Clone)]
 pub struct Scenario {
     /// The access token the partner accepts at start (per-link user token,
@@ -29,6 +30,10 @@ pub struct Scenario {
     pub server_errors: u32,
     /// The next this-many deliveries get 429 with `retry_after`.
     pub throttle: u32,
+    /// Of every this-many deliveries after those, one gets the platform's
+    /// 5xx and the next one 429 with `retry_after` (a partner that fails
+    /// part of the time, for good); under 2: off.
+    pub intermittent: Option<u32>,
     pub retry_after: RetryAfter,
     /// Requests per second one token may make; beyond it, 429.
     pub rate_per_second: Option<u32>,
@@ -52,6 +57,11 @@ pub struct Scenario {
     /// Every token request gets exactly this answer (a platform's answer
     /// that no dialect method covers, e.g. a bare status).
     pub refresh_answer: Option<super::Reply>,
+    /// The `webhook` mock only: the Standard Webhooks secret (`whsec_...`)
+    /// every delivery's signature must verify with. The library also wants
+    /// `webhook-timestamp` within five minutes of this machine's clock, so
+    /// a sender on a driven clock far from now is refused.
+    pub signing_secret: Option<String>,
 }
 
 impl Default for Scenario {
@@ -63,6 +73,7 @@ impl Default for Scenario {
             rotate_refresh: true,
             server_errors: 0,
             throttle: 0,
+            intermittent: None,
             retry_after: RetryAfter::Seconds(1),
             rate_per_second: None,
             latency: Duration::ZERO,
@@ -72,6 +83,7 @@ impl Default for Scenario {
             misconfigured: false,
             client_secret: None,
             refresh_answer: None,
+            signing_secret: None,
         }
     }
 }
