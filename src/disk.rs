@@ -337,6 +337,7 @@ impl DiskWatch {
         self.free.store(space.free, Ordering::Release);
         metrics::gauge!("herald_disk_free_bytes").set(space.free as f64);
         metrics::gauge!("herald_disk_total_bytes").set(space.total as f64);
+        metrics::gauge!(crate::telemetry::DISK_MIN_FREE).set(self.thresholds.min_free as f64);
         let was = self.intake();
         let now = decide(was, space.free, &self.thresholds);
         metrics::gauge!("herald_disk_intake").set(now.as_u8() as f64);

@@ -9,6 +9,7 @@ pub mod links;
 pub mod paging;
 pub mod partners;
 pub mod problem;
+pub mod ready;
 pub mod replay;
 pub mod serve;
 
@@ -41,6 +42,9 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// The data dir's free space: which events ingest takes now.
     pub disk: Arc<DiskWatch>,
+    /// When this herald started, on its clock: no partner is stalled
+    /// before `server.stall_after` has passed since.
+    pub started_ms: u64,
     draining: AtomicBool,
 }
 
@@ -65,9 +69,10 @@ impl AppState {
             store,
             links,
             dispatcher,
-            clock,
+            clock: clock.clone(),
             metrics,
             disk,
+            started_ms: clock.now_ms(),
             draining: AtomicBool::new(false),
         }
     }
@@ -108,7 +113,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .delete(links::delete_link),
         )
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
+        .route("/readyz", get(ready::readyz))
         .route("/metrics", get(metrics))
         .fallback(|| async { problem::Problem::not_found("no such endpoint").into_response() })
         .layer(DefaultBodyLimit::max(max_body))
@@ -120,27 +125,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// 200 "ready", or 503 and why not: shutting down, the store out after a
-/// failed write, or the disk too full for normal events.
-async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    let not_ready = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
-    if state.is_draining() {
-        return not_ready("draining".into());
-    }
-    if let Some(why) = state.store.out_because() {
-        return not_ready(format!(
-            "store unavailable: it is being opened again after a failed write ({why})"
-        ));
-    }
-    match state.disk.not_ready() {
-        Some(why) => not_ready(why),
-        None => "ready".into_response(),
-    }
-}
-
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     match &state.metrics {
-        Some(handle) => handle.render().into_response(),
+        Some(handle) => {
+            ready::refresh_gauges(&state);
+            handle.render().into_response()
+        }
         None => (
             StatusCode::NOT_FOUND,
             "metrics are not recorded in this process",

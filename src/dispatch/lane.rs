@@ -306,6 +306,7 @@ impl Lane {
         stop: CancellationToken,
         abandon: CancellationToken,
         tracker: TaskTracker,
+        hold: Arc<super::Hold>,
     ) {
         let mut window = Window::new(
             &self.partner.name,
@@ -320,6 +321,12 @@ impl Lane {
         loop {
             if stop.is_cancelled() {
                 return;
+            }
+            if hold.is_held() {
+                tokio::select! {
+                    _ = hold.released() => continue,
+                    _ = stop.cancelled() => return,
+                }
             }
             self.take_offers(&mut window);
             if let Some(scan) = apart.take_if(|scan| scan.is_finished()) {
@@ -460,6 +467,7 @@ impl Lane {
             match limiter.check() {
                 Ok(()) => return Token::Taken,
                 Err(not_until) => {
+                    crate::telemetry::rate_limit_wait(&self.partner.name);
                     let wait = not_until.wait_time_from(governor::clock::Clock::now(&self.clock));
                     let retry_at = self.critical_retry_at.load(Ordering::Acquire);
                     // Biased: when a critical send and the token are both
