@@ -47,10 +47,24 @@ pub const CONCURRENCY_LIMIT: &str = "herald_partner_concurrency_limit";
 pub const PARKED_ROUTES: &str = "herald_parked_routes";
 pub const MISCONFIGURED: &str = "herald_partner_misconfigured";
 pub const TOKEN_REQUESTS: &str = "herald_token_requests_total";
+pub const ATTEMPTS: &str = "herald_attempts_total";
+pub const SUPERSEDED: &str = "herald_superseded_total";
+pub const MISCONFIGURED_TOTAL: &str = "herald_partner_misconfigured_total";
+pub const KEEP_ALIVE_REFRESHES: &str = "herald_keep_alive_refreshes_total";
+// ---- HTTP ---------------------------------------------------------------------
+pub const HTTP_CONNECTIONS: &str = "herald_http_connections";
+pub const HTTP_CONNECTIONS_REFUSED: &str = "herald_http_connections_refused_total";
+pub const HTTP_ACCEPT_ERRORS: &str = "herald_http_accept_errors_total";
+pub const HTTP_RATE_LIMITED: &str = "herald_http_rate_limited_total";
+// ---- store, continued -----------------------------------------------------------
+pub const STORE_REOPENS: &str = "herald_store_reopens_total";
+pub const STORE_CHECKPOINT_SECONDS: &str = "herald_store_checkpoint_seconds";
+pub const STORE_DISK: &str = "herald_store_disk_bytes";
 // ---- disk ---------------------------------------------------------------------
 pub const DISK_FREE: &str = "herald_disk_free_bytes";
 pub const DISK_TOTAL: &str = "herald_disk_total_bytes";
 pub const DISK_MIN_FREE: &str = "herald_disk_min_free_bytes";
+pub const DISK_INTAKE: &str = "herald_disk_intake";
 
 /// `outcome` of [`INGEST_REQUESTS`]: 202; a 4xx for the request's content;
 /// a 503 (shutting down, the store busy or out, the disk low).
@@ -175,13 +189,17 @@ const COMMIT_SIZE_BUCKETS: [f64; 12] = [
     1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
 ];
 
+/// Buckets of [`STORE_CHECKPOINT_SECONDS`].
+const CHECKPOINT_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0];
+
 /// herald's histograms with their buckets (the exporter renders a
 /// histogram without buckets as a summary, which cannot be aggregated).
-pub fn buckets() -> [(&'static str, &'static [f64]); 3] {
+pub fn buckets() -> [(&'static str, &'static [f64]); 4] {
     [
         (DELIVERY_LATENCY, &LATENCY_BUCKETS),
         (STORE_COMMIT_SECONDS, &COMMIT_BUCKETS),
         (STORE_COMMIT_REQUESTS, &COMMIT_SIZE_BUCKETS),
+        (STORE_CHECKPOINT_SECONDS, &CHECKPOINT_BUCKETS),
     ]
 }
 
@@ -303,6 +321,18 @@ fn describe() {
         Unit::Bytes,
         "Size of the data dir's filesystem."
     );
+    describe_counter!(ATTEMPTS, Unit::Count, "Delivery attempts by partner and outcome: delivered, retry, failed (a dead letter).");
+    describe_counter!(SUPERSEDED, Unit::Count, "Deliveries not sent because a newer state of the same device replaced them.");
+    describe_counter!(MISCONFIGURED_TOTAL, Unit::Count, "Answers in which the partner refused herald's own setup.");
+    describe_counter!(KEEP_ALIVE_REFRESHES, Unit::Count, "Keep-alive refreshes of grants whose refresh token nears its lifetime, by partner and outcome: renewed, failed.");
+    describe_gauge!(HTTP_CONNECTIONS, Unit::Count, "Open HTTP connections to herald's API.");
+    describe_counter!(HTTP_CONNECTIONS_REFUSED, Unit::Count, "Connections answered 503 over server.max_connections.");
+    describe_counter!(HTTP_ACCEPT_ERRORS, Unit::Count, "Errors accepting a connection (descriptors exhausted, ...).");
+    describe_counter!(HTTP_RATE_LIMITED, Unit::Count, "Requests answered 429 over a token's limits.");
+    describe_counter!(STORE_REOPENS, Unit::Count, "Times the store was opened again by itself after a failed write.");
+    describe_histogram!(STORE_CHECKPOINT_SECONDS, Unit::Seconds, "Time of one store checkpoint.");
+    describe_gauge!(STORE_DISK, Unit::Bytes, "Bytes the data dir takes on disk.");
+    describe_gauge!(DISK_INTAKE, Unit::Count, "Which events ingest takes for the disk's free space: 0 all, 1 critical only, 2 none.");
     describe_gauge!(DISK_MIN_FREE, Unit::Bytes, "server.min_free_disk on this filesystem: under it ingest takes critical events only (0: no limit).");
 }
 
