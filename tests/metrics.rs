@@ -337,4 +337,32 @@ async fn metrics_follow_an_outage_its_recovery_and_dead_letters_from_zero() {
     );
     assert!(s.value("herald_store_fsyncs_total", &[]) >= 6.0);
     assert!(s.value("herald_store_group_commit_seconds_count", &[]) >= 6.0);
+
+    // The alert rules and the dashboard read only series herald exports.
+    let exported: std::collections::HashSet<&str> =
+        s.samples.iter().map(|s| s.name.as_str()).collect();
+    for file in ["ops/prometheus/herald-rules.yml", "ops/grafana/herald.json"] {
+        let text = std::fs::read_to_string(file).expect("ops file");
+        for name in metric_names(&text) {
+            assert!(
+                exported.contains(name.as_str()),
+                "{file} reads {name}, which herald does not export"
+            );
+        }
+    }
+}
+
+/// Every `herald_...` name in `text`.
+fn metric_names(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("herald_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_' || c.is_ascii_digit())
+            .collect();
+        rest = &rest[at + name.len()..];
+        names.push(name);
+    }
+    names
 }
