@@ -321,18 +321,58 @@ fn describe() {
         Unit::Bytes,
         "Size of the data dir's filesystem."
     );
-    describe_counter!(ATTEMPTS, Unit::Count, "Delivery attempts by partner and outcome: delivered, retry, failed (a dead letter).");
-    describe_counter!(SUPERSEDED, Unit::Count, "Deliveries not sent because a newer state of the same device replaced them.");
-    describe_counter!(MISCONFIGURED_TOTAL, Unit::Count, "Answers in which the partner refused herald's own setup.");
+    describe_counter!(
+        ATTEMPTS,
+        Unit::Count,
+        "Delivery attempts by partner and outcome: delivered, retry, failed (a dead letter)."
+    );
+    describe_counter!(
+        SUPERSEDED,
+        Unit::Count,
+        "Deliveries not sent because a newer state of the same device replaced them."
+    );
+    describe_counter!(
+        MISCONFIGURED_TOTAL,
+        Unit::Count,
+        "Answers in which the partner refused herald's own setup."
+    );
     describe_counter!(KEEP_ALIVE_REFRESHES, Unit::Count, "Keep-alive refreshes of grants whose refresh token nears its lifetime, by partner and outcome: renewed, failed.");
-    describe_gauge!(HTTP_CONNECTIONS, Unit::Count, "Open HTTP connections to herald's API.");
-    describe_counter!(HTTP_CONNECTIONS_REFUSED, Unit::Count, "Connections answered 503 over server.max_connections.");
-    describe_counter!(HTTP_ACCEPT_ERRORS, Unit::Count, "Errors accepting a connection (descriptors exhausted, ...).");
-    describe_counter!(HTTP_RATE_LIMITED, Unit::Count, "Requests answered 429 over a token's limits.");
-    describe_counter!(STORE_REOPENS, Unit::Count, "Times the store was opened again by itself after a failed write.");
-    describe_histogram!(STORE_CHECKPOINT_SECONDS, Unit::Seconds, "Time of one store checkpoint.");
+    describe_gauge!(
+        HTTP_CONNECTIONS,
+        Unit::Count,
+        "Open HTTP connections to herald's API."
+    );
+    describe_counter!(
+        HTTP_CONNECTIONS_REFUSED,
+        Unit::Count,
+        "Connections answered 503 over server.max_connections."
+    );
+    describe_counter!(
+        HTTP_ACCEPT_ERRORS,
+        Unit::Count,
+        "Errors accepting a connection (descriptors exhausted, ...)."
+    );
+    describe_counter!(
+        HTTP_RATE_LIMITED,
+        Unit::Count,
+        "Requests answered 429 over a token's limits."
+    );
+    describe_counter!(
+        STORE_REOPENS,
+        Unit::Count,
+        "Times the store was opened again by itself after a failed write."
+    );
+    describe_histogram!(
+        STORE_CHECKPOINT_SECONDS,
+        Unit::Seconds,
+        "Time of one store checkpoint."
+    );
     describe_gauge!(STORE_DISK, Unit::Bytes, "Bytes the data dir takes on disk.");
-    describe_gauge!(DISK_INTAKE, Unit::Count, "Which events ingest takes for the disk's free space: 0 all, 1 critical only, 2 none.");
+    describe_gauge!(
+        DISK_INTAKE,
+        Unit::Count,
+        "Which events ingest takes for the disk's free space: 0 all, 1 critical only, 2 none."
+    );
     describe_gauge!(DISK_MIN_FREE, Unit::Bytes, "server.min_free_disk on this filesystem: under it ingest takes critical events only (0: no limit).");
 }
 

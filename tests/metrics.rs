@@ -200,8 +200,14 @@ async fn metrics_follow_an_outage_its_recovery_and_dead_letters_from_zero() {
         for priority in PRIORITIES {
             let labels = [("partner", partner), ("priority", priority)];
             assert_eq!(s.value("herald_queue_depth", &labels), 0.0);
-            assert_eq!(s.value("herald_oldest_undelivered_age_seconds", &labels), 0.0);
-            assert_eq!(s.value("herald_delivery_latency_seconds_count", &labels), 0.0);
+            assert_eq!(
+                s.value("herald_oldest_undelivered_age_seconds", &labels),
+                0.0
+            );
+            assert_eq!(
+                s.value("herald_delivery_latency_seconds_count", &labels),
+                0.0
+            );
             let le = [("partner", partner), ("priority", priority), ("le", "60")];
             assert_eq!(s.value("herald_delivery_latency_seconds_bucket", &le), 0.0);
         }
@@ -229,7 +235,10 @@ async fn metrics_follow_an_outage_its_recovery_and_dead_letters_from_zero() {
         0.0
     );
     assert!(s.value("herald_disk_free_bytes", &[]) > 0.0);
-    assert_eq!(s.value("herald_disk_min_free_bytes", &[]), 16.0 * 1024.0 * 1024.0);
+    assert_eq!(
+        s.value("herald_disk_min_free_bytes", &[]),
+        16.0 * 1024.0 * 1024.0
+    );
     s.value("herald_store_fsyncs_total", &[]);
     s.value("herald_store_commit_failures_total", &[]);
     s.value("herald_store_group_commit_seconds_count", &[]);
@@ -255,7 +264,10 @@ async fn metrics_follow_an_outage_its_recovery_and_dead_letters_from_zero() {
     assert!((90.0..92.0).contains(&age), "critical oldest age {age}");
     assert!(s.value("herald_oldest_undelivered_age_seconds", &normal) >= 90.0);
     assert_eq!(
-        s.value("herald_deliveries_total", &[("partner", "acme"), ("outcome", "delivered")]),
+        s.value(
+            "herald_deliveries_total",
+            &[("partner", "acme"), ("outcome", "delivered")]
+        ),
         0.0
     );
     let breaker = [("partner", "acme")];
@@ -280,11 +292,23 @@ async fn metrics_follow_an_outage_its_recovery_and_dead_letters_from_zero() {
         assert!(Instant::now() < deadline, "acme's backlog never drained");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert_eq!(s.value("herald_oldest_undelivered_age_seconds", &critical), 0.0);
-    assert_eq!(s.value("herald_oldest_undelivered_age_seconds", &normal), 0.0);
+    assert_eq!(
+        s.value("herald_oldest_undelivered_age_seconds", &critical),
+        0.0
+    );
+    assert_eq!(
+        s.value("herald_oldest_undelivered_age_seconds", &normal),
+        0.0
+    );
     assert_eq!(s.value("herald_partner_breaker_state", &breaker), 0.0);
-    assert_eq!(s.value("herald_delivery_latency_seconds_count", &critical), 2.0);
-    assert_eq!(s.value("herald_delivery_latency_seconds_count", &normal), 1.0);
+    assert_eq!(
+        s.value("herald_delivery_latency_seconds_count", &critical),
+        2.0
+    );
+    assert_eq!(
+        s.value("herald_delivery_latency_seconds_count", &normal),
+        1.0
+    );
     // Delivered after the outage: over 90 s each, none within a minute.
     assert!(s.value("herald_delivery_latency_seconds_sum", &critical) >= 180.0);
     let within_a_minute = [("partner", "acme"), ("priority", "critical"), ("le", "60")];
@@ -313,9 +337,19 @@ async fn metrics_follow_an_outage_its_recovery_and_dead_letters_from_zero() {
         s.value("herald_dead_letters_total", &dead("route_parked")) == 1.0
     })
     .await;
-    assert_eq!(globex.requests().len(), 2, "the parked route was not sent to");
-    assert_eq!(s.value("herald_dead_letters_total", &dead("retries_exhausted")), 0.0);
-    assert_eq!(s.value("herald_dead_letters_total", &dead("not_sendable")), 0.0);
+    assert_eq!(
+        globex.requests().len(),
+        2,
+        "the parked route was not sent to"
+    );
+    assert_eq!(
+        s.value("herald_dead_letters_total", &dead("retries_exhausted")),
+        0.0
+    );
+    assert_eq!(
+        s.value("herald_dead_letters_total", &dead("not_sendable")),
+        0.0
+    );
     let dead_lettered = [("partner", "globex"), ("outcome", "dead_lettered")];
     assert_eq!(s.value("herald_deliveries_total", &dead_lettered), 3.0);
     assert_eq!(

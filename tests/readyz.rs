@@ -8,6 +8,11 @@
 //! breaker open, is not a stall.
 //!
 //! The mounts need root; without it, those tests say so loudly and pass.
+//!
+//! Each test names its partner differently: the metrics recorder is
+//! process-wide, and a runner that puts these tests in one process would
+//! otherwise mix their series (the disk's gauges are the process's still:
+//! nextest, which `scripts/test` uses, runs each test in its own).
 
 mod common;
 
@@ -82,36 +87,48 @@ async fn a_stalled_dispatcher_fails_readyz_and_going_on_again_clears_it() {
     );
     assert!(why.contains("server.stall_after"), "{why}");
     assert_eq!(probe(&h, "/healthz").await.0, 200, "the process is up");
-    assert_eq!(metric(&h, "herald_dispatch_stalled{partner=\"acme\"}").await, 1.0);
+    assert_eq!(
+        metric(&h, "herald_dispatch_stalled{partner=\"acme\"}").await,
+        1.0
+    );
     assert!(mock.requests().is_empty(), "nothing was sent while held");
 
     h.herald.dispatcher().hold_for_test(false);
     mock.wait_for(1).await;
     let (took, _) = ready_turns(&h, 200, Duration::from_secs(10)).await;
     println!("/readyz ready again {took:?} after the dispatcher went on");
-    assert_eq!(metric(&h, "herald_dispatch_stalled{partner=\"acme\"}").await, 0.0);
+    assert_eq!(
+        metric(&h, "herald_dispatch_stalled{partner=\"acme\"}").await,
+        0.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partner_that_is_down_behind_its_breaker_is_not_a_stall() {
-    let (h, mock, _dir) = setup(
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (h, mock) = start_in(
+        dir.path(),
+        "globex",
         "breaker = { failures = 1, cool_down = \"1h\", max_cool_down = \"1h\" }",
         "stall_after = \"30s\"",
     )
     .await;
     mock.refuse_connections().await;
-    h.send_one("acme", "critical").await;
+    h.send_one("globex", "critical").await;
     // The first attempt fails and opens the breaker; its retry comes due
     // and waits behind it, longer than stall_after.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&h, "herald_partner_breaker_state{partner=\"acme\"}").await != 1.0 {
+    while metric(&h, "herald_partner_breaker_state{partner=\"globex\"}").await != 1.0 {
         assert!(Instant::now() < deadline, "the breaker never opened");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     h.clock.advance(Duration::from_secs(120));
     common::settle().await;
     assert_eq!(probe(&h, "/readyz").await, (200, "ready".to_string()));
-    assert_eq!(metric(&h, "herald_dispatch_stalled{partner=\"acme\"}").await, 0.0);
+    assert_eq!(
+        metric(&h, "herald_dispatch_stalled{partner=\"globex\"}").await,
+        0.0
+    );
 }
 
 /// A filesystem mounted for one test, unmounted when dropped (a panic
@@ -151,10 +168,19 @@ impl Drop for Mount {
 }
 
 /// A herald with one partner at a fresh mock, its data dir in `dir`.
-async fn start_in(dir: &Path, server_extra: &str) -> (TestHerald, MockPartner) {
+async fn start_in(
+    dir: &Path,
+    partner: &str,
+    partner_extra: &str,
+    server_extra: &str,
+) -> (TestHerald, MockPartner) {
     let clock = Clock::manual(START_MS);
     let mock = MockPartner::start(clock.clone()).await;
-    let toml = config_toml(dir, &partner_toml("acme", &mock.url, ""), server_extra);
+    let toml = config_toml(
+        dir,
+        &partner_toml(partner, &mock.url, partner_extra),
+        server_extra,
+    );
     (TestHerald::start(&toml, clock).await, mock)
 }
 
@@ -165,7 +191,10 @@ async fn a_data_dir_turned_read_only_fails_readyz() {
     std::fs::File::create(&image)
         .and_then(|f| f.set_len(64 << 20))
         .expect("image file");
-    let made = Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image).output();
+    let made = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&image)
+        .output();
     if !made.as_ref().is_ok_and(|o| o.status.success()) {
         eprintln!("SKIPPED: cannot make an ext4 filesystem (mkfs.ext4): {made:?}");
         return;
@@ -179,8 +208,8 @@ async fn a_data_dir_turned_read_only_fails_readyz() {
         return;
     };
     let data = mount.point.join("data");
-    let (h, mock) = start_in(&data, "min_free_disk = \"1MiB\"").await;
-    h.send_one("acme", "normal").await;
+    let (h, mock) = start_in(&data, "initech", "", "min_free_disk = \"1MiB\"").await;
+    h.send_one("initech", "normal").await;
     mock.wait_for(1).await;
     assert_eq!(probe(&h, "/readyz").await, (200, "ready".to_string()));
 
@@ -201,7 +230,9 @@ async fn a_data_dir_turned_read_only_fails_readyz() {
     assert!(why.contains("store"), "{why}");
     assert_eq!(probe(&h, "/healthz").await.0, 200, "the process is up");
     let (status, body) = h
-        .post_events(r#"{"device_id":"lock-7f3a","type":"door.forced_open","partners":["acme"]}"#)
+        .post_events(
+            r#"{"device_id":"lock-7f3a","type":"door.forced_open","partners":["initech"]}"#,
+        )
         .await;
     assert_eq!(status, 503, "no event is taken on a read-only disk: {body}");
 }
@@ -216,7 +247,8 @@ async fn free_space_under_the_limit_fails_readyz() {
     ) else {
         return;
     };
-    let (h, _mock) = start_in(&mount.point.join("data"), "min_free_disk = \"16MiB\"").await;
+    let data = mount.point.join("data");
+    let (h, _mock) = start_in(&data, "umbrella", "", "min_free_disk = \"16MiB\"").await;
     assert_eq!(probe(&h, "/readyz").await, (200, "ready".to_string()));
     let limit = metric(&h, "herald_disk_min_free_bytes").await;
     assert_eq!(limit, (16 << 20) as f64);
@@ -232,7 +264,10 @@ async fn free_space_under_the_limit_fails_readyz() {
     .expect("filler written");
     let (took, why) = ready_turns(&h, 503, Duration::from_secs(10)).await;
     println!("/readyz failed {took:?} after the free space fell under the limit: {why}");
-    assert!(why.contains("disk low") && why.contains("min_free_disk"), "{why}");
+    assert!(
+        why.contains("disk low") && why.contains("min_free_disk"),
+        "{why}"
+    );
     assert!(metric(&h, "herald_disk_free_bytes").await < limit);
     assert_eq!(probe(&h, "/healthz").await.0, 200, "the process is up");
 
