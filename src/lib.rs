@@ -19,6 +19,8 @@
 //!   the records.
 //! - [`disk`], [`retention`], `supervise`, `outbound`: free space, old
 //!   events, crash-only loops, the outbound address policy.
+//! - [`telemetry`]: every metric `/metrics` exports, declared once and
+//!   zeroed for every configured partner at start.
 //! - [`mod@bench`], [`operator`]: `herald bench` and `herald dlq`.
 //!
 //! `ARCHITECTURE.md` at the repository root has the flow of one event and

@@ -385,7 +385,7 @@ fn recover(
         match opened {
             Ok((db, watermark)) => {
                 reopen.handle.put(db.clone());
-                metrics::counter!("herald_store_reopens_total").increment(1);
+                metrics::counter!(crate::telemetry::STORE_REOPENS).increment(1);
                 tracing::warn!(after = ?started.elapsed(), cause = %cause,
                     "the store was opened again after a failed write; writes go on");
                 return Some(Opened { db, watermark });
@@ -697,7 +697,7 @@ impl<'a> Pending<'a> {
         // Durable on return: herald's sled counts a log buffer stable only
         // once an fdatasync covers it (vendor/sled/HERALD.md).
         db.flush()?;
-        metrics::counter!("herald_store_fsyncs_total").increment(1);
+        metrics::counter!(crate::telemetry::STORE_FSYNCS).increment(1);
         // The commit stands either way; a stale watermark only weakens the check.
         if let Err(e) = watermark.advance() {
             tracing::warn!(error = %e, "cannot record the commit watermark");
