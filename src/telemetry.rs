@@ -248,7 +248,7 @@ pub fn register(config: &Config) {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
-    describe_counter!(INGEST_REQUESTS, Unit::Count, "POST /v1/events requests by outcome: accepted (202), rejected (4xx for the request's content), unavailable (503).");
+    describe_counter!(INGEST_REQUESTS, Unit::Count, "POST /v1/events requests by outcome: accepted (202), rejected (4xx for the request's content), unavailable (503). Requests the guard refused first (token, limits) are not counted here.");
     describe_counter!(INGEST_EVENTS, Unit::Count, "Events in accepted requests: accepted (stored), duplicate (an idempotency_key seen before).");
     describe_histogram!(
         STORE_COMMIT_SECONDS,
