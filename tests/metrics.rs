@@ -158,7 +158,17 @@ async fn wait_scrape(h: &TestHerald, what: &str, check: impl Fn(&Scrape) -> bool
         if check(&s) {
             return s;
         }
-        assert!(Instant::now() < deadline, "never saw {what}");
+        if Instant::now() >= deadline {
+            let nonzero: Vec<&str> = s
+                .text
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.ends_with(" 0") && !l.contains("_bucket"))
+                .collect();
+            panic!(
+                "never saw {what}; the samples not at zero:\n{}",
+                nonzero.join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -399,4 +409,121 @@ fn metric_names(text: &str) -> Vec<String> {
         names.push(name);
     }
     names
+}
+
+/// A SmartThings partner named `name` at the mock `base`, retried fast.
+fn smartthings_toml(name: &str) -> String {
+    format!(
+        r#"
+[partners.{name}]
+adapter = "smartthings"
+client_id_env = "TEST_CLIENT_ID"
+client_secret_env = "TEST_CLIENT_SECRET"
+allow_private = true
+timeout_ms = 2000
+retry = {{ initial_ms = 100, multiplier = 2.0, max_interval_ms = 1000 }}
+"#
+    )
+}
+
+fn platform_env(name: &str) -> Option<String> {
+    match name {
+        "TEST_CLIENT_ID" => Some("herald-client".into()),
+        "TEST_CLIENT_SECRET" => Some("herald-client-secret".into()),
+        other => common::test_env(other),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_refreshes_and_a_refused_setup_show_per_partner_against_smartthings_mocks() {
+    use adapters::mock::{MockPartner as PlatformMock, Scenario};
+    // Two SmartThings whose access token has expired (they answer 401 and
+    // take a refresh); the second has rotated herald's client secret, so
+    // its token endpoint refuses herald's own setup (RFC 6749
+    // `invalid_client`). The mocks answer as SmartThings documents
+    // (adapters/src/mock/smartthings.rs names the sources).
+    let expired = Scenario {
+        access_token: "at-0".into(),
+        expire_after: Some(0),
+        ..Scenario::default()
+    };
+    let refusing = Scenario {
+        access_token: "at-0".into(),
+        expire_after: Some(0),
+        client_secret: Some("herald-client-secret-rotated".into()),
+        ..Scenario::default()
+    };
+    let (fresh_addr, fresh) = PlatformMock::start("smartthings", expired)
+        .await
+        .expect("mock");
+    let (refusing_addr, _refusing) = PlatformMock::start("smartthings", refusing)
+        .await
+        .expect("mock");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let partners = smartthings_toml("smartthings") + &smartthings_toml("st_staging");
+    let toml = config_toml(dir.path(), &partners, "");
+    let h = TestHerald::start_with_env(&toml, Clock::manual(START_MS), &platform_env).await;
+    let s = scrape(&h).await;
+    for partner in ["smartthings", "st_staging"] {
+        assert_eq!(
+            s.value(
+                "herald_token_requests_total",
+                &[("partner", partner), ("outcome", "renewed")]
+            ),
+            0.0
+        );
+        assert_eq!(
+            s.value("herald_partner_misconfigured", &[("partner", partner)]),
+            0.0
+        );
+    }
+    for (partner, addr) in [("smartthings", fresh_addr), ("st_staging", refusing_addr)] {
+        let base = format!("http://{addr}");
+        let link = serde_json::json!({
+            "external_id": "lock-42",
+            "account": "user-7",
+            "callback_url": format!("{base}/device/events"),
+            "token_url": format!("{base}/oauth/token"),
+            "credentials": {"access_token": "at-0", "refresh_token": "rt-0", "expires_at": "2027-06-01T00:00:00Z"},
+        });
+        let response = h
+            .http
+            .put(h.url(&format!("/v1/links/{partner}/lock-7f3a")))
+            .bearer_auth(OPERATOR_TOKEN)
+            .header("content-type", "application/json")
+            .body(link.to_string())
+            .send()
+            .await
+            .expect("herald answers");
+        assert_eq!(response.status(), 201);
+    }
+    // Routed by the device's links: one delivery to each.
+    let (status, body) = h
+        .post_events(r#"{"device_id":"lock-7f3a","type":"door.forced_open","priority":"critical","data":{"capability":"lock","attribute":"lock","value":"forced_open","kind":"forced_open"}}"#)
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let s = wait_scrape(&h, "the refresh and the refused setup", |s| {
+        s.value(
+            "herald_deliveries_total",
+            &[("partner", "smartthings"), ("outcome", "delivered")],
+        ) == 1.0
+            && s.value("herald_partner_misconfigured", &[("partner", "st_staging")]) == 1.0
+    })
+    .await;
+    assert_eq!(fresh.refreshes(), 1);
+    let renewed = [("partner", "smartthings"), ("outcome", "renewed")];
+    assert_eq!(s.value("herald_token_requests_total", &renewed), 1.0);
+    assert_eq!(
+        s.value(
+            "herald_partner_misconfigured",
+            &[("partner", "smartthings")]
+        ),
+        0.0
+    );
+    let refused = [("partner", "st_staging"), ("outcome", "misconfigured")];
+    assert!(s.value("herald_token_requests_total", &refused) >= 1.0);
+    let retried = [("partner", "st_staging"), ("outcome", "retried")];
+    assert!(s.value("herald_deliveries_total", &retried) >= 1.0);
+    let waiting = [("partner", "st_staging"), ("priority", "critical")];
+    assert_eq!(s.value("herald_queue_depth", &waiting), 1.0);
 }
