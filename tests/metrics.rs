@@ -3,7 +3,9 @@
 //! partner's series are there at zero before any traffic; queue depth and
 //! the age of the oldest undelivered delivery grow while a partner is down
 //! and go back to zero once it recovers and drains; dead letters show
-//! under their reason. Every scrape is checked by Prometheus' own parser
+//! under their reason; token refreshes show by outcome and a partner that
+//! refuses herald's setup shows as misconfigured, against SmartThings
+//! mocks (the adapters crate's `mock` feature). Every scrape is checked by Prometheus' own parser
 //! (`promtool check metrics`; CI installs it, and without it the check is
 //! skipped saying so loudly).
 //!
