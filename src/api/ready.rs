@@ -12,6 +12,8 @@
 //! that is down is not stalled (its breaker is open: herald waits on
 //! purpose, and the breaker's metric pages for it); one draining a backlog
 //! is not either (its outcomes keep coming, however old the backlog).
+//! Partners with `ordering = "per_device"` are not watched: their due work
+//! may wait behind a device's earlier delivery.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,6 +81,12 @@ fn stalled(state: &AppState) -> Vec<(String, String)> {
     for lane in state.dispatcher.lanes() {
         let partner = &lane.partner.name;
         if lane.breaker.state() != Breaker::Closed {
+            continue;
+        }
+        // With `ordering = "per_device"` due work may rightly wait behind
+        // its device's earlier delivery, retried later: not a stall. A
+        // stalled dispatcher stalls the other partners' lanes too.
+        if lane.partner.ordered_per_device {
             continue;
         }
         let since = state
