@@ -189,7 +189,11 @@ async fn metrics_follow_an_outage_its_recovery_and_dead_letters_from_zero() {
         &acme.url,
         "retry = { initial_ms = 1000, multiplier = 2.0, max_interval_ms = 4000 }\n\
          breaker = { failures = 3, cool_down = \"5s\", max_cool_down = \"5s\" }",
-    ) + &partner_toml("globex", &globex.url, "permanent_statuses = [422]");
+    ) + &partner_toml(
+        "globex",
+        &globex.url,
+        "permanent_statuses = [422]\nconcurrency = \"adaptive\"\nmax_in_flight = 8",
+    );
     let h = TestHerald::start(&config_toml(dir.path(), &partners, ""), clock.clone()).await;
 
     // Before any traffic: every partner's series, at zero.
@@ -236,6 +240,10 @@ async fn metrics_follow_an_outage_its_recovery_and_dead_letters_from_zero() {
         assert_eq!(s.value("herald_dispatch_stalled", &labels), 0.0);
         assert!(s.value("herald_partner_concurrency_limit", &labels) >= 1.0);
     }
+    // A fixed limit is max_in_flight; an adaptive one starts at 1.
+    let limit = |partner| s.value("herald_partner_concurrency_limit", &[("partner", partner)]);
+    assert_eq!(limit("acme"), 32.0);
+    assert_eq!(limit("globex"), 1.0);
     for outcome in ["accepted", "rejected", "unavailable"] {
         assert_eq!(
             s.value("herald_ingest_requests_total", &[("outcome", outcome)]),

@@ -72,6 +72,9 @@ impl Dispatcher {
             }
             metrics::gauge!(crate::telemetry::PARKED_ROUTES, "partner" => partner.name.clone())
                 .set(lane.parked.len() as f64);
+            // The adaptive limit starts below max_in_flight.
+            metrics::gauge!(crate::telemetry::CONCURRENCY_LIMIT, "partner" => partner.name.clone())
+                .set(lane.concurrency_limit() as f64);
             let running = Arc::clone(&lane).run(
                 stop.clone(),
                 abandon.clone(),
