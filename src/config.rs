@@ -63,6 +63,9 @@ pub struct ServerConfig {
     pub link_key: Option<crate::links::LinkKey>,
     /// How long shutdown waits for requests in flight.
     pub shutdown_grace: Duration,
+    /// How long due work may wait with no outcome recorded for its partner
+    /// before `/readyz` calls the dispatcher stalled.
+    pub stall_after: Duration,
     /// `min_free_disk` and `critical_disk_reserve` (see src/disk.rs).
     pub disk: crate::disk::DiskPolicy,
     /// Timeouts, the connection cap and per-token limits (src/api/guard.rs).
@@ -197,6 +200,7 @@ struct FileServer {
     max_body_bytes: usize,
     retention: String,
     shutdown_grace: String,
+    stall_after: String,
     /// The variable holding the link key (default `HERALD_LINK_KEY`).
     link_key_env: Option<String>,
     min_free_disk: String,
@@ -221,6 +225,7 @@ impl Default for FileServer {
             max_body_bytes: 8 * 1024 * 1024,
             retention: "24h".into(),
             shutdown_grace: "10s".into(),
+            stall_after: "30s".into(),
             link_key_env: None,
             min_free_disk: "5%".into(),
             critical_disk_reserve: None,
@@ -557,6 +562,15 @@ fn server_config(
         max_body_bytes: s.max_body_bytes,
         retention: parse_duration("server.retention", &s.retention)?,
         shutdown_grace: parse_duration("server.shutdown_grace", &s.shutdown_grace)?,
+        stall_after: match parse_duration("server.stall_after", &s.stall_after)? {
+            zero if zero.is_zero() => {
+                return Err(ConfigError::new(
+                    "server.stall_after",
+                    "must be above 0: due work always waits a moment",
+                ))
+            }
+            after => after,
+        },
         link_key: link_key(s.link_key_env.as_deref(), env)?,
         disk: disk_policy(&s.min_free_disk, s.critical_disk_reserve.as_deref())?,
         http,

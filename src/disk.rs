@@ -330,16 +330,17 @@ impl DiskWatch {
     }
 
     fn measure_store(&self) {
-        metrics::gauge!("herald_store_disk_bytes").set(used_by(&self.dir) as f64);
+        metrics::gauge!(crate::telemetry::STORE_DISK).set(used_by(&self.dir) as f64);
     }
 
     fn apply(&self, space: Space) {
         self.free.store(space.free, Ordering::Release);
-        metrics::gauge!("herald_disk_free_bytes").set(space.free as f64);
-        metrics::gauge!("herald_disk_total_bytes").set(space.total as f64);
+        metrics::gauge!(crate::telemetry::DISK_FREE).set(space.free as f64);
+        metrics::gauge!(crate::telemetry::DISK_TOTAL).set(space.total as f64);
+        metrics::gauge!(crate::telemetry::DISK_MIN_FREE).set(self.thresholds.min_free as f64);
         let was = self.intake();
         let now = decide(was, space.free, &self.thresholds);
-        metrics::gauge!("herald_disk_intake").set(now.as_u8() as f64);
+        metrics::gauge!(crate::telemetry::DISK_INTAKE).set(now.as_u8() as f64);
         if now == was {
             return;
         }

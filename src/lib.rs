@@ -20,6 +20,8 @@
 //! - [`disk`], [`retention`], `supervise`, `outbound`: free space, old
 //!   events, crash-only loops, the outbound address policy.
 //! - [`replays`]: bulk replay jobs, one task each, resumed at start.
+//! - [`telemetry`]: every metric `/metrics` exports, declared once and
+//!   zeroed for every configured partner at start.
 //! - [`mod@bench`], [`demo`], [`operator`]: `herald bench`, `herald demo`
 //!   and the operator commands (`herald dlq`, `replays`, `events`,
 //!   `partners`, `audit`).
@@ -51,6 +53,7 @@ pub mod retention;
 pub mod store;
 pub(crate) mod supervise;
 pub(crate) mod sync;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -93,13 +96,27 @@ pub struct Herald {
 pub fn metrics_handle() -> Option<PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
-        .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
+        .get_or_init(|| {
+            let mut builder = PrometheusBuilder::new();
+            for (name, buckets) in telemetry::buckets() {
+                builder = builder
+                    .set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(name.to_string()),
+                        buckets,
+                    )
+                    .ok()?;
+            }
+            builder.install_recorder().ok()
+        })
         .clone()
 }
 
 /// Opens the store, starts a lane per partner and serves the API.
 pub async fn start(config: Config, clock: Clock) -> Result<Herald, StartError> {
     let config = Arc::new(config);
+    // Every series exists, at zero, before the first event.
+    let _ = metrics_handle();
+    telemetry::register(&config);
     // Before the store: a policy the filesystem cannot meet creates nothing.
     let disk = disk::DiskWatch::new(&config.server.data_dir, config.server.disk)
         .map_err(StartError::Disk)?;
@@ -110,6 +127,12 @@ pub async fn start(config: Config, clock: Clock) -> Result<Herald, StartError> {
             queue: config.server.ingest_queue,
         },
     )?;
+    for partner in &config.partners {
+        for priority in model::Priority::ALL {
+            let queue = store.queue(&partner.name, priority);
+            telemetry::queue(&partner.name, priority, queue.depth);
+        }
+    }
     let links = links::Links::new(store.clone(), config.server.link_key.clone(), clock.clone());
     // Before any lane reads a link: a store written before grants existed
     // gets its links' credentials moved into their grants, once.

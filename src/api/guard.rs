@@ -144,7 +144,7 @@ impl Guard {
             return Ok(None);
         };
         let limited = |detail: String, secs: u64| {
-            metrics::counter!("herald_http_rate_limited_total").increment(1);
+            metrics::counter!(crate::telemetry::HTTP_RATE_LIMITED).increment(1);
             Problem::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate-limited",

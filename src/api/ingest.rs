@@ -80,6 +80,20 @@ impl From<Accepted> for AcceptedBody {
 }
 
 pub async fn post_events(
+    caller: Ingest,
+    state: State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    let answer = accept(caller, state, body).await;
+    let status = match &answer {
+        Ok(response) => response.status().as_u16(),
+        Err(problem) => problem.status,
+    };
+    crate::telemetry::ingest_request(status);
+    answer
+}
+
+async fn accept(
     Ingest(caller): Ingest,
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
@@ -143,7 +157,7 @@ pub async fn post_events(
         state.dispatcher.due_written(&a.scheduled);
     }
     let fresh = accepted.iter().filter(|a| !a.duplicate).count();
-    metrics::counter!("herald_events_accepted_total").increment(fresh as u64);
+    crate::telemetry::ingest_events(fresh as u64, (accepted.len() - fresh) as u64);
     tracing::debug!(caller = %caller.name, events = count, "accepted");
     let answer: Vec<AcceptedBody> = accepted.into_iter().map(AcceptedBody::from).collect();
     Ok(if batch {

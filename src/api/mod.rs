@@ -11,6 +11,7 @@ pub mod links;
 pub mod paging;
 pub mod partners;
 pub mod problem;
+pub mod ready;
 pub mod replay;
 pub mod serve;
 
@@ -45,6 +46,9 @@ pub struct AppState {
     pub disk: Arc<DiskWatch>,
     /// Bulk replay jobs at work.
     pub replays: crate::replays::ReplayJobs,
+    /// When this herald started, on its clock: no partner is stalled
+    /// before `server.stall_after` has passed since.
+    pub started_ms: u64,
     draining: AtomicBool,
 }
 
@@ -74,9 +78,10 @@ impl AppState {
             store,
             links,
             dispatcher,
-            clock,
+            clock: clock.clone(),
             metrics,
             disk,
+            started_ms: clock.now_ms(),
             draining: AtomicBool::new(false),
         }
     }
@@ -126,7 +131,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/console", get(console::page))
         .route("/console/{asset}", get(console::asset))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
+        .route("/readyz", get(ready::readyz))
         .route("/metrics", get(metrics))
         .fallback(|| async { problem::Problem::not_found("no such endpoint").into_response() })
         .layer(DefaultBodyLimit::max(max_body))
@@ -138,27 +143,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// 200 "ready", or 503 and why not: shutting down, the store out after a
-/// failed write, or the disk too full for normal events.
-async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    let not_ready = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
-    if state.is_draining() {
-        return not_ready("draining".into());
-    }
-    if let Some(why) = state.store.out_because() {
-        return not_ready(format!(
-            "store unavailable: it is being opened again after a failed write ({why})"
-        ));
-    }
-    match state.disk.not_ready() {
-        Some(why) => not_ready(why),
-        None => "ready".into_response(),
-    }
-}
-
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     match &state.metrics {
-        Some(handle) => handle.render().into_response(),
+        Some(handle) => {
+            ready::refresh_gauges(&state);
+            handle.render().into_response()
+        }
         None => (
             StatusCode::NOT_FOUND,
             "metrics are not recorded in this process",

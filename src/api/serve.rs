@@ -86,14 +86,14 @@ pub async fn serve(
             Err(e) => {
                 // Out of descriptors (or a connection reset before it was
                 // taken): wait rather than spin, and say so.
-                metrics::counter!("herald_http_accept_errors_total").increment(1);
+                metrics::counter!(crate::telemetry::HTTP_ACCEPT_ERRORS).increment(1);
                 tracing::error!(error = %e, "cannot accept a connection");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            metrics::counter!("herald_http_connections_refused_total").increment(1);
+            metrics::counter!(crate::telemetry::HTTP_CONNECTIONS_REFUSED).increment(1);
             if !at_cap.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
                     max_connections = cap,
@@ -131,7 +131,7 @@ pub async fn serve(
                 }
             }),
         );
-        metrics::gauge!("herald_http_connections").increment(1.0);
+        metrics::gauge!(crate::telemetry::HTTP_CONNECTIONS).increment(1.0);
         connections.spawn(async move {
             let _slot = slot;
             let mut connection = std::pin::pin!(connection);
@@ -145,7 +145,7 @@ pub async fn serve(
             if let Err(e) = ended {
                 tracing::debug!(error = %e, "connection ended");
             }
-            metrics::gauge!("herald_http_connections").decrement(1.0);
+            metrics::gauge!(crate::telemetry::HTTP_CONNECTIONS).decrement(1.0);
         });
     }
     connections.close();

@@ -255,7 +255,7 @@ async fn healthy(
         .copied()
         .unwrap_or(0.0);
     let accepted = metrics
-        .get("herald_events_accepted_total")
+        .get("herald_ingest_events_total{outcome=\"accepted\"}")
         .copied()
         .unwrap_or(0.0);
     t.add(

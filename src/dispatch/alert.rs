@@ -46,7 +46,7 @@ pub struct PartnerAlert {
 
 impl PartnerAlert {
     pub(crate) fn new(partner: &str) -> PartnerAlert {
-        metrics::gauge!("herald_partner_misconfigured", "partner" => partner.to_string()).set(0.0);
+        metrics::gauge!(crate::telemetry::MISCONFIGURED, "partner" => partner.to_string()).set(0.0);
         PartnerAlert {
             partner: partner.to_string(),
             is_raised: AtomicBool::new(false),
@@ -56,7 +56,7 @@ impl PartnerAlert {
 
     /// A delivery got a misconfiguration answer at `now_ms`.
     pub(crate) fn raise(&self, reason: &str, now_ms: u64) {
-        metrics::counter!("herald_partner_misconfigured_total", "partner" => self.partner.clone())
+        metrics::counter!(crate::telemetry::MISCONFIGURED_TOTAL, "partner" => self.partner.clone())
             .increment(1);
         let mut raised = lock(&self.raised);
         match raised.as_mut() {
@@ -67,7 +67,7 @@ impl PartnerAlert {
             None => {
                 tracing::error!(partner = %self.partner, %reason,
                     "the platform refuses herald's own setup (client, secret, permission, region or quota); deliveries are retried, not parked, until it is fixed");
-                metrics::gauge!("herald_partner_misconfigured", "partner" => self.partner.clone())
+                metrics::gauge!(crate::telemetry::MISCONFIGURED, "partner" => self.partner.clone())
                     .set(1.0);
                 *raised = Some(Raised {
                     reason: reason.to_string(),
@@ -89,7 +89,7 @@ impl PartnerAlert {
         if let Some(held) = raised.take() {
             tracing::info!(partner = %self.partner, answers = held.count,
                 "the platform takes herald's deliveries again; the misconfiguration alert is cleared");
-            metrics::gauge!("herald_partner_misconfigured", "partner" => self.partner.clone())
+            metrics::gauge!(crate::telemetry::MISCONFIGURED, "partner" => self.partner.clone())
                 .set(0.0);
         }
     }

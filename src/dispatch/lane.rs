@@ -298,6 +298,7 @@ impl Lane {
         stop: CancellationToken,
         abandon: CancellationToken,
         tracker: TaskTracker,
+        hold: Arc<super::Hold>,
     ) {
         let mut window = Window::new(&self.partner.name, self.capacity, self.held.clone());
         // At most one scan per range (critical, normal) runs at a time.
@@ -305,6 +306,12 @@ impl Lane {
         loop {
             if stop.is_cancelled() {
                 return;
+            }
+            if hold.is_held() {
+                tokio::select! {
+                    _ = hold.released() => continue,
+                    _ = stop.cancelled() => return,
+                }
             }
             for priority in Priority::ALL {
                 if self.written[slot(priority)].swap(false, Ordering::AcqRel) {
@@ -426,6 +433,7 @@ impl Lane {
             match limiter.check() {
                 Ok(()) => return Token::Taken,
                 Err(not_until) => {
+                    crate::telemetry::rate_limit_wait(&self.partner.name);
                     let wait = not_until.wait_time_from(governor::clock::Clock::now(&self.clock));
                     let retry_at = self.critical_retry_at.load(Ordering::Acquire);
                     // Biased: when a critical send and the token are both

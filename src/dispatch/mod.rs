@@ -31,6 +31,7 @@ use lane::Lane;
 
 pub struct Dispatcher {
     lanes: HashMap<String, Arc<Lane>>,
+    hold: Arc<Hold>,
     stop: CancellationToken,
     abandon: CancellationToken,
     sends: TaskTracker,
@@ -51,6 +52,7 @@ impl Dispatcher {
         let sends = TaskTracker::new();
         let loops = TaskTracker::new();
         let mut lanes = HashMap::new();
+        let hold = Arc::new(Hold::default());
         for partner in &config.partners {
             let adapter = adapters::build_adapter(&partner.adapter_kind, &partner.adapter)
                 .map_err(|e| format!("partners.{}.{e}", partner.name))?;
@@ -68,7 +70,17 @@ impl Dispatcher {
             if partner.keep_alive.is_some() {
                 loops.spawn(Arc::clone(&lane).keep_alive(stop.clone()));
             }
-            let running = Arc::clone(&lane).run(stop.clone(), abandon.clone(), sends.clone());
+            metrics::gauge!(crate::telemetry::PARKED_ROUTES, "partner" => partner.name.clone())
+                .set(lane.parked.len() as f64);
+            // The adaptive limit starts below max_in_flight.
+            metrics::gauge!(crate::telemetry::CONCURRENCY_LIMIT, "partner" => partner.name.clone())
+                .set(lane.concurrency_limit() as f64);
+            let running = Arc::clone(&lane).run(
+                stop.clone(),
+                abandon.clone(),
+                sends.clone(),
+                Arc::clone(&hold),
+            );
             let name = partner.name.clone();
             loops.spawn(crate::supervise::run_task_or(running, move || {
                 crate::supervise::exit(&format!("the lane of partner {name}"))
@@ -78,6 +90,7 @@ impl Dispatcher {
         loops.close();
         Ok(Dispatcher {
             lanes,
+            hold,
             stop,
             abandon,
             sends,
@@ -101,6 +114,15 @@ impl Dispatcher {
                 }
             }
         }
+    }
+
+    /// A test hook: while `held`, no lane takes due work (what a stalled
+    /// dispatcher looks like from outside: `/readyz` says so once work has
+    /// waited `server.stall_after`); sends already under way go on. Not
+    /// part of herald's contract; nothing in herald calls it.
+    #[doc(hidden)]
+    pub fn hold_for_test(&self, held: bool) {
+        self.hold.set(held);
     }
 
     pub fn lane(&self, partner: &str) -> Option<&Arc<Lane>> {
@@ -128,6 +150,39 @@ impl Dispatcher {
             );
             self.abandon.cancel();
             self.sends.wait().await;
+        }
+    }
+}
+
+/// See [`Dispatcher::hold_for_test`].
+#[derive(Default)]
+pub struct Hold {
+    held: std::sync::atomic::AtomicBool,
+    released: tokio::sync::Notify,
+}
+
+impl Hold {
+    fn set(&self, held: bool) {
+        self.held.store(held, std::sync::atomic::Ordering::SeqCst);
+        if !held {
+            self.released.notify_waiters();
+        }
+    }
+
+    pub fn is_held(&self) -> bool {
+        self.held.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Resolves once not held.
+    pub async fn released(&self) {
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if !self.is_held() {
+                return;
+            }
+            released.await;
         }
     }
 }

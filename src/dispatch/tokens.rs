@@ -217,7 +217,7 @@ impl Tokens {
                         "failed"
                     }
                 };
-                metrics::counter!("herald_keep_alive_refreshes_total", "partner" => self.partner.clone(), "outcome" => outcome)
+                metrics::counter!(crate::telemetry::KEEP_ALIVE_REFRESHES, "partner" => self.partner.clone(), "outcome" => outcome)
                     .increment(1);
             }
         }
@@ -432,7 +432,7 @@ impl Tokens {
             RefreshVerdict::Park { .. } => "refused",
             RefreshVerdict::Misconfigured { .. } => "misconfigured",
         };
-        metrics::counter!("herald_token_requests_total", "partner" => self.partner.clone(), "outcome" => outcome)
+        metrics::counter!(crate::telemetry::TOKEN_REQUESTS, "partner" => self.partner.clone(), "outcome" => outcome)
             .increment(1);
     }
 

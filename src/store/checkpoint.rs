@@ -56,7 +56,7 @@ impl Checkpoints {
                     match db.checkpoint() {
                         Ok(true) => {
                             checkpointed_at = commit;
-                            metrics::histogram!("herald_store_checkpoint_seconds")
+                            metrics::histogram!(crate::telemetry::STORE_CHECKPOINT_SECONDS)
                                 .record(started.elapsed().as_secs_f64());
                         }
                         Ok(false) => tracing::debug!("checkpoint deferred: a page was being made"),

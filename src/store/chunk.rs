@@ -283,6 +283,11 @@ impl Filling {
         (key, chunk)
     }
 
+    /// Whether no delivery was filed.
+    pub fn is_empty(&self) -> bool {
+        self.open.is_empty() && self.full.is_empty()
+    }
+
     /// Every chunk filled, as records for the batch: (key, value) of each
     /// chunk's entry and of its state.
     pub(crate) fn finish(self) -> Vec<(Vec<u8>, Vec<u8>)> {

@@ -71,9 +71,10 @@ pub(super) fn enqueue(
         };
         let mut answer = accepted(&event, false);
         for d in &mut event.deliveries {
-            p.moved(&d.partner, 1);
             let due_ms = d.next_due_ms.unwrap_or(event.received_ms);
             if !d.ordered && d.coalesce.is_none() {
+                // A chunk member's entry says it was enqueued when due.
+                p.moved(&d.partner, event.priority, due_ms, 1);
                 // A plain first attempt: one member of this group's chunk.
                 let (key, chunk) = p
                     .chunks
@@ -87,6 +88,7 @@ pub(super) fn enqueue(
                 });
                 continue;
             }
+            p.moved(&d.partner, event.priority, event.received_ms, 1);
             let key = ScheduleKey {
                 partner: d.partner.clone(),
                 priority: event.priority,

@@ -264,6 +264,11 @@ impl Filling {
         Ok(None)
     }
 
+    /// Whether no event was added.
+    pub fn is_empty(&self) -> bool {
+        self.open.is_empty() && self.closed.is_empty()
+    }
+
     /// The group's pages, for its batch.
     pub(crate) fn finish(mut self) -> Vec<(Vec<u8>, Vec<u8>)> {
         self.close();

@@ -20,6 +20,7 @@
 // See vendor/sled/HERALD.md.
 const _: () = sled::HERALD_DURABLE_FLUSH; // needs vendor/sled; upstream flush() is not durable: vendor/sled/HERALD.md
 
+mod backlog;
 mod checkpoint;
 mod chunk;
 mod collect;
@@ -35,6 +36,8 @@ mod ids;
 mod jobs;
 pub(crate) use jobs::LetterPage;
 pub(crate) mod keys;
+mod tally;
+pub use backlog::QueueView;
 pub(crate) use replay::Replayed;
 mod links;
 mod record;
@@ -248,6 +251,9 @@ pub struct Store {
     /// The number of the latest durable group commit.
     durable: Arc<AtomicU64>,
     depth: Arc<depth::Depth>,
+    backlog: Arc<backlog::Backlog>,
+    progress: Arc<tally::Progress>,
+    last_commit: Arc<tally::LastCommit>,
     /// Stops the checkpoint thread when the last handle goes.
     _checkpoints: Arc<checkpoint::Checkpoints>,
 }
@@ -301,11 +307,20 @@ impl Store {
             }
         };
         let depth = Arc::new(depth::Depth::new(depths));
+        let backlog = Arc::new(
+            backlog::Backlog::count(&db)
+                .map_err(|e| open_err(format!("cannot count the schedule's ages: {e}")))?,
+        );
+        let progress = Arc::new(tally::Progress::default());
+        let last_commit = Arc::new(tally::LastCommit::default());
         let (commands, rx) = mpsc::channel(options.queue.max(1));
         let durable = Arc::new(AtomicU64::new(0));
         let shared = writer::Shared {
             durable: Arc::clone(&durable),
             depth: Arc::clone(&depth),
+            backlog: Arc::clone(&backlog),
+            progress: Arc::clone(&progress),
+            last_commit: Arc::clone(&last_commit),
         };
         let reopen = writer::Reopen {
             dir: dir.to_path_buf(),
@@ -328,6 +343,9 @@ impl Store {
             commands,
             durable,
             depth,
+            backlog,
+            progress,
+            last_commit,
             _checkpoints: Arc::new(checkpoints),
         })
     }
@@ -720,6 +738,45 @@ impl Store {
         self.depth.of(partner)
     }
 
+    /// `partner` × `priority`'s waiting deliveries and the enqueue time of
+    /// the oldest, as the writer keeps them: no scan.
+    pub fn queue(&self, partner: &str, priority: Priority) -> backlog::QueueView {
+        self.backlog.view(partner, priority)
+    }
+
+    /// When (herald's clock) the latest outcome of `partner` was made
+    /// durable since the store opened; `None` before the first.
+    pub fn last_outcome_ms(&self, partner: &str) -> Option<u64> {
+        self.progress.of(partner)
+    }
+
+    /// Whether `partner`'s schedule holds a delivery due at or before
+    /// `cutoff_ms` (one read per priority, at the head of its range).
+    pub fn has_due_by(&self, partner: &str, cutoff_ms: u64) -> Result<bool, StoreError> {
+        let db = self.db()?;
+        for priority in Priority::ALL {
+            let (start, end) = keys::due_range(partner, priority, cutoff_ms);
+            if db.range(start..end).next().transpose()?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The latest group commit that wrote: how long ago, and its error if
+    /// it failed; `None` before the first.
+    pub fn last_commit(&self) -> Option<(Duration, Option<String>)> {
+        self.last_commit
+            .get()
+            .map(|(at, error)| (at.elapsed(), error))
+    }
+
+    /// Makes a group commit of nothing but the commit record, through the
+    /// writer and its fdatasync: whether the store can write now.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        self.call(|reply| Command::Probe { reply }).await
+    }
+
     /// The same, counted by a full scan of `partner`'s range: for tests and
     /// tooling, not for hot paths.
     pub fn scheduled_count(&self, partner: &str) -> usize {
@@ -1049,6 +1106,67 @@ mod tests {
             next: Next::RetryAt(5_000),
             park: None,
         }
+    }
+
+    #[tokio::test]
+    async fn queues_by_priority_and_their_oldest_follow_commits_and_are_counted_again_at_open() {
+        let (dir, store) = open();
+        let at = |ms: u64, priority: Priority| {
+            let mut e = testing::event("lock-1", priority);
+            e.received_ms = ms;
+            e.deliveries[0].next_due_ms = None;
+            e
+        };
+        // Chunk members (first attempts) and a critical one.
+        store
+            .enqueue(vec![
+                at(1_000, Priority::Normal),
+                at(1_200, Priority::Normal),
+            ])
+            .await
+            .expect("enqueue");
+        store
+            .enqueue(vec![
+                at(3_000, Priority::Normal),
+                at(4_000, Priority::Critical),
+            ])
+            .await
+            .expect("enqueue");
+        let normal = store.queue("acme", Priority::Normal);
+        assert_eq!((normal.depth, normal.oldest_ms), (3, Some(1_000)));
+        let critical = store.queue("acme", Priority::Critical);
+        assert_eq!((critical.depth, critical.oldest_ms), (1, Some(4_000)));
+        let mut due: Vec<Due> = store
+            .due("acme", &[Priority::Normal], 10_000, 100, &|_| false)
+            .expect("scan")
+            .found;
+        due.sort_by_key(|d| d.entry.created_ms);
+        // The oldest two: one retried (keeps its age, out of its chunk),
+        // one delivered.
+        store.record(retried(&due[0])).await.expect("retried");
+        deliver(&store, &due[1]).await;
+        let normal = store.queue("acme", Priority::Normal);
+        assert_eq!(
+            (normal.depth, normal.oldest_ms),
+            (2, Some(1_000)),
+            "the retry is still the oldest"
+        );
+        let counted = |store: &Store| {
+            Priority::ALL.map(|p| {
+                let q = store.queue("acme", p);
+                (q.depth, q.oldest_ms)
+            })
+        };
+        let kept = counted(&store);
+        store.shutdown().await.expect("shutdown");
+        drop(store);
+        let store = testing::reopen(&dir);
+        assert_eq!(
+            counted(&store),
+            kept,
+            "a scan at open finds what commits kept"
+        );
+        assert_eq!(kept, [(1, Some(4_000)), (2, Some(1_000))]);
     }
 
     /// Three events accepted in one group: their chunk's id.

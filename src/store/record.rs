@@ -5,7 +5,39 @@ use super::chunk;
 use super::keys::{self, ScheduleKey};
 use super::writer::Pending;
 use super::{encode, settle_delivered, Next, Outcome, StoreError};
-use crate::model::{AttemptLog, DeadLetter, DeliveryState, ScheduledDelivery};
+use crate::model::{Attempt, AttemptLog, DeadLetter, DeliveryState, ScheduledDelivery};
+use crate::telemetry::{DeadReason, DeliveryOutcome};
+
+/// Counts a settled delivery's outcome (published if the group commits).
+fn count(
+    p: &mut Pending<'_>,
+    key: &ScheduleKey,
+    entry: &ScheduledDelivery,
+    attempt: &Attempt,
+    next: &Next,
+    parks: bool,
+) {
+    let settled_ms = attempt.at_ms.saturating_add(attempt.latency_ms);
+    let outcome = match next {
+        Next::Delivered => {
+            let waited = settled_ms.saturating_sub(entry.created_ms);
+            p.tally.delivered(
+                &key.partner,
+                key.priority,
+                std::time::Duration::from_millis(waited),
+            );
+            DeliveryOutcome::Delivered
+        }
+        Next::RetryAt(_) => DeliveryOutcome::Retried,
+        Next::Superseded(_) => DeliveryOutcome::Superseded,
+        Next::Dead(reason) => {
+            let reason = DeadReason::of(reason, attempt.status, parks);
+            p.tally.dead(&key.partner, reason);
+            DeliveryOutcome::DeadLettered
+        }
+    };
+    p.tally.outcome(&key.partner, outcome, settled_ms);
+}
 
 pub(super) fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreError> {
     let Outcome {
@@ -26,7 +58,8 @@ pub(super) fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreE
             // Already settled (a duplicate report): nothing to move.
             return Ok(());
         }
-        p.moved(&key.partner, -1);
+        p.moved(&key.partner, key.priority, entry.created_ms, -1);
+        count(p, &key, &entry, &attempt, &next, park.is_some());
         if !state.any_pending() {
             p.remove(chunk::entry_key(&key, chunk.id));
         }
@@ -47,7 +80,8 @@ pub(super) fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreE
             // marker behind an event retention already collected.
             return Ok(());
         }
-        p.moved(&key.partner, -1);
+        p.moved(&key.partner, key.priority, entry.created_ms, -1);
+        count(p, &key, &entry, &attempt, &next, park.is_some());
         p.remove(schedule_key);
     }
     if let (Some(o), Next::Delivered | Next::Dead(_) | Next::Superseded(_)) = (&entry.order, &next)
@@ -116,7 +150,7 @@ pub(super) fn record(p: &mut Pending<'_>, outcome: Outcome) -> Result<(), StoreE
         Next::Superseded(_) => {}
         Next::RetryAt(due_ms) => {
             delivery.next_due_ms = Some(due_ms);
-            p.moved(&key.partner, 1);
+            p.moved(&key.partner, key.priority, entry.created_ms, 1);
             let retry = ScheduleKey { due_ms, ..key };
             let entry = ScheduledDelivery {
                 attempts: entry.attempts + 1,

@@ -78,7 +78,8 @@ fn replay(p: &mut Pending<'_>, id: Uuid, now_ms: u64) -> Result<Replayed, StoreE
         chunk: None,
     };
     p.put(key.encode(), encode(&entry));
-    p.moved(&key.partner, 1);
+    p.moved(&key.partner, key.priority, now_ms, 1);
+    p.tally.replayed(&key.partner);
     p.put_event(home, &event);
     letter.replayed_as = Some(new_delivery);
     letter.replayed_ms = Some(now_ms);

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use super::backlog::{AgeMoves, Backlog};
 use super::chunk;
 use super::depth::{self, Depth, Moves};
 use super::event_format;
@@ -37,9 +38,10 @@ use super::event_page::{self};
 use super::gather::{Gatherer, OUTCOME_LINGER};
 use super::handle::{self, Handle};
 use super::keys::{self, ScheduleKey};
+use super::tally::{LastCommit, Progress, Tally};
 use super::watermark::{self, Watermark};
 use super::{current_event, decode, Accepted, CollectFrom, Collected, Home, Outcome, StoreError};
-use crate::model::{AuditEntry, EventRecord, ReplayJob};
+use crate::model::{AuditEntry, EventRecord, Priority, ReplayJob};
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -92,6 +94,10 @@ pub(super) enum Command {
         now_ms: u64,
         reply: Reply<Option<super::jobs::BatchDone>>,
     },
+    /// Commits even with nothing to write: proof that the store writes.
+    Probe {
+        reply: Reply<()>,
+    },
     Shutdown {
         reply: Reply<()>,
     },
@@ -103,6 +109,9 @@ pub(super) struct Shared {
     /// thread checkpoints when it moves.
     pub durable: Arc<AtomicU64>,
     pub depth: Arc<Depth>,
+    pub backlog: Arc<Backlog>,
+    pub progress: Arc<Progress>,
+    pub last_commit: Arc<LastCommit>,
 }
 
 /// What the writer needs to open the store again after a failed commit.
@@ -182,6 +191,7 @@ enum Answer {
         Reply<Option<super::jobs::BatchDone>>,
         Result<Option<super::jobs::BatchDone>, StoreError>,
     ),
+    Probe(Reply<()>),
     Shutdown(Reply<()>),
 }
 
@@ -270,6 +280,10 @@ fn run(
                     let result = super::jobs::batch(&mut pending, id, ids, cursor, done, now_ms);
                     answers.push(Answer::ReplayBatch(reply, result));
                 }
+                Command::Probe { reply } => {
+                    pending.force = true;
+                    answers.push(Answer::Probe(reply));
+                }
                 Command::Shutdown { reply } => {
                     stop = true;
                     answers.push(Answer::Shutdown(reply));
@@ -278,6 +292,9 @@ fn run(
         }
         // The new depths commit with the changes they count.
         let depths = shared.depth.after(std::mem::take(&mut pending.moves));
+        let ages = std::mem::take(&mut pending.ages);
+        let tally = std::mem::take(&mut pending.tally);
+        let writes = pending.writes();
         for (partner, depth) in &depths {
             pending.put(keys::depth(partner), depth::encode(*depth).to_vec());
         }
@@ -286,12 +303,20 @@ fn run(
         let number = pending.commit_number();
         let durable = pending.commit(&db, &mut watermark, &shared.durable);
         let mut unsure = None;
-        match durable {
-            Ok(()) => shared.depth.set(depths),
-            Err(_) => unsure = Some(depths),
+        match &durable {
+            Ok(()) => {
+                shared.depth.set(depths);
+                publish_queues(&shared.backlog, ages);
+                tally.publish(&shared.progress);
+            }
+            Err(_) => unsure = Some((depths, ages, tally)),
         }
-        metrics::histogram!("herald_store_group_size").record(size as f64);
-        metrics::histogram!("herald_store_group_seconds").record(started.elapsed().as_secs_f64());
+        if writes {
+            shared
+                .last_commit
+                .set(durable.as_ref().err().map(|e| e.to_string()));
+        }
+        crate::telemetry::group_commit(size, started.elapsed(), durable.is_ok());
         for answer in answers {
             let failed =
                 |e: &StoreError| StoreError::Io(format!("the write was not made durable: {e}"));
@@ -314,6 +339,8 @@ fn run(
                 (Answer::StartJob(r, _), Err(e)) => drop(r.send(Err(failed(e)))),
                 (Answer::ReplayBatch(r, result), Ok(())) => drop(r.send(result)),
                 (Answer::ReplayBatch(r, _), Err(e)) => drop(r.send(Err(failed(e)))),
+                (Answer::Probe(r), Ok(())) => drop(r.send(Ok(()))),
+                (Answer::Probe(r), Err(e)) => drop(r.send(Err(failed(e)))),
                 (Answer::Shutdown(r), Ok(())) => drop(r.send(Ok(()))),
                 (Answer::Shutdown(r), Err(e)) => drop(r.send(Err(failed(e)))),
             }
@@ -330,8 +357,10 @@ fn run(
             // sled applies a batch whole or not at all: if the failed one
             // is on disk after all, so are its changes to the queue depth.
             let landed = again.watermark.next() > number;
-            if let (true, Some(depths)) = (landed, unsure) {
+            if let (true, Some((depths, ages, tally))) = (landed, unsure) {
                 shared.depth.set(depths);
+                publish_queues(&shared.backlog, ages);
+                tally.publish(&shared.progress);
             }
             Opened { db, watermark } = again;
             continue;
@@ -345,6 +374,13 @@ fn run(
             tracing::info!("store writer stopped");
             return;
         }
+    }
+}
+
+/// Moves the queues by a durable commit's changes and shows them.
+fn publish_queues(backlog: &Backlog, ages: AgeMoves) {
+    for (partner, priority, depth) in backlog.apply(ages) {
+        crate::telemetry::queue(&partner, priority, depth);
     }
 }
 
@@ -398,7 +434,7 @@ fn recover(
         match opened {
             Ok((db, watermark)) => {
                 reopen.handle.put(db.clone());
-                metrics::counter!("herald_store_reopens_total").increment(1);
+                metrics::counter!(crate::telemetry::STORE_REOPENS).increment(1);
                 tracing::warn!(after = ?started.elapsed(), cause = %cause,
                     "the store was opened again after a failed write; writes go on");
                 return Some(Opened { db, watermark });
@@ -448,6 +484,7 @@ fn refuse_with(command: Command, error: StoreError) {
         Command::Purge { reply, .. } => drop(reply.send(Err(error))),
         Command::StartJob { reply, .. } => drop(reply.send(Err(error))),
         Command::ReplayBatch { reply, .. } => drop(reply.send(Err(error))),
+        Command::Probe { reply } => drop(reply.send(Err(error))),
         Command::Shutdown { reply } => drop(reply.send(Err(error))),
     }
 }
@@ -463,6 +500,7 @@ fn refuse(command: Command) {
         Command::Purge { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
         Command::StartJob { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
         Command::ReplayBatch { reply, .. } => drop(reply.send(Err(StoreError::Closed))),
+        Command::Probe { reply } => drop(reply.send(Err(StoreError::Closed))),
         Command::Shutdown { reply } => drop(reply.send(Ok(()))),
     }
 }
@@ -471,7 +509,7 @@ fn refuse(command: Command) {
 enum Undo {
     /// A key was written; what the overlay held for it before (`None`: nothing).
     Write(Vec<u8>, Option<Option<Vec<u8>>>),
-    Moved(String, i64),
+    Moved(String, Priority, u64, i64),
 }
 
 /// One group's writes: an overlay that later requests of the group read
@@ -485,6 +523,12 @@ pub(super) struct Pending<'a> {
     pub(super) pages: event_page::Filling,
     /// How this group changes each partner's queue depth.
     moves: Moves,
+    /// The same per partner × priority and enqueue time.
+    ages: AgeMoves,
+    /// What this group settled, counted once it is durable.
+    pub(super) tally: Tally,
+    /// Commit even with nothing to write (a probe).
+    force: bool,
     /// While a request runs [`Pending::atomically`]: how to undo what it
     /// changed so far, newest last.
     undo: Option<Vec<Undo>>,
@@ -505,6 +549,9 @@ impl<'a> Pending<'a> {
             chunks: chunk::Filling::default(),
             pages: event_page::Filling::new(last_event),
             moves: Moves::default(),
+            ages: AgeMoves::default(),
+            tally: Tally::default(),
+            force: false,
             undo: None,
             commit,
             next_seq: commit << 24,
@@ -603,12 +650,19 @@ impl<'a> Pending<'a> {
         }
     }
 
-    /// `partner`'s queue depth changes by `by` if this group commits.
-    pub(super) fn moved(&mut self, partner: &str, by: i64) {
+    /// `partner`'s queue depth changes by `by` deliveries of `priority`
+    /// enqueued at `created_ms` if this group commits.
+    pub(super) fn moved(&mut self, partner: &str, priority: Priority, created_ms: u64, by: i64) {
         self.moves.add(partner, by);
+        self.ages.add(partner, priority, created_ms, by);
         if let Some(undo) = &mut self.undo {
-            undo.push(Undo::Moved(partner.to_string(), by));
+            undo.push(Undo::Moved(partner.to_string(), priority, created_ms, by));
         }
+    }
+
+    /// Whether committing this group writes to the disk.
+    fn writes(&self) -> bool {
+        self.force || !self.overlay.is_empty() || !self.chunks.is_empty() || !self.pages.is_empty()
     }
 
     /// Runs one request's changes as a unit: if it fails part way, what it
@@ -619,9 +673,11 @@ impl<'a> Pending<'a> {
         change: impl FnOnce(&mut Self) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         self.undo = Some(Vec::new());
+        let counted = self.tally.len();
         let result = change(self);
         let undo = self.undo.take().unwrap_or_default();
         if result.is_err() {
+            self.tally.truncate(counted);
             for step in undo.into_iter().rev() {
                 match step {
                     Undo::Write(key, Some(before)) => {
@@ -630,7 +686,10 @@ impl<'a> Pending<'a> {
                     Undo::Write(key, None) => {
                         self.overlay.remove(&key);
                     }
-                    Undo::Moved(partner, by) => self.moves.add(&partner, -by),
+                    Undo::Moved(partner, priority, created_ms, by) => {
+                        self.moves.add(&partner, -by);
+                        self.ages.add(&partner, priority, created_ms, -by);
+                    }
                 }
             }
         }
@@ -678,12 +737,13 @@ impl<'a> Pending<'a> {
             chunks,
             pages,
             commit,
+            force,
             ..
         } = self;
         for (key, value) in chunks.finish().into_iter().chain(pages.finish()) {
             overlay.insert(key, Some(value));
         }
-        if overlay.is_empty() {
+        if overlay.is_empty() && !force {
             return Ok(());
         }
         let mut batch = sled::Batch::default();
@@ -699,7 +759,7 @@ impl<'a> Pending<'a> {
         // once an fdatasync covers it (vendor/sled/HERALD.md).
         db.flush()?;
         durable.fetch_max(commit, Ordering::Release);
-        metrics::counter!("herald_store_fsyncs_total").increment(1);
+        metrics::counter!(crate::telemetry::STORE_FSYNCS).increment(1);
         // The commit stands either way; a stale watermark only weakens the check.
         if let Err(e) = watermark.advance() {
             tracing::warn!(error = %e, "cannot record the commit watermark");
