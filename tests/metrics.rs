@@ -283,6 +283,20 @@ async fn metrics_follow_an_outage_its_recovery_and_dead_letters_from_zero() {
     let age = s.value("herald_oldest_undelivered_age_seconds", &critical);
     assert!((90.0..92.0).contains(&age), "critical oldest age {age}");
     assert!(s.value("herald_oldest_undelivered_age_seconds", &normal) >= 90.0);
+    // GET /v1/partners says the same, for the console and for scripts.
+    let (status, body) = h.get("/v1/partners").await;
+    assert_eq!(status, 200);
+    let queues = body["partners"]
+        .as_array()
+        .and_then(|all| all.iter().find(|p| p["name"] == "acme"))
+        .map(|acme| acme["queues"].clone())
+        .expect("acme in /v1/partners");
+    assert_eq!(queues["critical"]["depth"], 2, "{queues}");
+    assert_eq!(queues["normal"]["depth"], 1, "{queues}");
+    let listed_age = queues["critical"]["oldest_age_seconds"]
+        .as_f64()
+        .expect("an age while critical work waits");
+    assert!((90.0..92.0).contains(&listed_age), "{queues}");
     assert_eq!(
         s.value(
             "herald_deliveries_total",
@@ -321,6 +335,18 @@ async fn metrics_follow_an_outage_its_recovery_and_dead_letters_from_zero() {
         0.0
     );
     assert_eq!(s.value("herald_partner_breaker_state", &breaker), 0.0);
+    let (_, body) = h.get("/v1/partners").await;
+    let acme = body["partners"]
+        .as_array()
+        .and_then(|all| all.iter().find(|p| p["name"] == "acme"))
+        .expect("acme");
+    assert_eq!(acme["queues"]["critical"]["depth"], 0);
+    assert!(
+        acme["queues"]["critical"]
+            .get("oldest_age_seconds")
+            .is_none(),
+        "nothing waits: no age"
+    );
     assert_eq!(
         s.value("herald_delivery_latency_seconds_count", &critical),
         2.0

@@ -22,7 +22,7 @@ use super::problem::Problem;
 use super::AppState;
 use crate::clock::rfc3339;
 use crate::dispatch::lane::Lane;
-use crate::model::ParkedRoute;
+use crate::model::{ParkedRoute, Priority};
 
 /// One partner as on-call sees it: its limits, its breaker, what it did.
 #[derive(Serialize)]
@@ -35,6 +35,8 @@ struct PartnerView {
     next_probe_at: Option<String>,
     /// Deliveries waiting in the schedule, in flight included.
     queued: u64,
+    /// The same by priority, with the age of the oldest waiting one.
+    queues: Queues,
     in_flight: usize,
     max_in_flight: usize,
     /// What may be in flight now: learned with `concurrency = "adaptive"`.
@@ -55,8 +57,40 @@ struct PartnerView {
     alert: Option<crate::dispatch::alert::AlertView>,
 }
 
+/// A partner's waiting deliveries by priority.
+#[derive(Serialize)]
+struct Queues {
+    critical: QueueAge,
+    normal: QueueAge,
+}
+
+#[derive(Serialize)]
+struct QueueAge {
+    depth: u64,
+    /// When the oldest waiting delivery was enqueued (to the second), and
+    /// how long ago that is on herald's clock: what
+    /// `herald_oldest_undelivered_age_seconds` says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    oldest_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    oldest_age_seconds: Option<f64>,
+}
+
+impl QueueAge {
+    fn of(view: crate::store::QueueView, now_ms: u64) -> QueueAge {
+        QueueAge {
+            depth: view.depth,
+            oldest_at: view.oldest_ms.map(rfc3339),
+            oldest_age_seconds: view
+                .oldest_ms
+                .map(|at| now_ms.saturating_sub(at) as f64 / 1000.0),
+        }
+    }
+}
+
 pub async fn list_partners(_: Operator, State(state): State<Arc<AppState>>) -> Response {
     let count = |n: &AtomicU64| n.load(Ordering::Relaxed);
+    let now_ms = state.clock.now_ms();
     let mut partners: Vec<PartnerView> = state
         .dispatcher
         .lanes()
@@ -66,6 +100,16 @@ pub async fn list_partners(_: Operator, State(state): State<Arc<AppState>>) -> R
             breaker: lane.breaker.state(),
             next_probe_at: lane.breaker.next_probe_ms().map(rfc3339),
             queued: state.store.queued(&lane.partner.name),
+            queues: Queues {
+                critical: QueueAge::of(
+                    state.store.queue(&lane.partner.name, Priority::Critical),
+                    now_ms,
+                ),
+                normal: QueueAge::of(
+                    state.store.queue(&lane.partner.name, Priority::Normal),
+                    now_ms,
+                ),
+            },
             in_flight: lane.in_flight(),
             max_in_flight: lane.partner.max_in_flight,
             concurrency_limit: lane.concurrency_limit(),
