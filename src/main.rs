@@ -21,8 +21,18 @@ static GLOBAL: MiMalloc = MiMalloc;
     about = "Delivers device events to every smart-home platform a device is linked to"
 )]
 struct Cli {
+    /// How herald logs to stderr: lines for people, or one JSON object a
+    /// line for a log shipper. `HERALD_LOG` sets the levels (default `info`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -137,14 +147,16 @@ fn main() -> ExitCode {
             settle_limit,
         });
     }
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
                 .unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Human => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     match cli.command {
         // Handled above, before logging is set up.
         Command::Demo { .. } => ExitCode::SUCCESS,

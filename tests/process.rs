@@ -593,3 +593,115 @@ async fn dlq_lists_shows_replays_and_purges_from_the_command_line() {
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("NOT_SET"), "{out}");
 }
+
+/// `--log-format json`: every line herald logs is one JSON object, and each
+/// delivery outcome is one line naming the event, partner, attempt, status
+/// and latency, with no secret in any line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_have_one_line_per_delivery_outcome_and_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let partner_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (delivered, _partner) = partner_on(partner_addr).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = write(
+        dir.path(),
+        "herald.toml",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nmin_free_disk = \"16MiB\"\n\
+             [[tokens]]\nname = \"ops\"\nrole = \"operator\"\ntoken_env = \"OPS_TOKEN\"\n\
+             [partners.sink]\nadapter = \"webhook\"\nurl = \"http://{partner_addr}/hook\"\n\
+             secret_env = \"SINK_SECRET\"\nallow_private = true\n",
+            dir.path().join("data").display()
+        ),
+    );
+    let log_path = dir.path().join("herald.log");
+    let mut child = Command::new(HERALD)
+        .args(["serve", "--config", &config, "--log-format", "json"])
+        .env("OPS_TOKEN", TOKEN)
+        .env("SINK_SECRET", SECRET)
+        .env("HERALD_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .expect("herald starts");
+    let url = format!("http://127.0.0.1:{port}");
+    herald::dispatch::client::install_crypto_provider();
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.get(format!("{url}/healthz")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "herald never listened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let answer = client
+        .post(format!("{url}/v1/events"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body(
+            serde_json::json!({"device_id": "lock-1", "type": "door.opened", "partners": ["sink"]})
+                .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 202);
+    let event: serde_json::Value = serde_json::from_slice(&answer.bytes().await.unwrap()).unwrap();
+    let event_id = event["id"].as_str().expect("an event id").to_string();
+    let outcome = loop {
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        let found = log
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|line| {
+                line["message"] == "delivery outcome" && line["event"] == event_id.as_str()
+            });
+        if let Some(line) = found {
+            break line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no outcome line for {event_id} ({} delivered): {log}",
+            delivered.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+
+    assert_eq!(outcome["partner"], "sink", "{outcome}");
+    assert_eq!(outcome["outcome"], "delivered", "{outcome}");
+    assert_eq!(outcome["attempt"], 1, "{outcome}");
+    assert_eq!(outcome["status"], 200, "{outcome}");
+    assert!(outcome["latency_ms"].is_u64(), "{outcome}");
+    assert!(outcome["delivery"].is_string(), "{outcome}");
+    assert_eq!(outcome["level"], "INFO", "{outcome}");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let outcomes = log.matches("\"delivery outcome\"").count();
+    assert_eq!(outcomes, 1, "one line per outcome: {log}");
+    for line in log.lines() {
+        let parsed: Result<serde_json::Value, _> = serde_json::from_str(line);
+        assert!(
+            parsed.is_ok_and(|v| v.is_object()),
+            "not one JSON object: {line}"
+        );
+        assert!(
+            !line.contains(TOKEN) && !line.contains(SECRET),
+            "a secret in the log: {line}"
+        );
+        assert!(
+            !line.contains("door.opened"),
+            "the event's content in the log: {line}"
+        );
+    }
+}

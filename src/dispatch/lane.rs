@@ -529,29 +529,20 @@ impl Lane {
             return;
         };
         while let Some(batch) = writing.next() {
-            let settled: Vec<_> = batch
-                .iter()
-                .map(|o| (o.delivery(), o.priority(), o.next.clone(), o.park.clone()))
-                .collect();
+            let settled: Vec<_> = batch.iter().map(Settled::of).collect();
             let results = match self.store.record_all(batch).await {
                 Ok(results) => results,
                 Err(e) => settled.iter().map(|_| Err(e.clone())).collect(),
             };
-            for ((id, priority, next, park), recorded) in settled.into_iter().zip(results) {
-                self.recorded(id, priority, next, park, recorded);
+            for (settled, recorded) in settled.into_iter().zip(results) {
+                self.recorded(settled, recorded);
             }
         }
     }
 
     /// What follows one outcome's write.
-    fn recorded(
-        &self,
-        id: uuid::Uuid,
-        priority: Priority,
-        next: Next,
-        park: Option<Box<crate::model::ParkedRoute>>,
-        recorded: Result<(), crate::store::StoreError>,
-    ) {
+    fn recorded(&self, settled: Settled, recorded: Result<(), crate::store::StoreError>) {
+        let (id, priority, park) = (settled.delivery, settled.priority, settled.park.clone());
         // Released before a retry time is published: a scan that time wakes
         // must be able to take the retry, not skip it as still in flight.
         self.held.release(id);
@@ -564,13 +555,14 @@ impl Lane {
                         .iter()
                         .for_each(|w| w.store(true, Ordering::Release));
                 }
+                settled.log(&self.partner.name);
                 if let Some(route) = park {
                     tracing::warn!(partner = %route.partner, device = %route.device_id, reason = %route.reason,
                         "route parked: later deliveries to this device become dead letters until it is cleared");
                     metrics::gauge!("herald_parked_routes", "partner" => self.partner.name.clone())
                         .set(self.parked.len() as f64);
                 }
-                let counter = match next {
+                let counter = match settled.next {
                     Next::Delivered => &self.stats.delivered,
                     Next::RetryAt(at) => {
                         self.retry_at.fetch_min(at, Ordering::AcqRel);
@@ -619,6 +611,60 @@ impl Lane {
             }
             (State::Open, None) => {}
         }
+    }
+}
+
+/// What a lane keeps of an outcome while the store writes it: enough to
+/// release it, publish its retry and log it once durable.
+struct Settled {
+    delivery: uuid::Uuid,
+    event: uuid::Uuid,
+    priority: Priority,
+    attempt: u32,
+    status: Option<u16>,
+    latency_ms: u64,
+    next: Next,
+    park: Option<Box<crate::model::ParkedRoute>>,
+}
+
+impl Settled {
+    fn of(outcome: &Outcome) -> Settled {
+        Settled {
+            delivery: outcome.delivery(),
+            event: outcome.event_id(),
+            priority: outcome.priority(),
+            attempt: outcome.attempt.number,
+            status: outcome.attempt.status,
+            latency_ms: outcome.attempt.latency_ms,
+            next: outcome.next.clone(),
+            park: outcome.park.clone(),
+        }
+    }
+
+    /// The one log line of a delivery outcome, once it is durable (target
+    /// `herald::delivery`, so `HERALD_LOG=info,herald::delivery=warn` quiets
+    /// it): ids, partner, attempt, the answer's status and latency. It names
+    /// no header or body, so no secret or payload reaches the log.
+    fn log(&self, partner: &str) {
+        let (outcome, detail) = match &self.next {
+            Next::Delivered => ("delivered", None),
+            Next::RetryAt(at) => ("retry", Some(crate::clock::rfc3339(*at))),
+            Next::Dead(reason) => ("dead_letter", Some(reason.clone())),
+            Next::Superseded(by) => ("superseded", Some(by.to_string())),
+        };
+        tracing::info!(
+            target: "herald::delivery",
+            event = %self.event,
+            delivery = %self.delivery,
+            partner,
+            priority = self.priority.as_str(),
+            attempt = self.attempt,
+            status = self.status,
+            latency_ms = self.latency_ms,
+            outcome,
+            detail,
+            "delivery outcome"
+        );
     }
 }
 

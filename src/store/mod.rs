@@ -161,6 +161,10 @@ impl Outcome {
     pub(crate) fn priority(&self) -> Priority {
         self.key.priority
     }
+
+    pub(crate) fn event_id(&self) -> Uuid {
+        self.entry.event
+    }
 }
 
 /// A claim on one due delivery, as the store hands it to a lane: opaque
