@@ -22,6 +22,20 @@ fn env(name: &str) -> Option<String> {
     }
 }
 
+/// The device's link as `GET /v1/links/smartthings/{DEVICE}` shows it.
+async fn link_view(herald: &TestHerald) -> serde_json::Value {
+    let response = herald
+        .http
+        .get(herald.url(&format!("/v1/links/smartthings/{DEVICE}")))
+        .bearer_auth(OPERATOR_TOKEN)
+        .send()
+        .await
+        .expect("herald answers");
+    let (status, body) = read(response).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
 #[tokio::test]
 async fn a_refresh_token_near_its_lifetime_is_refreshed_with_no_event_sent() {
     let scenario = Scenario {
@@ -66,6 +80,8 @@ timeout_ms = 2000
         .expect("herald answers");
     let (status, body) = read(response).await;
     assert_eq!(status, 201, "{body}");
+    let put_view = link_view(&herald).await;
+    assert!(put_view["expires_at"].is_string(), "{put_view}");
 
     // Three weeks on: not yet inside the week before the 30 days end.
     herald.clock.advance(Duration::from_secs(21 * 86_400));
@@ -89,6 +105,21 @@ timeout_ms = 2000
     assert_ne!(mock.access_token(), "at-0");
     // SmartThings refresh tokens are single-use: the old one is dead now.
     assert_ne!(mock.refresh_token(), original_refresh);
+    // The mock has rotated the pair; herald's copy is stored a moment
+    // later. Wait for it, as a delivery made meanwhile would still present
+    // the old pair (and its refresh token is dead).
+    let mut stored = serde_json::Value::Null;
+    for _ in 0..2000 {
+        stored = link_view(&herald).await;
+        if stored["expires_at"] != put_view["expires_at"] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_ne!(
+        stored["expires_at"], put_view["expires_at"],
+        "herald never stored the rotated pair: {stored}"
+    );
 
     // The next delivery presents the rotated pair: the mock takes it at
     // once, with no second refresh.
