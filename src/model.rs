@@ -418,6 +418,9 @@ pub struct DeadLetterFilter {
     /// Letters that died before this time (unix ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until_ms: Option<u64>,
+    /// Letters already replayed (`true`) or not yet (`false`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replayed: Option<bool>,
 }
 
 impl DeadLetterFilter {
@@ -438,6 +441,9 @@ impl DeadLetterFilter {
                 .is_none_or(|r| d.reason.contains(r.as_str()))
             && self.since_ms.is_none_or(|since| d.died_ms >= since)
             && self.until_ms.is_none_or(|until| d.died_ms < until)
+            && self
+                .replayed
+                .is_none_or(|replayed| d.replayed_as.is_some() == replayed)
     }
 }
 

@@ -57,6 +57,9 @@ pub struct Filters {
     /// RFC 3339: only letters that died before it.
     #[arg(long)]
     pub until: Option<String>,
+    /// Only letters already replayed (`true`) or not yet (`false`).
+    #[arg(long, value_parser = ["true", "false"])]
+    pub replayed: Option<String>,
 }
 
 impl Filters {
@@ -69,6 +72,7 @@ impl Filters {
             ("reason", &self.reason),
             ("since", &self.since),
             ("until", &self.until),
+            ("replayed", &self.replayed),
         ]
         .into_iter()
         .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
@@ -79,7 +83,14 @@ impl Filters {
     fn body(&self) -> serde_json::Map<String, Value> {
         self.pairs()
             .into_iter()
-            .map(|(k, v)| (k.to_string(), Value::String(v)))
+            .map(|(k, v)| {
+                let value = match k {
+                    // A boolean in a body, as the API takes it.
+                    "replayed" => Value::Bool(v == "true"),
+                    _ => Value::String(v),
+                };
+                (k.to_string(), value)
+            })
             .collect()
     }
 }

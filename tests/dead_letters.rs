@@ -107,6 +107,31 @@ async fn bulk_replay_takes_what_the_filters_select_and_purge_removes_one() {
         let (_, shown) = h.get(&format!("/v1/dead-letters/{letter}")).await;
         assert_eq!(shown["replayed_as"].is_string(), replayed, "{shown}");
     }
+    // The list tells replayed letters from those still waiting for a look.
+    let ids = |page: &Value| -> Vec<String> {
+        let items = page["items"].as_array().expect("a page of items");
+        items
+            .iter()
+            .map(|d| d["id"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let (_, waiting) = h.get("/v1/dead-letters?replayed=false").await;
+    assert_eq!(ids(&waiting), vec![other.clone()], "{waiting}");
+    let (_, replayed) = h.get("/v1/dead-letters?replayed=true").await;
+    assert_eq!(
+        ids(&replayed),
+        [first.clone(), second.clone()],
+        "{replayed}"
+    );
+    let (status, problem) = h.get("/v1/dead-letters?replayed=maybe").await;
+    assert_eq!(status, 422, "{problem}");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("replayed"),
+        "the refusal names the filter: {problem}"
+    );
     // Again: nothing left to replay for that filter.
     let (_, body) = call(
         &h,
@@ -485,6 +510,13 @@ async fn bad_bulk_bodies_are_refused_by_field() {
         ("/v1/replays", r#"{"partner": "nobody"}"#, 422, "/partner"),
         ("/v1/replays", r#"{"partner": 7}"#, 422, "/partner"),
         ("/v1/replays", r#"{"dry_run": "yes"}"#, 422, "/dry_run"),
+        ("/v1/replays", r#"{"replayed": true}"#, 422, "/replayed"),
+        (
+            "/v1/dead-letters/purge",
+            r#"{"replayed": "no"}"#,
+            422,
+            "/replayed",
+        ),
         ("/v1/replays", r#"["partner"]"#, 422, ""),
         ("/v1/replays", r#"{"partner": "#, 400, ""),
         (

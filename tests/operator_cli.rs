@@ -332,6 +332,21 @@ async fn the_operator_commands_print_tables_and_json_and_work_dead_letters() {
         assert!(Instant::now() < deadline, "the replays never arrived");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    // The door letters are replayed now; the motion letter waits.
+    let ran = herald(&["dlq", "list", "--replayed", "false"], &env);
+    let rows = aligned(&ran.out, &["ID", "PARTNER", "TYPE"]);
+    let waiting: Vec<&str> = rows.iter().map(|r| r[2].as_str()).collect();
+    assert_eq!(waiting, ["motion"], "{}", ran.out);
+    let replayed = json(&herald(
+        &["dlq", "list", "--replayed", "true", "--json"],
+        &env,
+    ));
+    assert_eq!(
+        replayed["items"].as_array().map(Vec::len),
+        Some(2),
+        "{replayed}"
+    );
+
     let event = shown["event"]["id"].as_str().expect("event id");
     let ran = herald(&["events", "show", event], &env);
     assert_eq!(ran.code, Some(0), "{}", ran.err);

@@ -192,6 +192,8 @@ pub struct DeadLetterQuery {
     since: Option<String>,
     /// Only dead letters that died before this time (RFC 3339).
     until: Option<String>,
+    /// Only dead letters already replayed (`true`) or not yet (`false`).
+    replayed: Option<bool>,
     /// The `next` cursor of the previous page.
     pub(super) after: Option<String>,
     pub(super) limit: Option<usize>,
@@ -206,7 +208,7 @@ pub(super) fn parse_time(text: &str, pointer: &str) -> Result<u64, Problem> {
 
 impl DeadLetterQuery {
     /// The query's filters (partner, type, priority, device_id, reason,
-    /// since, until); the error names the bad one.
+    /// since, until, replayed); the error names the bad one.
     pub(super) fn filter(&self) -> Result<DeadLetterFilter, Problem> {
         Ok(DeadLetterFilter {
             partner: self.partner.clone(),
@@ -224,6 +226,7 @@ impl DeadLetterQuery {
                 .as_deref()
                 .map(|t| parse_time(t, "/until"))
                 .transpose()?,
+            replayed: self.replayed,
         })
     }
 }

@@ -280,6 +280,20 @@ fn read_bulk(state: &AppState, body: &Bytes, for_replay: bool) -> Result<BulkReq
             }
             "since" => request.filter.since_ms = Some(parse_time(&text()?, &pointer)?),
             "until" => request.filter.until_ms = Some(parse_time(&text()?, &pointer)?),
+            "replayed" => {
+                let replayed = value.as_bool().ok_or_else(|| {
+                    Problem::invalid(pointer.as_str(), "replayed must be true or false")
+                })?;
+                // A replay takes only letters not yet replayed (each is
+                // replayed at most once): `true` would select nothing.
+                if for_replay && replayed {
+                    return Err(Problem::invalid(
+                        pointer,
+                        "a replay takes only dead letters not yet replayed: leave replayed out, or false",
+                    ));
+                }
+                request.filter.replayed = Some(replayed);
+            }
             "dry_run" => {
                 request.dry_run = value.as_bool().ok_or_else(|| {
                     Problem::invalid(pointer.as_str(), "dry_run must be true or false")
@@ -299,8 +313,8 @@ fn read_bulk(state: &AppState, body: &Bytes, for_replay: bool) -> Result<BulkReq
             }
             _ => {
                 let known = match for_replay {
-                    true => "partner, type, priority, device_id, reason, since, until, dry_run, rate_per_second",
-                    false => "partner, type, priority, device_id, reason, since, until, dry_run",
+                    true => "partner, type, priority, device_id, reason, since, until, replayed, dry_run, rate_per_second",
+                    false => "partner, type, priority, device_id, reason, since, until, replayed, dry_run",
                 };
                 return Err(Problem::invalid(
                     pointer,
@@ -386,6 +400,8 @@ pub(super) struct FilterView {
     since: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     until: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replayed: Option<bool>,
 }
 
 impl From<&DeadLetterFilter> for FilterView {
@@ -398,6 +414,7 @@ impl From<&DeadLetterFilter> for FilterView {
             reason: f.reason.clone(),
             since: f.since_ms.map(rfc3339),
             until: f.until_ms.map(rfc3339),
+            replayed: f.replayed,
         }
     }
 }

@@ -2,11 +2,6 @@
 // loopback mock partners that tests/console.rs starts (it passes their
 // addresses in the environment). Run through `cargo nextest run -p herald
 // --test console`, not by hand.
-//
-// The views for replay jobs and the audit trail are tested where herald
-// serves POST /v1/replays and GET /v1/audit; where it answers 404 those
-// tests are skipped, saying so loudly, and the console's fallback (its
-// own dry-run count, the older bulk endpoint, "not available") is tested.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -79,12 +74,6 @@ async function shot(name, viewport = WIDE) {
   const file = path.join(SHOTS, `${name}-${viewport.width}x${viewport.height}.png`);
   await page.screenshot({ path: file, fullPage: true });
   console.log(`screenshot: ${file}`);
-}
-
-function loudSkip(t, endpoint) {
-  const line = '!'.repeat(78);
-  console.log(`\n${line}\nSKIPPED: ${t.name}\n  ${endpoint} answered 404 on this herald; this test runs where herald serves it.\n${line}\n`);
-  t.skip(`${endpoint} is not served by this herald`);
 }
 
 // The steps build on each other (the letters a step makes, the next one
@@ -181,6 +170,12 @@ step('partners update as a mock partner goes down and comes back', async () => {
     return text.includes('open') && text.includes('breaker open') && text.includes('next probe');
   });
   assert.match(await row('acme').getAttribute('class'), /alarm/, 'an open breaker stands out');
+  const alert = await postEvent({ device_id: 'door-9', type: 'door.forced_open', priority: 'critical', data: {}, partners: ['acme'] });
+  await waitFor('acme\'s critical backlog on the page', async () => {
+    const text = await row('acme').textContent();
+    return /critical backlog/.test(text) && /critical 1, oldest/.test(text);
+  });
+  assert.doesNotMatch(await row('globex').textContent(), /critical backlog/);
   assert.doesNotMatch(await row('globex').getAttribute('class'), /alarm/);
   await shot('partners-breaker-open');
 
@@ -191,8 +186,10 @@ step('partners update as a mock partner goes down and comes back', async () => {
     return text.includes('closed') && !text.includes('breaker open');
   });
   assert.doesNotMatch(await row('acme').getAttribute('class'), /alarm/);
-  await waitFor('both held events delivered', async () =>
-    (await received('acme')).filter((r) => r.answered === 200).length >= 2);
+  await waitFor('the held events delivered', async () =>
+    (await received('acme')).filter((r) => r.answered === 200).length >= 3);
+  assert.ok((await received('acme')).some((r) => r.id === alert && r.answered === 200), 'the critical alert delivered');
+  await waitFor('no critical backlog once delivered', async () => !/critical backlog/.test(await row('acme').textContent()));
   assert.match(await row('acme').textContent(), /of 50\/s/, 'rate against its limit');
 });
 
@@ -299,10 +296,7 @@ step('replaying one: it leaves the list and arrives at the mock partner', async 
   assert.equal(await page.evaluate(() => window.__heraldPwned), undefined);
 });
 
-let jobsServed = false;
-
 step('bulk replay shows the dry-run count, asks, and replays the filter', async () => {
-  jobsServed = (await heraldApi('POST', '/v1/replays', OPERATOR, { dry_run: true })).status !== 404;
   const countAt = async () => (await received('acme')).filter((r) => [ids.forced2, ids.forced3].includes(r.id) && r.answered === 200).length;
   assert.equal(await countAt(), 0);
 
@@ -314,19 +308,17 @@ step('bulk replay shows the dry-run count, asks, and replays the filter', async 
   await page.keyboard.press('Escape');
   await waitFor('cancelled', async () => (await page.textContent('#dead-message')).includes('cancelled'));
   assert.equal(await countAt(), 0, 'cancelled: nothing replayed');
-  if (!jobsServed) assert.match(await page.textContent('#dead-message'), /not available on this herald/);
 
   await page.click('#replay-matching');
   await page.locator('#confirm').waitFor({ state: 'visible' });
   await page.click('#confirm-ok');
-  await waitFor('the job done', async () => /(done|Replay done): 2 replayed|done, 2 of 2/.test(await page.textContent('#job-status')), 20000);
+  await waitFor('the job done', async () => /done, 2 of 2 replayed/.test(await page.textContent('#job-status')), 20000);
   await waitFor('both arrived at acme', async () => (await countAt()) === 2);
   await waitFor('the list empty', async () => (await deadRows().count()) === 0);
   await shot('bulk-replay-done');
 });
 
-step('the replay job\'s progress is followed (needs POST /v1/replays)', async (t) => {
-  if (!jobsServed) return loudSkip(t, 'POST /v1/replays');
+step('the replay job\'s progress is followed', async () => {
   assert.match(await page.textContent('#job-status'), /Replay job .*: done, 2 of 2 replayed/);
   assert.equal(await page.getAttribute('#job-progress', 'value'), '2');
 });
@@ -347,7 +339,7 @@ step('purging the filter asks first, then the letters are gone', async () => {
   assert.equal(acme.body.items.length, 4, 'acme\'s letters (replayed ones included) are untouched');
 });
 
-step('dead letters page by 50; a filter herald\'s list does not apply replays only what it shows', async () => {
+step('dead letters page by 50; replay and purge take exactly the filter shown', async () => {
   await control('POST', '/partners/globex/answer/400');
   const batch = Array.from({ length: 55 }, (_, n) => ({ device_id: `pager-${n}`, type: 'paging.check', data: { n }, partners: ['globex'] }));
   const posted = await heraldApi('POST', '/v1/events', INGEST, batch);
@@ -381,11 +373,8 @@ step('dead letters page by 50; a filter herald\'s list does not apply replays on
   const delivered = (await received('globex')).filter((r) => r.answered === 200);
   assert.deepEqual(delivered.map((r) => r.id), [pager7], 'only the letter the filter showed was replayed');
 
-  // herald's own bulk purge (where served) takes the filter without the
-  // console's "replayed" choice; the console's fallback honours it.
-  const probe = await heraldApi('POST', '/v1/dead-letters/purge', OPERATOR, { type: 'no.such.type', dry_run: true });
-  const purgeServed = probe.status !== 404 && probe.status !== 405;
-  const expected = purgeServed ? 55 : 54;
+  // The filter's "Replayed: not yet" leaves pager-7 out of the purge.
+  const expected = 54;
   await page.fill('#f-device', '');
   await page.click('#purge-matching');
   await page.locator('#confirm').waitFor({ state: 'visible' });
@@ -393,8 +382,8 @@ step('dead letters page by 50; a filter herald\'s list does not apply replays on
   await page.click('#confirm-ok');
   await waitFor('purged', async () => new RegExp(`Purged ${expected} dead letter`).test(await page.textContent('#dead-message')));
   const left = await heraldApi('GET', '/v1/dead-letters?partner=globex&limit=100', OPERATOR);
-  assert.deepEqual(left.body.items.map((d) => d.device_id), purgeServed ? [] : ['pager-7'],
-    'the console\'s purge keeps the replayed one (replayed: not yet)');
+  assert.deepEqual(left.body.items.map((d) => d.device_id), ['pager-7'],
+    'the purge keeps the replayed one (replayed: not yet)');
 });
 
 step('one dead letter is purged from its page, after a confirmation', async () => {
@@ -435,20 +424,10 @@ step('an event looked up by id shows every delivery and its attempts', async () 
   await waitFor('a clear refusal', async () => /not a event id|UUID/.test(await page.textContent('#event-message')));
 });
 
-step('the audit view says when this herald has no audit trail', async () => {
+step('the audit view lists who replayed and purged what', async () => {
   await page.click('#nav a[data-view="audit"]');
-  const served = (await heraldApi('GET', '/v1/audit', OPERATOR)).status !== 404;
-  if (served) {
-    await waitFor('audit entries', async () => (await page.locator('#audit-table tbody tr[data-action]').count()) > 0);
-  } else {
-    await waitFor('the note', async () => /not available on this herald/.test(await page.textContent('#audit-message')));
-  }
+  await waitFor('audit entries', async () => (await page.locator('#audit-table tbody tr[data-action]').count()) > 0);
   await shot('audit');
-});
-
-step('the audit view lists who replayed and purged what (needs GET /v1/audit)', async (t) => {
-  const audit = await heraldApi('GET', '/v1/audit', OPERATOR);
-  if (audit.status === 404) return loudSkip(t, 'GET /v1/audit');
   const text = await page.textContent('#audit-table');
   assert.match(text, /on-call/, 'the operator token\'s name');
   assert.match(text, /replay/);

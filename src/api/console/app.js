@@ -9,9 +9,6 @@
   const TOKEN_KEY = 'herald.console.token';
   const REFRESH_KEY = 'herald.console.refresh';
   const PAGE_SIZE = 50;
-  /// Pages read from the API to fill one page of the table when the
-  /// console filters further (device, reason, until, replayed).
-  const MAX_SCAN_PAGES = 20;
   const CHART_MINUTES = 60;
   const RATE_WINDOW_MS = 10000;
 
@@ -156,13 +153,6 @@
     }
     if (typeof b === 'string' && b) return b.slice(0, 300);
     return `HTTP ${answer.status}`;
-  }
-
-  /** Whether an answer says this herald does not serve the endpoint: 404
-   * (no such route), or 405 where the path is taken by another route
-   * (POST /v1/dead-letters/purge reads as the id "purge"). */
-  function missing(answer) {
-    return answer.status === 404 || answer.status === 405;
   }
 
   const query = (params) => {
@@ -310,21 +300,15 @@
     if (visible) renderPartners();
   }
 
-  /** Per-priority queues, when this herald reports them. */
+  /** The partner's queues by priority, critical first, as GET
+   * /v1/partners reports them: {priority, depth, oldest} (oldest in
+   * seconds, absent when the queue is empty). */
   function priorityQueues(p) {
-    const out = [];
-    const source = p.queues || p.by_priority || p.queued_by_priority;
-    if (source && typeof source === 'object') {
-      for (const [priority, q] of Object.entries(source)) {
-        if (typeof q === 'number') out.push({ priority, depth: q });
-        else if (q && typeof q === 'object') {
-          let oldest = q.oldest_age_s ?? (q.oldest_age_ms !== undefined ? q.oldest_age_ms / 1000 : undefined);
-          if (oldest === undefined && q.oldest_at) oldest = (Date.now() - new Date(q.oldest_at).getTime()) / 1000;
-          out.push({ priority, depth: q.depth ?? q.queued ?? 0, oldest });
-        }
-      }
-    }
-    return out;
+    const queues = p.queues || {};
+    return ['critical', 'normal'].filter((priority) => queues[priority]).map((priority) => {
+      const q = queues[priority];
+      return { priority, depth: q.depth, oldest: q.oldest_age_seconds ?? undefined };
+    });
   }
 
   /** What makes a row stand out, in words (never colour alone). */
@@ -332,8 +316,10 @@
     const out = [];
     if (p.breaker === 'open') out.push('breaker open');
     if (p.breaker === 'half_open') out.push('breaker probing');
+    // A critical alert waiting while the partner cannot take it, or for
+    // longer than ops/prometheus pages on-call for (60 s) by half.
     const critical = queues.find((q) => q.priority === 'critical');
-    if (critical && critical.depth > 0 && (critical.oldest === undefined || critical.oldest > 30 || p.breaker !== 'closed')) {
+    if (critical && critical.depth > 0 && (p.breaker !== 'closed' || (critical.oldest ?? 0) > 30)) {
       out.push('critical backlog');
     }
     if (p.alert) out.push('configuration error');
@@ -477,7 +463,7 @@
 
   // ---- Dead letters -----------------------------------------------------------
 
-  const deadState = { loaded: false, cursors: [], next: null, shown: [] };
+  const deadState = { loaded: false, next: null };
 
   function fillPartnerFilter() {
     const select = $('f-partner');
@@ -494,53 +480,32 @@
       reason: $('f-reason').value.trim() || undefined,
       since: inputTime($('f-since').value),
       until: inputTime($('f-until').value),
+      replayed: { no: false, yes: true }[$('f-replayed').value],
     };
     for (const k of Object.keys(f)) if (f[k] === undefined) delete f[k];
     return f;
   }
 
-  /** The filters herald's list applies itself; the console applies the rest. */
-  const SERVER_KEYS = ['partner', 'type', 'priority', 'since'];
-
-  function keeps(filter, replayed) {
-    const until = filter.until ? new Date(filter.until).getTime() : undefined;
-    const reason = filter.reason ? filter.reason.toLowerCase() : undefined;
-    return (d) => (!filter.device_id || d.device_id === filter.device_id)
-      && (!reason || String(d.reason || '').toLowerCase().includes(reason))
-      && (until === undefined || new Date(d.died_at).getTime() <= until)
-      && (replayed === '' || (replayed === 'yes') === Boolean(d.replayed_as));
-  }
-
-  /** Reads dead letters from `after` until `want` pass the filter (or the
-   * scan limit): {items, next, scanned}. */
-  async function scanDead(filter, replayed, after, want) {
-    const keep = keeps(filter, replayed);
-    const items = [];
-    let cursor = after;
-    let pages = 0;
-    for (;;) {
-      const params = Object.assign({}, filter, { limit: String(PAGE_SIZE) });
-      if (cursor) params.after = cursor;
-      const answer = await api('GET', '/v1/dead-letters' + query(params));
-      if (answer.status !== 200) return { error: problemText(answer) };
-      items.push(...(answer.body.items || []).filter(keep));
-      cursor = answer.body.next || null;
-      pages += 1;
-      if (!cursor || items.length >= want || pages >= MAX_SCAN_PAGES) return { items, next: cursor };
-    }
+  /** One page of the dead letters the filter selects, from `after`:
+   * {items, next} or {error}. herald applies every filter itself. */
+  async function deadPage(filter, after) {
+    const params = Object.assign({}, filter, { limit: String(PAGE_SIZE) });
+    if (after) params.after = after;
+    const answer = await api('GET', '/v1/dead-letters' + query(params));
+    if (answer.status !== 200) return { error: problemText(answer) };
+    return { items: answer.body.items || [], next: answer.body.next || null };
   }
 
   async function loadDead(after) {
     deadState.loaded = true;
     const filter = currentFilter();
     say('dead-message', 'Loading…');
-    const found = await scanDead(filter, $('f-replayed').value, after, PAGE_SIZE);
+    const found = await deadPage(filter, after);
     if (found.error) {
       say('dead-message', 'Could not read dead letters: ' + found.error, 'error');
       return;
     }
     deadState.next = found.next;
-    deadState.shown = found.items;
     say('dead-message', '');
     const tbody = clear($('dead-table').tBodies[0]);
     if (!found.items.length) emptyRow(tbody, 7, 'No dead letters match.');
@@ -559,23 +524,6 @@
     $('dead-count').textContent = `${found.items.length} shown` + (found.next ? ', more on the next page' : '');
     $('dead-next').disabled = !found.next;
     $('dead-first').disabled = !after;
-  }
-
-  /** Every letter the filter selects: {ids, byPartner} or {error}. */
-  async function allMatching(filter, replayed) {
-    const ids = [];
-    const byPartner = {};
-    let cursor = null;
-    for (;;) {
-      const found = await scanDead(filter, replayed, cursor, Infinity);
-      if (found.error) return { error: found.error };
-      for (const d of found.items) {
-        ids.push(d.id);
-        byPartner[d.partner] = (byPartner[d.partner] || 0) + 1;
-      }
-      cursor = found.next;
-      if (!cursor) return { ids, byPartner };
-    }
   }
 
   function describeFilter(filter) {
@@ -617,7 +565,6 @@
     const body = Object.assign({}, filter, { dry_run: true });
     say('dead-message', 'Counting what the filter matches (dry run)…');
     const dry = await api('POST', '/v1/replays', body);
-    if (missing(dry)) return replayMatchingHere(filter);
     if (dry.status !== 200) return say('dead-message', 'The dry run was refused: ' + problemText(dry), 'error');
     say('dead-message', '');
     const matched = dry.body.matched || 0;
@@ -652,87 +599,21 @@
     }
   }
 
-  /** Bulk replay on a herald without replay jobs: the dry-run count is
-   * the console's own count of the list; the replay is the older bulk
-   * endpoint when herald can apply the whole filter, else one by one. */
-  async function replayMatchingHere(filter) {
-    const note = 'Replay jobs are not available on this herald (POST /v1/replays answered 404); ' +
-      'the console counts the list itself and uses POST /v1/dead-letters/replay.';
-    say('dead-message', note + ' Counting…');
-    const found = await allMatching(filter, 'no');
-    if (found.error) return say('dead-message', 'Could not count: ' + found.error, 'error');
-    say('dead-message', note);
-    if (!found.ids.length) return say('dead-message', note + ' Dry run: no dead letter matches this filter; nothing to replay.');
-    const ok = await confirmAction('Replay matching dead letters?',
-      `Dry run: ${found.ids.length} dead letter(s) match (${describeFilter(filter)}), none replayed before. Each is delivered again to its partner.`,
-      partnerLines(found.byPartner), `Replay ${found.ids.length}`);
-    if (!ok) return say('dead-message', note + ' Replay cancelled; nothing was replayed.');
-    const total = found.ids.length;
-    let replayed = 0;
-    const failed = [];
-    const serverSide = Object.keys(filter).every((k) => SERVER_KEYS.includes(k));
-    if (serverSide) {
-      jobShow(`Replaying ${total} with POST /v1/dead-letters/replay…`, 0, total);
-      for (;;) {
-        const answer = await api('POST', '/v1/dead-letters/replay' + query(Object.assign({}, filter, { limit: '1000' })));
-        if (answer.status !== 202) { failed.push(problemText(answer)); break; }
-        replayed += answer.body.replayed || 0;
-        failed.push(...(answer.body.failed || []));
-        jobShow(`Replaying: ${replayed} of ${total} replayed`, replayed, total);
-        if (!answer.body.more || !answer.body.replayed) break;
-      }
-    } else {
-      for (const id of found.ids) {
-        const answer = await api('POST', '/v1/dead-letters/' + encodeURIComponent(id) + '/replay');
-        if (answer.status === 202) replayed += 1;
-        else if (answer.status !== 409) failed.push(`${id}: ${problemText(answer)}`);
-        jobShow(`Replaying one by one: ${replayed} of ${total} replayed`, replayed, total);
-      }
-    }
-    jobShow(`Replay done: ${replayed} replayed` + (failed.length ? `, ${failed.length} failed (${failed.slice(0, 3).join('; ')})` : ''), replayed, total);
-    loadDead(null);
-  }
-
   async function purgeMatching() {
     const filter = currentFilter();
     say('dead-message', 'Counting what the filter matches (dry run)…');
     const dry = await api('POST', '/v1/dead-letters/purge', Object.assign({}, filter, { dry_run: true }));
-    if (missing(dry)) return purgeMatchingHere(filter);
     if (dry.status !== 200) return say('dead-message', 'The dry run was refused: ' + problemText(dry), 'error');
-    const count = dry.body.matched ?? dry.body.purged ?? 0;
+    const count = dry.body.matched;
     say('dead-message', '');
     if (!count) return say('dead-message', 'Dry run: no dead letter matches this filter; nothing to purge.');
-    const caveat = $('f-replayed').value ? ' The "Replayed" choice is not part of herald\'s purge: letters replayed before are purged too.' : '';
     const ok = await confirmAction('Purge matching dead letters for good?',
-      `Dry run: ${count} dead letter(s) match (${describeFilter(filter)}). Purged letters cannot be replayed or read again.${caveat}`, [], `Purge ${count}`, true);
+      `Dry run: ${count} dead letter(s) match (${describeFilter(filter)}). Purged letters cannot be replayed or read again.`, [], `Purge ${count}`, true);
     if (!ok) return say('dead-message', 'Purge cancelled; nothing was purged.');
     const done = await api('POST', '/v1/dead-letters/purge', Object.assign({}, filter, { dry_run: false }));
     if (done.status !== 200) return say('dead-message', 'The purge was refused: ' + problemText(done), 'error');
     await loadDead(null);
     say('dead-message', `Purged ${done.body.purged} dead letter(s).`, 'ok');
-  }
-
-  async function purgeMatchingHere(filter) {
-    const note = 'Bulk purge is not available on this herald (POST /v1/dead-letters/purge is not served); the console purges one by one.';
-    const replayed = $('f-replayed').value;
-    say('dead-message', note + ' Counting…');
-    const found = await allMatching(filter, replayed);
-    if (found.error) return say('dead-message', 'Could not count: ' + found.error, 'error');
-    if (!found.ids.length) return say('dead-message', note + ' Dry run: no dead letter matches this filter; nothing to purge.');
-    const ok = await confirmAction('Purge matching dead letters for good?',
-      `Dry run: ${found.ids.length} dead letter(s) match (${describeFilter(filter)}, replayed: ${replayed || 'either'}). Purged letters cannot be replayed or read again.`,
-      partnerLines(found.byPartner), `Purge ${found.ids.length}`, true);
-    if (!ok) return say('dead-message', note + ' Purge cancelled; nothing was purged.');
-    let purged = 0;
-    const failed = [];
-    for (const id of found.ids) {
-      const answer = await api('DELETE', '/v1/dead-letters/' + encodeURIComponent(id));
-      if (answer.status === 204) purged += 1;
-      else if (answer.status !== 404) failed.push(`${id}: ${problemText(answer)}`);
-      jobShow(`Purging one by one: ${purged} of ${found.ids.length} purged`, purged, found.ids.length);
-    }
-    await loadDead(null);
-    say('dead-message', `Purged ${purged} dead letter(s).` + (failed.length ? ` ${failed.length} failed: ${failed.slice(0, 3).join('; ')}` : ''), failed.length ? 'error' : 'ok');
   }
 
   // ---- One dead letter --------------------------------------------------------
@@ -864,13 +745,6 @@
     if (!after) clear(tbody);
     say('audit-message', 'Loading…');
     const answer = await api('GET', '/v1/audit' + query({ after: after || undefined, limit: '50' }));
-    if (missing(answer)) {
-      clear(tbody);
-      $('audit-more').hidden = true;
-      emptyRow(tbody, 5, 'No audit trail on this herald.');
-      return say('audit-message', 'The audit trail is not available on this herald (GET /v1/audit answered 404). ' +
-        'Its log still records each replay and purge with the token\'s name.');
-    }
     if (answer.status !== 200) return say('audit-message', 'Could not read the audit trail: ' + problemText(answer), 'error');
     say('audit-message', '');
     const entries = answer.body.entries || [];
@@ -906,7 +780,6 @@
     });
     $('dead-filter').addEventListener('submit', (ev) => {
       ev.preventDefault();
-      deadState.cursors = [];
       loadDead(null);
     });
     $('dead-next').addEventListener('click', () => {
