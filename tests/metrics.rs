@@ -347,6 +347,15 @@ async fn metrics_follow_an_outage_its_recovery_and_dead_letters_from_zero() {
             .is_none(),
         "nothing waits: no age"
     );
+    // The last hour per minute (the console's chart) holds every outcome
+    // of this run, which is shorter than an hour on herald's clock.
+    let minutes = acme["last_hour"].as_array().expect("last_hour");
+    assert_eq!(minutes.len(), 60, "{acme}");
+    let sum = |kind: &str| -> u64 { minutes.iter().filter_map(|m| m[kind].as_u64()).sum() };
+    let count = |kind: &str| acme[kind].as_u64().unwrap_or(0);
+    assert_eq!(sum("delivered"), count("delivered"), "{acme}");
+    assert_eq!(sum("failed"), count("retried") + count("dead"), "{acme}");
+    assert!(sum("failed") > 0, "the outage's failed attempts: {acme}");
     assert_eq!(
         s.value("herald_delivery_latency_seconds_count", &critical),
         2.0

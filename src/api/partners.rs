@@ -55,6 +55,19 @@ struct PartnerView {
     /// parked, until someone fixes the config.
     #[serde(skip_serializing_if = "Option::is_none")]
     alert: Option<crate::dispatch::alert::AlertView>,
+    /// Delivered and failed in each of the last 60 minutes (herald's
+    /// clock), oldest first, ending with the current minute; since this
+    /// process started.
+    last_hour: Vec<MinuteView>,
+}
+
+#[derive(Serialize)]
+struct MinuteView {
+    /// The minute's start.
+    minute: String,
+    delivered: u64,
+    /// Attempts that failed: retried later, or dead-lettered.
+    failed: u64,
 }
 
 /// A partner's waiting deliveries by priority.
@@ -120,6 +133,17 @@ pub async fn list_partners(_: Operator, State(state): State<Arc<AppState>>) -> R
             dead: count(&lane.stats.dead),
             superseded: count(&lane.stats.superseded),
             alert: lane.alert.view(),
+            last_hour: lane
+                .stats
+                .minutes
+                .last_hour(now_ms)
+                .into_iter()
+                .map(|m| MinuteView {
+                    minute: rfc3339(m.start_ms()),
+                    delivered: m.delivered,
+                    failed: m.failed,
+                })
+                .collect(),
         })
         .collect();
     partners.sort_by(|a, b| a.name.cmp(&b.name));

@@ -102,6 +102,8 @@ pub struct LaneStats {
     pub delivered: AtomicU64,
     pub retried: AtomicU64,
     pub dead: AtomicU64,
+    /// Delivered and failed per minute over the last hour.
+    pub(crate) minutes: super::minutes::PerMinute,
 }
 
 /// The longest wait between keep-alive passes.
@@ -562,16 +564,24 @@ impl Lane {
                     metrics::gauge!("herald_parked_routes", "partner" => self.partner.name.clone())
                         .set(self.parked.len() as f64);
                 }
+                let now_ms = self.clock.now_ms();
                 let counter = match settled.next {
-                    Next::Delivered => &self.stats.delivered,
+                    Next::Delivered => {
+                        self.stats.minutes.delivered(now_ms);
+                        &self.stats.delivered
+                    }
                     Next::RetryAt(at) => {
                         self.retry_at.fetch_min(at, Ordering::AcqRel);
                         if priority == Priority::Critical {
                             self.critical_retry_at.fetch_min(at, Ordering::AcqRel);
                         }
+                        self.stats.minutes.failed(now_ms);
                         &self.stats.retried
                     }
-                    Next::Dead(_) => &self.stats.dead,
+                    Next::Dead(_) => {
+                        self.stats.minutes.failed(now_ms);
+                        &self.stats.dead
+                    }
                     Next::Superseded(_) => &self.stats.superseded,
                 };
                 counter.fetch_add(1, Ordering::Relaxed);

@@ -11,6 +11,7 @@ pub(crate) mod breaker;
 pub mod client;
 pub(crate) mod concurrency;
 pub(crate) mod lane;
+pub(crate) mod minutes;
 pub(crate) mod parked;
 pub mod retry;
 pub(crate) mod tokens;

@@ -244,7 +244,7 @@
   let refreshTimer = null;
   let partners = [];
   let parked = {};
-  /** name -> [{t, sent, delivered, failed}] since the page was loaded. */
+  /** name -> [{t, sent}] over the last minutes: the rate sent. */
   const samples = {};
 
   function startRefresh() {
@@ -282,8 +282,8 @@
     const now = Date.now();
     for (const p of partners) {
       const list = samples[p.name] || (samples[p.name] = []);
-      list.push({ t: now, sent: p.sent || 0, delivered: p.delivered || 0, failed: (p.retried || 0) + (p.dead || 0) });
-      while (list.length && list[0].t < now - (CHART_MINUTES + 1) * 60000) list.shift();
+      list.push({ t: now, sent: p.sent || 0 });
+      while (list.length && list[0].t < now - 2 * RATE_WINDOW_MS) list.shift();
     }
     fillPartnerFilter();
     const visible = !$('view-partners').hidden;
@@ -385,22 +385,14 @@
 
   const COLOURS = ['#1f77b4', '#9467bd', '#17becf', '#8c564b', '#e377c2', '#7f7f7f', '#bcbd22', '#2ca02c'];
 
-  /** name -> [{delivered, failed}] for each of the last 60 minutes. */
+  /** name -> [{delivered, failed}] for each of the last 60 minutes, oldest
+   * first, as herald counts them. */
   function perMinute() {
-    const nowMinute = Math.floor(Date.now() / 60000);
     const out = {};
-    for (const [name, list] of Object.entries(samples)) {
-      const buckets = Array.from({ length: CHART_MINUTES }, () => ({ delivered: 0, failed: 0 }));
-      for (let i = 1; i < list.length; i++) {
-        const a = list[i - 1];
-        const b = list[i];
-        const index = CHART_MINUTES - 1 - (nowMinute - Math.floor(b.t / 60000));
-        if (index < 0 || index >= CHART_MINUTES) continue;
-        // A counter that went down means herald restarted: count from zero.
-        buckets[index].delivered += b.delivered >= a.delivered ? b.delivered - a.delivered : b.delivered;
-        buckets[index].failed += b.failed >= a.failed ? b.failed - a.failed : b.failed;
-      }
-      out[name] = buckets;
+    for (const p of partners) {
+      const minutes = p.last_hour.slice(-CHART_MINUTES);
+      out[p.name] = Array.from({ length: CHART_MINUTES - minutes.length }, () => ({ delivered: 0, failed: 0 }))
+        .concat(minutes.map((m) => ({ delivered: m.delivered, failed: m.failed })));
     }
     return out;
   }
@@ -411,7 +403,7 @@
     const series = perMinute();
     const names = Object.keys(series).sort();
     if (!names.length) {
-      holder.append(el('p', { class: 'muted' }, 'No samples yet.'));
+      holder.append(el('p', { class: 'muted' }, 'No partners configured.'));
       return;
     }
     // Drawn at the holder's own width, so text is the size the style says.
@@ -429,7 +421,7 @@
       const sum = series[n].reduce((acc, m) => ({ d: acc.d + m.delivered, f: acc.f + m.failed }), { d: 0, f: 0 });
       return `${n}: ${sum.d} delivered, ${sum.f} failed`;
     }).join('; ');
-    chart.append(svg('title', { id: 'chart-title' }, `Per minute over the last hour (sampled by this page): ${total}`));
+    chart.append(svg('title', { id: 'chart-title' }, `Per minute over the last hour: ${total}`));
     names.forEach((name, row) => {
       const colour = COLOURS[row % COLOURS.length];
       const mid = top + row * band + band / 2;
