@@ -414,8 +414,6 @@
     const height = top + names.length * band + 20;
     const plot = width - left - 4;
     const step = plot / CHART_MINUTES;
-    let peak = 1;
-    for (const name of names) for (const m of series[name]) peak = Math.max(peak, m.delivered, m.failed);
     const chart = svg('svg', { viewBox: `0 0 ${width} ${height}`, role: 'img', 'aria-labelledby': 'chart-title' });
     const total = names.map((n) => {
       const sum = series[n].reduce((acc, m) => ({ d: acc.d + m.delivered, f: acc.f + m.failed }), { d: 0, f: 0 });
@@ -426,6 +424,9 @@
       const colour = COLOURS[row % COLOURS.length];
       const mid = top + row * band + band / 2;
       const half = band / 2 - 6;
+      // Each row to its own peak: a busy partner does not flatten a quiet
+      // one's failures.
+      const peak = series[name].reduce((most, m) => Math.max(most, m.delivered, m.failed), 1);
       chart.append(svg('text', { x: 4, y: mid - 4, class: 'label' }, name));
       chart.append(svg('text', { x: 4, y: mid + 10, class: 'label' }, `peak ${peak}/min`));
       chart.append(svg('line', { x1: left, x2: left + plot, y1: mid, y2: mid, class: 'axis' }));
