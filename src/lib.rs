@@ -134,14 +134,6 @@ pub async fn start(config: Config, clock: Clock) -> Result<Herald, StartError> {
         }
     }
     let links = links::Links::new(store.clone(), config.server.link_key.clone(), clock.clone());
-    // Before any lane reads a link: a store written before grants existed
-    // gets its links' credentials moved into their grants, once.
-    match links.adopt_grants().await {
-        Ok(()) => {}
-        Err(links::LinkError::Store(e)) => return Err(e.into()),
-        Err(e) => tracing::error!(error = %e,
-            "link credentials cannot be moved into grants: each link keeps its own until a start with the right link key moves them"),
-    }
     let dispatcher = Arc::new(
         Dispatcher::start(&config, store.clone(), links.clone(), clock.clone())
             .map_err(StartError::Dispatch)?,

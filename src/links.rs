@@ -14,7 +14,6 @@
 //! when a delivery needs them. Nothing here logs them; [`Link`]'s `Debug`
 //! and every API view leave them out.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -37,8 +36,7 @@ pub enum LinkError {
     Store(#[from] StoreError),
     #[error("link credentials need a key: set {DEFAULT_KEY_ENV} (or the variable [server] link_key_env names) to the base64 of 32 random bytes")]
     NoKey,
-    /// `owner` is `grant <grant id>`, or `link <device id>` for a link
-    /// written before grants.
+    /// `owner` is `grant <grant id>`.
     #[error("the credentials of {owner} at {partner} cannot be opened: {reason}")]
     Unsealable {
         partner: String,
@@ -120,9 +118,8 @@ struct SealedCredentials {
 /// A link as herald uses it, its grant's credentials opened.
 #[derive(Clone)]
 pub struct Link {
-    /// The link as stored (its generation set by the store). Its own
-    /// credential fields are only ever those of a link from before grants,
-    /// never written again: `credentials` is what the link presents.
+    /// The link as stored (its generation set by the store). It holds no
+    /// credentials of its own: `credentials` is what the link presents.
     pub record: StoredLink,
     /// The grant's credentials: on a `PUT`, the grant's new ones (none:
     /// keep the account's grant as it is).
@@ -177,14 +174,11 @@ pub(crate) struct StoredView {
 
 impl StoredView {
     pub(crate) fn has_credentials(&self) -> bool {
-        self.grant.is_some() || self.link.sealed_credentials.is_some()
+        self.grant.is_some()
     }
 
     pub(crate) fn expires_at_unix(&self) -> Option<u64> {
-        match &self.grant {
-            Some(grant) => grant.expires_at_unix,
-            None => self.link.expires_at_unix,
-        }
+        self.grant.as_ref().and_then(|grant| grant.expires_at_unix)
     }
 }
 
@@ -196,9 +190,6 @@ pub(crate) struct PutOutcome {
     /// new credentials every other link of its grant.
     pub relinked: Vec<String>,
 }
-
-/// Links read at a time while links written before grants are adopted.
-const ADOPT_PAGE: usize = 256;
 
 /// Links in the store, sealed on the way in and opened on the way out.
 #[derive(Clone)]
@@ -288,7 +279,7 @@ impl Links {
         };
         let stored = StoredLink {
             updated_ms: now_ms,
-            ..link.record.without_own_credentials()
+            ..link.record
         };
         let outcome = self.store.put_link(stored, grant).await?;
         Ok(PutOutcome {
@@ -334,94 +325,6 @@ impl Links {
         Ok(self.store.rotate_grant(grant).await?)
     }
 
-    /// Moves links written before grants existed onto grants, once: each
-    /// link is indexed under its grant, and the credentials a link held are
-    /// resealed as its grant's, the most recently updated link's copy when
-    /// several links of one account held them (a copy of a spent
-    /// single-use refresh token is worth nothing). Without the key, or if
-    /// any link's credentials cannot be opened, nothing moves: those links
-    /// keep their own credentials and this runs again at the next start.
-    pub(crate) async fn adopt_grants(&self) -> Result<(), LinkError> {
-        if self.store.grants_kept()? {
-            return Ok(());
-        }
-        // First pass: the newest copy of each grant's credentials, checked
-        // to open before anything is rewritten.
-        let mut newest: HashMap<(String, String), (u64, String)> = HashMap::new();
-        let mut legacy = 0usize;
-        let mut after = None;
-        while let Some(page) = self.next_link_page(&mut after)? {
-            for link in &page {
-                if link.sealed_credentials.is_none() {
-                    continue;
-                }
-                legacy += 1;
-                self.open_legacy(link)?;
-                let entry = newest
-                    .entry((link.partner.clone(), link.grant()))
-                    .or_insert((0, String::new()));
-                if link.updated_ms >= entry.0 {
-                    *entry = (link.updated_ms, link.device_id.clone());
-                }
-            }
-        }
-        // Second pass: each page's links and the grants they carry, written
-        // page by page; only the chosen copy of a grant is opened again.
-        let mut after = None;
-        while let Some(page) = self.next_link_page(&mut after)? {
-            let mut grants = Vec::new();
-            for link in &page {
-                let grant = link.grant();
-                let chosen = newest
-                    .get(&(link.partner.clone(), grant.clone()))
-                    .is_some_and(|(_, device)| *device == link.device_id);
-                if !chosen {
-                    continue;
-                }
-                if let Some(credentials) = self.open_legacy(link)? {
-                    grants.push(self.seal_grant(
-                        &link.partner,
-                        &grant,
-                        &credentials,
-                        0,
-                        link.refresh_obtained_ms(),
-                    )?);
-                }
-            }
-            let links = page
-                .into_iter()
-                .map(StoredLink::without_own_credentials)
-                .collect();
-            self.store.adopt_links(links, grants).await?;
-        }
-        self.store.mark_grants_kept().await?;
-        if legacy > 0 {
-            tracing::info!(
-                links = legacy,
-                grants = newest.len(),
-                "link credentials moved into grants"
-            );
-        }
-        Ok(())
-    }
-
-    /// The next page of all the store's links after `after` (a partner and
-    /// device id, moved on to the page's last); `None` past the last link.
-    fn next_link_page(
-        &self,
-        after: &mut Option<(String, String)>,
-    ) -> Result<Option<Vec<StoredLink>>, LinkError> {
-        let page = self.store.all_links_page(
-            after.as_ref().map(|(p, d)| (p.as_str(), d.as_str())),
-            ADOPT_PAGE,
-        )?;
-        let Some(last) = page.last() else {
-            return Ok(None);
-        };
-        *after = Some((last.partner.clone(), last.device_id.clone()));
-        Ok(Some(page))
-    }
-
     fn seal_grant(
         &self,
         partner: &str,
@@ -458,8 +361,8 @@ impl Links {
 
     fn open(&self, stored: StoredView) -> Result<Link, LinkError> {
         let StoredView { link, grant } = stored;
-        // The grant's, once there is one; until the link is adopted, the
-        // credentials it was written with.
+        // The grant's; a link without one (no account, put without
+        // credentials) presents none.
         let (credentials, grant_generation, refresh_obtained_ms) = match &grant {
             Some(grant) => (
                 Some(self.open_sealed(
@@ -471,7 +374,7 @@ impl Links {
                 grant.generation,
                 grant.refresh_obtained_ms,
             ),
-            None => (self.open_legacy(&link)?, 0, link.refresh_obtained_ms()),
+            None => (None, 0, link.updated_ms),
         };
         Ok(Link {
             record: link,
@@ -479,21 +382,6 @@ impl Links {
             grant_generation,
             refresh_obtained_ms,
         })
-    }
-
-    /// The credentials a link written before grants holds itself.
-    fn open_legacy(&self, link: &StoredLink) -> Result<Option<Credentials>, LinkError> {
-        match &link.sealed_credentials {
-            None => Ok(None),
-            Some(text) => self
-                .open_sealed(
-                    &link.partner,
-                    &format!("link {}", link.device_id),
-                    &link_aad(&link.partner, &link.device_id),
-                    text,
-                )
-                .map(Some),
-        }
     }
 
     fn open_sealed(
@@ -520,16 +408,6 @@ impl Links {
     }
 }
 
-/// Binds a sealed blob to the link it was written for (links written
-/// before grants existed).
-fn link_aad(partner: &str, device_id: &str) -> Vec<u8> {
-    let mut out = b"herald-link\0".to_vec();
-    out.extend_from_slice(partner.as_bytes());
-    out.push(0);
-    out.extend_from_slice(device_id.as_bytes());
-    out
-}
-
 /// Binds a sealed blob to its grant, so it cannot be moved to another.
 fn grant_aad(partner: &str, grant: &str) -> Vec<u8> {
     let mut out = b"herald-grant\0".to_vec();
@@ -548,143 +426,24 @@ mod tests {
     }
 
     #[test]
-    fn sealed_credentials_open_only_for_their_link_and_key() {
+    fn sealed_credentials_open_only_for_their_grant_and_key() {
         let k = key();
-        let sealed = k.seal(&link_aad("st", "lock-1"), b"secret-token").unwrap();
+        let sealed = k
+            .seal(&grant_aad("st", "account/user-1"), b"secret-token")
+            .unwrap();
         assert!(!sealed.contains("secret-token"));
         assert_eq!(
-            k.open(&link_aad("st", "lock-1"), &sealed).unwrap(),
+            k.open(&grant_aad("st", "account/user-1"), &sealed).unwrap(),
             b"secret-token"
         );
-        assert!(k.open(&link_aad("st", "lock-2"), &sealed).is_err());
+        assert!(k.open(&grant_aad("st", "account/user-2"), &sealed).is_err());
         let other =
             LinkKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([8u8; 32]))
                 .unwrap();
-        assert!(other.open(&link_aad("st", "lock-1"), &sealed).is_err());
-        assert!(k.open(&link_aad("st", "lock-1"), "AAAA").is_err());
-    }
-
-    /// A link as a herald from before grants stored it, its credentials
-    /// sealed to the link itself.
-    fn link_before_grants(
-        key: &LinkKey,
-        device_id: &str,
-        account: Option<&str>,
-        tokens: Option<(&str, &str)>,
-        updated_ms: u64,
-    ) -> StoredLink {
-        let sealed_credentials = tokens.map(|(access, refresh)| {
-            let plain = serde_json::to_vec(&SealedCredentials {
-                access_token: access.into(),
-                refresh_token: Some(refresh.into()),
-                expires_at_unix: Some(1_800_000_000),
-            })
-            .unwrap();
-            key.seal(&link_aad("st", device_id), &plain).unwrap()
-        });
-        StoredLink {
-            partner: "st".into(),
-            device_id: device_id.into(),
-            external_id: format!("ext-{device_id}"),
-            account: account.map(str::to_string),
-            region: None,
-            callback_url: None,
-            token_url: None,
-            expires_at_unix: sealed_credentials.as_ref().map(|_| 1_800_000_000),
-            sealed_credentials,
-            options: None,
-            generation: 3,
-            updated_ms,
-            refresh_obtained_ms: None,
-        }
-    }
-
-    fn tokens_of(links: &Links, device_id: &str) -> Option<(String, Option<String>)> {
-        let link = links.get("st", device_id).unwrap().expect("link");
-        link.credentials.map(|c| (c.access_token, c.refresh_token))
-    }
-
-    #[tokio::test]
-    async fn links_from_before_grants_move_onto_them_once_newest_copy_first() {
-        let (_dir, store) = crate::store::testing::open();
-        let k = key();
-        let before = [
-            // One user's two devices: the newer copy holds the live pair.
-            link_before_grants(
-                &k,
-                "lock-1",
-                Some("user-7"),
-                Some(("at-old", "rt-old")),
-                1_000,
-            ),
-            link_before_grants(
-                &k,
-                "lock-2",
-                Some("user-7"),
-                Some(("at-new", "rt-new")),
-                2_000,
-            ),
-            link_before_grants(&k, "cam-1", None, Some(("at-cam", "rt-cam")), 1_500),
-            link_before_grants(&k, "lock-3", Some("user-8"), None, 1_500),
-        ];
-        for link in &before {
-            crate::store::testing::put_link_as_before_grants(&store, link);
-        }
-
-        // Without the key nothing can move, and nothing does.
-        let keyless = Links::new(store.clone(), None, Clock::manual(5_000));
-        assert!(matches!(
-            keyless.adopt_grants().await,
-            Err(LinkError::NoKey)
-        ));
-        assert!(!store.grants_kept().unwrap());
-        let untouched = store.link("st", "lock-1").unwrap().unwrap();
-        assert_eq!(untouched.sealed_credentials, before[0].sealed_credentials);
-
-        let links = Links::new(store.clone(), Some(k.clone()), Clock::manual(5_000));
-        // Until they move, links present the credentials they were written with.
-        assert_eq!(
-            tokens_of(&links, "lock-1"),
-            Some(("at-old".into(), Some("rt-old".into())))
-        );
-        links.adopt_grants().await.unwrap();
-        assert!(store.grants_kept().unwrap());
-        let live = Some(("at-new".to_string(), Some("rt-new".to_string())));
-        assert_eq!(tokens_of(&links, "lock-1"), live);
-        assert_eq!(tokens_of(&links, "lock-2"), live);
-        assert_eq!(
-            tokens_of(&links, "cam-1"),
-            Some(("at-cam".into(), Some("rt-cam".into())))
-        );
-        assert_eq!(tokens_of(&links, "lock-3"), None);
-        let grant = store.grant("st", "account/user-7").unwrap().expect("grant");
-        assert_eq!(grant.refresh_obtained_ms, 2_000, "the copy's age is kept");
-        assert_eq!(
-            store.grant_links("st", "account/user-7", 10).unwrap(),
-            vec!["lock-1".to_string(), "lock-2".to_string()]
-        );
-        assert_eq!(
-            store.grant_links("st", "account/user-8", 10).unwrap(),
-            vec!["lock-3".to_string()]
-        );
-        for link in &before {
-            let stored = store.link("st", &link.device_id).unwrap().unwrap();
-            assert_eq!(stored.sealed_credentials, None, "{}", link.device_id);
-            assert_eq!(stored.generation, link.generation, "{}", link.device_id);
-        }
-        // The next start finds it done and leaves a renewed grant alone.
-        let renewed = links.get("st", "lock-1").unwrap().unwrap();
-        let fresh = Credentials {
-            access_token: "at-2".into(),
-            refresh_token: Some("rt-2".into()),
-            expires_at_unix: None,
-        };
-        assert!(links.rotate(&renewed, fresh).await.unwrap());
-        links.adopt_grants().await.unwrap();
-        assert_eq!(
-            tokens_of(&links, "lock-2"),
-            Some(("at-2".into(), Some("rt-2".into())))
-        );
+        assert!(other
+            .open(&grant_aad("st", "account/user-1"), &sealed)
+            .is_err());
+        assert!(k.open(&grant_aad("st", "account/user-1"), "AAAA").is_err());
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! herald's records: what an event, a delivery, an attempt and a dead letter
 //! are, on disk and in the API.
 //!
-//! Disk records are JSON (serde_json), tolerant of fields added later
-//! (`#[serde(default)]`), so a data dir survives upgrades; the event record
+//! Disk records are JSON (serde_json); a field marked `#[serde(default)]`
+//! with `skip_serializing_if` is left out when empty and reads back as
+//! empty (store format 1, `docs/store-format.md`); the event record
 //! alone, most of what the store writes, has a compact layout of its own
 //! (`store::event_format`). Event payloads stay raw JSON from ingest to the
 //! wire.
@@ -248,13 +249,12 @@ pub struct StoredLink {
     pub region: Option<String>,
     pub callback_url: Option<String>,
     pub token_url: Option<String>,
-    /// Only on a link written before grants existed: base64 of nonce and
-    /// AEAD ciphertext of the credentials' JSON, bound to the partner and
-    /// device. Moved into the link's grant at start (see
-    /// [`crate::links::Links::adopt_grants`]); never written now.
+    /// Never set: a link's credentials live in its grant. Only builds
+    /// before 0.1.0 wrote it, and their data dirs are refused at open
+    /// (`store::format`); the field stays until the API stops naming it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_credentials: Option<String>,
-    /// Only beside `sealed_credentials`: when that access token expires.
+    /// Never set, like `sealed_credentials`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at_unix: Option<u64>,
     /// Adapter-specific, as given; kept raw so a send reads it as is.
@@ -263,8 +263,7 @@ pub struct StoredLink {
     /// nobody put the link again meanwhile.
     pub generation: u64,
     pub updated_ms: u64,
-    /// Only beside `sealed_credentials`: when that refresh token was
-    /// obtained (herald's clock, ms); absent, `updated_ms` stands in.
+    /// Never set, like `sealed_credentials`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_obtained_ms: Option<u64>,
 }
@@ -277,23 +276,6 @@ impl StoredLink {
             Some(account) => format!("account/{account}"),
             None => format!("device/{}", self.device_id),
         }
-    }
-
-    /// The record with no credentials of its own: how every link is
-    /// written now that credentials live in grants.
-    pub(crate) fn without_own_credentials(self) -> StoredLink {
-        StoredLink {
-            sealed_credentials: None,
-            expires_at_unix: None,
-            refresh_obtained_ms: None,
-            ..self
-        }
-    }
-
-    /// When the refresh token in `sealed_credentials` was obtained, as well
-    /// as herald knows.
-    pub(crate) fn refresh_obtained_ms(&self) -> u64 {
-        self.refresh_obtained_ms.unwrap_or(self.updated_ms)
     }
 }
 
@@ -357,19 +339,6 @@ pub(crate) struct DeviceOrder {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_link_written_before_refresh_ages_were_kept_dates_its_token_by_its_update() {
-        // The record as herald wrote it before `refresh_obtained_ms`.
-        let old = r#"{"partner":"smartthings","device_id":"lock-1","external_id":"x",
-            "account":null,"region":null,"callback_url":null,"token_url":null,
-            "sealed_credentials":"c2VhbGVk","expires_at_unix":1,"options":null,
-            "generation":3,"updated_ms":1234}"#;
-        let link: StoredLink = serde_json::from_str(old).expect("old record reads");
-        assert_eq!(link.refresh_obtained_ms(), 1234);
-        let rewritten = serde_json::to_string(&link).expect("writes");
-        assert!(!rewritten.contains("refresh_obtained_ms"), "{rewritten}");
-    }
 
     fn attempt(number: u32) -> Attempt {
         Attempt {

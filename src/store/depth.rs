@@ -7,9 +7,9 @@
 //! depth on disk always matches the schedule it counts and a restart reads
 //! it instead of scanning: with 10,000,000 events queued that scan read
 //! every chunk's member list, 3 s with the data in the page cache and 10 s
-//! from a cold disk before the first delivery. A store written before the
-//! depth was kept (no `mdepth-kept` key) is counted once by that scan,
-//! before the writer starts, and the counts are written then.
+//! from a cold disk before the first delivery. A new store (no `mdepth-kept`
+//! key yet), or one whose depth records do not read, is counted once by
+//! that scan, before the writer starts, and the counts are written then.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -76,8 +76,8 @@ pub(super) fn encode(depth: u64) -> [u8; 8] {
     depth.to_be_bytes()
 }
 
-/// Every partner's depth as the last commit wrote it; `None` for a store
-/// that does not keep them yet. An unreadable record is an error naming it.
+/// Every partner's depth as the last commit wrote it; `None` for a new store,
+/// which keeps none yet. An unreadable record is an error naming it.
 pub(super) fn read(
     db: &sled::Db,
 ) -> Result<Option<HashMap<String, u64>>, crate::store::StoreError> {
@@ -97,8 +97,8 @@ pub(super) fn read(
     Ok(Some(depths))
 }
 
-/// Writes counted depths (a store that did not keep them, or kept one it
-/// cannot read) and marks them kept. Every stored depth is replaced: one
+/// Writes counted depths (a new store, or one that kept a depth it cannot
+/// read) and marks them kept. Every stored depth is replaced: one
 /// left unreadable for a partner with nothing scheduled would otherwise
 /// fail the next open's read again and force the same scan.
 pub(super) fn write_counted(

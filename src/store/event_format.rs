@@ -7,8 +7,9 @@
 //! bench --only batched`. So they are a format byte and postcard (serde,
 //! no field names, UUIDs as a length byte and 16 bytes, integers as varints): 326 bytes
 //! for the bench's event against 570 as JSON. Every other record
-//! stays JSON. A record that starts with `{` is JSON, as written by
-//! herald 0.1 before this format, and is still read.
+//! stays JSON. Builds before 0.1.0 wrote event records as JSON; their data
+//! dirs are refused at open (`super::format`), and a record starting with
+//! `{` is reported as corrupt.
 //!
 //! postcard has no field names: a field is added by a new format byte
 //! whose decoder fills it in, never by changing [`Stored`] in place, and
@@ -94,7 +95,6 @@ pub(super) fn decode(key: &[u8], bytes: &[u8]) -> Result<EventRecord, StoreError
     let corrupt = |reason: String| StoreError::corrupt(key, reason);
     match bytes.first() {
         Some(&POSTCARD_V1) => {}
-        Some(b'{') => return super::decode(key, bytes),
         Some(other) => {
             return Err(corrupt(format!(
                 "not an event record: unknown format byte {other:#04x}"
@@ -228,13 +228,6 @@ mod tests {
     }
 
     #[test]
-    fn a_record_written_as_json_is_still_read() {
-        let event = full_event();
-        let back = decode(b"e-old", &super::super::encode(&event)).expect("decodes");
-        assert_eq!(json(&back), json(&event));
-    }
-
-    #[test]
     fn a_damaged_record_is_reported_with_its_key_and_what_is_wrong() {
         let bytes = encode(&full_event());
         let cases: [(&[u8], &str); 5] = [
@@ -242,7 +235,7 @@ mod tests {
             (&[7, 1, 2], "unknown format byte 0x07"),
             (&bytes[..bytes.len() / 2], "event record:"),
             (&[bytes.as_slice(), b"xx"].concat(), "2 stray bytes"),
-            (b"{not json", "key must be a string"),
+            (b"{\"id\":1}", "unknown format byte 0x7b"),
         ];
         for (damaged, expected) in cases {
             match decode(b"e-damaged", damaged) {

@@ -10,8 +10,8 @@ use uuid::Uuid;
 use crate::model::Priority;
 
 /// `e` + event id (UUIDv7, so events sort by arrival): an event stored on
-/// its own, as every event was before pages (a data dir written by an
-/// older herald), or put back by a replay after retention took its page.
+/// its own, put back by a replay after retention took its page (and
+/// rewritten in place).
 pub(crate) const EVENT: u8 = b'e';
 /// `b` + the id of its first event: a page of events one group commit
 /// accepted, as accepted (see [`super::event_page`]).
@@ -68,13 +68,14 @@ pub(crate) const COMMITS: &[u8] = b"mcommits";
 /// `mdepth/` + partner: the partner's queue depth as of the last group
 /// commit (see [`super::depth`]).
 pub(crate) const DEPTH_PREFIX: &[u8] = b"mdepth/";
-/// Present once the depth records are kept: a store written before they
-/// were is counted once by a scan of the schedule.
+/// Present once the depth records are kept: a new store, or one whose
+/// depth records do not read, is counted once by a scan of the schedule.
 pub(crate) const DEPTH_KEPT: &[u8] = b"mdepth-kept";
 /// The store's format version, one byte (see [`super::format`]).
 pub(crate) const FORMAT: &[u8] = b"mformat";
-/// Present once every link's credentials live in its grant: a store
-/// written before grants existed is moved over once, at start.
+/// Present in every store herald 0.1.0 started: its links' credentials
+/// lived in grants. No longer written; read only to tell a store of a build
+/// before 0.1.0 (see [`super::format`]).
 pub(crate) const GRANTS_KEPT: &[u8] = b"mgrants-kept";
 
 pub(crate) fn depth(partner: &str) -> Vec<u8> {

@@ -38,16 +38,6 @@ pub(super) enum LinkChange {
     /// Stores the grant only if it is still at `generation` (a grant not
     /// stored yet is at 0).
     Rotate(StoredGrant),
-    /// Moves links written before grants existed onto their grants: each
-    /// link, unless it changed since it was read, is stored as given (its
-    /// own credentials dropped) and indexed under its grant; `grants` are
-    /// stored where no grant is yet.
-    Adopt {
-        links: Vec<StoredLink>,
-        grants: Vec<StoredGrant>,
-    },
-    /// Every link of the store has been adopted.
-    GrantsKept,
 }
 
 /// What a link change did.
@@ -89,35 +79,6 @@ pub(super) fn apply(p: &mut Pending<'_>, change: LinkChange) -> Result<LinkOutco
                 applied,
                 relinked: Vec::new(),
             })
-        }
-        LinkChange::Adopt { links, grants } => {
-            for link in links {
-                let key = keys::link(&link.partner, &link.device_id);
-                let current: Option<StoredLink> = p.get_json(&key)?;
-                if current.is_none_or(|c| c.generation != link.generation) {
-                    continue;
-                }
-                p.put(
-                    keys::grant_link(&link.partner, &link.grant(), &link.device_id),
-                    Vec::new(),
-                );
-                p.put(key, encode(&link));
-            }
-            for mut grant in grants {
-                let key = keys::grant(&grant.partner, &grant.grant);
-                if p.get(&key)?.is_none() {
-                    grant.generation = 1;
-                    p.put(key, encode(&grant));
-                }
-            }
-            Ok(LinkOutcome {
-                applied: true,
-                relinked: Vec::new(),
-            })
-        }
-        LinkChange::GrantsKept => {
-            p.put(keys::GRANTS_KEPT.to_vec(), Vec::new());
-            Ok(LinkOutcome::default())
         }
     }
 }
@@ -229,27 +190,6 @@ impl Store {
         Ok(outcome.applied)
     }
 
-    /// See [`LinkChange::Adopt`].
-    pub(crate) async fn adopt_links(
-        &self,
-        links: Vec<StoredLink>,
-        grants: Vec<StoredGrant>,
-    ) -> Result<(), StoreError> {
-        self.link_change(LinkChange::Adopt { links, grants })
-            .await
-            .map(drop)
-    }
-
-    /// Records that every link has been adopted by its grant.
-    pub(crate) async fn mark_grants_kept(&self) -> Result<(), StoreError> {
-        self.link_change(LinkChange::GrantsKept).await.map(drop)
-    }
-
-    /// Whether [`Store::mark_grants_kept`] has been recorded.
-    pub(crate) fn grants_kept(&self) -> Result<bool, StoreError> {
-        Ok(self.db()?.get(keys::GRANTS_KEPT)?.is_some())
-    }
-
     async fn link_change(&self, change: LinkChange) -> Result<LinkOutcome, StoreError> {
         self.call(|reply| super::writer::Command::Link {
             change: Box::new(change),
@@ -285,17 +225,6 @@ impl Store {
         let prefix = keys::link(partner, "");
         let start = after.map(|device| keys::link(partner, device));
         self.page(&prefix, start, limit)
-    }
-
-    /// Up to `limit` links of every partner, in (partner, device) key
-    /// order, after `after` (partner, device id) when given.
-    pub(crate) fn all_links_page(
-        &self,
-        after: Option<(&str, &str)>,
-        limit: usize,
-    ) -> Result<Vec<StoredLink>, StoreError> {
-        let start = after.map(|(partner, device)| keys::link(partner, device));
-        self.page(&[keys::LINK], start, limit)
     }
 
     /// Up to `limit` grants of `partner` in id order, after grant `after`

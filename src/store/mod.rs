@@ -1037,22 +1037,6 @@ pub(crate) mod testing {
         Store::open(dir.path(), options).expect("store")
     }
 
-    /// Writes `link` as a herald from before grants did: the link record
-    /// and its device index, no grant, no grant index.
-    pub(crate) fn put_link_as_before_grants(store: &Store, link: &crate::model::StoredLink) {
-        let db = store.db().expect("store open");
-        db.insert(
-            super::keys::link(&link.partner, &link.device_id),
-            super::encode(link),
-        )
-        .expect("link written");
-        db.insert(
-            super::keys::device_link(&link.device_id, &link.partner),
-            Vec::new(),
-        )
-        .expect("index written");
-    }
-
     /// A first attempt that delivered, at 1,500 ms.
     pub(crate) fn delivered_attempt() -> Attempt {
         Attempt {
@@ -1357,6 +1341,88 @@ mod tests {
         );
     }
 
+    /// Every key and value of the sled database in `dir`, opened directly.
+    fn raw_contents(dir: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let db = sled::open(dir).expect("sled opens");
+        db.iter()
+            .map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())))
+            .collect::<Result<_, _>>()
+            .expect("reads")
+    }
+
+    #[tokio::test]
+    async fn a_data_dir_of_a_pre_release_build_is_refused_by_name_and_left_as_it_was() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(watermark::FILE_NAME), b"").expect("marker");
+        let old = event(1);
+        let link = serde_json::json!({
+            "partner": "st", "device_id": "lock-1", "external_id": "x",
+            "account": null, "region": null, "callback_url": null, "token_url": null,
+            "sealed_credentials": "c2VhbGVk", "expires_at_unix": 1, "options": null,
+            "generation": 3, "updated_ms": 1234
+        });
+        {
+            // As a build before 0.1.0 left it: a JSON event stored alone, a
+            // link holding its own credentials, no format mark.
+            let db = sled::open(dir.path()).expect("sled opens");
+            db.insert(keys::event(old.id), encode(&old)).expect("write");
+            db.insert(keys::link("st", "lock-1"), encode(&link))
+                .expect("write");
+            db.flush().expect("flush");
+        }
+        let before = raw_contents(dir.path());
+        let commits = std::fs::read(dir.path().join(watermark::FILE_NAME)).expect("reads");
+        let options = StoreOptions {
+            cache_bytes: 1 << 20,
+            queue: 16,
+        };
+        let refused = Store::open(dir.path(), options).err().expect("refused");
+        let text = refused.to_string();
+        for expected in [
+            "pre-release build of herald",
+            "no format mark",
+            "event records in JSON",
+            "links that hold their own credentials",
+            "no queue depth records",
+            "reads store format 1",
+        ] {
+            assert!(text.contains(expected), "{expected:?} in {text}");
+        }
+        assert_eq!(raw_contents(dir.path()), before, "nothing is written");
+        assert_eq!(
+            std::fs::read(dir.path().join(watermark::FILE_NAME)).expect("reads"),
+            commits
+        );
+
+        // A store as herald 0.1.0 left it (no mark, format 1's layouts) is
+        // read and marked.
+        let released = tempfile::tempdir().expect("tempdir");
+        std::fs::write(released.path().join(watermark::FILE_NAME), b"").expect("marker");
+        {
+            let db = sled::open(released.path()).expect("sled opens");
+            db.insert(keys::event(old.id), event_format::encode(&old))
+                .expect("write");
+            db.insert(keys::DEPTH_KEPT, &[]).expect("write");
+            db.flush().expect("flush");
+        }
+        let store = Store::open(released.path(), options).expect("opens");
+        assert_eq!(
+            store
+                .db()
+                .expect("open")
+                .get(keys::FORMAT)
+                .expect("read")
+                .as_deref(),
+            Some(&[format::VERSION][..]),
+            "marked"
+        );
+        assert_eq!(
+            store.event(old.id).expect("read").map(|e| e.id),
+            Some(old.id)
+        );
+        store.shutdown().await.expect("shutdown");
+    }
+
     #[tokio::test]
     async fn a_success_reported_twice_is_recorded_once() {
         let (_dir, store) = open();
@@ -1494,7 +1560,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn events_stored_alone_by_an_older_herald_are_read_rewritten_in_place_and_collected() {
+    async fn events_stored_alone_are_read_rewritten_in_place_and_collected() {
         let (dir, store) = open();
         // Made first, so ingest's id for it sorts below the older record's.
         let new = event(1);
