@@ -507,87 +507,156 @@ fn partner_counts(answer: &Value) -> String {
     with_table(counts)
 }
 
-fn job_rows(job: &Value) -> String {
-    fields(&[
-        ("id", text(&job["id"])),
-        ("state", text(&job["state"])),
-        ("filter", filter_words(&job["filter"])),
-        ("rate_per_second", text(&job["rate_per_second"])),
-        ("matched", text(&job["matched"])),
-        ("replayed", text(&job["replayed"])),
-        ("skipped", text(&job["skipped"])),
-        ("created_at", text(&job["created_at"])),
-        ("updated_at", text(&job["updated_at"])),
-        ("created_by", text(&job["created_by"])),
-    ])
+/// How one cell of a table, or one value of a record, is read from an
+/// object of herald's answer.
+enum Cell {
+    /// The field's value as text (`-` for none).
+    Field(&'static str),
+    /// A field of an object under the row: `("event", "id")`.
+    Nested(&'static str, &'static str),
+    /// The field's text, cut to at most so many characters.
+    Clipped(&'static str, usize),
+    /// A filter object as `key=value` words; `-` where there is none.
+    Filter(&'static str),
+    /// Worked out from the whole row.
+    Computed(fn(&Value) -> String),
 }
 
-fn attempts_table(attempts: &[Value]) -> String {
-    let mut t = table(&["#", "AT", "STATUS", "LATENCY MS", "OUTCOME", "DETAIL"]);
-    for a in attempts {
-        t.add_row(vec![
-            text(&a["number"]),
-            text(&a["at"]),
-            text(&a["status"]),
-            text(&a["latency_ms"]),
-            text(&a["outcome"]),
-            clip(&text(&a["detail"]), 60),
-        ]);
+impl Cell {
+    fn read(&self, row: &Value) -> String {
+        match self {
+            Cell::Field(key) => text(&row[key]),
+            Cell::Nested(outer, key) => text(&row[outer][key]),
+            Cell::Clipped(key, max) => clip(&text(&row[key]), *max),
+            Cell::Filter(key) => match &row[key] {
+                Value::Null => "-".to_string(),
+                filter => filter_words(filter),
+            },
+            Cell::Computed(work_out) => work_out(row),
+        }
+    }
+}
+
+/// One line per row under the columns' headers, aligned.
+fn rows_table(rows: &[Value], columns: &[(&str, Cell)]) -> String {
+    let mut t = table(
+        &columns
+            .iter()
+            .map(|(header, _)| *header)
+            .collect::<Vec<_>>(),
+    );
+    for row in rows {
+        t.add_row(
+            columns
+                .iter()
+                .map(|(_, cell)| cell.read(row))
+                .collect::<Vec<_>>(),
+        );
     }
     with_table(t)
 }
 
+/// The rows under `key` of the answer as a table, or `none` when there
+/// are none.
+fn listing(answer: &Value, key: &str, none: &str, columns: &[(&str, Cell)]) -> String {
+    let rows = items(answer, key);
+    match rows.is_empty() {
+        true => format!("{none}\n"),
+        false => rows_table(&rows, columns),
+    }
+}
+
+/// One object as name and value lines.
+fn record(object: &Value, lines: &[(&str, Cell)]) -> String {
+    fields(
+        &lines
+            .iter()
+            .map(|(name, cell)| (*name, cell.read(object)))
+            .collect::<Vec<_>>(),
+    )
+}
+
+fn job_record(job: &Value) -> String {
+    use Cell::*;
+    record(
+        job,
+        &[
+            ("id", Field("id")),
+            ("state", Field("state")),
+            ("filter", Filter("filter")),
+            ("rate_per_second", Field("rate_per_second")),
+            ("matched", Field("matched")),
+            ("replayed", Field("replayed")),
+            ("skipped", Field("skipped")),
+            ("created_at", Field("created_at")),
+            ("updated_at", Field("updated_at")),
+            ("created_by", Field("created_by")),
+        ],
+    )
+}
+
+/// A delivery's last answer: its status and outcome, or why none came.
+fn last_answer(delivery: &Value) -> String {
+    delivery["history"]
+        .as_array()
+        .and_then(|h| h.last())
+        .map(|a| match a["status"].as_u64() {
+            Some(status) => format!("{status} {}", text(&a["outcome"])),
+            None => clip(&text(&a["detail"]), 40),
+        })
+        .unwrap_or_else(|| "-".to_string())
+}
+
+/// A partner's alert reason, `-` while it has none.
+fn alert_reason(partner: &Value) -> String {
+    match &partner["alert"] {
+        Value::Null => "-".to_string(),
+        alert => clip(&text(&alert["reason"]), 50),
+    }
+}
+
 /// The answer to `command` as a person reads it.
 fn render(command: &Command, answer: &Value) -> String {
+    use Cell::*;
     match command {
         Command::Dlq(Dlq::List { .. }) => {
-            let letters = items(answer, "items");
-            if letters.is_empty() {
-                return "no dead letters match\n".to_string();
-            }
-            let mut t = table(&[
-                "ID",
-                "PARTNER",
-                "TYPE",
-                "PRIORITY",
-                "DEVICE",
-                "DIED AT",
-                "ATTEMPTS",
-                "REPLAYED AS",
-                "REASON",
-            ]);
-            for d in &letters {
-                t.add_row(vec![
-                    text(&d["id"]),
-                    text(&d["partner"]),
-                    text(&d["type"]),
-                    text(&d["priority"]),
-                    text(&d["device_id"]),
-                    text(&d["died_at"]),
-                    text(&d["attempts"]),
-                    text(&d["replayed_as"]),
-                    clip(&text(&d["reason"]), 60),
-                ]);
-            }
-            with_table(t) + &next_page(answer, "herald dlq list")
+            let columns = [
+                ("ID", Field("id")),
+                ("PARTNER", Field("partner")),
+                ("TYPE", Field("type")),
+                ("PRIORITY", Field("priority")),
+                ("DEVICE", Field("device_id")),
+                ("DIED AT", Field("died_at")),
+                ("ATTEMPTS", Field("attempts")),
+                ("REPLAYED AS", Field("replayed_as")),
+                ("REASON", Clipped("reason", 60)),
+            ];
+            listing(answer, "items", "no dead letters match", &columns)
+                + &next_page(answer, "herald dlq list")
         }
         Command::Dlq(Dlq::Show { .. }) => {
-            let event = &answer["event"];
-            let mut out = fields(&[
-                ("id", text(&answer["id"])),
-                ("partner", text(&answer["partner"])),
-                ("delivery_id", text(&answer["delivery_id"])),
-                ("reason", text(&answer["reason"])),
-                ("died_at", text(&answer["died_at"])),
-                ("event", text(&event["id"])),
-                ("device_id", text(&event["device_id"])),
-                ("type", text(&event["type"])),
-                ("priority", text(&event["priority"])),
-                ("replayed_as", text(&answer["replayed_as"])),
-                ("replayed_at", text(&answer["replayed_at"])),
-            ]);
-            out.push('\n');
-            out + &attempts_table(&items(answer, "attempts"))
+            let lines = [
+                ("id", Field("id")),
+                ("partner", Field("partner")),
+                ("delivery_id", Field("delivery_id")),
+                ("reason", Field("reason")),
+                ("died_at", Field("died_at")),
+                ("event", Nested("event", "id")),
+                ("device_id", Nested("event", "device_id")),
+                ("type", Nested("event", "type")),
+                ("priority", Nested("event", "priority")),
+                ("replayed_as", Field("replayed_as")),
+                ("replayed_at", Field("replayed_at")),
+            ];
+            let attempts = [
+                ("#", Field("number")),
+                ("AT", Field("at")),
+                ("STATUS", Field("status")),
+                ("LATENCY MS", Field("latency_ms")),
+                ("OUTCOME", Field("outcome")),
+                ("DETAIL", Clipped("detail", 60)),
+            ];
+            record(answer, &lines) + "\n" + &rows_table(&items(answer, "attempts"), &attempts)
         }
         Command::Dlq(Dlq::Replay { id: Some(id), .. }) => format!(
             "dead letter {id} replayed as delivery {} (event {}, partner {})\n",
@@ -618,135 +687,69 @@ fn render(command: &Command, answer: &Value) -> String {
             format!("{} purged\n", letters(&answer["purged"]))
         }
         Command::Replays(None) => {
-            let jobs = items(answer, "items");
-            if jobs.is_empty() {
-                return "no replay jobs\n".to_string();
-            }
-            let mut t = table(&[
-                "ID",
-                "STATE",
-                "MATCHED",
-                "REPLAYED",
-                "SKIPPED",
-                "RATE/S",
-                "CREATED AT",
-                "BY",
-                "FILTER",
-            ]);
-            for j in &jobs {
-                t.add_row(vec![
-                    text(&j["id"]),
-                    text(&j["state"]),
-                    text(&j["matched"]),
-                    text(&j["replayed"]),
-                    text(&j["skipped"]),
-                    text(&j["rate_per_second"]),
-                    text(&j["created_at"]),
-                    text(&j["created_by"]),
-                    filter_words(&j["filter"]),
-                ]);
-            }
-            with_table(t)
+            let columns = [
+                ("ID", Field("id")),
+                ("STATE", Field("state")),
+                ("MATCHED", Field("matched")),
+                ("REPLAYED", Field("replayed")),
+                ("SKIPPED", Field("skipped")),
+                ("RATE/S", Field("rate_per_second")),
+                ("CREATED AT", Field("created_at")),
+                ("BY", Field("created_by")),
+                ("FILTER", Filter("filter")),
+            ];
+            listing(answer, "items", "no replay jobs", &columns)
         }
-        Command::Replays(Some(_)) => job_rows(answer),
+        Command::Replays(Some(_)) => job_record(answer),
         Command::Events(Events::Show { .. }) => {
-            let mut out = fields(&[
-                ("id", text(&answer["id"])),
-                ("device_id", text(&answer["device_id"])),
-                ("type", text(&answer["type"])),
-                ("priority", text(&answer["priority"])),
-                ("occurred_at", text(&answer["occurred_at"])),
-                ("received_at", text(&answer["received_at"])),
-                ("idempotency_key", text(&answer["idempotency_key"])),
-            ]);
-            let mut t = table(&[
-                "DELIVERY",
-                "PARTNER",
-                "STATE",
-                "ATTEMPTS",
-                "NEXT ATTEMPT",
-                "DEAD LETTER",
-                "LAST ANSWER",
-            ]);
-            for d in items(answer, "deliveries") {
-                let last = d["history"]
-                    .as_array()
-                    .and_then(|h| h.last())
-                    .map(|a| match a["status"].as_u64() {
-                        Some(status) => format!("{status} {}", text(&a["outcome"])),
-                        None => clip(&text(&a["detail"]), 40),
-                    })
-                    .unwrap_or_else(|| "-".to_string());
-                t.add_row(vec![
-                    text(&d["id"]),
-                    text(&d["partner"]),
-                    text(&d["state"]),
-                    text(&d["attempts"]),
-                    text(&d["next_attempt_at"]),
-                    text(&d["dead_letter"]),
-                    last,
-                ]);
-            }
-            out.push('\n');
-            out + &with_table(t)
+            let lines = [
+                ("id", Field("id")),
+                ("device_id", Field("device_id")),
+                ("type", Field("type")),
+                ("priority", Field("priority")),
+                ("occurred_at", Field("occurred_at")),
+                ("received_at", Field("received_at")),
+                ("idempotency_key", Field("idempotency_key")),
+            ];
+            let deliveries = [
+                ("DELIVERY", Field("id")),
+                ("PARTNER", Field("partner")),
+                ("STATE", Field("state")),
+                ("ATTEMPTS", Field("attempts")),
+                ("NEXT ATTEMPT", Field("next_attempt_at")),
+                ("DEAD LETTER", Field("dead_letter")),
+                ("LAST ANSWER", Computed(last_answer)),
+            ];
+            record(answer, &lines) + "\n" + &rows_table(&items(answer, "deliveries"), &deliveries)
         }
         Command::Partners => {
-            let mut t = table(&[
-                "NAME",
-                "ADAPTER",
-                "BREAKER",
-                "QUEUED",
-                "IN FLIGHT",
-                "LIMIT",
-                "RATE/S",
-                "SENT",
-                "DELIVERED",
-                "RETRIED",
-                "DEAD",
-                "ALERT",
-            ]);
-            for p in items(answer, "partners") {
-                let alert = match &p["alert"] {
-                    Value::Null => "-".to_string(),
-                    alert => clip(&text(&alert["reason"]), 50),
-                };
-                t.add_row(vec![
-                    text(&p["name"]),
-                    text(&p["adapter"]),
-                    text(&p["breaker"]),
-                    text(&p["queued"]),
-                    text(&p["in_flight"]),
-                    text(&p["concurrency_limit"]),
-                    text(&p["rate_per_second"]),
-                    text(&p["sent"]),
-                    text(&p["delivered"]),
-                    text(&p["retried"]),
-                    text(&p["dead"]),
-                    alert,
-                ]);
-            }
-            with_table(t)
+            let columns = [
+                ("NAME", Field("name")),
+                ("ADAPTER", Field("adapter")),
+                ("BREAKER", Field("breaker")),
+                ("QUEUED", Field("queued")),
+                ("IN FLIGHT", Field("in_flight")),
+                ("LIMIT", Field("concurrency_limit")),
+                ("RATE/S", Field("rate_per_second")),
+                ("SENT", Field("sent")),
+                ("DELIVERED", Field("delivered")),
+                ("RETRIED", Field("retried")),
+                ("DEAD", Field("dead")),
+                ("ALERT", Computed(alert_reason)),
+            ];
+            rows_table(&items(answer, "partners"), &columns)
         }
         Command::Audit { .. } => {
-            let entries = items(answer, "entries");
-            if entries.is_empty() {
-                return "no audit entries\n".to_string();
-            }
-            let mut t = table(&["AT", "TOKEN", "ACTION", "COUNT", "TARGET", "FILTER"]);
-            for e in &entries {
-                t.add_row(vec![
-                    text(&e["at"]),
-                    text(&e["token"]),
-                    text(&e["action"]),
-                    text(&e["count"]),
-                    text(&e["target"]),
-                    match &e["filter"] {
-                        Value::Null => "-".to_string(),
-                        f => filter_words(f),
-                    },
-                ]);
-            }
-            with_table(t) + &next_page(answer, "herald audit")
+            let columns = [
+                ("AT", Field("at")),
+                ("TOKEN", Field("token")),
+                ("ACTION", Field("action")),
+                ("COUNT", Field("count")),
+                ("TARGET", Field("target")),
+                ("FILTER", Filter("filter")),
+            ];
+            listing(answer, "entries", "no audit entries", &columns)
+                + &next_page(answer, "herald audit")
         }
     }
 }

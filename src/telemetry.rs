@@ -246,134 +246,61 @@ pub fn register(config: &Config) {
     }
 }
 
+/// A series' kind, as /metrics types it.
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every series herald writes, with its unit and help text: described once
+/// at start, so a scrape says what each means before its first sample.
+const SERIES: &[(&str, Kind, Unit, &str)] = &[
+    (INGEST_REQUESTS, Kind::Counter, Unit::Count, "POST /v1/events requests by outcome: accepted (202), rejected (4xx for the request's content), unavailable (503). Requests the guard refused first (token, limits) are not counted here."),
+    (INGEST_EVENTS, Kind::Counter, Unit::Count, "Events in accepted requests: accepted (stored), duplicate (an idempotency_key seen before)."),
+    (STORE_COMMIT_SECONDS, Kind::Histogram, Unit::Seconds, "Time of one store group commit, from gathering its requests to its fdatasync."),
+    (STORE_COMMIT_REQUESTS, Kind::Histogram, Unit::Count, "Requests (ingests, outcomes, link changes) in one store group commit."),
+    (STORE_FSYNCS, Kind::Counter, Unit::Count, "Store flushes ended by fdatasync, one per group commit."),
+    (STORE_COMMIT_FAILURES, Kind::Counter, Unit::Count, "Store group commits that failed (a full or read-only disk); their requests were answered with errors."),
+    (DELIVERIES, Kind::Counter, Unit::Count, "Delivery outcomes made durable, by partner: delivered, retried, dead_lettered, superseded."),
+    (DELIVERY_LATENCY, Kind::Histogram, Unit::Seconds, "From an event's acceptance (or a replay) to its delivery, by partner and priority."),
+    (QUEUE_DEPTH, Kind::Gauge, Unit::Count, "Deliveries waiting in the schedule (in flight included), by partner and priority."),
+    (OLDEST_AGE, Kind::Gauge, Unit::Seconds, "Age of the oldest delivery not yet delivered (since its acceptance, to the second), by partner and priority; 0 when none waits."),
+    (DEAD_LETTERS, Kind::Counter, Unit::Count, "Dead letters written, by partner and reason: retries_exhausted, rejected, route_gone, route_parked, not_sendable."),
+    (REPLAYS, Kind::Counter, Unit::Count, "Dead letters replayed as new deliveries, by partner."),
+    (DISPATCH_STALLED, Kind::Gauge, Unit::Count, "1 while a partner with its breaker closed has work due for longer than server.stall_after and no outcome recorded for as long."),
+    (RATE_LIMIT_WAITS, Kind::Counter, Unit::Count, "Sends that waited for the partner's rate limit."),
+    (BREAKER_STATE, Kind::Gauge, Unit::Count, "The partner's circuit breaker: 0 closed, 1 open, 2 half-open."),
+    (CONCURRENCY_LIMIT, Kind::Gauge, Unit::Count, "Sends the partner may have in flight now (learned with concurrency = \"adaptive\")."),
+    (PARKED_ROUTES, Kind::Gauge, Unit::Count, "Devices whose route to the partner is parked (the platform said the user or integration is gone)."),
+    (MISCONFIGURED, Kind::Gauge, Unit::Count, "1 while the partner refuses herald's own setup (GET /v1/partners shows its alert)."),
+    (TOKEN_REQUESTS, Kind::Counter, Unit::Count, "OAuth token refreshes by partner and outcome: renewed, retry, refused, misconfigured."),
+    (DISK_FREE, Kind::Gauge, Unit::Bytes, "Free space on the data dir's filesystem."),
+    (DISK_TOTAL, Kind::Gauge, Unit::Bytes, "Size of the data dir's filesystem."),
+    (ATTEMPTS, Kind::Counter, Unit::Count, "Delivery attempts by partner and outcome: delivered, retry, failed (a dead letter)."),
+    (SUPERSEDED, Kind::Counter, Unit::Count, "Deliveries not sent because a newer state of the same device replaced them."),
+    (MISCONFIGURED_TOTAL, Kind::Counter, Unit::Count, "Answers in which the partner refused herald's own setup."),
+    (KEEP_ALIVE_REFRESHES, Kind::Counter, Unit::Count, "Keep-alive refreshes of grants whose refresh token nears its lifetime, by partner and outcome: renewed, failed."),
+    (HTTP_CONNECTIONS, Kind::Gauge, Unit::Count, "Open HTTP connections to herald's API."),
+    (HTTP_CONNECTIONS_REFUSED, Kind::Counter, Unit::Count, "Connections answered 503 over server.max_connections."),
+    (HTTP_ACCEPT_ERRORS, Kind::Counter, Unit::Count, "Errors accepting a connection (descriptors exhausted, ...)."),
+    (HTTP_RATE_LIMITED, Kind::Counter, Unit::Count, "Requests answered 429 over a token's limits."),
+    (STORE_REOPENS, Kind::Counter, Unit::Count, "Times the store was opened again by itself after a failed write."),
+    (STORE_CHECKPOINT_SECONDS, Kind::Histogram, Unit::Seconds, "Time of one store checkpoint."),
+    (STORE_DISK, Kind::Gauge, Unit::Bytes, "Bytes the data dir takes on disk."),
+    (DISK_INTAKE, Kind::Gauge, Unit::Count, "Which events ingest takes for the disk's free space: 0 all, 1 critical only, 2 none."),
+    (DISK_MIN_FREE, Kind::Gauge, Unit::Bytes, "server.min_free_disk on this filesystem: under it ingest takes critical events only (0: no limit)."),
+];
+
 fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram};
-    describe_counter!(INGEST_REQUESTS, Unit::Count, "POST /v1/events requests by outcome: accepted (202), rejected (4xx for the request's content), unavailable (503). Requests the guard refused first (token, limits) are not counted here.");
-    describe_counter!(INGEST_EVENTS, Unit::Count, "Events in accepted requests: accepted (stored), duplicate (an idempotency_key seen before).");
-    describe_histogram!(
-        STORE_COMMIT_SECONDS,
-        Unit::Seconds,
-        "Time of one store group commit, from gathering its requests to its fdatasync."
-    );
-    describe_histogram!(
-        STORE_COMMIT_REQUESTS,
-        Unit::Count,
-        "Requests (ingests, outcomes, link changes) in one store group commit."
-    );
-    describe_counter!(
-        STORE_FSYNCS,
-        Unit::Count,
-        "Store flushes ended by fdatasync, one per group commit."
-    );
-    describe_counter!(STORE_COMMIT_FAILURES, Unit::Count, "Store group commits that failed (a full or read-only disk); their requests were answered with errors.");
-    describe_counter!(DELIVERIES, Unit::Count, "Delivery outcomes made durable, by partner: delivered, retried, dead_lettered, superseded.");
-    describe_histogram!(
-        DELIVERY_LATENCY,
-        Unit::Seconds,
-        "From an event's acceptance (or a replay) to its delivery, by partner and priority."
-    );
-    describe_gauge!(
-        QUEUE_DEPTH,
-        Unit::Count,
-        "Deliveries waiting in the schedule (in flight included), by partner and priority."
-    );
-    describe_gauge!(OLDEST_AGE, Unit::Seconds, "Age of the oldest delivery not yet delivered (since its acceptance, to the second), by partner and priority; 0 when none waits.");
-    describe_counter!(DEAD_LETTERS, Unit::Count, "Dead letters written, by partner and reason: retries_exhausted, rejected, route_gone, route_parked, not_sendable.");
-    describe_counter!(
-        REPLAYS,
-        Unit::Count,
-        "Dead letters replayed as new deliveries, by partner."
-    );
-    describe_gauge!(DISPATCH_STALLED, Unit::Count, "1 while a partner with its breaker closed has work due for longer than server.stall_after and no outcome recorded for as long.");
-    describe_counter!(
-        RATE_LIMIT_WAITS,
-        Unit::Count,
-        "Sends that waited for the partner's rate limit."
-    );
-    describe_gauge!(
-        BREAKER_STATE,
-        Unit::Count,
-        "The partner's circuit breaker: 0 closed, 1 open, 2 half-open."
-    );
-    describe_gauge!(
-        CONCURRENCY_LIMIT,
-        Unit::Count,
-        "Sends the partner may have in flight now (learned with concurrency = \"adaptive\")."
-    );
-    describe_gauge!(PARKED_ROUTES, Unit::Count, "Devices whose route to the partner is parked (the platform said the user or integration is gone).");
-    describe_gauge!(
-        MISCONFIGURED,
-        Unit::Count,
-        "1 while the partner refuses herald's own setup (GET /v1/partners shows its alert)."
-    );
-    describe_counter!(
-        TOKEN_REQUESTS,
-        Unit::Count,
-        "OAuth token refreshes by partner and outcome: renewed, retry, refused, misconfigured."
-    );
-    describe_gauge!(
-        DISK_FREE,
-        Unit::Bytes,
-        "Free space on the data dir's filesystem."
-    );
-    describe_gauge!(
-        DISK_TOTAL,
-        Unit::Bytes,
-        "Size of the data dir's filesystem."
-    );
-    describe_counter!(
-        ATTEMPTS,
-        Unit::Count,
-        "Delivery attempts by partner and outcome: delivered, retry, failed (a dead letter)."
-    );
-    describe_counter!(
-        SUPERSEDED,
-        Unit::Count,
-        "Deliveries not sent because a newer state of the same device replaced them."
-    );
-    describe_counter!(
-        MISCONFIGURED_TOTAL,
-        Unit::Count,
-        "Answers in which the partner refused herald's own setup."
-    );
-    describe_counter!(KEEP_ALIVE_REFRESHES, Unit::Count, "Keep-alive refreshes of grants whose refresh token nears its lifetime, by partner and outcome: renewed, failed.");
-    describe_gauge!(
-        HTTP_CONNECTIONS,
-        Unit::Count,
-        "Open HTTP connections to herald's API."
-    );
-    describe_counter!(
-        HTTP_CONNECTIONS_REFUSED,
-        Unit::Count,
-        "Connections answered 503 over server.max_connections."
-    );
-    describe_counter!(
-        HTTP_ACCEPT_ERRORS,
-        Unit::Count,
-        "Errors accepting a connection (descriptors exhausted, ...)."
-    );
-    describe_counter!(
-        HTTP_RATE_LIMITED,
-        Unit::Count,
-        "Requests answered 429 over a token's limits."
-    );
-    describe_counter!(
-        STORE_REOPENS,
-        Unit::Count,
-        "Times the store was opened again by itself after a failed write."
-    );
-    describe_histogram!(
-        STORE_CHECKPOINT_SECONDS,
-        Unit::Seconds,
-        "Time of one store checkpoint."
-    );
-    describe_gauge!(STORE_DISK, Unit::Bytes, "Bytes the data dir takes on disk.");
-    describe_gauge!(
-        DISK_INTAKE,
-        Unit::Count,
-        "Which events ingest takes for the disk's free space: 0 all, 1 critical only, 2 none."
-    );
-    describe_gauge!(DISK_MIN_FREE, Unit::Bytes, "server.min_free_disk on this filesystem: under it ingest takes critical events only (0: no limit).");
+    for &(name, kind, unit, help) in SERIES {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(name, unit, help),
+            Kind::Gauge => metrics::describe_gauge!(name, unit, help),
+            Kind::Histogram => metrics::describe_histogram!(name, unit, help),
+        }
+    }
 }
 
 /// A delivery's outcome, durable now.

@@ -568,6 +568,9 @@ async fn bad_bulk_bodies_are_refused_by_field() {
     ] {
         let (got, problem) = h.get(path).await;
         assert_eq!(got, status, "{path}: {problem}");
+        if path.contains("after=") {
+            assert_eq!(problem["field"], "/after", "{path}: {problem}");
+        }
     }
     assert!(
         audit(&h).await.is_empty(),

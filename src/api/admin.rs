@@ -14,7 +14,7 @@ use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use super::auth::Operator;
-use super::paging::{page_limit, read_query};
+use super::paging::{next_cursor, read_query, IdPage};
 use super::problem::Problem;
 use super::AppState;
 use crate::clock::rfc3339;
@@ -262,20 +262,13 @@ pub async fn list_dead_letters(
     query: Result<Query<DeadLetterQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     let q = read_query(query)?;
-    let limit = page_limit(q.limit, 100, 1000)?;
-    let after = q
-        .after
-        .as_deref()
-        .map(|a| parse_id(a, "dead letter"))
-        .transpose()?;
+    let page = IdPage::read(q.after.as_deref(), q.limit, "dead letter")?;
     let filter = q.filter()?;
     let found = state
         .store
-        .dead_letters(after, limit, &|d| filter.matches(d))
+        .dead_letters(page.after, page.limit, &|d| filter.matches(d))
         .map_err(store_failed)?;
-    let next = (found.len() == limit)
-        .then(|| found.last().map(|d| d.id.to_string()))
-        .flatten();
+    let next = next_cursor(&found, page.limit, |d| d.id.to_string());
     let items = found
         .into_iter()
         .map(|d| DeadLetterSummary {

@@ -12,9 +12,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
-use super::admin::{parse_id, store_failed};
+use super::admin::store_failed;
 use super::auth::Operator;
-use super::paging::{page_limit, read_query};
+use super::paging::{next_cursor, read_query, IdPage};
 use super::problem::Problem;
 use super::replay::FilterView;
 use super::AppState;
@@ -70,19 +70,12 @@ pub async fn list_audit(
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     let q = read_query(query)?;
-    let limit = page_limit(q.limit, 100, 1000)?;
-    let after = q
-        .after
-        .as_deref()
-        .map(|a| parse_id(a, "audit entry"))
-        .transpose()?;
+    let page = IdPage::read(q.after.as_deref(), q.limit, "audit entry")?;
     let found = state
         .store
-        .audit_entries(after, limit)
+        .audit_entries(page.after, page.limit)
         .map_err(store_failed)?;
-    let next = (found.len() == limit)
-        .then(|| found.last().map(|e| e.id.to_string()))
-        .flatten();
+    let next = next_cursor(&found, page.limit, |e| e.id.to_string());
     let entries = found.iter().map(EntryView::from).collect();
     Ok(Json(AuditPage { entries, next }).into_response())
 }

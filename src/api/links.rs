@@ -25,7 +25,7 @@ use serde_json::value::RawValue;
 use super::admin::store_failed;
 use super::auth::Operator;
 use super::ingest::{check_text, parse_json, MAX_DEVICE_ID};
-use super::paging::{page_limit, read_query};
+use super::paging::{next_cursor, page_limit, read_query};
 use super::problem::Problem;
 use super::AppState;
 use crate::clock::rfc3339;
@@ -192,9 +192,7 @@ pub async fn list_links(
         .links
         .page_stored(&name, q.after.as_deref(), limit)
         .map_err(link_failed)?;
-    let next = (links.len() == limit)
-        .then(|| links.last().map(|l| l.link.device_id.clone()))
-        .flatten();
+    let next = next_cursor(&links, limit, |l| l.link.device_id.clone());
     let views: Vec<LinkView> = links.iter().map(LinkView::from).collect();
     Ok(Json(serde_json::json!({ "partner": name, "links": views, "next": next })).into_response())
 }

@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use super::admin::{parse_id, parse_time, store_failed, DeadLetterQuery};
 use super::auth::{Caller, Operator};
-use super::paging::{page_limit, read_query};
+use super::paging::{next_cursor, page_limit, read_query, IdPage};
 use super::problem::Problem;
 use super::AppState;
 use crate::clock::rfc3339;
@@ -530,19 +530,12 @@ pub async fn list_jobs(
     query: Result<Query<JobQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     let q = read_query(query)?;
-    let limit = page_limit(q.limit, 100, 1000)?;
-    let after = q
-        .after
-        .as_deref()
-        .map(|a| parse_id(a, "replay job"))
-        .transpose()?;
+    let page = IdPage::read(q.after.as_deref(), q.limit, "replay job")?;
     let jobs = state
         .store
-        .replay_jobs(after, limit)
+        .replay_jobs(page.after, page.limit)
         .map_err(store_failed)?;
-    let next = (jobs.len() == limit)
-        .then(|| jobs.last().map(|j| j.id.to_string()))
-        .flatten();
+    let next = next_cursor(&jobs, page.limit, |j| j.id.to_string());
     let items: Vec<JobView> = jobs.iter().map(JobView::from).collect();
     Ok(Json(json!({ "items": items, "next": next })).into_response())
 }
