@@ -20,7 +20,7 @@ use uuid::Uuid;
 use crate::clock::Clock;
 use crate::dispatch::Dispatcher;
 use crate::model::{ReplayJob, ReplayJobState};
-use crate::store::{Replayed, Store, StoreError};
+use crate::store::{JobBatch, Replayed, Store, StoreError};
 
 /// The rate a job gets when none is asked for.
 pub const DEFAULT_RATE: u32 = 100;
@@ -152,7 +152,13 @@ impl Worker {
             let now_ms = self.clock.now_ms();
             match self
                 .store
-                .replay_batch(id, ids, page.cursor, page.end, now_ms)
+                .replay_batch(JobBatch {
+                    job: id,
+                    letters: ids,
+                    cursor: page.cursor,
+                    done: page.end,
+                    now_ms,
+                })
                 .await
             {
                 Ok(Some((done, now))) => {

@@ -48,17 +48,32 @@ pub(super) fn start(p: &mut Pending<'_>, mut job: ReplayJob, audit: &AuditEntry)
 /// stands after it.
 pub(crate) type BatchDone = (Vec<Replayed>, Box<ReplayJob>);
 
-/// Replays `ids` for job `id` and moves the job to `cursor` (done, if
-/// `done`), in the same group. `None` when there is no such job; a job
-/// already done replays nothing.
-pub(super) fn batch(
-    p: &mut Pending<'_>,
-    id: Uuid,
-    ids: Vec<Uuid>,
-    cursor: Option<Uuid>,
-    done: bool,
-    now_ms: u64,
-) -> Result<Option<BatchDone>, StoreError> {
+/// One batch of a replay job: the letters it replays and where the job
+/// stands after them.
+#[derive(Debug)]
+pub(crate) struct JobBatch {
+    /// The job's id.
+    pub job: Uuid,
+    /// The dead letters this batch replays.
+    pub letters: Vec<Uuid>,
+    /// The last letter read past: where the job goes on from.
+    pub cursor: Option<Uuid>,
+    /// Nothing is left after this batch: the job is done.
+    pub done: bool,
+    pub now_ms: u64,
+}
+
+/// Replays the batch's letters and moves its job to the batch's cursor
+/// (done, if it is the last), in the same group. `None` when there is no
+/// such job; a job already done replays nothing.
+pub(super) fn batch(p: &mut Pending<'_>, batch: JobBatch) -> Result<Option<BatchDone>, StoreError> {
+    let JobBatch {
+        job: id,
+        letters: ids,
+        cursor,
+        done,
+        now_ms,
+    } = batch;
     let key = keys::replay_job(id);
     let Some(mut job) = p.get_json::<ReplayJob>(&key)? else {
         return Ok(None);
@@ -115,21 +130,10 @@ impl Store {
     /// `None` when the job is gone.
     pub(crate) async fn replay_batch(
         &self,
-        id: Uuid,
-        ids: Vec<Uuid>,
-        cursor: Option<Uuid>,
-        done: bool,
-        now_ms: u64,
+        batch: JobBatch,
     ) -> Result<Option<BatchDone>, StoreError> {
-        self.call(|reply| Command::ReplayBatch {
-            id,
-            ids,
-            cursor,
-            done,
-            now_ms,
-            reply,
-        })
-        .await
+        self.call(|reply| Command::ReplayBatch { batch, reply })
+            .await
     }
 
     pub(crate) fn replay_job(&self, id: Uuid) -> Result<Option<ReplayJob>, StoreError> {
@@ -333,7 +337,13 @@ mod tests {
         assert!(!page.end);
         let ids: Vec<Uuid> = page.letters.iter().map(|d| d.id).collect();
         let done = store
-            .replay_batch(made.id, ids.clone(), page.cursor, false, 2_000)
+            .replay_batch(JobBatch {
+                job: made.id,
+                letters: ids.clone(),
+                cursor: page.cursor,
+                done: false,
+                now_ms: 2_000,
+            })
             .await
             .expect("written");
         let (replayed, now) = done.expect("the job is there");
@@ -361,7 +371,13 @@ mod tests {
 
         // The same letters again (a batch written twice) replay nothing.
         let done = store
-            .replay_batch(made.id, ids, page.cursor, false, 2_100)
+            .replay_batch(JobBatch {
+                job: made.id,
+                letters: ids,
+                cursor: page.cursor,
+                done: false,
+                now_ms: 2_100,
+            })
             .await
             .expect("written");
         let (_, now) = done.expect("the job");
@@ -373,7 +389,13 @@ mod tests {
         assert_eq!(rest.letters.len(), 1);
         assert!(rest.end);
         let done = store
-            .replay_batch(made.id, vec![rest.letters[0].id], rest.cursor, true, 2_200)
+            .replay_batch(JobBatch {
+                job: made.id,
+                letters: vec![rest.letters[0].id],
+                cursor: rest.cursor,
+                done: true,
+                now_ms: 2_200,
+            })
             .await
             .expect("written");
         let (_, now) = done.expect("the job");
@@ -381,7 +403,13 @@ mod tests {
         assert_eq!(now.replayed, 3);
         assert!(store.running_replay_jobs().expect("read").is_empty());
         let done = store
-            .replay_batch(Uuid::now_v7(), Vec::new(), None, true, 2_300)
+            .replay_batch(JobBatch {
+                job: Uuid::now_v7(),
+                letters: Vec::new(),
+                cursor: None,
+                done: true,
+                now_ms: 2_300,
+            })
             .await
             .expect("written");
         assert!(done.is_none(), "no such job");

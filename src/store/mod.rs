@@ -34,7 +34,7 @@ mod gather;
 mod handle;
 mod ids;
 mod jobs;
-pub(crate) use jobs::LetterPage;
+pub(crate) use jobs::{JobBatch, LetterPage};
 pub(crate) mod keys;
 mod tally;
 pub use backlog::QueueView;

@@ -87,11 +87,7 @@ pub(super) enum Command {
     },
     /// One batch of a replay job and the job's progress, as one change.
     ReplayBatch {
-        id: Uuid,
-        ids: Vec<Uuid>,
-        cursor: Option<Uuid>,
-        done: bool,
-        now_ms: u64,
+        batch: super::jobs::JobBatch,
         reply: Reply<Option<super::jobs::BatchDone>>,
     },
     /// Commits even with nothing to write: proof that the store writes.
@@ -269,15 +265,8 @@ fn run(
                     let job = super::jobs::start(&mut pending, *job, &audit);
                     answers.push(Answer::StartJob(reply, job));
                 }
-                Command::ReplayBatch {
-                    id,
-                    ids,
-                    cursor,
-                    done,
-                    now_ms,
-                    reply,
-                } => {
-                    let result = super::jobs::batch(&mut pending, id, ids, cursor, done, now_ms);
+                Command::ReplayBatch { batch, reply } => {
+                    let result = super::jobs::batch(&mut pending, batch);
                     answers.push(Answer::ReplayBatch(reply, result));
                 }
                 Command::Probe { reply } => {
